@@ -1,0 +1,63 @@
+"""The ``merlin-mllm`` command line."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MLLM-MSR ranking stage for NVIDIA Merlin.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets as Merlin parquet + schema.")
+app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def doctor():
+    """Versions, embedded assets, GPU, and the bundled tritonserver: each checked for real."""
+    from merlin_mllm.doctor import run_checks
+
+    checks = run_checks()
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        typer.echo(f"{'ok ' if c.ok else 'FAIL'} {c.name:<{width}}  {c.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        typer.echo(f"\n{len(failed)} check(s) failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+    typer.echo("\nall checks passed")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: str = typer.Option(..., help="ml-100k | amazon2023 | microlens"),
+    protocol: str = typer.Option("paper", help="paper (random user split, last item) | temporal (leave-last-out)"),
+    out: Path = typer.Option(..., help="Output folder: train/ valid/ test/ events/ items/ + report.json"),
+    input: Optional[Path] = typer.Option(None, help="Raw data folder (ml-100k defaults to the recbole wheel's copy)"),
+    images: Optional[Path] = typer.Option(None, help="Folder of item images named <item key>.<ext>"),
+    max_history: int = typer.Option(12, help="Keep each user's most recent N interactions (0 = all)"),
+    max_users: int = typer.Option(0, help="Seeded subset of N users for quick runs (0 = all)"),
+    seed: int = typer.Option(42),
+    min_user: Optional[int] = typer.Option(None, help="k-core: minimum interactions per user"),
+    min_item: Optional[int] = typer.Option(None, help="k-core: minimum interactions per item"),
+    skip_bad_lines: bool = typer.Option(False, help="Skip and count malformed lines instead of failing"),
+):
+    """Turn a recommendation dataset into Merlin parquet with a tagged schema."""
+    from merlin_mllm.data.prepare import prepare_dataset
+
+    report = prepare_dataset(
+        dataset, protocol, out, input=input, images=images, max_history=max_history,
+        max_users=max_users, seed=seed, min_user_interactions=min_user,
+        min_item_interactions=min_item, on_bad_line="skip" if skip_bad_lines else "error",
+    )
+    typer.echo(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,139 @@
+"""Loading any Hugging Face LLM or MLLM, by hub id or local path: the one home for model loading.
+
+``load()`` returns the model with its tokenizer and (for MLLMs) its processor, on CUDA in
+bf16 when a GPU is present and on CPU in fp32 otherwise. ``load()`` with no argument gives the
+embedded SmolLM2-135M-Instruct. ``trust_remote_code`` stays off unless asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from merlin_mllm.models import embedded
+
+#: Names accepted for the embedded default LLM.
+EMBEDDED_LLM_ALIASES = {None, "", "embedded", "smollm2", embedded.SMOLLM2_NAME}
+
+
+@dataclass
+class LoadedModel:
+    """A model with what is needed to prompt it."""
+
+    model: Any
+    tokenizer: Any
+    processor: Any  # the AutoProcessor for an MLLM; the tokenizer for a text LLM
+    kind: str  # "llm" or "mllm"
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.kind == "mllm"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """bf16 on CUDA (when supported), fp32 on CPU: CPU bf16 matmuls are slow and less exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_model_path(model_id_or_path: Optional[str]) -> str:
+    """A hub id or local path; the embedded aliases map to the converted SmolLM2 folder."""
+    if model_id_or_path in EMBEDDED_LLM_ALIASES:
+        return str(embedded.smollm2_path())
+    return str(model_id_or_path)
+
+
+def model_kind(config) -> str:
+    """'mllm' when transformers maps the config to an image-text-to-text model, else 'llm'."""
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    return "mllm" if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else "llm"
+
+
+def load(
+    model_id_or_path: Optional[str] = None,
+    *,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+    kind: str = "auto",
+    trust_remote_code: bool = False,
+    eval_mode: bool = True,
+    **model_kwargs,
+) -> LoadedModel:
+    """Load an LLM (AutoModelForCausalLM) or MLLM (AutoModelForImageTextToText).
+
+    Parameters
+    ----------
+    model_id_or_path : str, optional
+        A Hugging Face hub id or a local folder. ``None`` or ``"smollm2"`` loads the embedded
+        SmolLM2-135M-Instruct. With no network, only local folders and the embedded model load.
+    device, dtype :
+        Default: CUDA + bf16 when a GPU is present, CPU + fp32 otherwise.
+    kind : {"auto", "llm", "mllm"}
+        ``auto`` reads the config: image-text-to-text architectures load as MLLMs.
+    trust_remote_code : bool
+        Off by default: loading a model must not run code from its folder unless the user asks.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    path = resolve_model_path(model_id_or_path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if kind == "auto":
+        kind = model_kind(config)
+    if kind not in ("llm", "mllm"):
+        raise ValueError(f"kind must be 'auto', 'llm' or 'mllm', not {kind!r}")
+
+    if kind == "mllm":
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
+        tokenizer = processor.tokenizer
+        auto_cls = AutoModelForImageTextToText
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = tokenizer
+        auto_cls = AutoModelForCausalLM
+    model = auto_cls.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs
+    ).to(device)
+    if eval_mode:
+        model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    name = embedded.SMOLLM2_NAME if model_id_or_path in EMBEDDED_LLM_ALIASES else str(model_id_or_path)
+    return LoadedModel(model, tokenizer, processor, kind, name, device, dtype)
+
+
+def load_processor(path: Union[str, Path], *, trust_remote_code: bool = False):
+    """AutoProcessor for an MLLM folder or hub id."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def single_token_id(tokenizer, text: str) -> int:
+    """The id of ``text`` when it is exactly one token (e.g. the answers "Yes" / "No")."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens in this tokenizer ({ids}); it must be one")
+    return ids[0]

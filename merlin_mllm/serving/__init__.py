@@ -1,0 +1,1 @@
+"""Serving: the bundled Triton server, the exported model repository and the client."""

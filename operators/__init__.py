@@ -1,0 +1,1 @@
+"""NVTabular operators of merlin-mllm, imported as ``merlin_mllm.operators``."""
