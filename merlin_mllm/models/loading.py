@@ -125,10 +125,45 @@ def load(
 
 
 def load_processor(path: Union[str, Path], *, trust_remote_code: bool = False):
-    """AutoProcessor for an MLLM folder or hub id."""
-    from transformers import AutoProcessor
+    """AutoProcessor for an MLLM folder or hub id.
 
+    Without torchvision, processors that also handle video (Qwen2-VL, Qwen2.5-VL, SmolVLM, ...)
+    fail to load, because transformers' video processors all need torchvision. Images do not,
+    so without torchvision such a processor is loaded without its video part
+    (see ``_processor_without_video``).
+    """
+    import importlib.util
+
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    if importlib.util.find_spec("torchvision") is None:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        processor_cls = PROCESSOR_MAPPING.get(type(config), None)
+        if processor_cls is not None and "video_processor" in processor_cls.get_attributes():
+            return _processor_without_video(processor_cls).from_pretrained(
+                str(path), trust_remote_code=trust_remote_code
+            )
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def _processor_without_video(processor_cls):
+    """A subclass of ``processor_cls`` with no ``video_processor``, for images and text only.
+
+    transformers builds, checks and loads a processor's parts from the names returned by
+    ``get_attributes()``; dropping ``video_processor`` from them means it is never loaded
+    (which needs torchvision) nor type-checked (``video_processor=None`` fails that check). The
+    subclass keeps its parent's name, so a saved processor still names the real class.
+    """
+
+    class ProcessorWithoutVideo(processor_cls):
+        @classmethod
+        def get_attributes(cls):
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ProcessorWithoutVideo.__name__ = processor_cls.__name__
+    ProcessorWithoutVideo.__qualname__ = processor_cls.__qualname__
+    return ProcessorWithoutVideo
 
 
 def single_token_id(tokenizer, text: str) -> int:
