@@ -59,5 +59,41 @@ def data_prepare(
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
+@app.command()
+def serve(
+    model_repository: Path = typer.Option(Path("triton_repo"), help="Triton model repository (merlin-mllm export writes one)"),
+    address: str = typer.Option("127.0.0.1", help="Interface to bind HTTP/gRPC/metrics to"),
+    http_port: int = typer.Option(8000),
+    grpc_port: int = typer.Option(8001),
+    metrics_port: int = typer.Option(8002),
+    log_verbose: int = typer.Option(0),
+    ready_timeout: float = typer.Option(300.0, help="Seconds to wait for /v2/health/ready"),
+):
+    """Start the bundled tritonserver on a model repository; Ctrl-C shuts it down cleanly."""
+    import signal
+
+    from merlin_mllm.models.embedded import AssetNotInstalled
+    from merlin_mllm.serving.tritonserver import TritonServer
+
+    try:
+        server = TritonServer(model_repository, address=address, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, log_verbose=log_verbose)
+    except (AssetNotInstalled, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    # Forward SIGINT/SIGTERM as SIGTERM: Triton then unloads models and removes its /dev/shm regions.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: server.send_signal(signal.SIGTERM))
+    try:
+        server.start(timeout=ready_timeout)
+    except (RuntimeError, TimeoutError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C to stop)")
+    code = server.wait()
+    server.stop()
+    raise typer.Exit(code)
+
+
 if __name__ == "__main__":
     app()

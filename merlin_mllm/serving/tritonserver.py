@@ -102,3 +102,182 @@ class TritonInstall:
         if "Usage" not in text and "--model-repository" not in text:
             raise RuntimeError(f"tritonserver --help exited {proc.returncode}: {text[-500:]}")
         return text.splitlines()[0] if text else ""
+
+
+SHM_GLOB = "triton_python_backend_shm_region_*"
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``address`` right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def _shm_regions() -> set:
+    return set(Path("/dev/shm").glob(SHM_GLOB)) if Path("/dev/shm").is_dir() else set()
+
+
+class TritonServer:
+    """A ``tritonserver`` process from the nvidia-pytriton wheel, serving a model repository.
+
+    It binds to 127.0.0.1 unless told otherwise, waits until ``/v2/health/ready`` answers, and
+    stops with SIGTERM, which lets the python backend remove its ``/dev/shm`` regions. If the
+    server must be killed, the regions it created are removed here instead.
+
+    Usage::
+
+        with TritonServer("triton_repo") as server:
+            print(server.grpc_url)   # e.g. 127.0.0.1:8001
+
+    Parameters
+    ----------
+    model_repository : path
+        A Triton model repository (``merlin-mllm export`` writes one).
+    address : str
+        Interface for HTTP, gRPC and metrics. Default 127.0.0.1.
+    http_port, grpc_port, metrics_port : int
+        0 picks a free port.
+    log_verbose : int
+        Triton's ``--log-verbose`` level.
+    """
+
+    def __init__(
+        self,
+        model_repository,
+        *,
+        address: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        log_verbose: int = 0,
+        log_file=None,
+        extra_args=(),
+        install: TritonInstall | None = None,
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        if not (self.model_repository.is_dir()):
+            raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
+        self.address = address
+        self.http_port = http_port or free_port(address)
+        self.grpc_port = grpc_port or free_port(address)
+        self.metrics_port = metrics_port or free_port(address)
+        self.log_verbose = log_verbose
+        self.log_file = log_file
+        self.extra_args = list(extra_args)
+        self.install = install or TritonInstall.find()
+        self.process: subprocess.Popen | None = None
+        self._shm_before: set = set()
+        self._log_handle = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    def command(self) -> list:
+        return [
+            str(self.install.binary),
+            "--model-repository", str(self.model_repository),
+            "--backend-directory", str(self.install.backend_directory()),
+            "--cache-directory", str(self.install.cache_directory),
+            "--http-address", self.address, "--http-port", str(self.http_port),
+            "--grpc-address", self.address, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self.address, "--metrics-port", str(self.metrics_port),
+            "--allow-gpu-metrics", "false",
+            "--log-verbose", str(self.log_verbose),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 120.0) -> "TritonServer":
+        if self.process is not None:
+            raise RuntimeError("server already started")
+        self._shm_before = _shm_regions()
+        if self.log_file is not None:
+            self._log_handle = open(self.log_file, "ab")
+            out = self._log_handle
+        else:
+            out = None  # inherit: the user sees Triton's own log
+        self.process = subprocess.Popen(
+            self.command(), env=self.install.environment(), stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        import tritonclient.http as httpclient
+
+        try:
+            client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0)
+            return bool(client.is_server_ready())
+        except Exception:
+            return False
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready"
+                    + (f"; see {self.log_file}" if self.log_file else "")
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s at http://{self.http_url}")
+
+    def send_signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self) -> int:
+        """Block until the server exits; returns its exit code."""
+        assert self.process is not None
+        return self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; kill after ``timeout`` and remove the shm regions it left."""
+        import signal
+
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait()
+        self.cleanup_shm()
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def cleanup_shm(self) -> list:
+        """Remove python-backend shm regions created since start (left only by a hard kill)."""
+        leftover = sorted(_shm_regions() - self._shm_before)
+        for path in leftover:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        return leftover
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
