@@ -25,3 +25,25 @@ def test_help_lists_the_commands():
     assert proc.returncode == 0
     for command in ("doctor", "data", "serve"):
         assert command in proc.stdout
+
+
+def test_data_prepare_cli_writes_merlin_parquet(tmp_path):
+    import json
+
+    import merlin.io
+
+    out = tmp_path / "ml100k"
+    proc = run_cli("data", "prepare", "--dataset", "ml-100k", "--protocol", "paper", "--out", str(out),
+                   "--max-users", "80", "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["users_selected"] == 80 and report["seed"] == 7
+    test = merlin.io.Dataset(str(out / "test"), engine="parquet").to_ddf().compute()
+    assert (test.groupby("user_id").size() == 21).all()
+    assert (test.groupby("user_id")["label"].sum() == 1).all()
+
+
+def test_data_prepare_cli_rejects_unknown_dataset(tmp_path):
+    proc = run_cli("data", "prepare", "--dataset", "movielens-1b", "--out", str(tmp_path / "x"))
+    assert proc.returncode != 0
+    assert "movielens-1b" in proc.stderr + proc.stdout

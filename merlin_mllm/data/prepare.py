@@ -1,0 +1,329 @@
+"""``prepare_dataset``: raw dataset files -> Merlin parquet splits for the MLLM-MSR ranker.
+
+Steps, in order: parse (malformed lines raise or are skipped and counted) -> drop duplicate
+(user, item) interactions, keeping the earliest -> iterative k-core -> optional random choice
+of ``max_users`` users -> per user, sort by time (ties by item key) and keep the latest
+``max_history`` events -> split by protocol -> sample negatives.
+
+Protocols (both seeded and deterministic):
+
+* ``paper``: users split at random 80/10/10; each user's last kept event is its target.
+* ``temporal``: every user in every split; test = last event, valid = second to last,
+  train = third to last.
+
+Train and valid groups hold 1 positive + ``n_negatives_train`` negatives, test groups 1 +
+``n_negatives_test``. Negatives are drawn uniformly, without replacement, from the items of
+the output (the ``items/`` table) that the user never interacted with in its whole
+deduplicated history. Ids are contiguous int64 from 1 (0 is left for padding), assigned in
+the natural order of the raw keys.
+
+Output folder::
+
+    train/ valid/ test/   user_id, item_id, label, target_position, group_id, timestamp,
+                          history_item_ids (list: the user's items before the target, in time order)
+    events/               user_id, item_id, timestamp, position[, rating]
+    items/                item_id, item_key, title, description, image_path[, year, genres | image_url]
+    users/                user_id, user_key, split
+    report.json
+
+A row's history is the user's events with ``position < target_position``. Within a group the
+positive row comes first, then the negatives in the order drawn.
+
+Usage::
+
+    from merlin_mllm.data.prepare import prepare_dataset
+    report = prepare_dataset("ml-100k", "paper", "data/ml100k", max_users=200)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from merlin_mllm.data import processing
+from merlin_mllm.data.images import image_index
+from merlin_mllm.data.sources import DATASETS, DEFAULT_K_CORE, BadLines, read_source
+from merlin_mllm.data.tables import Tags, write_table
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("paper", "temporal")
+_TEXT_COLUMNS = ("title", "description", "genres")
+_ROW_TAGS = {
+    "user_id": [Tags.USER_ID, Tags.CATEGORICAL],
+    "item_id": [Tags.ITEM_ID, Tags.CATEGORICAL],
+    "label": [Tags.TARGET, Tags.BINARY_CLASSIFICATION],
+    "timestamp": [Tags.TIME],
+    "history_item_ids": [Tags.ITEM, Tags.LIST, Tags.SEQUENCE],
+}
+
+
+def _check_settings(dataset, protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item):
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    for name, value in {
+        "max_history": max_history,
+        "max_users": max_users,
+        "n_negatives_test": n_negatives_test,
+        "n_negatives_train": n_negatives_train,
+        "min_user_interactions": k_user,
+        "min_item_interactions": k_item,
+    }.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    needed = processing.MIN_EVENTS[protocol]
+    if 0 < max_history < needed:
+        raise ValueError(f"protocol {protocol!r} needs max_history >= {needed} (or 0 for all), got {max_history}")
+
+
+def _spawn_rngs(seed: int) -> dict[str, np.random.Generator]:
+    """Independent random streams, so that changing one setting (say the number of test
+    negatives) does not change what the other steps draw."""
+    names = ("users", "split", "train", "valid", "test")
+    children = np.random.SeedSequence(seed).spawn(len(names))
+    return {name: np.random.default_rng(child) for name, child in zip(names, children)}
+
+
+def _contiguous_ids(keys) -> dict:
+    return {key: index for index, key in enumerate(processing.natural_order(keys), start=1)}
+
+
+def _user_histories(deduped: pd.DataFrame, user_ids: dict, item_ids: dict) -> dict[int, np.ndarray]:
+    """Each kept user's full deduplicated history, as sorted ids of items in the output."""
+    frame = deduped[deduped["user_key"].isin(user_ids.keys()).to_numpy()]
+    frame = frame[frame["item_key"].isin(item_ids.keys()).to_numpy()]
+    users = frame["user_key"].map(user_ids).to_numpy(np.int64)
+    items = frame["item_key"].map(item_ids).to_numpy(np.int64)
+    histories = {int(user): np.empty(0, dtype=np.int64) for user in user_ids.values()}
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    boundaries = np.flatnonzero(np.diff(users)) + 1
+    for start, stop in zip(np.r_[0, boundaries], np.r_[boundaries, len(users)]):
+        if stop > start:
+            histories[int(users[start])] = np.unique(items[start:stop])
+    return histories
+
+
+def _items_table(source, item_ids: dict, images: Optional[Path]) -> tuple[pd.DataFrame, dict]:
+    keys = list(item_ids.keys())
+    items = source.load_items(keys).reset_index(drop=True)
+    if list(items["item_key"]) != keys:
+        raise AssertionError("item metadata rows are out of order")  # a reader bug, not user input
+    items.insert(0, "item_id", np.arange(1, len(keys) + 1, dtype=np.int64))
+    stats = {"items_without_metadata": int((~items["has_metadata"]).sum())}
+    items = items.drop(columns=["has_metadata"])
+    if images is not None:
+        index = image_index(images)
+        paths = [index.get(key) for key in keys]
+        items["image_path"] = [str(path) if path is not None else None for path in paths]
+        missing = [key for key, path in zip(keys, paths) if path is None]
+        stats["missing_image_files"] = len(missing)
+        stats["missing_image_examples"] = missing[:10]
+    else:
+        items["image_path"] = None
+        stats["missing_image_files"] = 0
+        stats["missing_image_examples"] = []
+    items["image_path"] = items["image_path"].astype(object)
+    stats["items_with_image"] = int(items["image_path"].notna().sum())
+    stats["items_without_image"] = int(items["image_path"].isna().sum())
+    if "year" in items:
+        items["year"] = items["year"].astype(np.int64)
+    return items, stats
+
+
+def prepare_dataset(
+    dataset: str,
+    protocol: str,
+    out: str | Path,
+    *,
+    input: str | Path | None = None,
+    images: str | Path | None = None,
+    max_history: int = 12,
+    max_users: int = 0,
+    seed: int = 42,
+    min_user_interactions: int | None = None,
+    min_item_interactions: int | None = None,
+    on_bad_line: str = "error",
+    n_negatives_test: int = 20,
+    n_negatives_train: int = 1,
+) -> dict:
+    """Prepare one dataset for the ranker and write it under ``out`` (see the module docstring).
+
+    Parameters
+    ----------
+    dataset : str
+        ``"ml-100k"``, ``"amazon2023"`` or ``"microlens"``.
+    protocol : str
+        ``"paper"`` (random 80/10/10 user split, last event is the target) or ``"temporal"``
+        (leave-last-out for test, second to last for valid, third to last for train).
+    out : str or Path
+        Output folder; its ``train``, ``valid``, ``test``, ``events``, ``items``, ``users``
+        folders and ``report.json`` are replaced.
+    input : str or Path, optional
+        ml-100k: a folder with ``ml-100k.inter``/``ml-100k.item`` (default: the copy in the
+        recbole wheel). amazon2023: the reviews file ``<Category>.jsonl[.gz]`` (its
+        ``meta_<Category>.jsonl[.gz]`` beside it), or a folder holding one category's pair.
+        microlens: the folder with ``MicroLens-100k_pairs.csv`` and ``MicroLens-100k_title_en.csv``.
+    images : str or Path, optional
+        A folder of ``<item_key>.<jpg|png|...>`` files. For microlens it defaults to the
+        ``MicroLens-*_covers`` folder inside ``input`` when there is one.
+    max_history : int
+        The most recent events kept per user (0 = all). Default 12: four blocks of 3.
+    max_users : int
+        Keep this many users, chosen at random with ``seed`` after k-core (0 = all).
+    seed : int
+        Seeds user choice, split and negatives. The same seed gives byte-identical parquet files.
+    min_user_interactions, min_item_interactions : int, optional
+        k-core thresholds; defaults per dataset: ml-100k 5/5, amazon2023 6/5, microlens 7/5.
+    on_bad_line : str
+        ``"error"`` (raise, naming file:line) or ``"skip"`` (skip and count).
+    n_negatives_test, n_negatives_train : int
+        Negatives per test group, and per train/valid group.
+
+    Returns
+    -------
+    dict
+        The report, also written to ``out/report.json``.
+    """
+    k_user_default, k_item_default = DEFAULT_K_CORE.get(dataset, (5, 5))
+    k_user = k_user_default if min_user_interactions is None else min_user_interactions
+    k_item = k_item_default if min_item_interactions is None else min_item_interactions
+    _check_settings(dataset, protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item)
+    bad = BadLines(on_bad_line)
+    out = Path(out)
+    images_folder = Path(images) if images is not None else None
+    if images_folder is not None and not images_folder.is_dir():
+        raise FileNotFoundError(f"images folder {images_folder} does not exist")
+    rngs = _spawn_rngs(seed)
+
+    source = read_source(dataset, input, bad)
+    raw = source.interactions
+    if raw.empty:
+        raise ValueError(f"no interactions were read from {source.files.get('interactions')}")
+    deduped, n_duplicates = processing.drop_duplicates(raw)
+    core, k_core_rounds = processing.k_core(deduped, k_user, k_item)
+    if core.empty:
+        raise ValueError(
+            f"no interactions survive the ({k_user}, {k_item}) k-core; lower min_user_interactions/min_item_interactions"
+        )
+    chosen = processing.sample_users(core, max_users, rngs["users"])
+    events = processing.order_and_trim(chosen, max_history)
+
+    # Users whose kept sequence cannot give every target a non-empty history are dropped.
+    lengths = events.groupby("user_key")["position"].transform("size")
+    too_short = events.loc[(lengths < processing.MIN_EVENTS[protocol]).to_numpy(), "user_key"].nunique()
+    events = events[(lengths >= processing.MIN_EVENTS[protocol]).to_numpy()]
+    if events.empty:
+        raise ValueError("no user has enough interactions left for the protocol")
+
+    user_ids = _contiguous_ids(events["user_key"].unique())
+    item_ids = _contiguous_ids(events["item_key"].unique())
+    events = events.assign(
+        user_id=events["user_key"].map(user_ids).astype(np.int64),
+        item_id=events["item_key"].map(item_ids).astype(np.int64),
+    ).sort_values(["user_id", "position"], kind="stable")
+    histories = _user_histories(deduped, user_ids, item_ids)
+
+    targets = processing.paper_targets(events, rngs["split"]) if protocol == "paper" else processing.temporal_targets(events)
+    rows: dict[str, pd.DataFrame] = {}
+    next_group = 0
+    for split in processing.SPLITS:
+        n_negatives = n_negatives_test if split == "test" else n_negatives_train
+        rows[split] = processing.build_rows(
+            targets[split], n_negatives, len(item_ids), histories, rngs[split], next_group, desc=f"{split} negatives"
+        )
+        next_group += len(targets[split].user_id)
+    sequences = {int(user): group["item_id"].to_numpy() for user, group in events.groupby("user_id", sort=False)}
+    for split, frame in rows.items():
+        rows[split] = with_history(frame, sequences)
+
+    images_folder = images_folder or source.default_images
+    items, image_stats = _items_table(source, item_ids, images_folder)
+
+    users = pd.DataFrame(
+        {
+            "user_id": np.fromiter(user_ids.values(), dtype=np.int64, count=len(user_ids)),
+            "user_key": pd.Series(list(user_ids.keys()), dtype=object),
+        }
+    )
+    if protocol == "paper":
+        split_of = {int(user): split for split in processing.SPLITS for user in targets[split].user_id}
+        users["split"] = users["user_id"].map(split_of)
+    else:
+        users["split"] = "all"  # every user has a target in every split
+
+    event_columns = ["user_id", "item_id", "timestamp", "position"] + (["rating"] if "rating" in events else [])
+    _write_outputs(out, rows, events[event_columns], items, users, len(user_ids), len(item_ids))
+
+    report = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "seed": seed,
+        "settings": {
+            "max_history": max_history,
+            "max_users": max_users,
+            "min_user_interactions": k_user,
+            "min_item_interactions": k_item,
+            "on_bad_line": on_bad_line,
+            "n_negatives_test": n_negatives_test,
+            "n_negatives_train": n_negatives_train,
+        },
+        "files": {**source.files, "images": str(images_folder) if images_folder is not None else None},
+        "timestamp_unit": source.timestamp_unit,
+        "raw_interactions": int(len(raw)),
+        "malformed_lines_skipped": bad.total,
+        "malformed_lines_by_file": dict(sorted(bad.by_file.items())),
+        "malformed_line_examples": bad.examples,
+        "duplicates_removed": int(n_duplicates),
+        "after_dedup": {"users": int(deduped["user_key"].nunique()), "items": int(deduped["item_key"].nunique()), "interactions": int(len(deduped))},
+        "after_k_core": {
+            "users": int(core["user_key"].nunique()),
+            "items": int(core["item_key"].nunique()),
+            "interactions": int(len(core)),
+            "rounds": int(k_core_rounds),
+        },
+        "users_selected": int(chosen["user_key"].nunique()),
+        "users_dropped_too_short": int(too_short),
+        "kept": {"users": len(user_ids), "items": len(item_ids), "events": int(len(events))},
+        "users_per_split": {split: int(len(targets[split].user_id)) for split in processing.SPLITS},
+        "rows_per_split": {split: int(len(rows[split])) for split in processing.SPLITS},
+        **image_stats,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def with_history(rows: pd.DataFrame, sequences: dict) -> pd.DataFrame:
+    """Add ``history_item_ids``: the user's item ids in time order strictly before the target.
+
+    Carrying the history on the row makes leakage impossible by construction: anything that
+    reads a row's history (the user-summary operator) cannot see the target or later items.
+    """
+    history = [
+        sequences[int(user)][: int(position)].astype(np.int64).tolist()
+        for user, position in zip(rows["user_id"], rows["target_position"])
+    ]
+    return rows.assign(history_item_ids=history)
+
+
+def _write_outputs(out: Path, rows, events, items, users, n_users: int, n_items: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    domains = {"user_id": n_users, "item_id": n_items}
+    for split, frame in rows.items():
+        write_table(frame, out / split, _ROW_TAGS, domains)
+    event_tags = {
+        "user_id": _ROW_TAGS["user_id"],
+        "item_id": _ROW_TAGS["item_id"],
+        "timestamp": [Tags.TIME],
+        "rating": [Tags.CONTINUOUS],
+    }
+    write_table(events.reset_index(drop=True), out / "events", event_tags, domains)
+    item_tags = {"item_id": _ROW_TAGS["item_id"], **{name: [Tags.TEXT] for name in _TEXT_COLUMNS}}
+    write_table(items, out / "items", item_tags, {"item_id": n_items})
+    write_table(users, out / "users", {"user_id": _ROW_TAGS["user_id"]}, {"user_id": n_users})
