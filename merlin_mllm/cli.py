@@ -1,6 +1,7 @@
 """The ``merlin-mllm`` command line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -8,9 +9,22 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MLLM-MSR ranking stage for NVIDIA Merlin.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="MLLM-MSR ranking stage for NVIDIA Merlin.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets as Merlin parquet + schema.")
 app.add_typer(data_app, name="data")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input is reported as one clear line (exit code 2), not a traceback."""
+    from merlin_mllm.models.embedded import AssetNotInstalled
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, AssetNotInstalled) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
 
 
 @app.callback()
@@ -51,11 +65,12 @@ def data_prepare(
     """Turn a recommendation dataset into Merlin parquet with a tagged schema."""
     from merlin_mllm.data.prepare import prepare_dataset
 
-    report = prepare_dataset(
-        dataset, protocol, out, input=input, images=images, max_history=max_history,
-        max_users=max_users, seed=seed, min_user_interactions=min_user,
-        min_item_interactions=min_item, on_bad_line="skip" if skip_bad_lines else "error",
-    )
+    with user_errors():
+        report = prepare_dataset(
+            dataset, protocol, out, input=input, images=images, max_history=max_history,
+            max_users=max_users, seed=seed, min_user_interactions=min_user,
+            min_item_interactions=min_item, on_bad_line="skip" if skip_bad_lines else "error",
+        )
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
@@ -72,15 +87,11 @@ def serve(
     """Start the bundled tritonserver on a model repository; Ctrl-C shuts it down cleanly."""
     import signal
 
-    from merlin_mllm.models.embedded import AssetNotInstalled
     from merlin_mllm.serving.tritonserver import TritonServer
 
-    try:
+    with user_errors():
         server = TritonServer(model_repository, address=address, http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, log_verbose=log_verbose)
-    except (AssetNotInstalled, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
     # Forward SIGINT/SIGTERM as SIGTERM: Triton then unloads models and removes its /dev/shm regions.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: server.send_signal(signal.SIGTERM))

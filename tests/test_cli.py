@@ -46,4 +46,6 @@ def test_data_prepare_cli_writes_merlin_parquet(tmp_path):
 def test_data_prepare_cli_rejects_unknown_dataset(tmp_path):
     proc = run_cli("data", "prepare", "--dataset", "movielens-1b", "--out", str(tmp_path / "x"))
     assert proc.returncode != 0
-    assert "movielens-1b" in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown dataset 'movielens-1b'")
+    assert "Traceback" not in proc.stderr
