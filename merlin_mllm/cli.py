@@ -75,6 +75,19 @@ def data_prepare(
 
 
 @app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="Working folder; finished stages are reused"),
+    max_users: int = typer.Option(120, help="Seeded MovieLens-100k user subset sized for a 2-core CPU"),
+    seed: int = typer.Option(42),
+):
+    """The main job on the embedded default models, end to end, with a summary line per stage."""
+    from merlin_mllm.quickstart import Quickstart, QuickstartSettings
+
+    with user_errors():
+        Quickstart(QuickstartSettings(out=out, max_users=max_users, seed=seed)).run()
+
+
+@app.command()
 def serve(
     model_repository: Path = typer.Option(Path("triton_repo"), help="Triton model repository (merlin-mllm export writes one)"),
     address: str = typer.Option("127.0.0.1", help="Interface to bind HTTP/gRPC/metrics to"),
