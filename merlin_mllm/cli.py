@@ -13,6 +13,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="MLLM-MSR ranking stage for NVIDIA Merlin.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets as Merlin parquet + schema.")
 app.add_typer(data_app, name="data")
+summarize_app = typer.Typer(no_args_is_help=True, help="Item and recurrent user summaries (MLLM-MSR stages 1-2).")
+app.add_typer(summarize_app, name="summarize")
 
 
 @contextlib.contextmanager
@@ -72,6 +74,79 @@ def data_prepare(
             min_item_interactions=min_item, on_bad_line="skip" if skip_bad_lines else "error",
         )
     typer.echo(json.dumps(report, indent=2, default=str))
+
+
+def _generation_settings(max_new_tokens: int, batch_size: int, sample: bool, seed: int):
+    from merlin_mllm.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample, seed=seed)
+
+
+def _print_report(report) -> None:
+    typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    typer.echo(f"report: {report}")
+
+
+@summarize_app.command("items")
+def summarize_items_cmd(
+    data: Path = typer.Option(..., help="Prepared data folder (holds items/)"),
+    out: Path = typer.Option(..., help="Summary store folder (created if missing; shared by all stages)"),
+    backend: str = typer.Option("textualizer", help="textualizer (offline default) | mllm"),
+    model: Optional[str] = typer.Option(None, help="HF id or local folder; default: embedded SmolLM2 (textualizer)"),
+    mode: str = typer.Option("fusion", help="fusion (paper) | image_only (authors' code)"),
+    max_new_tokens: int = typer.Option(96),
+    batch_size: int = typer.Option(16),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding"),
+    seed: int = typer.Option(0),
+    skip_empty: bool = typer.Option(True, help="Skip (and count) items with neither image nor text, instead of failing"),
+):
+    """Summarise every item from its image and text into the store."""
+    from merlin_mllm.summaries.item import summarize_items
+
+    with user_errors():
+        report = summarize_items(
+            data, out, backend=backend, model=model, mode=mode,
+            settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
+            on_empty="skip" if skip_empty else "error", progress=True,
+        )
+    _print_report(report)
+
+
+@summarize_app.command("users")
+def summarize_users_cmd(
+    data: Path = typer.Option(..., help="Prepared data folder (train/ valid/ test/ events/ items/)"),
+    out: Path = typer.Option(..., help="Summary store folder (run `summarize items` into it first)"),
+    block_size: int = typer.Option(3, help="Items per recurrent step (the paper's k)"),
+    mode: str = typer.Option("recurrent", help="recurrent | direct (whole history in one prompt: MLLM-MSR_R)"),
+    model: Optional[str] = typer.Option(None, help="HF id or local folder; default: embedded SmolLM2"),
+    max_new_tokens: int = typer.Option(96),
+    batch_size: int = typer.Option(16),
+    sample: bool = typer.Option(False, help="Sample (the paper used T=0.6, top-p 0.9) instead of greedy"),
+    seed: int = typer.Option(0),
+):
+    """Recurrent user-preference summaries for every row's history, cached in the store."""
+    from merlin_mllm.summaries.user import summarize_users
+
+    with user_errors():
+        report = summarize_users(
+            data, out, model=model, block_size=block_size, mode=mode,
+            settings=_generation_settings(max_new_tokens, batch_size, sample, seed), progress=True,
+        )
+    _print_report(report)
+
+
+@summarize_app.command("update")
+def summarize_update_cmd(
+    events: Path = typer.Option(..., help="Parquet of new interactions: user_id, item_id, timestamp"),
+    out: Path = typer.Option(..., help="The summary store of an earlier `summarize users` run"),
+    items: Optional[Path] = typer.Option(None, help="Items table, if not the one recorded in the store"),
+):
+    """Incremental update: only newly completed blocks are summarised (one LLM call per block)."""
+    from merlin_mllm.summaries.user import update_users
+
+    with user_errors():
+        report = update_users(events, out, items=items, progress=True)
+    _print_report(report)
 
 
 @app.command()

@@ -122,3 +122,125 @@ def generate_chat(
     if assistant_prefix is not None:
         texts = [f"{prefix}{text if text[:1] in ',.;:' else ' ' + text}".strip() for prefix, text in zip(assistant_prefix, texts)]
     return texts, stats
+
+
+def _flat_images(conversation: List[dict]) -> list:
+    """The images of a multimodal conversation, in the order their placeholders appear."""
+    images = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, list):
+            images.extend(item["image"] for item in content if item.get("type") == "image")
+    return images
+
+
+def _without_image_objects(conversation: List[dict]) -> List[dict]:
+    """The conversation with image items reduced to ``{"type": "image"}`` placeholders.
+
+    Chat templates only need to know where an image goes; the pixels go to the processor.
+    """
+    cleaned = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image"} if item.get("type") == "image" else item for item in content]
+        cleaned.append({**message, "content": content})
+    return cleaned
+
+
+def generate_multimodal(
+    lm,
+    conversations: Sequence[List[dict]],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    progress: bool = False,
+    desc: str = "generating",
+) -> tuple[List[str], GenerationStats]:
+    """Generate one answer per image-text conversation with an MLLM, batched with left padding.
+
+    Each conversation is rendered by the processor's own chat template, then the processor
+    tokenizes the texts and prepares the images of the whole batch in one call. Prompts are
+    ordered by (number of images, text length) before batching, so a batch never mixes
+    prompts with and without images (some processors refuse that) and padding stays small.
+    Answers come back in the input order.
+
+    Parameters
+    ----------
+    lm : merlin_mllm.models.LoadedModel
+        An image-text-to-text model (``kind == "mllm"``) with its processor.
+    conversations : list of message lists
+        Hugging Face multimodal chat format::
+
+            [{"role": "user", "content": [{"type": "image", "image": pil_image},
+                                          {"type": "text", "text": "Describe it."}]}]
+
+        Text contents must already be escaped (``merlin_mllm.text.escape_untrusted``).
+        A conversation may have no image (text-only prompt through the same model).
+    settings : GenerationSettings
+        Greedy by default; ``batch_size`` prompts per ``generate()`` call.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    (list of str, GenerationStats)
+
+    Example
+    -------
+    >>> from PIL import Image
+    >>> lm = load("path/to/llava-next")  # doctest: +SKIP
+    >>> conv = [{"role": "user", "content": [{"type": "image", "image": Image.open("a.jpg")},
+    ...                                      {"type": "text", "text": "Describe the image."}]}]
+    >>> texts, stats = generate_multimodal(lm, [conv])  # doctest: +SKIP
+    """
+    processor = lm.processor
+    tok = lm.tokenizer
+    images = [_flat_images(conv) for conv in conversations]
+    prompts = [
+        processor.apply_chat_template(_without_image_objects(conv), add_generation_prompt=True, tokenize=False)
+        for conv in conversations
+    ]
+    gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                      pad_token_id=tok.pad_token_id, repetition_penalty=settings.repetition_penalty)
+    if settings.do_sample:
+        gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    old_side = tok.padding_side
+    tok.padding_side = "left"  # decoder-only models continue from the right edge
+    stats = GenerationStats()
+    results: dict = {}
+    try:
+        order = sorted(range(len(prompts)), key=lambda i: (len(images[i]), len(prompts[i])))
+        batches: List[List[int]] = []
+        for i in order:  # batch_size prompts per batch, and one image count per batch
+            if batches and len(batches[-1]) < settings.batch_size and len(images[batches[-1][0]]) == len(images[i]):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+        for number, idx in enumerate(batches):
+            batch_images = [image for i in idx for image in images[i]]
+            kwargs = dict(text=[prompts[i] for i in idx], padding=True, return_tensors="pt")
+            if batch_images:
+                kwargs["images"] = batch_images
+            batch = processor(**kwargs)
+            batch = {k: v.to(lm.device) if hasattr(v, "to") else v for k, v in batch.items()}
+            if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+                batch["pixel_values"] = batch["pixel_values"].to(lm.dtype)
+            if settings.do_sample:
+                torch.manual_seed(settings.seed + number)
+            with torch.inference_mode():
+                out = lm.model.generate(**batch, **gen_kwargs)
+            new = out[:, batch["input_ids"].shape[1] :]
+            for row, i in enumerate(idx):
+                ids = new[row]
+                n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
+                stats.new_tokens += n
+                results[i] = tok.decode(ids, skip_special_tokens=True).strip()
+            stats.calls += len(idx)
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        tok.padding_side = old_side
+    return [results[i] for i in range(len(prompts))], stats

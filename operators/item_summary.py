@@ -1,0 +1,215 @@
+"""The ``ItemSummary`` NVTabular operator: an ``item_summary`` text column from item images and text."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional, Union
+
+import pandas as pd
+
+from merlin.core.dispatch import DataFrameType, annotate, from_host, is_cpu_object
+from merlin.schema import ColumnSchema, Tags
+from nvtabular.ops.operator import ColumnSelector, Operator
+
+from merlin_mllm.generation import GenerationSettings
+from merlin_mllm.summaries.item import BACKENDS, MODES, ON_EMPTY, ItemSummarizer
+from merlin_mllm.summaries.report import SummaryReport
+
+__all__ = ["ItemSummary"]
+
+
+def _string_dtype():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # merlin.dtypes warns that TensorFlow is absent
+        import merlin.dtypes as md
+    return md.string
+
+
+class ItemSummary(Operator):
+    """Writes one summary paragraph per item from its image, title and description (stage 1
+    of MLLM-MSR). The paragraphs come from a multimodal LLM, or from a text LLM fed with what
+    an image classifier sees (the offline default); see :mod:`merlin_mllm.summaries.item`.
+
+    The data is one row per item, with some of these columns: a title, a description, an image
+    (a file path or the encoded image bytes; empty for no image) and, preferably, the item id.
+    Select them as the operator's input; their roles are given by the ``title``,
+    ``description``, ``image`` and ``item_id`` parameters (a role whose column is not selected
+    is treated as empty). When the id is selected, errors name the item and each summary is
+    published in the store under the item id, where ``UserPreferenceSummary`` finds it.
+
+    Summaries are kept in a summary store (``store_dir``): a summary already there is reused,
+    never generated again, so re-running a workflow costs nothing, and new summaries are
+    written batch by batch (a crash loses at most one batch). Images that are missing or cannot
+    be decoded do not fail the job: such items are summarised from their text alone. A row with
+    neither image nor text gets ``""`` (``on_empty="skip"``) or raises (``on_empty="error"``).
+
+    ``Workflow.fit`` runs the first partition through the operator once to learn output dtypes
+    (NVTabular does this for every operator); with a store, the following ``transform`` reuses
+    those summaries instead of generating them again.
+
+    The models are loaded once per process (module-level cache) on first use, never pickled
+    with the operator, so a saved workflow stays small and each Dask worker loads them once.
+    The output column has the Merlin ``string`` dtype and the ``TEXT`` tag. pandas and cudf
+    partitions both work (cudf columns are brought to the host for the model, and the result
+    is returned as cudf).
+
+    Example usage::
+
+        import nvtabular as nvt
+        from merlin_mllm.operators.item_summary import ItemSummary
+        from merlin_mllm.generation import GenerationSettings
+
+        items = nvt.Dataset("data/ml-100k/items", engine="parquet")
+        summaries = ["item_id", "title", "description", "image_path"] >> ItemSummary(
+            store_dir="data/summaries", settings=GenerationSettings(max_new_tokens=80)
+        )
+        workflow = nvt.Workflow(["item_id"] + summaries)
+        workflow.fit_transform(items).to_parquet("out/items")   # columns item_id, item_summary
+
+    Parameters
+    ----------
+    store_dir : str or path, optional
+        The summary store folder (shared with the user stage). ``None`` keeps no store: every
+        transform generates every summary again.
+    backend : {"textualizer", "mllm"}, default "textualizer"
+        ``textualizer``: vision-encoder labels and colours + a text LLM (offline, cheap).
+        ``mllm``: an image-text-to-text model reads the image itself (the paper).
+    model : str, optional
+        Hub id or local folder. Default for ``textualizer``: the embedded SmolLM2; ``mllm``
+        needs one. Must be a string (the loaded model is never pickled).
+    mode : {"fusion", "image_only"}, default "fusion"
+        ``fusion`` fuses an image description and a text summary (the paper);
+        ``image_only`` keeps the image description alone (the authors' code).
+    settings : GenerationSettings
+        Greedy by default; ``batch_size`` items are generated together.
+    on_empty : {"skip", "error"}, default "skip"
+        What to do with a row that has neither a usable image nor text.
+    title, description, image, item_id : str
+        The input column playing each role.
+    output_column : str, default "item_summary"
+    image_root : str or path, optional
+        Relative image paths are read relative to this folder.
+    device : str, optional
+        Default: CUDA when available, else CPU.
+    progress : bool, default False
+        A tqdm bar per partition.
+    """
+
+    def __init__(
+        self,
+        store_dir: Optional[Union[str, os.PathLike]] = None,
+        *,
+        backend: str = "textualizer",
+        model: Optional[Union[str, os.PathLike]] = None,
+        mode: str = "fusion",
+        settings: GenerationSettings = GenerationSettings(),
+        on_empty: str = "skip",
+        title: str = "title",
+        description: str = "description",
+        image: str = "image_path",
+        item_id: str = "item_id",
+        output_column: str = "item_summary",
+        image_root: Optional[Union[str, os.PathLike]] = None,
+        device: Optional[str] = None,
+        progress: bool = False,
+    ):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if on_empty not in ON_EMPTY:
+            raise ValueError(f"on_empty must be one of {ON_EMPTY}, not {on_empty!r}")
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(
+                "ItemSummary(model=...) takes a hub id or folder, not a loaded model: the operator "
+                "is pickled with the workflow and each process loads the model itself"
+            )
+        if backend == "mllm" and model is None:
+            raise ValueError("ItemSummary(backend='mllm') needs model=<image-text-to-text model id or folder>")
+        self.store_dir = os.fspath(store_dir) if store_dir is not None else None
+        self.backend = backend
+        self.model = os.fspath(model) if model is not None else None
+        self.mode = mode
+        self.settings = settings
+        self.on_empty = on_empty
+        self.title = title
+        self.description = description
+        self.image = image
+        self.item_id = item_id
+        self.output_column = output_column
+        self.image_root = os.fspath(image_root) if image_root is not None else None
+        self.device = device
+        self.progress = progress
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._summarizer: Optional[ItemSummarizer] = None
+        self._lock = threading.Lock()
+        #: What this process's transforms did (each Dask worker keeps its own).
+        self.report = SummaryReport()
+
+    # Runtime state (loaded models, open store, counts) stays out of pickles: the operator is
+    # saved with the workflow and shipped to Dask workers.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for name in ("_summarizer", "_lock", "report"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def summarizer(self) -> ItemSummarizer:
+        """The process's summarizer (its models come from the module-level cache)."""
+        with self._lock:
+            if self._summarizer is None:
+                self._summarizer = ItemSummarizer(
+                    backend=self.backend, model=self.model, mode=self.mode, settings=self.settings,
+                    on_empty=self.on_empty, store=self.store_dir, device=self.device,
+                    image_root=self.image_root, progress=self.progress,
+                )
+            return self._summarizer
+
+    @annotate("ItemSummary_op", color="darkgreen", domain="nvt_python")
+    def transform(self, col_selector: ColumnSelector, df: DataFrameType) -> DataFrameType:
+        names = list(col_selector.names)
+        host = df[names] if is_cpu_object(df) else df[names].to_pandas()
+        texts, report = self.summarizer().summarize(
+            host,
+            title=self.title if self.title in names else None,
+            description=self.description if self.description in names else None,
+            image=self.image if self.image in names else None,
+            item_id=self.item_id if self.item_id in names else None,
+        )
+        self.report.merge(report)
+        out = pd.DataFrame({self.output_column: pd.Series(texts, index=host.index, dtype=object)})
+        return out if is_cpu_object(df) else from_host(out)
+
+    transform.__doc__ = Operator.transform.__doc__
+
+    def column_mapping(self, col_selector):
+        roles = {self.title, self.description, self.image}
+        if not roles.intersection(col_selector.names):
+            raise ValueError(
+                f"ItemSummary needs at least one of the columns {sorted(roles)} in its input "
+                f"selection, got {list(col_selector.names)}; set title=/description=/image= to "
+                "the names your data uses"
+            )
+        return {self.output_column: list(col_selector.names)}
+
+    def compute_column_schema(self, col_name, input_schema):
+        # Not derived from the inputs: the summary must not inherit e.g. the item id's
+        # ITEM_ID tag or its categorical domain.
+        return ColumnSchema(col_name, dtype=self.output_dtype, tags=self.output_tags, is_list=False)
+
+    @property
+    def output_tags(self):
+        return [Tags.TEXT]
+
+    @property
+    def output_dtype(self):
+        return _string_dtype()
