@@ -20,6 +20,9 @@ class QuickstartSettings:
     max_users: int = 120
     max_history: int = 12
     seed: int = 42
+    # Summaries are short on this CPU default: the ranker reads them, nobody has to.
+    max_new_tokens: int = 48
+    batch_size: int = 16
 
 
 @dataclass
@@ -66,7 +69,37 @@ class Quickstart:
 
         self.stage("data", report_path.is_file, run, describe)
 
+    @property
+    def store_dir(self) -> Path:
+        return self.settings.out / "summaries"
+
+    def _generation(self):
+        from merlin_mllm.generation import GenerationSettings
+
+        return GenerationSettings(max_new_tokens=self.settings.max_new_tokens, batch_size=self.settings.batch_size)
+
+    def summarize_items(self) -> None:
+        from merlin_mllm.summaries.item import summarize_items
+
+        # The store makes this stage idempotent: a re-run finds every summary and generates none.
+        def run() -> str:
+            report = summarize_items(self.data_dir, self.store_dir, settings=self._generation(), progress=True)
+            return f"item summaries (EfficientNet textualizer + SmolLM2): {report}"
+
+        self.stage("item summaries", lambda: False, run, run)
+
+    def summarize_users(self) -> None:
+        from merlin_mllm.summaries.user import summarize_users
+
+        def run() -> str:
+            report = summarize_users(self.data_dir, self.store_dir, settings=self._generation(), progress=True)
+            return f"recurrent user summaries (blocks of 3): {report}"
+
+        self.stage("user summaries", lambda: False, run, run)
+
     def run(self) -> List[StageResult]:
         self.settings.out.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
+        self.summarize_items()
+        self.summarize_users()
         return self.results
