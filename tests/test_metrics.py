@@ -1,0 +1,112 @@
+"""Ranking metrics against sklearn and against hand-computed cases, ties included."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import ndcg_score, roc_auc_score
+
+from merlin_mllm.metrics import auc, hit_rate_curve, positive_rank_bounds, ranking_metrics
+
+
+def _random_groups(rng, n_groups, n_negatives, quantise=None):
+    labels = np.tile(np.r_[1, np.zeros(n_negatives, dtype=int)], n_groups)
+    scores = rng.normal(size=labels.size) + 0.8 * labels
+    if quantise:  # coarse scores give many ties
+        scores = np.round(scores * quantise) / quantise
+    groups = np.repeat(np.arange(n_groups) * 10 + 3, n_negatives + 1)
+    order = rng.permutation(labels.size)  # rows of a group need not be contiguous
+    return labels[order], scores[order], groups[order]
+
+
+@pytest.mark.parametrize("quantise", [None, 2])
+def test_auc_matches_sklearn(quantise):
+    labels, scores, groups = _random_groups(np.random.default_rng(0), 50, 20, quantise)
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert ranking_metrics(labels, scores, groups)["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("quantise", [None, 2, 0.5])
+@pytest.mark.parametrize("k", [1, 3, 5, 10, 21])
+def test_ndcg_matches_sklearn_tie_averaged(quantise, k):
+    rng = np.random.default_rng(1)
+    labels, scores, groups = _random_groups(rng, 40, 20, quantise)
+    ours = ranking_metrics(labels, scores, groups, ks=(k,))[f"ndcg@{k}"]
+    y_true = np.stack([labels[groups == g] for g in np.unique(groups)])
+    y_score = np.stack([scores[groups == g] for g in np.unique(groups)])
+    assert ours == pytest.approx(ndcg_score(y_true, y_score, k=k), abs=1e-12)
+
+
+def test_hand_computed_without_ties():
+    # group 7: positive first; group 8: two negatives above the positive (rank 3); group 9: rank 6.
+    labels = [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    scores = [0.9, 0.1, 0.2, 0.7, 0.5, 0.8, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    groups = [7, 7, 7, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9]
+    _, best, worst = positive_rank_bounds(labels, scores, groups)
+    assert best.tolist() == worst.tolist() == [1, 3, 6]
+    result = ranking_metrics(labels, scores, groups, ks=(3, 5))
+    assert result["hr@3"] == pytest.approx(2 / 3)
+    assert result["hr@5"] == pytest.approx(2 / 3)
+    assert result["mrr@3"] == pytest.approx((1 + 1 / 3) / 3)
+    assert result["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert result["n_groups"] == 3 and result["n_rows"] == 14 and result["n_positives"] == 3
+
+
+def test_hand_computed_ties_expected_and_pessimistic():
+    # One group: 1 negative above, the positive tied with 2 negatives, 1 below -> ranks 2..4.
+    labels = [0, 1, 0, 0, 0]
+    scores = [0.9, 0.5, 0.5, 0.5, 0.1]
+    groups = [1] * 5
+    expected = ranking_metrics(labels, scores, groups, ks=(1, 2, 3, 5))
+    assert expected["hr@1"] == 0.0
+    assert expected["hr@2"] == pytest.approx(1 / 3)  # only rank 2 of {2, 3, 4} is a hit
+    assert expected["hr@3"] == pytest.approx(2 / 3)
+    assert expected["hr@5"] == pytest.approx(1.0)
+    assert expected["mrr@3"] == pytest.approx((1 / 2 + 1 / 3) / 3)
+    assert expected["mrr@5"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+    assert expected["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
+    # AUC: positive beats 1 of 4 negatives, ties with 2 (one half each).
+    assert expected["auc"] == pytest.approx((1 + 2 * 0.5) / 4)
+
+    pessimistic = ranking_metrics(labels, scores, groups, ks=(3, 5), ties="pessimistic")
+    assert pessimistic["hr@3"] == 0.0
+    assert pessimistic["hr@5"] == 1.0
+    assert pessimistic["mrr@5"] == pytest.approx(1 / 4)
+    assert pessimistic["ndcg@5"] == pytest.approx(1 / math.log2(5))
+
+
+def test_constant_scorer_is_chance_in_expectation_and_zero_when_pessimistic():
+    labels = np.tile([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 4)
+    groups = np.repeat(np.arange(4), 10)
+    scores = np.full(labels.size, 0.5)
+    expected = ranking_metrics(labels, scores, groups, ks=(3, 10))
+    assert expected["auc"] == 0.5
+    assert expected["hr@3"] == pytest.approx(0.3)
+    assert expected["hr@10"] == pytest.approx(1.0)
+    assert expected["mrr@10"] == pytest.approx(sum(1 / r for r in range(1, 11)) / 10)
+    pessimistic = ranking_metrics(labels, scores, groups, ks=(3,), ties="pessimistic")
+    assert pessimistic["hr@3"] == 0.0
+
+
+def test_hit_rate_curve_is_monotone_and_matches_metrics():
+    labels, scores, groups = _random_groups(np.random.default_rng(2), 30, 20, quantise=3)
+    curve = hit_rate_curve(labels, scores, groups, max_k=21)
+    assert np.all(np.diff(curve) >= -1e-12)
+    assert curve[-1] == pytest.approx(1.0)
+    result = ranking_metrics(labels, scores, groups, ks=(3, 5, 10))
+    for k in (3, 5, 10):
+        assert curve[k - 1] == pytest.approx(result[f"hr@{k}"])
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"group \(positives\): 8 \(2\)"):
+        ranking_metrics([1, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], [7, 7, 8, 8])
+    with pytest.raises(ValueError, match="row 2"):
+        ranking_metrics([1, 0, 0], [0.1, 0.2, float("nan")], [1, 1, 1])
+    with pytest.raises(ValueError, match="row 1 has 2"):
+        auc([1, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="both classes"):
+        auc([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match="ties must be"):
+        ranking_metrics([1, 0], [0.1, 0.2], [1, 1], ties="optimistic")
