@@ -150,6 +150,67 @@ def summarize_update_cmd(
 
 
 @app.command()
+def train(
+    data: Path = typer.Option(..., help="Prepared data folder (train/ valid/ items/)"),
+    summaries: Path = typer.Option(..., help="Summary store with the user summaries (`summarize users`)"),
+    out: Path = typer.Option(..., help="Run folder: checkpoints/ (resumed if present) and model/"),
+    model: Optional[str] = typer.Option(None, help="Base MLLM id or folder; default: embedded SmolLM2 + EfficientNet-Lite0"),
+    no_image: bool = typer.Option(False, "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
+    epochs: int = typer.Option(1),
+    max_steps: int = typer.Option(-1, help="Stop after this many optimizer steps (-1: all epochs)"),
+    lr: float = typer.Option(2e-5, help="LoRA learning rate (the paper's 2e-5)"),
+    projector_lr: Optional[float] = typer.Option(None, help="Projector learning rate (default: lr)"),
+    lora_r: int = typer.Option(8),
+    lora_alpha: int = typer.Option(16),
+    lora_dropout: float = typer.Option(0.05),
+    grad_accum: int = typer.Option(8),
+    batch_size: int = typer.Option(4),
+    max_length: int = typer.Option(512),
+    seed: int = typer.Option(42),
+    devices: int = typer.Option(1, help="Processes/GPUs; >1 trains with DDP"),
+):
+    """LoRA SFT of the Yes/No ranker through Merlin's dataloader and Lightning (loss on the answer only)."""
+    import os
+
+    from merlin_mllm.ranker.training import train_ranker
+
+    with user_errors():
+        path = train_ranker(
+            data, summaries, out, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps,
+            grad_accum=grad_accum, max_length=max_length, batch_size=batch_size, seed=seed, devices=devices,
+            strategy="ddp" if devices > 1 else "auto", progress=True,
+        )
+    # Under DDP Lightning re-runs this command on every rank: only rank 0 reports.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        typer.echo(f"model: {path}")
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., help="Prepared data folder (test/ items/)"),
+    summaries: Path = typer.Option(..., help="Summary store with the user summaries"),
+    model: Optional[Path] = typer.Option(None, help="Trained ranker folder (`train` writes OUT/model)"),
+    out: Path = typer.Option(..., help="Metrics JSON; scores parquet and a PNG plot are written beside it"),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="Score with the base model, no SFT"),
+    split: str = typer.Option("test"),
+    max_groups: Optional[int] = typer.Option(None, help="Evaluate a seeded subset of groups"),
+):
+    """AUC and HR/MRR/NDCG@3/5/10 per group of 1 positive + N negatives, from P(yes)."""
+    from merlin_mllm.ranker.evaluate import evaluate_ranker
+
+    if model is None and not zero_shot:
+        typer.echo("error: give --model, or --zero-shot to score the base model", err=True)
+        raise typer.Exit(2)
+    with user_errors():
+        result = evaluate_ranker(data, summaries, model, out, zero_shot=zero_shot, split=split,
+                                 max_groups=max_groups, progress=True)
+    keys = ["auc"] + [f"{m}@{k}" for m in ("hr", "mrr", "ndcg") for k in (3, 5, 10)]
+    typer.echo("  ".join(f"{k}={result[k]:.4f}" for k in keys if k in result))
+    typer.echo(f"written: {out}")
+
+
+@app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Working folder; finished stages are reused"),
     max_users: int = typer.Option(120, help="Seeded MovieLens-100k user subset sized for a 2-core CPU"),
