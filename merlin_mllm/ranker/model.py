@@ -1030,6 +1030,94 @@ class RankerModel(nn.Module):
                 chunk, prefix_len, None, {}, caches, item_ids=chunk_items)
         return scores
 
+    @torch.inference_mode()
+    def score_users_token_ids(self, users: Sequence[Tuple[Sequence[Sequence[int]], Optional[Sequence[int]]]],
+                              *, batch_size: int = 32) -> List[np.ndarray]:
+        """P(yes) for several users' candidates at once (e.g. a dynamic batch of serving requests).
+
+        Each user's prompt prefix is computed once, as in :meth:`score_token_ids`; then the
+        candidates of *all* users go through the model together, ``batch_size`` rows per
+        forward pass. A row attends only to its own user's cached prefix: prefixes are
+        right-padded to the longest one in the pass with the padding masked out, and each row's
+        positions continue from its own prefix length. The scores equal per-user scoring up to
+        float rounding, but the matrix products are larger, which keeps a GPU busy.
+
+        Parameters
+        ----------
+        users : list of (prompt_ids, item_ids)
+            Per user: the candidates' full prompt token ids and (embedded backend) item ids.
+        batch_size : int
+            Candidate rows per forward pass.
+
+        Returns
+        -------
+        list of np.ndarray (float64), one per user, in input order.
+        """
+        if len(users) <= 1 or self._mrope:
+            # 3-D rotary models (Qwen2-VL) number positions by image grid, so they are scored
+            # one user at a time.
+            return [self.score_token_ids(p, None if i is None else list(i), batch_size=batch_size) for p, i in users]
+        caches: Dict[Tuple[int, ...], Any] = {}
+        prefixes = []  # per user: (prefix length, per-layer (keys, values) or None)
+        rows = []  # (user index, prompt ids, item id or None)
+        for user, (prompt_ids, item_ids) in enumerate(users):
+            encoded = [EncodedPrompt([int(t) for t in p], 0, False) for p in prompt_ids]
+            if item_ids is not None and len(item_ids) != len(encoded):
+                raise ValueError(f"user {user}: {len(item_ids)} item ids for {len(encoded)} prompts")
+            length = self._prefix_length(encoded) if encoded else 0
+            with self._merged_lora():
+                layers = self._prefix_cache(encoded[0].input_ids[:length], caches) if length > 0 else None
+            prefixes.append((length, layers))
+            items = [None] * len(encoded) if item_ids is None else [int(i) for i in item_ids]
+            rows.extend((user, p.input_ids, item) for p, item in zip(encoded, items))
+        scores = np.zeros(len(rows), dtype=np.float64)
+        for start, chunk in _chunks(rows, batch_size):
+            with self._merged_lora():
+                scores[start:start + len(chunk)] = self._score_rows_of_users(chunk, prefixes)
+        out, offset = [], 0
+        for prompt_ids, _ in users:
+            out.append(scores[offset:offset + len(prompt_ids)])
+            offset += len(prompt_ids)
+        return out
+
+    def _score_rows_of_users(self, chunk, prefixes) -> np.ndarray:
+        """One forward pass over candidate rows of different users (see :meth:`score_users_token_ids`)."""
+        from transformers import DynamicCache
+
+        device = self.device
+        lengths = [prefixes[user][0] for user, _, _ in chunk]
+        longest = max(lengths)
+        cand_ids, cand_mask = pad_right([ids[length:] for (_, ids, _), length in zip(chunk, lengths)],
+                                        self.pad_token_id, device)
+        past = None
+        if longest > 0:
+            template = next(prefixes[user][1] for user, _, _ in chunk if prefixes[user][1] is not None)
+            layers = []
+            for layer, (keys, values) in enumerate(template):
+                stacked = []
+                for tensor_index, like in ((0, keys), (1, values)):
+                    padded = like.new_zeros((len(chunk), like.shape[1], longest, like.shape[3]))
+                    for row, (user, _, _) in enumerate(chunk):
+                        length, cached = prefixes[user]
+                        if cached is not None:
+                            padded[row, :, :length] = cached[layer][tensor_index][0]
+                    stacked.append(padded)
+                layers.append(tuple(stacked))
+            past = DynamicCache(ddp_cache_data=layers, config=self.hf_model.config)
+        prefix_len = torch.tensor(lengths, device=device)
+        prefix_mask = (torch.arange(longest, device=device)[None, :] < prefix_len[:, None]).long()
+        full_mask = torch.cat([prefix_mask, cand_mask], dim=1)
+        # Each row continues from its own prefix length, not from the padded one.
+        position_ids = prefix_len[:, None] + torch.arange(cand_ids.shape[1], device=device)[None, :]
+        items = [item for _, _, item in chunk]
+        item_ids = None if any(item is None for item in items) else torch.tensor(items, dtype=torch.long)
+        hidden, _ = self._hidden_states(cand_ids, full_mask, item_ids=item_ids, past_key_values=past,
+                                        position_ids=position_ids, use_cache=past is not None)
+        positions = cand_mask.sum(dim=1) - 1
+        answer = hidden[torch.arange(len(chunk), device=hidden.device), positions]
+        logits = self._answer_logits(answer)[:, self._answer_ids]
+        return torch.softmax(logits, dim=-1)[:, 1].double().cpu().numpy()
+
     def _prefix_length(self, prompts: Sequence[EncodedPrompt]) -> int:
         """Tokens shared by all prompts, leaving each at least its last token to compute."""
         first = prompts[0].input_ids
