@@ -255,5 +255,84 @@ def serve(
     raise typer.Exit(code)
 
 
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Option(..., help="Trained ranker folder (train's out/model)"),
+    summaries: Path = typer.Option(..., help="Summary store folder (or a user-summary parquet table)"),
+    data: Path = typer.Option(..., help="Prepared data folder (items/ and the splits)"),
+    out: Path = typer.Option(Path("triton_repo"), help="Triton model repository to write"),
+    gpu: bool = typer.Option(False, help="Ranker instances of KIND_GPU instead of KIND_CPU"),
+    gpu_instances: int = typer.Option(1, help="Ranker instances per GPU (with --gpu)"),
+    cpu_instances: int = typer.Option(1, help="Feature-model instances (and ranker instances without --gpu)"),
+    max_candidates: int = typer.Option(100, help="Most candidates per user in one request"),
+    top_k: int = typer.Option(10, help="Ranked items returned when a request has no top_k"),
+    max_batch_size: int = typer.Option(8, help="Users per request / per dynamic batch"),
+    dynamic_batching: bool = typer.Option(True, help="Triton dynamic batching on the ranker"),
+    max_batch_delay_us: int = typer.Option(2000, help="Dynamic batcher queue delay (microseconds)"),
+    user_summaries: str = typer.Option("last_row", help="last_row (what evaluate scored) | store_latest (live)"),
+    dtype: str = typer.Option("auto", help="Ranker weights on the server: auto | float32 | bfloat16 | float16"),
+):
+    """Write a Triton ensemble (features -> MLLM ranker) that `merlin-mllm serve` can serve."""
+    from merlin_mllm.serving.export import MANIFEST_FILE, export
+
+    with user_errors():
+        manifest = export(
+            model, summaries, data, out, gpu=gpu, gpu_instances=gpu_instances, cpu_instances=cpu_instances,
+            max_candidates=max_candidates, top_k_default=top_k, max_batch_size=max_batch_size,
+            dynamic_batching=dynamic_batching, max_batch_delay_us=max_batch_delay_us,
+            user_summaries=user_summaries, dtype=dtype, progress=True,
+        )
+    ranker, features = manifest["ranker"], manifest["features"]
+    typer.echo(f"wrote {out}: ensemble {manifest['ensemble']} = {' -> '.join(manifest['steps'])}")
+    typer.echo(f"  ranker: {ranker['kind']} x{ranker['instances']}, dynamic batching {ranker['dynamic_batching']}, "
+               f"base {ranker['base_model']}, images {ranker['use_images']}")
+    typer.echo(f"  features: {features['users']} users, {features['items']} items "
+               f"({features['items_with_image']} with image), summaries {features['user_summaries']}")
+    typer.echo(f"  limits: {manifest['limits']}; manifest {Path(out) / MANIFEST_FILE}")
+    typer.echo(f"serve it: merlin-mllm serve --model-repository {out}")
+
+
+def _item_titles(data_dir: Path) -> dict:
+    from merlin_mllm.data.tables import read_table
+
+    items = read_table(Path(data_dir) / "items")
+    return dict(zip(items["item_id"].astype(int), items["title"].fillna("").astype(str)))
+
+
+@app.command("query")
+def query_cmd(
+    user: int = typer.Option(..., help="User id"),
+    items: str = typer.Option(..., help="Candidate item ids, comma-separated: 12,40,3"),
+    url: Optional[str] = typer.Option(None, help="host:port (default localhost:8001 for grpc, localhost:8000 for http)"),
+    protocol: str = typer.Option("grpc", help="grpc | http"),
+    top_k: Optional[int] = typer.Option(None, help="Ranked items to return (default: the export's top_k)"),
+    titles: Optional[Path] = typer.Option(None, help="Prepared data folder: show item titles"),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer as JSON"),
+    timeout: Optional[float] = typer.Option(None, help="Seconds to wait for the answer"),
+):
+    """Ask a running server (`merlin-mllm serve`) to rank candidate items for a user."""
+    from merlin_mllm.serving.client import RerankClient
+
+    with user_errors():
+        try:
+            candidates = [int(part) for part in items.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ValueError(f"--items must be comma-separated integer item ids, not {items!r}") from None
+        names = _item_titles(titles) if titles is not None else {}
+        with RerankClient(url, protocol=protocol, timeout=timeout) as client:
+            result = client.rank(user, candidates, top_k=top_k)
+    if as_json:
+        typer.echo(json.dumps({
+            "user_id": result.user_id,
+            "ranked": [{"item_id": i, "score": s, **({"title": names.get(i, "")} if names else {})} for i, s in result.ranked],
+            "scores": {str(int(i)): float(s) for i, s in zip(result.item_ids, result.scores)},
+        }, indent=2))
+        return
+    typer.echo(f"user {result.user_id}: top {len(result.ranked)} of {len(result.item_ids)} candidates")
+    typer.echo(f"{'rank':>4}  {'item_id':>8}  {'P(yes)':>8}" + ("  title" if names else ""))
+    for position, (item_id, score) in enumerate(result.ranked, 1):
+        typer.echo(f"{position:>4}  {item_id:>8}  {score:>8.5f}" + (f"  {names.get(item_id, '')}" if names else ""))
+
+
 if __name__ == "__main__":
     app()

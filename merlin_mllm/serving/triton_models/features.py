@@ -1,0 +1,66 @@
+"""Triton python-backend model ``mllm_features``: request -> tokenized ranker prompts.
+
+Copied by ``merlin-mllm export`` into ``<repo>/mllm_features/1/model.py``. Its artefacts (user
+summaries, item titles and image flags, the fitted NVTabular workflow) sit beside it in
+``1/artifacts/``; the logic is :class:`merlin_mllm.serving.artifacts.FeatureStep`, so the server's
+Python must import ``merlin_mllm`` (``merlin-mllm serve`` puts this project's venv first on PATH).
+
+Inputs (batch dimension first):  user_id INT64 [1], item_ids INT64 [-1], top_k INT32 [1] (optional)
+Outputs: prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1], top_k_resolved INT32 [1]
+
+A bad request (unknown item id, empty or too long candidate list, bad top_k) gets an error
+response naming the problem; the model and the server stay up.
+"""
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FeatureStep, RequestError
+
+
+def _version_dir(args) -> Path:
+    # args["model_repository"] is this model's folder; some Triton releases passed model.py itself.
+    repository = Path(args["model_repository"])
+    if repository.suffix == ".py":
+        return repository.parent
+    return repository / str(args["model_version"])
+
+
+class TritonPythonModel:
+    """Builds the ranker prompts of one request per user row (see the module docstring)."""
+
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        self.step = FeatureStep.load(_version_dir(args) / ARTIFACTS_DIR)
+        self.step.warm_up()
+        self.model_name = args["model_name"]
+        config = json.loads(args["model_config"])
+        self.output_dtypes = {
+            output["name"]: pb_utils.triton_string_to_numpy(output["data_type"]) for output in config["output"]
+        }
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                user_ids = pb_utils.get_input_tensor_by_name(request, "user_id").as_numpy()
+                item_ids = pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy()
+                top_k = pb_utils.get_input_tensor_by_name(request, "top_k")
+                prepared = self.step.prepare(user_ids, item_ids, None if top_k is None else top_k.as_numpy())
+                tensors = [
+                    pb_utils.Tensor("prompt_ids", prepared["prompt_ids"].astype(self.output_dtypes["prompt_ids"])),
+                    pb_utils.Tensor("prompt_lengths", prepared["prompt_lengths"].astype(self.output_dtypes["prompt_lengths"])),
+                    pb_utils.Tensor("top_k_resolved", prepared["top_k"].astype(self.output_dtypes["top_k_resolved"])),
+                ]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            except RequestError as err:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
+            except Exception as err:  # a bug must fail this request only, never the server
+                self.logger.log_error(f"{self.model_name}: {type(err).__name__}: {err}")
+                message = f"{self.model_name} failed: {type(err).__name__}: {err}"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+        return responses
+
+    def finalize(self):
+        self.step = None

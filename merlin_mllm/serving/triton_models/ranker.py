@@ -1,0 +1,121 @@
+"""Triton python-backend model ``mllm_ranker``: tokenized prompts -> P(yes) and the top-k.
+
+Copied by ``merlin-mllm export`` into ``<repo>/mllm_ranker/1/model.py``. Its artefacts (the
+ranker with its LoRA adapter and projector, the item image table) sit beside it in
+``1/artifacts/``; the logic is :class:`merlin_mllm.serving.artifacts.RankerStep`. Each user row
+is scored with the shared user prefix computed once (``RankerModel.score_token_ids``).
+
+An instance of kind GPU runs on its assigned device; ``parameters { key: "dtype" }`` picks the
+weights' dtype there ("auto": bf16 on CUDA, fp32 on CPU). ``torch_threads`` (0: torch's default)
+sets the CPU threads of this process.
+
+Inputs (batch dimension first): prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1],
+item_ids INT64 [-1], top_k_resolved INT32 [1]
+Outputs: scores FP32 [-1] (input order), ranked_item_ids INT64 [-1], ranked_scores FP32 [-1]
+
+The requests of one dynamic batch are scored together (``RankerStep.score_users``): every
+user's prefix once, then the candidates of all users in shared forward passes.
+"""
+import json
+import os
+from pathlib import Path
+
+# Before torch loads MKL: a fixed thread count and alignment-independent kernels, so a score does
+# not depend on the machine's load or on where a tensor happens to be allocated (observed: rare
+# per-process shifts of ~6e-5 in P(yes) on a busy 2-core CPU without these).
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RankerStep, RequestError, rank_scores  # noqa: E402
+
+
+def _version_dir(args) -> Path:
+    repository = Path(args["model_repository"])
+    if repository.suffix == ".py":
+        return repository.parent
+    return repository / str(args["model_version"])
+
+
+def _parameters(config) -> dict:
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
+class TritonPythonModel:
+    """Scores one user's candidates per request row (see the module docstring)."""
+
+    def initialize(self, args):
+        import torch
+
+        self.logger = pb_utils.Logger
+        self.model_name = args["model_name"]
+        config = json.loads(args["model_config"])
+        parameters = _parameters(config)
+        threads = int(parameters.get("torch_threads") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        else:
+            device = "cpu"
+        self.step = RankerStep.load(_version_dir(args) / ARTIFACTS_DIR, device=device,
+                                    dtype=parameters.get("dtype") or "auto")
+        self.step.warm_up()
+        self.logger.log_info(f"{self.model_name}: ranker on {device}, {self.step.ranker.dtype}, "
+                             f"{torch.get_num_threads()} CPU threads")
+
+    def execute(self, requests):
+        # Dynamic batching hands over several requests at once. Their user rows are scored
+        # together (RankerStep.score_users: each user's prefix cache computed once, the
+        # candidates of all users in shared forward passes), then split back per request.
+        parsed, responses = [], [None] * len(requests)
+        for index, request in enumerate(requests):
+            try:
+                rows = RankerStep.unpad(
+                    pb_utils.get_input_tensor_by_name(request, "prompt_ids").as_numpy(),
+                    pb_utils.get_input_tensor_by_name(request, "prompt_lengths").as_numpy(),
+                    pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy(),
+                )
+                top_k = int(pb_utils.get_input_tensor_by_name(request, "top_k_resolved").as_numpy().reshape(-1)[0])
+                parsed.append((index, rows, top_k))
+            except Exception as err:
+                responses[index] = self._error(err)
+        try:
+            scores = self.step.score_users([row for _, rows, _ in parsed for row in rows])
+        except Exception as err:  # score one request at a time, so only a faulty one fails
+            self.logger.log_warn(f"{self.model_name}: batched scoring failed ({type(err).__name__}: {err}); "
+                                 "scoring requests one by one")
+            scores = None
+        offset = 0
+        for index, rows, top_k in parsed:
+            try:
+                if scores is not None:
+                    mine = scores[offset:offset + len(rows)]
+                else:
+                    mine = self.step.score_users(rows)
+                offset += len(rows)
+                responses[index] = self._response(rows, np.stack(mine), top_k)
+            except Exception as err:
+                responses[index] = self._error(err)
+        return responses
+
+    @staticmethod
+    def _response(rows, scores, top_k):
+        ranked = [rank_scores(items, row_scores, top_k) for (_, items), row_scores in zip(rows, scores)]
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("scores", scores.astype(np.float32)),
+            pb_utils.Tensor("ranked_item_ids", np.stack([r[0] for r in ranked]).astype(np.int64)),
+            pb_utils.Tensor("ranked_scores", np.stack([r[1] for r in ranked]).astype(np.float32)),
+        ])
+
+    def _error(self, err):
+        if isinstance(err, RequestError):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG))
+        # A bug must fail this request only, never the server.
+        self.logger.log_error(f"{self.model_name}: {type(err).__name__}: {err}")
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name} failed: {type(err).__name__}: {err}"))
+
+    def finalize(self):
+        self.step = None

@@ -1,0 +1,286 @@
+"""Serving for real: an export of a saved embedded ranker, served by the bundled tritonserver.
+
+One server for the module serves the `mllm_rerank` ensemble and, from the same artefacts, the
+merlin.systems executor model of `MLLMRerank`. Checks: served scores equal `evaluate_ranker`'s
+in-process scores, top-k order, cold start, bad requests (the server stays ready), concurrent
+requests through the dynamic batcher, both protocols, the `query` CLI, and a clean shutdown.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from merlin_mllm.serving.client import RerankClient, RerankError
+from merlin_mllm.serving.export import export
+from merlin_mllm.serving.tritonserver import SHM_GLOB, TritonServer
+from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
+from serving_support import IMAGE_EVERY, build_dataset, build_ranker, build_store, load_reference, titles_of
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+MAX_CANDIDATES = 12
+UNKNOWN_USER = 10**9
+
+
+def shm_regions() -> set:
+    return set(Path("/dev/shm").glob(SHM_GLOB))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Data, a summary store, a saved ranker, and the repository: ensemble + merlin.systems executor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from merlin.schema import ColumnSchema, Schema
+        from merlin.systems.dag import Ensemble
+
+        from merlin_mllm.serving.systems import MLLMRerank, export_python_only
+
+    root = tmp_path_factory.mktemp("serving")
+    data = build_dataset(root / "data")
+    store = build_store(data, root / "store")
+    model = build_ranker(data, root / "model")
+    repo = root / "repo"
+    manifest = export(model, store, data, repo, max_candidates=MAX_CANDIDATES, top_k_default=3)
+    schema = Schema([ColumnSchema("user_id", dtype="int64"),
+                     ColumnSchema("item_ids", dtype="int64", is_list=True, is_ragged=True)])
+    operator = MLLMRerank.from_export(repo, device="cpu")
+    export_python_only(Ensemble(["user_id", "item_ids"] >> operator, schema), repo)
+    del operator
+    return SimpleNamespace(root=root, data=data, store=store, model=model, repo=repo, manifest=manifest)
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    before = shm_regions()
+    triton = TritonServer(built.repo, http_port=0, grpc_port=0, metrics_port=0, log_file=built.root / "triton.log")
+    triton.start(timeout=600)
+    triton.shm_before_test = before
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with RerankClient(server.grpc_url) as grpc_client:
+        yield grpc_client
+
+
+@pytest.fixture(scope="module")
+def reference(built):
+    return load_reference(built.model)
+
+
+@pytest.fixture(scope="module")
+def evaluated(built):
+    """`evaluate_ranker`'s per-row in-process scores on the test split (what `merlin-mllm evaluate` writes)."""
+    from merlin_mllm.ranker.evaluate import evaluate_ranker
+
+    evaluate_ranker(built.data, built.store, built.model, built.root / "eval" / "test.json", progress=False)
+    return pd.read_parquet(built.root / "eval" / "test.scores.parquet")
+
+
+def _raw_infer(server, user_ids, item_ids, item_dtype="INT64", top_k=None):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inputs = []
+    for name, array, dtype in (("user_id", np.asarray(user_ids, dtype=np.int64), "INT64"),
+                               ("item_ids", np.asarray(item_ids, dtype=item_dtype.lower()), item_dtype)):
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    if top_k is not None:
+        tensor = grpcclient.InferInput("top_k", [len(user_ids), 1], "INT32")
+        tensor.set_data_from_numpy(np.full((len(user_ids), 1), top_k, dtype=np.int32))
+        inputs.append(tensor)
+    try:
+        return client.infer("mllm_rerank", inputs)
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- equality
+def test_served_scores_equal_evaluate_scores(server, client, evaluated):
+    assert len(evaluated["group_id"].unique()) >= 2
+    for _, group in evaluated.groupby("group_id"):
+        users = group["user_id"].unique()
+        assert len(users) == 1
+        items = group["item_id"].tolist()
+        result = client.rank(int(users[0]), items, top_k=len(items))
+        np.testing.assert_allclose(result.scores, group["score"].to_numpy(), rtol=0, atol=1e-5,
+                                   err_msg=f"max diff {np.abs(result.scores - group['score'].to_numpy()).max():.2e}")
+        # ranked: every candidate, highest first, scores matching the input-order scores
+        by_item = dict(zip(items, result.scores))
+        assert sorted(i for i, _ in result.ranked) == sorted(items)
+        assert [s for _, s in result.ranked] == sorted((s for _, s in result.ranked), reverse=True)
+        assert all(by_item[i] == pytest.approx(s, abs=1e-7) for i, s in result.ranked)
+
+
+def test_image_items_and_top_k_order(built, client, reference):
+    user = int(pd.read_parquet(built.repo / "mllm_features" / "1" / "artifacts" / "users.parquet")["user_id"].iloc[0])
+    items = [3, 1, 6, 2, 9, 4, 12]  # multiples of 3 have image grids: prompts with 49 image tokens
+    assert any(i % IMAGE_EVERY == 0 for i in items) and any(i % IMAGE_EVERY for i in items)
+    result = client.rank(user, items, top_k=4)
+    summary = pd.read_parquet(built.repo / "mllm_features" / "1" / "artifacts" / "users.parquet").set_index("user_id")
+    titles = titles_of(built.data)
+    expected = reference.score(summary.loc[user, "user_summary"], [{"title": titles[i], "item_id": i} for i in items])
+    np.testing.assert_allclose(result.scores, expected, rtol=0, atol=1e-5)
+    order = np.argsort(-result.scores, kind="stable")[:4]
+    assert [i for i, _ in result.ranked] == [items[j] for j in order]
+    assert len(result.ranked) == 4
+    # the export's default top_k (3) applies when the request has none
+    assert len(client.rank(user, items).ranked) == 3
+
+
+def test_unknown_user_gets_the_empty_history_summary(built, client, reference):
+    items = [5, 6, 7]
+    titles = titles_of(built.data)
+    result = client.rank(UNKNOWN_USER, items)
+    expected = reference.score(EMPTY_HISTORY_SUMMARY, [{"title": titles[i], "item_id": i} for i in items])
+    np.testing.assert_allclose(result.scores, expected, rtol=0, atol=1e-5)
+
+
+def test_http_and_grpc_agree(server, client):
+    with RerankClient(server.http_url, protocol="http") as http_client:
+        over_http = http_client.rank(UNKNOWN_USER, [10, 11], top_k=1)
+    over_grpc = client.rank(UNKNOWN_USER, [10, 11], top_k=1)
+    np.testing.assert_allclose(over_http.scores, over_grpc.scores, atol=1e-7)
+    assert over_http.ranked[0][0] == over_grpc.ranked[0][0]
+
+
+def test_a_request_with_two_user_rows(server, client):
+    answer = _raw_infer(server, [[UNKNOWN_USER], [UNKNOWN_USER + 1]], [[5, 6], [6, 5]], top_k=1)
+    scores = answer.as_numpy("scores")
+    assert scores.shape == (2, 2) and answer.as_numpy("ranked_item_ids").shape == (2, 1)
+    # both rows are cold-start users with the same summary: the same items get the same scores
+    np.testing.assert_allclose(scores[1], scores[0][::-1], atol=1e-5)
+    np.testing.assert_allclose(scores[0], client.rank(UNKNOWN_USER, [5, 6]).scores, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize(
+    "case, kwargs, message",
+    [
+        ("unknown item", dict(user_ids=[[1]], item_ids=[[1, 987654]]), "unknown item id(s) 987654"),
+        ("empty list", dict(user_ids=[[1]], item_ids=np.zeros((1, 0))), "item_ids is empty"),
+        ("too many", dict(user_ids=[[1]], item_ids=[list(range(1, MAX_CANDIDATES + 2))]), f"limit of {MAX_CANDIDATES}"),
+        ("wrong dtype", dict(user_ids=[[1]], item_ids=[[1, 2]], item_dtype="INT32"), "expects 'INT64'"),
+        ("bad top_k", dict(user_ids=[[1]], item_ids=[[1, 2]], top_k=0), "top_k must be at least 1"),
+    ],
+)
+def test_bad_requests_fail_clearly_and_the_server_stays_ready(server, client, case, kwargs, message):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as caught:
+        _raw_infer(server, **kwargs)
+    assert message in str(caught.value), case
+    assert "INVALID_ARG" in str(caught.value.status())
+    assert server.is_ready()
+    assert client.rank(UNKNOWN_USER, [1]).scores.shape == (1,)  # and still serves valid requests
+
+
+def test_client_errors_name_the_problem(server, client):
+    with pytest.raises(RerankError, match="unknown item id"):
+        client.rank(1, [1, 424242])
+    with pytest.raises(RerankError, match="position 1"):
+        client.rank(1, [1, "x"])
+    with pytest.raises(RerankError, match="cannot reach Triton"):
+        RerankClient("127.0.0.1:1").rank(1, [1])
+
+
+# ---------------------------------------------------------------------------- batching, systems, CLI
+def test_concurrent_requests_are_dynamically_batched(server, client):
+    import tritonclient.grpc as grpcclient
+
+    stats_client = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def counts():
+        stats = stats_client.get_inference_statistics("mllm_ranker", as_json=True)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
+    requests = [(UNKNOWN_USER, [1, 2]), (UNKNOWN_USER + 1, [4, 5, 6]), (UNKNOWN_USER + 2, [7, 8]), (UNKNOWN_USER + 3, [9])]
+    sequential = [client.rank(u, items).scores for u, items in requests]
+    inferences_before, executions_before = counts()
+    results, errors = [None] * len(requests), []
+
+    def worker(index):
+        try:
+            with RerankClient(server.grpc_url) as own:
+                results[index] = own.rank(*requests[index]).scores
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors
+    for got, want in zip(results, sequential):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    inferences, executions = counts()
+    assert inferences - inferences_before == len(requests)
+    # Requests that arrive while the ranker is busy share one execution.
+    assert executions - executions_before < len(requests)
+    stats_client.close()
+
+
+def test_merlin_systems_executor_serves_the_same_scores(server, client):
+    import tritonclient.grpc as grpcclient
+
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    rows = [(UNKNOWN_USER, [1, 3, 6]), (UNKNOWN_USER + 5, [2, 9])]
+    values = np.concatenate([np.asarray(items, dtype=np.int64) for _, items in rows])
+    offsets = np.cumsum([0] + [len(items) for _, items in rows]).astype(np.int32)
+    inputs = []
+    for name, array, dtype in (("user_id", np.array([u for u, _ in rows], dtype=np.int64), "INT64"),
+                               ("item_ids__values", values, "INT64"), ("item_ids__offsets", offsets, "INT32")):
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    answer = grpc.infer("executor_model", inputs)
+    grpc.close()
+    scores, score_offsets = answer.as_numpy("scores__values"), answer.as_numpy("scores__offsets")
+    np.testing.assert_array_equal(score_offsets, offsets)
+    for row, (user, items) in enumerate(rows):
+        expected = client.rank(user, items).scores
+        got = scores[offsets[row]:offsets[row + 1]]
+        # Two server processes: CPU GEMM rounding usually differs by ~1e-6; rare per-process MKL
+        # kernel choices shift a user's scores by up to ~6e-5 (seen on a busy 2-core machine).
+        np.testing.assert_allclose(got, expected, atol=2e-4, err_msg=f"max diff {np.abs(got - expected).max():.2e}")
+
+
+def test_query_cli_prints_ranked_items_with_titles(built, server, client):
+    from merlin_mllm.cli import app
+
+    runner = CliRunner()
+    items = [1, 2, 3]
+    out = runner.invoke(app, ["query", "--url", server.grpc_url, "--user", str(UNKNOWN_USER), "--items", "1,2,3",
+                              "--top-k", "2", "--titles", str(built.data)])
+    assert out.exit_code == 0, out.output
+    expected = client.rank(UNKNOWN_USER, items, top_k=2).ranked
+    titles = titles_of(built.data)
+    lines = [line for line in out.output.splitlines() if line.strip()[:1].isdigit()]
+    assert len(lines) == 2
+    for line, (item_id, score) in zip(lines, expected):
+        rank, shown_id, shown_score, *title = line.split(None, 3)
+        assert int(shown_id) == item_id and float(shown_score) == pytest.approx(score, abs=1e-5)
+        assert title and title[0] == titles[item_id]
+    bad = runner.invoke(app, ["query", "--url", server.grpc_url, "--protocol", "grpc", "--user", "1", "--items", "1,999999"])
+    assert bad.exit_code == 2 and "unknown item id(s) 999999" in bad.output
+
+
+# ---------------------------------------------------------------------------- shutdown (keep last)
+def test_clean_shutdown_leaves_no_shm_regions(server):
+    assert shm_regions() - server.shm_before_test, "the python backend should hold shm regions while serving"
+    code = server.stop(timeout=180)  # generous: a loaded 2-core CI machine unloads models slowly
+    assert code == 0
+    assert shm_regions() - server.shm_before_test == set()
