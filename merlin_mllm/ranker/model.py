@@ -428,8 +428,10 @@ class RankerModel(nn.Module):
         self._merge_suspended = False
         self._inner_params = set(inspect.signature(self._inner.forward).parameters)
         self._mrope = hasattr(self._inner, "get_rope_index")
+        # On the language model's device: `device` (and so every input) follows this buffer.
         self.register_buffer(
-            "_answer_ids", torch.tensor([config.no_token_id, config.yes_token_id], dtype=torch.long),
+            "_answer_ids", torch.tensor([config.no_token_id, config.yes_token_id], dtype=torch.long,
+                                        device=hf_model.get_input_embeddings().weight.device),
             persistent=False,
         )
 
