@@ -132,10 +132,9 @@ def _candidates(group: pd.DataFrame, ranker: RankerModel) -> List[Dict[str, Any]
 
 def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: str = "") -> Path:
     """Write a PNG: P(yes) histograms of positives vs negatives, and HR@K (K=1..20) vs chance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API draws off-screen without touching pyplot's global backend (which would
+    # switch a notebook's inline plotting off).
+    from matplotlib.figure import Figure
 
     labels = scores["label"].to_numpy()
     values = scores["score"].to_numpy()
@@ -144,7 +143,8 @@ def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: 
     ks = np.arange(1, CURVE_MAX_K + 1)
     chance = np.minimum(ks[:, None] / group_size[None, :], 1.0).mean(axis=1)
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
     # Bins over the observed range: an untrained model's scores can sit within 0.01 of each other.
     low, high = float(values.min()), float(values.max())
     spread = max(high - low, 1e-6)
@@ -168,7 +168,6 @@ def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: 
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 
