@@ -1093,17 +1093,22 @@ class RankerModel(nn.Module):
                                         self.pad_token_id, device)
         past = None
         if longest > 0:
-            template = next(prefixes[user][1] for user, _, _ in chunk if prefixes[user][1] is not None)
+            # Per layer: each user's prefix keys/values right-padded to `longest` once, stacked,
+            # then gathered per row (a few large copies instead of one per row and layer).
+            users = sorted({user for user, _, _ in chunk})
+            slot = {user: index for index, user in enumerate(users)}
+            rows_of = torch.tensor([slot[user] for user, _, _ in chunk], device=device)
+            template = next(prefixes[user][1] for user in users if prefixes[user][1] is not None)
             layers = []
             for layer, (keys, values) in enumerate(template):
                 stacked = []
                 for tensor_index, like in ((0, keys), (1, values)):
-                    padded = like.new_zeros((len(chunk), like.shape[1], longest, like.shape[3]))
-                    for row, (user, _, _) in enumerate(chunk):
+                    per_user = like.new_zeros((len(users), like.shape[1], longest, like.shape[3]))
+                    for index, user in enumerate(users):
                         length, cached = prefixes[user]
                         if cached is not None:
-                            padded[row, :, :length] = cached[layer][tensor_index][0]
-                    stacked.append(padded)
+                            per_user[index, :, :length] = cached[layer][tensor_index][0]
+                    stacked.append(per_user.index_select(0, rows_of))
                 layers.append(tuple(stacked))
             past = DynamicCache(ddp_cache_data=layers, config=self.hf_model.config)
         prefix_len = torch.tensor(lengths, device=device)
