@@ -313,7 +313,7 @@ def export(
     user_summaries: str = "last_row",
     dtype: str = "auto",
     torch_threads: int = 0,
-    scoring_batch_size: int = 32,
+    scoring_batch_size: Optional[int] = None,
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Write the Triton ensemble repository that serves ``model_dir`` (see the module docstring).
@@ -352,8 +352,10 @@ def export(
         Ranker weights on the server: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16".
     torch_threads : int
         CPU threads of the ranker process (0: torch's default).
-    scoring_batch_size : int
-        Candidates per forward pass.
+    scoring_batch_size : int, optional
+        Candidate rows per forward pass. Default: 32 on CPU; on GPU 256, so one dynamic batch of
+        users goes through in one pass (measured on an H200: 8 users x 21 candidates in one pass
+        took 0.58x the time of scoring user by user, while 32-row passes took 1.18x).
     progress : bool
         Show progress bars (item image encoding, when the model folder lacks the table).
 
@@ -363,6 +365,8 @@ def export(
         The manifest written to ``out_dir/export.json``.
     """
     started = time.time()
+    if scoring_batch_size is None:
+        scoring_batch_size = 256 if gpu else 32
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
     limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=int(top_k_default))
     for name, value in (("gpu_instances", gpu_instances), ("cpu_instances", cpu_instances),
