@@ -208,8 +208,13 @@ def test_items_table_text(paper):
         assert items.loc[key, "title"] == raw_items.loc[key, "movie_title"]
         assert items.loc[key, "description"] == f"Genres: {genres}. Released {year}."
         assert items.loc[key, "year"] == int(year)
-    # Only items that occur in the kept events are listed.
-    assert set(tables["events"]["item_id"]) == set(tables["items"]["item_id"])
+    # Exactly the items the output refers to are listed: kept events and rows (negatives are
+    # drawn from the whole k-core, so some come from outside the chosen users' events).
+    referred = set(tables["events"]["item_id"])
+    for split in ("train", "valid", "test"):
+        referred |= set(tables[split]["item_id"])
+    assert referred == set(tables["items"]["item_id"])
+    assert not set(tables["test"]["item_id"]) <= set(tables["events"]["item_id"])
     assert tables["items"]["image_path"].isna().all()
 
 

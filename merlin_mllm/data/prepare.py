@@ -12,10 +12,13 @@ Protocols (both seeded and deterministic):
   train = third to last.
 
 Train and valid groups hold 1 positive + ``n_negatives_train`` negatives, test groups 1 +
-``n_negatives_test``. Negatives are drawn uniformly, without replacement, from the items of
-the output (the ``items/`` table) that the user never interacted with in its whole
-deduplicated history. Ids are contiguous int64 from 1 (0 is left for padding), assigned in
-the natural order of the raw keys.
+``n_negatives_test``. Negatives are drawn uniformly, without replacement, from *all* items
+that survive the k-core (not only those of the chosen users) that the user never interacted
+with in its whole deduplicated history. Drawing from the chosen users' items alone would bias
+small subsets: a negative would always be something another kept user chose, while a positive
+is often chosen by its user only, which turns popularity upside down. The ``items/`` table then
+holds the items the output refers to (events and rows). Ids are contiguous int64 from 1 (0 is
+left for padding), assigned in the natural order of the raw keys.
 
 Output folder::
 
@@ -223,12 +226,14 @@ def prepare_dataset(
         raise ValueError("no user has enough interactions left for the protocol")
 
     user_ids = _contiguous_ids(events["user_key"].unique())
-    item_ids = _contiguous_ids(events["item_key"].unique())
+    # Negatives come from every k-core item (see the module docstring); ids are renumbered
+    # below to the items the output refers to.
+    candidate_ids = _contiguous_ids(core["item_key"].unique())
     events = events.assign(
         user_id=events["user_key"].map(user_ids).astype(np.int64),
-        item_id=events["item_key"].map(item_ids).astype(np.int64),
+        item_id=events["item_key"].map(candidate_ids).astype(np.int64),
     ).sort_values(["user_id", "position"], kind="stable")
-    histories = _user_histories(deduped, user_ids, item_ids)
+    histories = _user_histories(deduped, user_ids, candidate_ids)
 
     targets = processing.paper_targets(events, rngs["split"]) if protocol == "paper" else processing.temporal_targets(events)
     rows: dict[str, pd.DataFrame] = {}
@@ -236,9 +241,17 @@ def prepare_dataset(
     for split in processing.SPLITS:
         n_negatives = n_negatives_test if split == "test" else n_negatives_train
         rows[split] = processing.build_rows(
-            targets[split], n_negatives, len(item_ids), histories, rngs[split], next_group, desc=f"{split} negatives"
+            targets[split], n_negatives, len(candidate_ids), histories, rngs[split], next_group,
+            desc=f"{split} negatives",
         )
         next_group += len(targets[split].user_id)
+    key_of = {index: key for key, index in candidate_ids.items()}
+    used = np.unique(np.concatenate([events["item_id"].to_numpy()] + [f["item_id"].to_numpy() for f in rows.values()]))
+    item_ids = _contiguous_ids([key_of[int(index)] for index in used])
+    renumber = {candidate_ids[key]: index for key, index in item_ids.items()}
+    events = events.assign(item_id=events["item_id"].map(renumber).astype(np.int64))
+    for split, frame in rows.items():
+        rows[split] = frame.assign(item_id=frame["item_id"].map(renumber).astype(np.int64))
     sequences = {int(user): group["item_id"].to_numpy() for user, group in events.groupby("user_id", sort=False)}
     for split, frame in rows.items():
         rows[split] = with_history(frame, sequences)
@@ -291,6 +304,7 @@ def prepare_dataset(
         "users_selected": int(chosen["user_key"].nunique()),
         "users_dropped_too_short": int(too_short),
         "kept": {"users": len(user_ids), "items": len(item_ids), "events": int(len(events))},
+        "negatives_drawn_from_items": len(candidate_ids),
         "users_per_split": {split: int(len(targets[split].user_id)) for split in processing.SPLITS},
         "rows_per_split": {split: int(len(rows[split])) for split in processing.SPLITS},
         **image_stats,
