@@ -1,0 +1,382 @@
+"""Quality table on MovieLens-100k: non-LLM baselines vs MLLM-MSR rows, both split protocols.
+
+Every row of one protocol is scored on the same prepared folder, so on the same test users and
+the same 1 + 20 candidates per user (see README.md in this folder for what each row is).
+
+Stages are cached under ``--work`` (default ``benchmarks/results/quality``): a finished row is
+one JSON file there and is reused by a re-run; an interrupted LLM stage resumes (the summary
+store, train_ranker checkpoints and evaluate_ranker partial scores all persist). The table goes
+to ``--out``/results.json and results.md (small, committed) and is printed.
+
+Usage::
+
+    python benchmarks/quality/run_quality.py --users 40           # the committed table
+    python benchmarks/quality/run_quality.py --users 8 --work /tmp/q --out /tmp/q   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+PROTOCOLS = ("paper", "temporal")
+METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
+# LLM settings as in merlin_mllm/quickstart.py (a small CPU run: faster LoRA lr than the paper).
+LLM_TRAIN = dict(lr=1e-4, epochs=2, grad_accum=4)
+MAX_NEW_TOKENS = 48
+GENERATION_BATCH = 16
+MAX_HISTORY = 12
+DATA_SEED = 42
+
+# In priority order (a time-boxed run finishes the rows the acceptance test needs first).
+LLM_ROWS = {
+    "MLLM-MSR zero-shot": "zero_shot",
+    "MLLM-MSR": "full",
+    "MLLM-MSR_I": "text_only",
+    "MLLM-MSR_R": "direct_summaries",
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+#: False while ``--skip-baselines``: baseline rows are then only read back from the cache.
+COMPUTE_BASELINES = True
+
+
+def cached(path: Path, compute: Callable[[], dict], baseline: bool = False) -> Optional[dict]:
+    """The JSON at ``path``, or ``compute()`` written there (with its wall time) when missing.
+
+    A missing baseline row under ``--skip-baselines`` gives None (left out of the table).
+    """
+    if path.is_file():
+        return json.loads(path.read_text())
+    if baseline and not COMPUTE_BASELINES:
+        return None
+    started = time.time()
+    record = compute()
+    record["wall_seconds"] = round(time.time() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def prepare(protocol: str, users: int, folder: Path) -> dict:
+    from merlin_mllm.data.prepare import prepare_dataset
+
+    if not (folder / "report.json").is_file():
+        log(f"prepare ml-100k {protocol}, max_users={users or 'all'}")
+        prepare_dataset("ml-100k", protocol, folder, max_users=users, max_history=MAX_HISTORY, seed=DATA_SEED,
+                        n_negatives_test=20)
+    return json.loads((folder / "report.json").read_text())
+
+
+def metrics_only(result: dict) -> dict:
+    return {k: result[k] for k in (*METRICS, "n_groups", "n_rows")}
+
+
+# ----------------------------------------------------------------------------- baselines
+def baseline_rows(data: Path, rows_dir: Path, seeds: List[int], recbole: Optional[dict]) -> Dict[str, List[dict]]:
+    from merlin_mllm import baselines
+
+    out: Dict[str, List[dict]] = {}
+    out["Popularity"] = [cached(rows_dir / "popularity.json", lambda: {
+        "seed": None, **metrics_only(baselines.evaluate_popularity(data, rows_dir / "eval" / "popularity.json"))}, True)]
+    for kind, name in (("sasrec", "SASRec"), ("gru4rec", "GRU4Rec")):
+        if recbole is not None:
+            records = []
+            for seed in seeds:
+                records.append(cached(rows_dir / f"recbole_{kind}_s{seed}.json", lambda: {
+                    "seed": seed, "implementation": "RecBole 1.2.1",
+                    **run_recbole(kind, data, seed, rows_dir / "recbole", recbole)}, True))
+                if records[-1] is not None:
+                    log(f"  {name} (RecBole) seed {seed}: AUC {records[-1]['auc']:.3f}")
+            out[f"{name} (RecBole)"] = records
+        records = []
+        for seed in seeds:
+            records.append(cached(rows_dir / f"{kind}_s{seed}.json", lambda: {
+                "seed": seed, "implementation": "compact (merlin_mllm.baselines)",
+                **metrics_only(baselines.evaluate_sequential(kind, data, rows_dir / "eval" / f"{kind}_s{seed}.json", seed))}, True))
+            if records[-1] is not None:
+                log(f"  {name} (compact) seed {seed}: AUC {records[-1]['auc']:.3f}")
+        out[f"{name} (compact)"] = records
+    return out
+
+
+def run_recbole(kind: str, data: Path, seed: int, work: Path, recbole: dict) -> dict:
+    """RecBole's model, trained and scored by ``recbole_rows.py`` in its own virtualenv."""
+    work = work.resolve()
+    data = data.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{kind}_s{seed}.scores.parquet"
+    command = [recbole["python"], str(HERE / "recbole_rows.py"), "--data", str(data), "--model", kind,
+               "--seed", str(seed), "--work", str(work), "--out", str(out)]
+    # cwd=work: RecBole writes log_tensorboard/ into the current folder.
+    subprocess.run(command, check=True, cwd=work,
+                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    import pandas as pd
+    from merlin_mllm.metrics import ranking_metrics
+
+    table = pd.read_parquet(out)
+    result = ranking_metrics(table["label"], table["score"], table["group_id"])
+    training = json.loads(out.with_suffix(".train.json").read_text())
+    return {**metrics_only(result), "epoch_loss_first_last": [training["epoch_loss"][0], training["epoch_loss"][-1]]}
+
+
+def recbole_python(mode: str) -> Optional[dict]:
+    """The RecBole virtualenv's python when ``mode`` allows it and RecBole can train there."""
+    if mode == "off":
+        return None
+    python = HERE / ".venv-recbole" / "bin" / "python"
+    if not python.exists():
+        if mode == "auto":
+            log("no benchmarks/quality/.venv-recbole: using the compact SASRec/GRU4Rec (see README)")
+            return None
+        subprocess.run([sys.executable, str(HERE / "recbole_rows.py"), "--make-venv"], check=True)
+    return {"python": str(python)}
+
+
+# ----------------------------------------------------------------------------- LLM rows
+def merge_store(source: Path, target: Path) -> None:
+    """Copy the segment files of summary store ``source`` into ``target`` (created when missing).
+
+    Segment names are unique per writer process, so copies never collide.
+    """
+    if not (source / "segments").is_dir():
+        raise FileNotFoundError(f"{source} is not a summary store (no segments/ folder)")
+    (target / "segments").mkdir(parents=True, exist_ok=True)
+    if (source / "STORE.json").exists() and not (target / "STORE.json").exists():
+        shutil.copy2(source / "STORE.json", target / "STORE.json")
+    for segment in (source / "segments").iterdir():
+        if not (target / "segments" / segment.name).exists():
+            shutil.copy2(segment, target / "segments" / segment.name)
+
+
+class LLMStages:
+    """Summaries, training and scoring of the MLLM-MSR rows for one prepared folder."""
+
+    def __init__(self, data: Path, work: Path, seed: int, max_groups: Optional[int], seed_stores: List[Path]):
+        self.data, self.work, self.seed, self.max_groups = data, work, seed, max_groups
+        self.seed_stores = seed_stores
+        self.stages_file = work / "stages.json"
+        self.stages = json.loads(self.stages_file.read_text()) if self.stages_file.is_file() else {}
+
+    def _timed(self, name: str, run: Callable[[], object]) -> None:
+        started = time.time()
+        result = run()
+        if name not in self.stages:
+            self.stages[name] = {"seconds": round(time.time() - started, 1), "result": str(result)[:300]}
+            self.stages_file.write_text(json.dumps(self.stages, indent=2) + "\n")
+        log(f"  {name}: {self.stages[name]['seconds']} s (first run)")
+
+    def _settings(self):
+        from merlin_mllm.generation import GenerationSettings
+
+        return GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH)
+
+    def store(self, mode: str) -> Path:
+        return self.work / f"summaries_{mode}"
+
+    def summaries(self, seed_stores: List[Path], mode: str) -> Path:
+        """The summary store for user-summary ``mode`` ("recurrent" or "direct"), built on demand.
+
+        Item summaries are made once; each mode's store starts as a copy of that store.
+        ``seed_stores`` are earlier stores whose records are merged in first. The store is
+        content-addressed (model, prompt version, settings and inputs make the key), so only
+        summaries of identical prompts are reused; refs are time-ordered, so this run's refs win.
+        """
+        from merlin_mllm.summaries.item import summarize_items
+        from merlin_mllm.summaries.user import summarize_users
+
+        items = self.work / "summaries_items"
+        done = self.work / "summaries_items.done"
+        if not done.exists():
+            for seed in seed_stores:
+                merge_store(seed / "summaries_items" if (seed / "summaries_items").is_dir() else seed, items)
+            self._timed("item summaries", lambda: summarize_items(self.data, items, settings=self._settings(), progress=True))
+            done.write_text("ok\n")
+        store, marker = self.store(mode), self.work / f"summaries_{mode}.done"
+        if not marker.exists():
+            if not store.exists():
+                shutil.copytree(items, store)
+            for seed in seed_stores:
+                if (seed / f"summaries_{mode}").is_dir():
+                    merge_store(seed / f"summaries_{mode}", store)
+                elif mode == "recurrent" and (seed / "segments").is_dir():
+                    merge_store(seed, store)  # a plain store (e.g. the quickstart's) holds recurrent ones
+            # Train and test rows only: training runs with validate=False, so valid rows are never read.
+            self._timed(f"user summaries ({mode})", lambda: summarize_users(
+                self.data, store, splits=("train", "test"), mode=mode, settings=self._settings(), progress=True))
+            marker.write_text("ok\n")
+        return store
+
+    def row(self, kind: str) -> dict:
+        from merlin_mllm.ranker.evaluate import evaluate_ranker
+        from merlin_mllm.ranker.training import train_ranker
+
+        eval_json = self.work / "eval" / f"{kind}.json"
+        if kind == "zero_shot":
+            result = evaluate_ranker(self.data, self.summaries(self.seed_stores, "recurrent"), None, eval_json, zero_shot=True,
+                                     max_groups=self.max_groups, progress=True)
+            return {"seed": None, **metrics_only(result), "scoring_seconds": result["run"]["scoring_seconds"]}
+        store = self.summaries(self.seed_stores, "direct" if kind == "direct_summaries" else "recurrent")
+        run_dir = self.work / "ranker" / kind
+        started = time.time()
+        # validate=False: the validation loss is only reported, never used to pick a model; skipping
+        # it saves scoring the valid rows twice per run on this shared CPU.
+        train_ranker(self.data, store, run_dir, image=kind != "text_only", seed=self.seed, validate=False,
+                     progress=True, **LLM_TRAIN)
+        train_seconds = time.time() - started
+        result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)
+        training = json.loads((run_dir / "training.json").read_text())
+        return {"seed": self.seed, **metrics_only(result), "train_seconds": round(train_seconds, 1),
+                "scoring_seconds": result["run"]["scoring_seconds"], "use_images": result["run"]["use_images"],
+                "train_rows": training.get("rows", training.get("train_rows")),
+                "epoch_mean_loss": training.get("epoch_mean_loss")}
+
+
+# ----------------------------------------------------------------------------- table
+def summarise(name: str, records: List[Optional[dict]], users: int, note: str = "") -> Optional[dict]:
+    records = [r for r in records if r is not None]
+    if not records:
+        return None
+    row = {"row": name, "seeds": len(records), "users": users, "note": note,
+           "wall_seconds": round(float(np.mean([r["wall_seconds"] for r in records])), 1)}
+    for metric in METRICS:
+        values = np.array([r[metric] for r in records], dtype=float)
+        row[metric] = round(float(values.mean()), 4)
+        row[metric + "_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else None
+    implementation = {r.get("implementation") for r in records} - {None}
+    if implementation:
+        row["implementation"] = ", ".join(sorted(implementation))
+    return row
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for block in results["tables"]:
+        lines += [f"### {block['title']}", "",
+                  "| row | AUC | HR@5 | MRR@5 | NDCG@5 | seeds | wall s / seed | test users |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in block["rows"]:
+            cells = []
+            for metric in METRICS:
+                std = row[metric + "_std"]
+                cells.append(f"{row[metric]:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
+            lines.append(f"| {row['row']} | " + " | ".join(cells) + f" | {row['seeds']} | {row['wall_seconds']:.0f} | {row['users']} |")
+        if block.get("notes"):
+            lines += [""] + [f"- {n}" for n in block["notes"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=40,
+                        help="ml-100k users kept (random, seed 42) for the table; 0 = all (LLM rows then take hours)")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the sequential baselines")
+    parser.add_argument("--llm-seed", type=int, default=42, help="seed of the LoRA runs (one seed per LLM row)")
+    parser.add_argument("--llm-protocols", nargs="*", default=None, choices=PROTOCOLS,
+                        help="protocols that get the MLLM-MSR rows (default: all of --protocols; none: baselines only)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="compute nothing: build the table from the finished (cached) rows")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="do not compute baseline rows (reuse cached ones): for a run beside a baselines-only run")
+    parser.add_argument("--seed-store", type=Path, nargs="*", default=[],
+                        help="summary stores to reuse identical summaries from (e.g. a quickstart run's summaries/)")
+    parser.add_argument("--all-users-baselines", action="store_true",
+                        help="also report the baselines on every ml-100k user (a separate table)")
+    parser.add_argument("--all-users-recbole", action="store_true",
+                        help="run RecBole in the all-users table too (slow on a shared CPU)")
+    parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
+                        help="also run RecBole's SASRec/GRU4Rec in benchmarks/quality/.venv-recbole "
+                             "(auto: when that venv exists; on: build it when missing)")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "quality",
+                        help="cache of every stage (git-ignored)")
+    parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
+    args = parser.parse_args(argv)
+    global COMPUTE_BASELINES
+    COMPUTE_BASELINES = not (args.skip_baselines or args.table_only)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.time()
+    recbole = recbole_python(args.recbole)
+    tables = []
+    llm_protocols = args.protocols if args.llm_protocols is None else args.llm_protocols
+    llm_done: List[str] = []
+    for protocol in args.protocols:
+        work = args.work / f"{protocol}_u{args.users}"
+        data = work / "data"
+        report = prepare(protocol, args.users, data)
+        test_users = report["users_per_split"]["test"]
+        log(f"{protocol}: {report['kept']['users']} users, {report['kept']['items']} items, {test_users} test users")
+        rows: List[dict] = []
+        for name, records in baseline_rows(data, work / "rows", args.seeds, recbole).items():
+            rows.append(summarise(name, records, test_users))
+        rows = [r for r in rows if r is not None]
+        if protocol in llm_protocols:
+            # Earlier protocols' stores share most summaries (same users, items and histories).
+            stages = LLMStages(data, work, args.llm_seed, None,
+                               list(args.seed_store) + [args.work / f"{p}_u{args.users}" for p in llm_done])
+            llm_done.append(protocol)
+            unfinished = []
+            for name, kind in LLM_ROWS.items():
+                path = work / "rows" / f"llm_{kind}.json"
+                if args.table_only and not path.is_file():
+                    unfinished.append(name)
+                    continue
+                log(f"  {name} ...")
+                record = cached(path, lambda: stages.row(kind))
+                log(f"  {name}: AUC {record['auc']:.3f} HR@5 {record['hr@5']:.3f} ({record['wall_seconds']:.0f} s)")
+                rows.append(summarise(name, [record], test_users))
+            notes = [f"{k}: {v['seconds']:.0f} s ({v['result'].split(', LLM calls')[0]})" for k, v in stages.stages.items()]
+            stage_note = "shared stages (not in the rows' wall time): " + "; ".join(notes)
+            if unfinished:
+                stage_note += f". Not finished in the time box (re-run without --table-only to finish): {', '.join(unfinished)}"
+        else:
+            stage_note = "MLLM-MSR rows not run for this protocol (--llm-protocols)"
+        tables.append({"title": f"{protocol} protocol, {report['kept']['users']} users "
+                                f"({'all' if not args.users else f'random {args.users}, seed {DATA_SEED}'}), 1 + 20 candidates",
+                       "protocol": protocol, "users_kept": report["kept"]["users"], "items": report["kept"]["items"],
+                       "test_users": test_users, "train_rows": report["rows_per_split"]["train"],
+                       "rows": rows, "notes": [stage_note]})
+        if args.all_users_baselines and args.users:
+            full = args.work / f"{protocol}_all" / "data"
+            full_report = prepare(protocol, 0, full)
+            full_rows = [summarise(name, records, full_report["users_per_split"]["test"])
+                         for name, records in baseline_rows(full, full.parent / "rows", args.seeds,
+                                                            recbole if args.all_users_recbole else None).items()]
+            full_rows = [r for r in full_rows if r is not None]
+            tables.append({"title": f"{protocol} protocol, all {full_report['kept']['users']} users: baselines only "
+                                    "(not comparable row-for-row with the LLM table above)",
+                           "protocol": protocol, "users_kept": full_report["kept"]["users"],
+                           "items": full_report["kept"]["items"], "test_users": full_report["users_per_split"]["test"],
+                           "train_rows": full_report["rows_per_split"]["train"], "rows": full_rows})
+    results = {"dataset": "ml-100k", "max_history": MAX_HISTORY, "data_seed": DATA_SEED, "users": args.users,
+               "llm_settings": {**LLM_TRAIN, "max_new_tokens": MAX_NEW_TOKENS, "llm_seed": args.llm_seed,
+                                "model": "embedded SmolLM2-135M-Instruct + EfficientNet-Lite0"},
+               "baseline_seeds": args.seeds, "tables": tables,
+               "total_wall_seconds_this_run": round(time.time() - started, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
