@@ -213,7 +213,7 @@ def evaluate(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Working folder; finished stages are reused"),
-    max_users: int = typer.Option(120, help="Seeded MovieLens-100k user subset sized for a 2-core CPU"),
+    max_users: int = typer.Option(40, help="Seeded MovieLens-100k user subset sized for a 2-core CPU"),
     seed: int = typer.Option(42),
 ):
     """The main job on the embedded default models, end to end, with a summary line per stage."""

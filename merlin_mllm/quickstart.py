@@ -17,11 +17,13 @@ import typer
 @dataclass
 class QuickstartSettings:
     out: Path = Path("runs/quickstart")
-    max_users: int = 120
-    max_history: int = 12
+    # Sized for ~15 minutes on a 2-core CPU: item summaries dominate (~1 s of SmolLM2 per item,
+    # and each user brings ~7 items: 9 history items, negatives, candidates).
+    max_users: int = 40
+    max_history: int = 9
     seed: int = 42
     # Summaries are short on this CPU default: the ranker reads them, nobody has to.
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     batch_size: int = 16
     epochs: int = 2
 
@@ -37,7 +39,7 @@ class StageResult:
 @dataclass
 class Quickstart:
     settings: QuickstartSettings
-    results: List[StageResult] = field(default_factory=list)
+    stages: List[StageResult] = field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:
@@ -48,7 +50,7 @@ class Quickstart:
         cached = done()
         summary = describe() if cached else run()
         result = StageResult(name, time.perf_counter() - start, summary, cached)
-        self.results.append(result)
+        self.stages.append(result)
         typer.echo(f"[{name}] {'(cached) ' if cached else ''}{summary}  ({result.seconds:.1f} s)")
 
     # -- stages ---------------------------------------------------------------------------
@@ -122,11 +124,22 @@ class Quickstart:
 
         self.stage("train", lambda: (model_dir / "ranker_config.json").is_file(), run, describe)
 
+    @property
+    def eval_dir(self) -> Path:
+        return self.settings.out / "eval"
+
+    @property
+    def results(self) -> dict:
+        """Rows of the metrics table: name -> metrics JSON (all on the same test groups)."""
+        return {"MLLM-MSR (SFT)": self.eval_dir / "sft.json",
+                "MLLM-MSR zero-shot": self.eval_dir / "zero_shot.json",
+                "popularity": self.eval_dir / "popularity.json"}
+
     def evaluate(self) -> None:
+        from merlin_mllm.baselines import evaluate_popularity
         from merlin_mllm.ranker.evaluate import evaluate_ranker
 
-        results = {"MLLM-MSR (SFT)": self.settings.out / "eval" / "sft.json",
-                   "zero-shot": self.settings.out / "eval" / "zero_shot.json"}
+        results = self.results
 
         def describe() -> str:
             rows = []
@@ -137,10 +150,79 @@ class Quickstart:
 
         def run() -> str:
             evaluate_ranker(self.data_dir, self.store_dir, self.run_dir / "model", results["MLLM-MSR (SFT)"], progress=True)
-            evaluate_ranker(self.data_dir, self.store_dir, None, results["zero-shot"], zero_shot=True, progress=True)
+            evaluate_ranker(self.data_dir, self.store_dir, None, results["MLLM-MSR zero-shot"], zero_shot=True,
+                            progress=True)
+            evaluate_popularity(self.data_dir, results["popularity"])
             return describe()
 
         self.stage("evaluate", lambda: all(p.is_file() for p in results.values()), run, describe)
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.settings.out / "triton_repo"
+
+    def export(self) -> None:
+        from merlin_mllm.serving.export import MANIFEST_FILE, export
+
+        manifest_path = self.repo_dir / MANIFEST_FILE
+        model_config = self.run_dir / "model" / "ranker_config.json"
+
+        def describe() -> str:
+            manifest = json.loads(manifest_path.read_text())
+            return (f"Triton ensemble {manifest['ensemble']} = {' -> '.join(manifest['steps'])} "
+                    f"in {self.repo_dir}")
+
+        def run() -> str:
+            export(self.run_dir / "model", self.store_dir, self.data_dir, self.repo_dir, progress=True)
+            return describe()
+
+        # Re-exported when the ranker was retrained after the last export.
+        def done() -> bool:
+            return manifest_path.is_file() and manifest_path.stat().st_mtime >= model_config.stat().st_mtime
+
+        self.stage("export", done, run, describe)
+
+    def serve_and_query(self) -> None:
+        """Start the bundled Triton server, rank one test user's candidates over gRPC, shut down."""
+        import pandas as pd
+
+        from merlin_mllm.data.tables import read_table
+        from merlin_mllm.serving.client import RerankClient
+        from merlin_mllm.serving.tritonserver import TritonServer
+
+        def run() -> str:
+            scores = pd.read_parquet(self.eval_dir / "sft.scores.parquet")
+            # The first test group: 1 positive + the negatives that evaluate scored.
+            group = scores[scores["group_id"] == scores["group_id"].iloc[0]]
+            user_id, item_ids = int(group["user_id"].iloc[0]), group["item_id"].astype(int).tolist()
+            items = read_table(self.data_dir / "items")
+            titles = dict(zip(items["item_id"].astype(int), items["title"].fillna("").astype(str)))
+            with TritonServer(self.repo_dir, http_port=0, grpc_port=0, metrics_port=0,
+                              log_file=self.settings.out / "triton.log") as server:
+                with RerankClient(server.grpc_url) as client:
+                    result = client.rank(user_id, item_ids, top_k=10)
+            served = dict(zip(result.item_ids, result.scores))
+            diff = max(abs(float(served[i]) - float(s)) for i, s in zip(group["item_id"], group["score"]))
+            positive = int(group.loc[group["label"] == 1, "item_id"].iloc[0])
+            lines = [f"user {user_id}: top {len(result.ranked)} of {len(item_ids)} candidates "
+                     f"(served by Triton, gRPC); * = the held-out positive"]
+            lines += [f"{rank:>4}. {score:.4f}  {titles.get(item, '')}{' *' if item == positive else ''}"
+                      for rank, (item, score) in enumerate(result.ranked, 1)]
+            lines.append(f"max |served - in-process| over the {len(item_ids)} scores: {diff:.2e}")
+            self.query_lines = lines
+            typer.echo("\n".join(lines))
+            return f"served, queried and shut down the Triton server (max score diff vs evaluate {diff:.1e})"
+
+        self.stage("triton", lambda: False, run, run)
+
+    def write_report(self) -> Path:
+        """``report.md``: the metrics table, a plot and the stage timings."""
+        from merlin_mllm.reporting import write_quickstart_report
+
+        path = write_quickstart_report(self.settings.out / "report.md", self.results, self.stages,
+                                       getattr(self, "query_lines", []), self.settings)
+        typer.echo(f"[report] {path}")
+        return path
 
     def run(self) -> List[StageResult]:
         self.settings.out.mkdir(parents=True, exist_ok=True)
@@ -149,4 +231,7 @@ class Quickstart:
         self.summarize_users()
         self.train()
         self.evaluate()
-        return self.results
+        self.export()
+        self.serve_and_query()
+        self.write_report()
+        return self.stages
