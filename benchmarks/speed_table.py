@@ -65,7 +65,7 @@ def rows() -> list:
         ways, roof, setup = scoring["ways"], scoring["roofline"], scoring["setup"]
         dp = ways["shared"]["max_abs_dp_vs_generate"]
         out.append(("ranker scoring", f"shared-prefix single pass vs generate() per candidate, 1+{setup['candidates'] - 1} "
-                    f"candidates ({scoring['machine']['device']} {scoring['machine']['dtype']}; max |dp| {dp:.1e})",
+                    f"candidates ({scoring['machine']['device']} {scoring['machine']['dtype']}; max abs. Δp {dp:.1e})",
                     f"{ways['shared']['speedup_vs_generate']:.2f}x", ">= 5x", "scoring.json"))
         out.append(("ranker scoring", f"forward throughput / measured matmul roofline "
                     f"({roof['forward_gflops']:.1f} / {roof['matmul_gflops']:.1f} GFLOP/s)",
