@@ -374,7 +374,10 @@ class TrainingRecord(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.steps.append({"epoch": int(trainer.current_epoch), "optimizer_step": self._step, "loss": float(loss)})
+        # Lightning hands over the loss already divided by accumulate_grad_batches (the part this
+        # micro-batch adds to the accumulated gradient); record the micro-batch's own loss.
+        loss = float(loss) * int(trainer.accumulate_grad_batches)
+        self.steps.append({"epoch": int(trainer.current_epoch), "optimizer_step": self._step, "loss": loss})
         features = batch[0] if isinstance(batch, (tuple, list)) else batch.features
         if "group_id" in features:
             groups = features["group_id"].reshape(-1)
