@@ -58,7 +58,7 @@ def _is_saved_ranker(path) -> bool:
 
 
 def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
-                progress: bool = True) -> RankerModel:
+                progress: bool = True, device=None, dtype=None) -> RankerModel:
     """The ranker to evaluate: a saved one, or (``zero_shot``) its base model without adapter.
 
     Parameters
@@ -70,6 +70,9 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
         The dataset (its ``items/`` give the image table when the model folder lacks one).
     cache_dir : path, optional
         Where to build a missing item image table.
+    device, dtype : optional
+        Of a saved ranker's weights (default: :func:`~merlin_mllm.models.loading.default_device`
+        and its dtype).
     """
     table = None
     if not zero_shot:
@@ -82,7 +85,7 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
                 table = ItemImageFeatures.load(saved)
             else:
                 table = item_image_table(data_dir, Path(cache_dir or Path(model_dir)) / ITEM_IMAGES_FILE, progress=progress)
-        ranker = RankerModel.from_pretrained(model_dir, item_features=table)
+        ranker = RankerModel.from_pretrained(model_dir, item_features=table, device=device, dtype=dtype)
         if table is not None and not all(int(i) in table for i in _item_ids(data_dir)):
             # A catalogue with items the training table did not see: extend it.
             ranker.set_item_features(item_image_table(data_dir, Path(cache_dir or ".") / ITEM_IMAGES_FILE, progress=progress))

@@ -96,14 +96,14 @@ MAX_PROMPT_TOKENS = 8192
 
 
 # ---------------------------------------------------------------------------- artefacts
-def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False):
+def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False, device=None, dtype=None):
     """The saved ranker with the item image table that covers ``data_dir``'s catalogue."""
     from merlin_mllm.ranker.evaluate import load_ranker
     from merlin_mllm.ranker.model import CONFIG_FILE
 
     if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}); train one with train_ranker")
-    return load_ranker(model_dir, data_dir, cache_dir=cache_dir, progress=progress)
+    return load_ranker(model_dir, data_dir, cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
 
 
 def _latest_rows(data_dir: Path) -> pd.DataFrame:

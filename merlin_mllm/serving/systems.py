@@ -163,17 +163,15 @@ class MLLMRerank(BaseOperator):
         )
         from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
 
+        import torch
+
+        from merlin_mllm.models.loading import default_device
+        from merlin_mllm.serving.artifacts import resolve_dtype
+
+        target = torch.device(device) if device is not None else default_device()
         with tempfile.TemporaryDirectory() as cache:
-            ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache))
-        if device is not None or dtype is not None:
-            import torch
-
-            from merlin_mllm.ranker.model import RankerModel
-            from merlin_mllm.serving.artifacts import resolve_dtype
-
-            target = torch.device(device) if device is not None else ranker.device
-            ranker = RankerModel.from_pretrained(model_dir, item_features=ranker.item_features, device=target,
-                                                 dtype=resolve_dtype(dtype, target))
+            ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache), device=target,
+                                        dtype=resolve_dtype(dtype, target))
         items = item_table(data_dir, ranker)
         users = user_summary_table(summaries, data_dir, user_summaries)
         limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=self.top_k)
