@@ -17,19 +17,13 @@ The requests of one dynamic batch are scored together (``RankerStep.score_users`
 user's prefix once, then the candidates of all users in shared forward passes.
 """
 import json
-import os
 from pathlib import Path
 
-# Before torch loads MKL: a fixed thread count and alignment-independent kernels, so a score does
-# not depend on the machine's load or on where a tensor happens to be allocated (observed: rare
-# per-process shifts of ~6e-5 in P(yes) on a busy 2-core CPU without these).
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-os.environ.setdefault("MKL_CBWR", "AUTO")
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RankerStep, RequestError, rank_scores  # noqa: E402
+# Importing merlin_mllm (before torch) pins MKL's reproducible mode: see merlin_mllm/__init__.py.
+from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RankerStep, RequestError, rank_scores
 
 
 def _version_dir(args) -> Path:
