@@ -14,7 +14,7 @@ import torch
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.ranker import ItemImageFeatures, RankerModel
-from merlin_mllm.ranker.training import ITEM_IMAGES_FILE
+from merlin_mllm.ranker.training import ITEM_IMAGES_FILE, recent_titles_summaries
 
 #: Items whose id is a multiple of this get an image grid (so prompts mix text-only and image items).
 IMAGE_EVERY = 3
@@ -39,14 +39,7 @@ def build_store(data_dir: Path, store_dir: Path) -> Path:
 
 def summary_table(data_dir: Path) -> pd.DataFrame:
     """Placeholder user summaries keyed by (user_id, target_position): the last 3 history titles."""
-    titles = read_table(data_dir / "items").set_index("item_id")["title"]
-    frames = []
-    for split in ("train", "valid", "test"):
-        rows = read_table(data_dir / split).drop_duplicates(["user_id", "target_position"])
-        texts = ["Recently watched: " + "; ".join(titles[int(i)] for i in history[-3:]) for history in rows["history_item_ids"]]
-        frames.append(pd.DataFrame({"user_id": rows["user_id"], "target_position": rows["target_position"],
-                                    "user_summary": texts}))
-    return pd.concat(frames, ignore_index=True)
+    return recent_titles_summaries(data_dir, last=3)
 
 
 def image_table(data_dir: Path) -> ItemImageFeatures:

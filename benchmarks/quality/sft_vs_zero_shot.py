@@ -20,24 +20,7 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
-
 REPO = Path(__file__).resolve().parents[2]
-
-
-def recent_titles_summaries(data_dir: Path, last: int = 5) -> pd.DataFrame:
-    """(user_id, target_position, user_summary) for every row: the last titles before the target."""
-    from merlin_mllm.data.tables import read_table
-
-    titles = read_table(data_dir / "items").set_index("item_id")["title"]
-    frames = []
-    for split in ("train", "valid", "test"):
-        rows = read_table(data_dir / split).drop_duplicates(["user_id", "target_position"])
-        texts = ["Recently watched: " + "; ".join(str(titles[int(i)]) for i in list(history)[-last:]) + "."
-                 for history in rows["history_item_ids"]]
-        frames.append(pd.DataFrame({"user_id": rows["user_id"].to_numpy(), "target_position": rows["target_position"].to_numpy(),
-                                    "user_summary": texts}))
-    return pd.concat(frames, ignore_index=True)
 
 
 def main(argv=None) -> dict:
@@ -54,7 +37,7 @@ def main(argv=None) -> dict:
     from merlin_mllm.baselines import evaluate_popularity
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.ranker.evaluate import evaluate_ranker
-    from merlin_mllm.ranker.training import train_ranker
+    from merlin_mllm.ranker.training import recent_titles_summaries, train_ranker
 
     work = args.work / f"u{args.users}_s{args.seed}"
     data = work / "data"

@@ -154,6 +154,37 @@ def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> Lis
     return merged["user_summary"].astype(str).tolist()
 
 
+def recent_titles_summaries(data_dir: Union[str, os.PathLike], last: int = 5) -> pd.DataFrame:
+    """Placeholder user summaries without an LLM: "Recently watched: A; B; C." per row.
+
+    For ranker-only experiments and tests. Each row of every split gets the titles of the last
+    ``last`` items of its own ``history_item_ids`` (items before its target: no leakage). The
+    result is a summary table for :func:`row_summaries` / ``train_ranker`` / ``evaluate_ranker``.
+
+    Usage::
+
+        table = recent_titles_summaries("data/ml100k", last=5)
+        train_ranker("data/ml100k", table, "runs/ranker")
+
+    Parameters
+    ----------
+    data_dir : path
+        Output of ``prepare_dataset``.
+    last : int
+        Titles per summary (most recent last).
+    """
+    data_dir = Path(data_dir)
+    titles = read_table(data_dir / "items").set_index("item_id")["title"]
+    frames = []
+    for split in ("train", "valid", "test"):
+        rows = read_table(data_dir / split).drop_duplicates(["user_id", "target_position"])
+        texts = ["Recently watched: " + "; ".join(str(titles[int(i)]) for i in list(history)[-last:]) + "."
+                 for history in rows["history_item_ids"]]
+        frames.append(pd.DataFrame({"user_id": rows["user_id"].to_numpy(),
+                                    "target_position": rows["target_position"].to_numpy(), "user_summary": texts}))
+    return pd.concat(frames, ignore_index=True)
+
+
 def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List[str]:
     """The user summary of each row (one string per row, in order).
 
