@@ -84,7 +84,6 @@ def write_atomic(data: Path, folder: Path, name: str) -> None:
 
 def run(data: Path, model_name: str, seed: int, work: Path, out: Path) -> None:
     import numpy as np
-    import pandas as pd
     import recbole
     import torch
     from recbole.config import Config
