@@ -205,7 +205,7 @@ def test_items_table_text(paper):
     for key in items.index:
         genres = ", ".join(raw_items.loc[key, "class"].split())
         year = raw_items.loc[key, "release_year"]
-        assert items.loc[key, "title"] == raw_items.loc[key, "movie_title"]
+        assert items.loc[key, "title"] == f"{raw_items.loc[key, 'movie_title']} ({year})"  # as u.item writes it
         assert items.loc[key, "description"] == f"Genres: {genres}. Released {year}."
         assert items.loc[key, "year"] == int(year)
     # Exactly the items the output refers to are listed: kept events and rows (negatives are

@@ -174,6 +174,11 @@ def _ml100k_files(input: Optional[Path]) -> tuple[Path, Path]:
 def read_ml100k(input: Optional[Path], bad: BadLines) -> Source:
     """MovieLens-100k from RecBole atomic files (``ml-100k.inter`` and ``ml-100k.item``).
 
+    Titles are written the way MovieLens' own ``u.item`` writes them, with the release year:
+    ``"Toy Story (1995)"``. RecBole's copy keeps the year in a column of its own; putting it
+    back matters because the ranker's candidate text is the title alone, and the year tells
+    apart two films of the same name and says how recent a film was when it was rated.
+
     Parameters
     ----------
     input : Path or None
@@ -259,6 +264,8 @@ def _ml100k_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
             title = ""
         year_text = get("release_year")
         year = int(year_text) if year_text.isdigit() else 0
+        if title and year:
+            title = f"{title} ({year})"
         genres = [genre for genre in get("class").split() if genre.lower() != "unknown"]
         rows[key] = {
             "title": title,
