@@ -27,12 +27,14 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 PROTOCOLS = ("paper", "temporal")
 METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
 # LLM settings as in merlin_mllm/quickstart.py (a small CPU run: faster LoRA lr than the paper).
-LLM_TRAIN = dict(lr=1e-4, epochs=2, grad_accum=4)
+LLM_TRAIN = dict(SMALL_BUDGET_TRAINING, epochs=2)
 MAX_NEW_TOKENS = 48
 GENERATION_BATCH = 16
 MAX_HISTORY = 12

@@ -6,12 +6,16 @@ watched last before the target ("Recently watched: A; B; C; D; E."), built from 
 history (no leakage). Everything else is the normal path: ``prepare_dataset`` (paper protocol),
 ``train_ranker`` (embedded SmolLM2 + EfficientNet projector, LoRA, answer-token loss) and
 ``evaluate_ranker`` for the trained and the zero-shot model, plus popularity, on the same test
-groups. Prints a table and writes JSON (default ``benchmarks/results/sft_vs_zero_shot.json``).
+groups. Prints a table and writes JSON (default ``benchmarks/quality/sft_vs_zero_shot.json``, committed).
 
 Usage::
 
-    .venv/bin/python benchmarks/quality/sft_vs_zero_shot.py                # 300 users, ~20 min quiet
-    .venv/bin/python benchmarks/quality/sft_vs_zero_shot.py --users 60 --epochs 1   # smoke run
+    .venv/bin/python benchmarks/quality/sft_vs_zero_shot.py                # all 943 users, ~25 min quiet
+    .venv/bin/python benchmarks/quality/sft_vs_zero_shot.py --users 60     # smoke run
+
+The defaults are the measured recipe: one epoch over every training row (1,510 at 943 users),
+batches of 8 without accumulation, LoRA lr 5e-4. The paper's lr 2e-5, or 1e-4 over 80 rows,
+leaves the ranker at the answer prior (AUC about 0.5) on this budget.
 """
 from __future__ import annotations
 
@@ -20,18 +24,24 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
+from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--users", type=int, default=943, help="ML-100k users to keep (943: all)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=SMALL_BUDGET_TRAINING["lr"])
+    parser.add_argument("--grad-accum", type=int, default=SMALL_BUDGET_TRAINING["grad_accum"])
+    parser.add_argument("--batch-size", type=int, default=SMALL_BUDGET_TRAINING["batch_size"])
+    parser.add_argument("--loss", choices=("lm", "binary"), default="lm")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "sft_vs_zero_shot")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sft_vs_zero_shot.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality" / "sft_vs_zero_shot.json")
     args = parser.parse_args(argv)
 
     from merlin_mllm.baselines import evaluate_popularity
@@ -51,8 +61,9 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     run = work / "ranker"
     train_ranker(data, summaries, run, lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum,
-                 seed=args.seed, validate=False, progress=True)
+                 batch_size=args.batch_size, loss=args.loss, seed=args.seed, validate=False, progress=True)
     training = json.loads((run / "training.json").read_text())
+    losses = [step["loss"] for step in training["micro_batch_losses"]]
     seconds["train"] = time.perf_counter() - started
 
     rows = {}
@@ -67,13 +78,17 @@ def main(argv=None) -> dict:
     keys = ("auc", "hr@5", "mrr@5", "ndcg@5")
     result = {
         "users": args.users, "test_groups": rows["zero-shot"]["n_groups"], "train_rows": training["train_rows"],
-        "epoch_mean_loss": training["epoch_mean_loss"], "settings": {k: str(v) for k, v in vars(args).items()},
+        "epoch_mean_loss": training["epoch_mean_loss"],
+        # With grad_accum 1 each micro-batch is one optimizer step: the loss at the start and the end.
+        "loss_first_30_batches": float(np.mean(losses[:30])), "loss_last_30_batches": float(np.mean(losses[-30:])),
+        "settings": {k: str(v) for k, v in vars(args).items()},
         "rows": {name: {k: float(r[k]) for k in keys} for name, r in rows.items()},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     result["sft_beats_zero_shot_auc"] = result["rows"]["MLLM-MSR ranker (SFT)"]["auc"] > result["rows"]["zero-shot"]["auc"]
     print(f"\nML-100k paper protocol, {args.users} users: {result['train_rows']} training rows, "
-          f"{result['test_groups']} test groups of 1+20; mean loss per epoch {training['epoch_mean_loss']}")
+          f"{result['test_groups']} test groups of 1+20; loss over the first 30 batches "
+          f"{result['loss_first_30_batches']:.3f}, last 30 {result['loss_last_30_batches']:.3f}")
     print(f"{'row':<24}" + "".join(f"{k:>9}" for k in keys))
     for name, r in result["rows"].items():
         print(f"{name:<24}" + "".join(f"{r[k]:>9.3f}" for k in keys))
