@@ -273,6 +273,19 @@ def test_direct_mode_issues_one_call_per_distinct_history(tmp_path, smollm2):
     assert kinds.count("user_direct") == len(distinct) and "user_step" not in kinds
     assert store.user_states() == {}  # direct mode keeps no incremental state
 
+    # The ranker's readers find each row's direct summary through the recorded config.
+    from merlin_mllm.ranker.training import row_summaries
+
+    direct = {r.text for r in store if r.meta.get("kind") == "user_direct"}
+    rows = read_parquet(data / "test")
+    texts = row_summaries(tmp_path / "store", data, rows)
+    assert len(texts) == len(rows) and set(texts) <= direct and len(set(texts)) == len({*rows["user_id"]})
+    # There is no chain to extend: update_users says so instead of starting recurrent chains.
+    events = read_parquet(data / "events")
+    events.iloc[-1:].to_parquet(tmp_path / "new.parquet", index=False)
+    with pytest.raises(ValueError, match="'direct' mode"):
+        update_users(tmp_path / "new.parquet", tmp_path / "store", model=smollm2, progress=False)
+
 
 def test_operator_in_workflow_schema_save_and_load(summarized, smollm2, tmp_path):
     import merlin.dtypes as md

@@ -614,8 +614,9 @@ def summarize_users(
     summarizer.summarize(histories, report, labels)
     if full:
         store.put_user_states(summarizer.boundary_state(u, h) for u, h in full.items())
-    if mode == "recurrent":  # update_users continues recurrent chains only
-        _record_config(store, config, items_path=data_dir / "items")
+    # Both modes: readers of the store (train_ranker, evaluate_ranker, the Triton export) rebuild
+    # each row's summary key from this config. update_users refuses a direct one.
+    _record_config(store, config, items_path=data_dir / "items")
     store.close()
     return report
 
@@ -635,6 +636,12 @@ def _resolve_config(store: SummaryStore, model, block_size, settings, items, nee
     key = store.get_ref(CONFIG_REF_NAMESPACE, "latest")
     if key is not None and store.get(key) is not None:
         recorded = json.loads(store.get(key))
+    if recorded.get("mode", "recurrent") != "recurrent":
+        raise ValueError(
+            f"the store {store.path} was last filled in {recorded['mode']!r} mode (one prompt over the "
+            "whole history, MLLM-MSR_R), which keeps no chain to extend; update_users continues "
+            "recurrent summaries only: re-run summarize_users(mode='direct') on the longer histories"
+        )
     model_id = _model_id_of(model) if model is not None else recorded.get("model_id", _model_id_of(None))
     block_size = block_size if block_size is not None else recorded.get("block_size", DEFAULT_BLOCK_SIZE)
     if settings is None:
