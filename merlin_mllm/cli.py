@@ -19,11 +19,16 @@ app.add_typer(summarize_app, name="summarize")
 
 @contextlib.contextmanager
 def user_errors():
-    """Bad input is reported as one clear line (exit code 2), not a traceback."""
+    """Bad input is reported as one clear line (exit code 2), not a traceback.
+
+    Known harmless third-party warnings are hidden meanwhile (``merlin_compat.KNOWN_WARNINGS``).
+    """
+    from merlin_mllm.merlin_compat import quiet_known_warnings
     from merlin_mllm.models.embedded import AssetNotInstalled
 
     try:
-        yield
+        with quiet_known_warnings():
+            yield
     except (ValueError, FileNotFoundError, FileExistsError, AssetNotInstalled) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)

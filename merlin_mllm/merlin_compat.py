@@ -17,6 +17,10 @@ import):
    :func:`apply` fails early with an install hint instead of a bare ``ModuleNotFoundError`` deep
    inside merlin.
 
+Also here: :func:`quiet_known_warnings`, which hides the third-party warnings that this stack
+raises on every training or scoring run and that ask nothing of the user (listed, with the
+reason each is harmless, in :data:`KNOWN_WARNINGS`).
+
 Usage::
 
     from merlin_mllm import merlin_compat
@@ -25,6 +29,7 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Dict, Tuple, Union
@@ -32,7 +37,25 @@ from typing import Dict, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["apply", "is_applied"]
+__all__ = ["apply", "is_applied", "quiet_known_warnings", "KNOWN_WARNINGS"]
+
+#: Message patterns (regular expressions matched at the start) of warnings that come with this
+#: stack on every run and say nothing about the user's data or settings.
+KNOWN_WARNINGS = (
+    # merlin.io.Dataset(cpu=True) is this project's supported CPU (pandas) path.
+    r"Initializing an NVTabular Dataset in CPU mode",
+    # merlin.models.torch's schema checks call torch.jit.isinstance in eager mode.
+    r"The inner type of a container is lost",
+    # Lightning 2.6's own use of a torch 2.13 deprecation.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # LoRA keeps the frozen base model in eval mode on purpose.
+    r"Found \d+ module\(s\) in eval mode",
+    # peft calls transformers' old name for gradient checkpointing.
+    r"`is_gradient_checkpointing` is deprecated",
+    # Lightning's per-batch metrics on a batch of one class; evaluation computes its own.
+    r"No (positive|negative) samples in targets",
+    r"Trying to infer the `batch_size` from an ambiguous collection",
+)
 
 _PATCH_MARK = "_merlin_mllm_patched"
 
@@ -137,6 +160,15 @@ def is_applied() -> bool:
     import merlin.models.torch.schema as schema_module
 
     return bool(getattr(schema_module.trace, _PATCH_MARK, False))
+
+
+@contextlib.contextmanager
+def quiet_known_warnings():
+    """Hide the warnings in :data:`KNOWN_WARNINGS` inside the block; every other warning shows."""
+    with warnings.catch_warnings():
+        for pattern in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 def apply() -> None:

@@ -112,6 +112,24 @@ def test_merlin_compat_is_idempotent_and_fixes_trace():
     assert schema_module.trace(_CallsChildByKeyword(), inputs).shape == (2,)
 
 
+def test_known_third_party_warnings_are_hidden_and_others_still_show():
+    import merlin.io
+
+    frame = pd.DataFrame({"a": [1, 2]})
+
+    def messages(quiet: bool):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with merlin_compat.quiet_known_warnings() if quiet else warnings.catch_warnings():
+                merlin.io.Dataset(frame, cpu=True)  # the real message, raised by merlin itself
+                warnings.warn("row 7 has no title")
+        return [str(w.message) for w in seen]
+
+    loud = messages(quiet=False)
+    assert any(m.startswith("Initializing an NVTabular Dataset in CPU mode") for m in loud), loud
+    assert messages(quiet=True) == ["row 7 has no title"]
+
+
 def test_merlin_compat_lets_lightning_fit_an_mm_model(monkeypatch):
     frame = pd.DataFrame({"x": np.linspace(0, 1, 16).astype(np.float32), "label": (np.arange(16) % 2).astype(np.int64)})
     dataset = nvt.Dataset(frame, cpu=True)

@@ -619,7 +619,7 @@ def train_ranker(
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, deterministic=False,
     )
-    with warnings.catch_warnings():
+    with merlin_compat.quiet_known_warnings():
         # Lightning suggests DataLoader workers and sync_dist logging; Merlin's loader has its own threads.
         warnings.filterwarnings("ignore", message=".*(num_workers|sync_dist|does not have many workers).*")
         trainer.fit(merlin_model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
