@@ -282,6 +282,23 @@ def test_training_writes_a_loadable_model_and_resumes_from_its_checkpoint(traine
                      max_groups=8, progress=False)
 
 
+def test_a_run_without_validation_checkpoints_its_epoch_end(data_dir, summaries, tiny_text_model, tmp_path):
+    # 16 rows in batches of 4: 4 steps per epoch; the step checkpoint falls at step 3, not at the end.
+    settings = dict(model=tiny_text_model, image=False, grad_accum=1, batch_size=4, lr=1e-3, max_groups=8,
+                    validate=False, checkpoint_every_n_steps=3, progress=False)
+    train_ranker(data_dir, summaries, tmp_path, epochs=1, **settings)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4  # the epoch's end, not the step-3 mark
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_ranker(data_dir, summaries, tmp_path, epochs=2, **settings)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["resumed_from"].endswith("last.ckpt")
+    assert record["global_step"] == 8 and record["epochs_completed"] == 2  # exactly one more epoch
+    assert not [w for w in seen if "ended before the epoch ended" in str(w.message)]
+
+
 def test_evaluation_writes_metrics_scores_and_plot(trained, data_dir, summaries, tmp_path, monkeypatch):
     _, model_dir = trained
     out_json = tmp_path / "eval" / "test.json"

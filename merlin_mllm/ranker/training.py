@@ -395,6 +395,21 @@ class RankerDataModule(pl.LightningDataModule):
         return self._loader(self.valid_frame, shuffle=False)
 
 
+class LastCheckpoint(pl.callbacks.ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps and at every epoch end.
+
+    Lightning's own ``ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=N)``
+    writes ``last.ckpt`` at an epoch end only after validation. With ``validate=False`` a
+    finished epoch was left at its last N-step mark, and a resumed run trained that epoch's tail
+    again on a restarted loader.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class TrainingRecord(pl.Callback):
     """Records the loss of every micro-batch and, at the end, this rank's summary file."""
 
@@ -601,14 +616,13 @@ def train_ranker(
     datamodule = RankerDataModule(train_data, valid_data, batch_size=batch_size, seed=seed)
 
     from merlin_mllm.ranker.block import RankerMerlinModel
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
     merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=lr, projector_lr=projector_lr)
     if is_launcher:
         (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     record = TrainingRecord(out_dir)
-    checkpointing = ModelCheckpoint(
+    checkpointing = LastCheckpoint(
         dirpath=out_dir / CHECKPOINT_DIR, save_last=True, save_top_k=0,
         every_n_train_steps=max(1, int(checkpoint_every_n_steps)),
     )
