@@ -285,6 +285,7 @@ def test_direct_mode_issues_one_call_per_distinct_history(tmp_path, smollm2):
     events.iloc[-1:].to_parquet(tmp_path / "new.parquet", index=False)
     with pytest.raises(ValueError, match="'direct' mode"):
         update_users(tmp_path / "new.parquet", tmp_path / "store", model=smollm2, progress=False)
+    assert latest_user_summary(tmp_path / "store", int(rows["user_id"].iloc[0])) is None  # no chain, no error
 
 
 def test_operator_in_workflow_schema_save_and_load(summarized, smollm2, tmp_path):

@@ -629,19 +629,13 @@ def _record_config(store: SummaryStore, config: UserSummaryConfig, items_path: O
 
 
 def _resolve_config(store: SummaryStore, model, block_size, settings, items, need_items: bool = True) -> Tuple[UserSummaryConfig, object]:
-    """The configuration of the last recurrent ``summarize_users`` run, overridden by explicit arguments."""
+    """The configuration of the last ``summarize_users`` run, overridden by explicit arguments."""
     import json
 
     recorded = {}
     key = store.get_ref(CONFIG_REF_NAMESPACE, "latest")
     if key is not None and store.get(key) is not None:
         recorded = json.loads(store.get(key))
-    if recorded.get("mode", "recurrent") != "recurrent":
-        raise ValueError(
-            f"the store {store.path} was last filled in {recorded['mode']!r} mode (one prompt over the "
-            "whole history, MLLM-MSR_R), which keeps no chain to extend; update_users continues "
-            "recurrent summaries only: re-run summarize_users(mode='direct') on the longer histories"
-        )
     model_id = _model_id_of(model) if model is not None else recorded.get("model_id", _model_id_of(None))
     block_size = block_size if block_size is not None else recorded.get("block_size", DEFAULT_BLOCK_SIZE)
     if settings is None:
@@ -650,7 +644,7 @@ def _resolve_config(store: SummaryStore, model, block_size, settings, items, nee
         items = recorded.get("items_path")
         if items is None and need_items:
             raise ValueError(f"the store {store.path} records no items table: pass items=")
-    return UserSummaryConfig(model_id, int(block_size), "recurrent", settings), items
+    return UserSummaryConfig(model_id, int(block_size), recorded.get("mode", "recurrent"), settings), items
 
 
 def update_users(
@@ -690,6 +684,12 @@ def update_users(
     """
     store = SummaryStore(store_dir)
     config, items = _resolve_config(store, model, block_size, settings, items)
+    if config.mode != "recurrent":
+        raise ValueError(
+            f"the store {store.path} was last filled in {config.mode!r} mode (one prompt over the "
+            "whole history, MLLM-MSR_R), which keeps no chain to extend; update_users continues "
+            "recurrent summaries only: re-run summarize_users(mode='direct') on the longer histories"
+        )
     events_path = Path(events_path)
     events = _read_table(events_path, ["user_id", "item_id", "timestamp"], "new events")
     events = events.sort_values(["user_id", "timestamp"], kind="stable")
