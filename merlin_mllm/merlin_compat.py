@@ -55,6 +55,8 @@ KNOWN_WARNINGS = (
     # Lightning's per-batch metrics on a batch of one class; evaluation computes its own.
     r"No (positive|negative) samples in targets",
     r"Trying to infer the `batch_size` from an ambiguous collection",
+    # Lightning suggests DataLoader workers and sync_dist logging; Merlin's loader has its own threads.
+    r".*(num_workers|sync_dist|does not have many workers)",
 )
 
 _PATCH_MARK = "_merlin_mllm_patched"

@@ -634,8 +634,6 @@ def train_ranker(
         log_every_n_steps=1, deterministic=False,
     )
     with merlin_compat.quiet_known_warnings():
-        # Lightning suggests DataLoader workers and sync_dist logging; Merlin's loader has its own threads.
-        warnings.filterwarnings("ignore", message=".*(num_workers|sync_dist|does not have many workers).*")
         trainer.fit(merlin_model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
 
     model_dir = out_dir / MODEL_DIR
