@@ -97,24 +97,22 @@ def baseline_rows(data: Path, rows_dir: Path, seeds: List[int], recbole: Optiona
     out: Dict[str, List[dict]] = {}
     out["Popularity"] = [cached(rows_dir / "popularity.json", lambda: {
         "seed": None, **metrics_only(baselines.evaluate_popularity(data, rows_dir / "eval" / "popularity.json"))}, True)]
-    for kind, name in (("sasrec", "SASRec"), ("gru4rec", "GRU4Rec")):
-        if recbole is not None:
-            records = []
-            for seed in seeds:
-                records.append(cached(rows_dir / f"recbole_{kind}_s{seed}.json", lambda: {
-                    "seed": seed, "implementation": "RecBole 1.2.1",
-                    **run_recbole(kind, data, seed, rows_dir / "recbole", recbole)}, True))
-                if records[-1] is not None:
-                    log(f"  {name} (RecBole) seed {seed}: AUC {records[-1]['auc']:.3f}")
-            out[f"{name} (RecBole)"] = records
+    def per_seed(row: str, file_stem: str, implementation: str, run: Callable[[int], dict]) -> None:
         records = []
         for seed in seeds:
-            records.append(cached(rows_dir / f"{kind}_s{seed}.json", lambda: {
-                "seed": seed, "implementation": "compact (merlin_mllm.baselines)",
-                **metrics_only(baselines.evaluate_sequential(kind, data, rows_dir / "eval" / f"{kind}_s{seed}.json", seed))}, True))
+            records.append(cached(rows_dir / f"{file_stem}_s{seed}.json",
+                                  lambda: {"seed": seed, "implementation": implementation, **run(seed)}, True))
             if records[-1] is not None:
-                log(f"  {name} (compact) seed {seed}: AUC {records[-1]['auc']:.3f}")
-        out[f"{name} (compact)"] = records
+                log(f"  {row} seed {seed}: AUC {records[-1]['auc']:.3f}")
+        out[row] = records
+
+    for kind, name in (("sasrec", "SASRec"), ("gru4rec", "GRU4Rec")):
+        if recbole is not None:
+            per_seed(f"{name} (RecBole)", f"recbole_{kind}", "RecBole 1.2.1",
+                     lambda seed: run_recbole(kind, data, seed, rows_dir / "recbole", recbole))
+        per_seed(f"{name} (compact)", kind, "compact (merlin_mllm.baselines)",
+                 lambda seed: metrics_only(baselines.evaluate_sequential(
+                     kind, data, rows_dir / "eval" / f"{kind}_s{seed}.json", seed)))
     return out
 
 

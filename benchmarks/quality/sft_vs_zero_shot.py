@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.ranker.evaluate import evaluate_ranker
     from merlin_mllm.ranker.training import recent_titles_summaries, train_ranker
+    from merlin_mllm.reporting import metrics_table
 
     work = args.work / f"u{args.users}_s{args.seed}"
     data = work / "data"
@@ -66,14 +67,14 @@ def main(argv=None) -> dict:
     losses = [step["loss"] for step in training["micro_batch_losses"]]
     seconds["train"] = time.perf_counter() - started
 
+    paths = {"MLLM-MSR ranker (SFT)": work / "sft.json", "zero-shot": work / "zero_shot.json",
+             "popularity": work / "popularity.json"}
     rows = {}
-    for name, kwargs in (("MLLM-MSR ranker (SFT)", dict(model_dir=run / "model")),
-                         ("zero-shot", dict(model_dir=None, zero_shot=True))):
+    for name, model_dir in (("MLLM-MSR ranker (SFT)", run / "model"), ("zero-shot", None)):
         started = time.perf_counter()
-        path = work / ("sft.json" if "SFT" in name else "zero_shot.json")
-        rows[name] = evaluate_ranker(data, summaries, kwargs.pop("model_dir"), path, progress=True, **kwargs)
+        rows[name] = evaluate_ranker(data, summaries, model_dir, paths[name], zero_shot=model_dir is None, progress=True)
         seconds[name] = time.perf_counter() - started
-    rows["popularity"] = evaluate_popularity(data, work / "popularity.json")
+    rows["popularity"] = evaluate_popularity(data, paths["popularity"])
 
     keys = ("auc", "hr@5", "mrr@5", "ndcg@5")
     result = {
@@ -89,9 +90,7 @@ def main(argv=None) -> dict:
     print(f"\nML-100k paper protocol, {args.users} users: {result['train_rows']} training rows, "
           f"{result['test_groups']} test groups of 1+20; loss over the first 30 batches "
           f"{result['loss_first_30_batches']:.3f}, last 30 {result['loss_last_30_batches']:.3f}")
-    print(f"{'row':<24}" + "".join(f"{k:>9}" for k in keys))
-    for name, r in result["rows"].items():
-        print(f"{name:<24}" + "".join(f"{r[k]:>9.3f}" for k in keys))
+    print(metrics_table(paths, keys))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
