@@ -27,14 +27,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 PROTOCOLS = ("paper", "temporal")
 METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
 # LLM settings as in merlin_mllm/quickstart.py (a small CPU run: faster LoRA lr than the paper).
-LLM_TRAIN = dict(SMALL_BUDGET_TRAINING, epochs=2)
+#: LLM ranker epochs (the rest of the recipe is ranker.training.SMALL_BUDGET_TRAINING).
+LLM_EPOCHS = 2
 MAX_NEW_TOKENS = 48
 GENERATION_BATCH = 16
 MAX_HISTORY = 12
@@ -47,6 +46,14 @@ LLM_ROWS = {
     "MLLM-MSR_I": "text_only",
     "MLLM-MSR_R": "direct_summaries",
 }
+
+
+def llm_train_settings() -> dict:
+    # Imported here: ranker.training pulls in the Merlin stack, which summaries_on_gpu.py's GPU
+    # machine does not have.
+    from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
+
+    return dict(SMALL_BUDGET_TRAINING, epochs=LLM_EPOCHS)
 
 
 def log(message: str) -> None:
@@ -238,7 +245,7 @@ class LLMStages:
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
         train_ranker(self.data, store, run_dir, image=kind != "text_only", seed=self.seed, validate=False,
-                     progress=True, **LLM_TRAIN)
+                     progress=True, **llm_train_settings())
         train_seconds = time.time() - started
         result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)
         training = json.loads((run_dir / "training.json").read_text())
@@ -300,6 +307,8 @@ def main(argv=None) -> int:
                         help="summary stores to reuse identical summaries from (e.g. a quickstart run's summaries/)")
     parser.add_argument("--all-users-baselines", action="store_true",
                         help="also report the baselines on every ml-100k user (a separate table)")
+    parser.add_argument("--all-users-llm-rows", nargs="*", default=[], choices=list(LLM_ROWS.values()),
+                        help="MLLM-MSR rows to add to the all-users tables (with --all-users-baselines)")
     parser.add_argument("--all-users-recbole", action="store_true",
                         help="run RecBole in the all-users table too (slow on a shared CPU)")
     parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
@@ -360,13 +369,42 @@ def main(argv=None) -> int:
                          for name, records in baseline_rows(full, full.parent / "rows", args.seeds,
                                                             recbole if args.all_users_recbole else None).items()]
             full_rows = [r for r in full_rows if r is not None]
-            tables.append({"title": f"{protocol} protocol, all {full_report['kept']['users']} users: baselines only "
-                                    "(not comparable row-for-row with the LLM table above)",
+            full_notes = []
+            if args.all_users_llm_rows:
+                # All users: the summaries take ~2 h on a 2-core CPU, so they are usually made on a
+                # GPU first (summaries_on_gpu.py --work <work>/<protocol>_all) and reused from there.
+                stages = LLMStages(full, full.parent, args.llm_seed, None, [])
+                for name, kind in LLM_ROWS.items():
+                    if kind not in args.all_users_llm_rows:
+                        continue
+                    path = full.parent / "rows" / f"llm_{kind}.json"
+                    if args.table_only and not path.is_file():
+                        full_notes.append(f"{name}: not finished (re-run without --table-only)")
+                        continue
+                    log(f"  all users: {name} ...")
+                    record = cached(path, lambda: stages.row(kind))
+                    log(f"  all users: {name}: AUC {record['auc']:.3f} ({record['wall_seconds']:.0f} s)")
+                    full_rows.append(summarise(name, [record], full_report["users_per_split"]["test"]))
+                done = {k: v["seconds"] for k, v in stages.stages.items()}
+                gpu = full.parent / "summaries_on_gpu.json"
+                if gpu.is_file():
+                    made = json.loads(gpu.read_text())
+                    done = {row["stage"]: row["seconds"] for row in made["stages"]} | done
+                    full_notes.append(f"summaries made by summaries_on_gpu.py on {made['device']} "
+                                      f"(batch {made['batch']}), reused here")
+                full_notes.append("shared stages (not in the rows' wall time): "
+                                  + "; ".join(f"{k}: {v:.0f} s" for k, v in done.items()))
+                skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
+                full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
+            what = "baselines only" if not full_notes else "baselines and " + ", ".join(
+                n for n, k in LLM_ROWS.items() if k in args.all_users_llm_rows)
+            tables.append({"title": f"{protocol} protocol, all {full_report['kept']['users']} users: {what} "
+                                    "(not comparable row-for-row with the subset table above)", "notes": full_notes,
                            "protocol": protocol, "users_kept": full_report["kept"]["users"],
                            "items": full_report["kept"]["items"], "test_users": full_report["users_per_split"]["test"],
                            "train_rows": full_report["rows_per_split"]["train"], "rows": full_rows})
     results = {"dataset": "ml-100k", "max_history": MAX_HISTORY, "data_seed": DATA_SEED, "users": args.users,
-               "llm_settings": {**LLM_TRAIN, "max_new_tokens": MAX_NEW_TOKENS, "llm_seed": args.llm_seed,
+               "llm_settings": {**llm_train_settings(), "max_new_tokens": MAX_NEW_TOKENS, "llm_seed": args.llm_seed,
                                 "model": "embedded SmolLM2-135M-Instruct + EfficientNet-Lite0"},
                "baseline_seeds": args.seeds, "tables": tables,
                "total_wall_seconds_this_run": round(time.time() - started, 1)}
