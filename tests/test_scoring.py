@@ -19,6 +19,7 @@ from PIL import Image
 skimage_data = pytest.importorskip("skimage.data")
 
 from merlin_mllm.models.tiny import tiny_mllm_path  # noqa: E402
+from merlin_mllm.models.vision import TOKEN_DIM  # noqa: E402
 from merlin_mllm.ranker import Candidate, ItemImageFeatures, RankerModel  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -86,7 +87,7 @@ def test_embedded_with_images_matches_independent(embedded_ranker):
     # Items 1, 2, 4 show 49 image tokens each, in the candidate part; items 3 and 5 none.
     image_id = embedded_ranker.image_token_id
     assert [p.input_ids.count(image_id) for p in prompts] == [49, 49, 0, 49, 0]
-    assert grids.shape == (3, 49, 1280)
+    assert grids.shape == (3, 49, TOKEN_DIM)
     # The user part is one token prefix, identical for every candidate.
     prefix = prompts[0].prefix_len
     assert prefix > 20 and all(p.input_ids[:prefix] == prompts[0].input_ids[:prefix] for p in prompts)

@@ -13,7 +13,7 @@ from PIL import Image
 
 skimage_data = pytest.importorskip("skimage.data")
 
-from merlin_mllm.models.vision import COLOUR_PALETTE, VisionEncoder, dominant_colours  # noqa: E402
+from merlin_mllm.models.vision import COLOUR_PALETTE, VisionEncoder, cell_colour_features, dominant_colours  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +81,40 @@ def test_logits_match_the_reference_network(encoder, chelsea, coffee):
 
 def test_grid_tokens_and_pooled_relation(encoder, chelsea, coffee):
     grid = encoder.grid([chelsea, coffee])
-    assert grid.shape == (2, 49, 1280)
+    assert grid.shape == (2, 49, 1290)
+    deep = grid[..., :1280]
     # Tokens are the 7x7 map in row-major order.
     with torch.inference_mode():
         feature_map = encoder.network.extract_features(encoder.preprocess([chelsea, coffee]))
-    assert torch.equal(grid[:, 7 * 2 + 5], feature_map[:, :, 2, 5])
-    # pooled is global average pooling of that map: exactly the grid's token mean.
+    assert torch.equal(deep[:, 7 * 2 + 5], feature_map[:, :, 2, 5])
+    # pooled is global average pooling of that map: exactly the deep features' token mean.
     pooled = encoder.pooled([chelsea, coffee])
     assert pooled.shape == (2, 1280)
-    assert torch.allclose(pooled, grid.mean(dim=1), atol=1e-6)
+    assert torch.allclose(pooled, deep.mean(dim=1), atol=1e-6)
     # The head ends in ReLU6, so features are bounded; the two photos must differ.
-    assert grid.min() >= 0 and grid.max() <= 6
+    assert deep.min() >= 0 and deep.max() <= 6
     assert not torch.allclose(pooled[0], pooled[1], atol=1e-2)
+    # The colour part: mean RGB in [0, 1], and hue/grey shares that sum to 1 in every cell.
+    colour = grid[..., 1280:]
+    assert colour[..., :3].min() >= 0 and colour[..., :3].max() <= 1
+    assert torch.allclose(colour[..., 3:].sum(dim=-1), torch.ones(2, 49), atol=1e-5)
+
+
+def test_colour_features_see_what_the_deep_features_do_not():
+    """Cells of a red/blue image name their hue; the mean colour follows the pixels."""
+    pixels = np.zeros((224, 224, 3), dtype=np.uint8)
+    pixels[:, :112] = (230, 40, 30)    # red left half (hue 3 degrees: sector 0)
+    pixels[:, 112:] = (30, 60, 220)    # blue right half (hue 229 degrees: sector 3)
+    pixels[:32, :32] = (128, 128, 128)  # one grey cell
+    encoder_input = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0 * 2 - 1
+    cells = cell_colour_features(encoder_input)[0]  # (49, 10)
+    assert cells.shape == (49, 10)
+    grey_cell, red_cell, blue_cell = cells[0], cells[1], cells[6]
+    assert grey_cell[9] == 1.0 and grey_cell[3:9].sum() == 0
+    assert red_cell[3] == 1.0 and abs(red_cell[0].item() - 230 / 255) < 1e-3
+    assert blue_cell[6] == 1.0 and blue_cell[2] > blue_cell[0]
+    # The cell on the border (x 96..128) is half red, half blue.
+    assert torch.allclose(cells[3][[3, 6]], torch.tensor([0.5, 0.5]))
 
 
 def test_batch_equals_single_images(encoder, chelsea, coffee):
@@ -106,7 +128,7 @@ def test_batch_equals_single_images(encoder, chelsea, coffee):
 def test_missing_image_in_batch_names_its_position(encoder, chelsea):
     with pytest.raises(ValueError, match="image 1 of the batch is missing"):
         encoder.pooled([chelsea, None])
-    assert encoder.grid([]).shape == (0, 49, 1280)
+    assert encoder.grid([]).shape == (0, 49, 1290)
 
 
 def test_dominant_colours_of_synthetic_images():

@@ -185,8 +185,13 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
 
     out = args.cache / f"ranker_{arm}"
     if (out / "training.json").is_file() and (out / "model").is_dir():
+        from merlin_mllm.ranker.model import CONFIG_FILE, RankerConfig
+
         saved = json.loads((out / "training.json").read_text())
-        if saved["settings"]["epochs"] == args.epochs and saved["settings"]["lr"] == args.lr:
+        # A model trained on image tokens of another size (before the colour features) is stale.
+        saved_dim = json.loads((out / "model" / CONFIG_FILE).read_text()).get("vision_feature_dim")
+        if saved["settings"]["epochs"] == args.epochs and saved["settings"]["lr"] == args.lr \
+                and saved_dim == RankerConfig.vision_feature_dim:
             return out / "model"
     _log(f"{arm} arm: train ranker (image={arm == 'image'})")
     stale = args.cache / "eval" / f"MLLM-MSR_{arm}.json"

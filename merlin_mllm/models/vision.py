@@ -8,9 +8,14 @@ TF "SAME" padding and BatchNorm eps 1e-3; the reference package builds exactly t
 
 What it gives, for a batch of images:
 
-* ``grid``: the last 7x7 feature map as 49 tokens of 1280 features, (B, 49, 1280): the image
-  tokens an LLM can be fed after a projection;
-* ``pooled``: their mean, (B, 1280): one vector per image (the classifier's input);
+* ``grid``: the image tokens an LLM is fed after a projection, (B, 49, 1290): per cell of the
+  last 7x7 feature map, its 1280 EfficientNet features followed by 10 colour statistics of the
+  cell's 32x32 pixels (:func:`cell_colour_features`). ImageNet training makes the deep features
+  nearly blind to colour (colour jitter is one of its augmentations: a linear probe on them tells
+  warm-coloured from cool-coloured emoji apart only 68% of the time, see
+  ``benchmarks/visual/README.md``); a VLM's vision tower sees colour, so this one is given it;
+* ``pooled``: the mean of the 1280 EfficientNet features, (B, 1280): one vector per image (the
+  classifier's input);
 * ``top_labels``: ImageNet class names with softmax probabilities;
 * ``dominant_colours`` / ``describe``: a few words about the image ("looks like: espresso, cup;
   colours: white, brown"), which the item-summary step feeds to a text-only LLM.
@@ -20,7 +25,7 @@ Usage::
     from merlin_mllm.models.vision import VisionEncoder
 
     encoder = VisionEncoder.load()                 # cached per device
-    tokens = encoder.grid(["a.jpg", "b.png"])      # (2, 49, 1280)
+    tokens = encoder.grid(["a.jpg", "b.png"])      # (2, 49, 1290)
     encoder.top_labels(["a.jpg"], k=3)             # [[("espresso", 0.90), ("cup", 0.03), ...]]
     encoder.describe("a.jpg")                      # "looks like: espresso; colours: white, brown"
 """
@@ -39,12 +44,22 @@ from merlin_mllm.images import load_image
 from merlin_mllm.models import embedded
 from merlin_mllm.models.loading import default_device
 
-__all__ = ["VisionEncoder", "dominant_colours", "COLOUR_PALETTE", "imagenet_labels"]
+__all__ = ["VisionEncoder", "dominant_colours", "cell_colour_features", "COLOUR_PALETTE", "imagenet_labels",
+           "TOKEN_DIM"]
 
 MODEL_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
 GRID_SIDE = 7  # 224 px / total stride 32
-FEATURE_DIM = 1280
+FEATURE_DIM = 1280  # EfficientNet-Lite0's last feature map
+#: Colour statistics per grid cell (cell_colour_features): mean R, G, B; the share of the cell's
+#: pixels in each of 6 hue sectors of 60 degrees (saturated pixels only); the share of greyish ones.
+HUE_SECTORS = 6
+COLOUR_FEATURES = 3 + HUE_SECTORS + 1
+#: Features per image token: what the ranker's projector takes.
+TOKEN_DIM = FEATURE_DIM + COLOUR_FEATURES
+#: A pixel counts as coloured (has a hue) from this HSV saturation and value on.
+MIN_SATURATION = 0.25
+MIN_VALUE = 0.2
 LABELS_FILE = Path(__file__).with_name("imagenet_labels.txt")
 
 #: Named colours for ``dominant_colours``: (name, sRGB). Pixels are matched to the nearest entry
@@ -157,6 +172,45 @@ def _require_image(source: ImageLike, index: int) -> Image.Image:
     return image
 
 
+def cell_colour_features(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Colour statistics of each 32x32 cell of preprocessed pixels: (B, 49, 10).
+
+    Per cell, in order: the mean red, green and blue (0..1); the share of its pixels whose hue
+    falls in each of the 6 sectors [0, 60), [60, 120), ... [300, 360) degrees, counting only
+    pixels with HSV saturation >= ``MIN_SATURATION`` and value >= ``MIN_VALUE``; and the share
+    of the other (greyish, white or dark) pixels. Shares sum to 1 per cell.
+
+    Parameters
+    ----------
+    pixel_values : tensor (B, 3, 224, 224)
+        :meth:`VisionEncoder.preprocess` output (values in [-1, 1]).
+
+    Examples
+    --------
+    >>> red = torch.zeros(1, 3, 224, 224); red[:, 0] = 1.0; red[:, 1:] = -1.0   # pure red
+    >>> cell_colour_features(red)[0, 0].tolist()
+    [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    rgb = ((pixel_values.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    value, _ = rgb.max(dim=1)
+    minimum, _ = rgb.min(dim=1)
+    chroma = value - minimum
+    saturation = torch.where(value > 0, chroma / value.clamp_min(1e-6), torch.zeros_like(value))
+    red, green, blue = rgb.unbind(dim=1)
+    safe = chroma.clamp_min(1e-6)
+    # The usual piecewise hue formula, in sixths of the circle.
+    hue = torch.where(value == red, ((green - blue) / safe) % 6.0,
+                      torch.where(value == green, (blue - red) / safe + 2.0, (red - green) / safe + 4.0))
+    coloured = (saturation >= MIN_SATURATION) & (value >= MIN_VALUE) & (chroma > 0)
+    sector = hue.floor().clamp(0, HUE_SECTORS - 1).long()
+    shares = torch.nn.functional.one_hot(sector, HUE_SECTORS).permute(0, 3, 1, 2).float() * coloured.unsqueeze(1)
+    grey = (~coloured).float().unsqueeze(1)
+    per_pixel = torch.cat([rgb, shares, grey], dim=1)  # (B, 10, 224, 224)
+    cell = IMAGE_SIZE // GRID_SIDE
+    per_cell = torch.nn.functional.avg_pool2d(per_pixel, kernel_size=cell, stride=cell)  # (B, 10, 7, 7)
+    return per_cell.flatten(2).transpose(1, 2)
+
+
 class VisionEncoder(nn.Module):
     """EfficientNet-Lite0 (ImageNet) as an image-feature extractor and labeller.
 
@@ -176,12 +230,12 @@ class VisionEncoder(nn.Module):
     --------
     >>> encoder = VisionEncoder.load()                        # doctest: +SKIP
     >>> encoder.grid(["cat.jpg"]).shape                        # doctest: +SKIP
-    torch.Size([1, 49, 1280])
+    torch.Size([1, 49, 1290])
     """
 
     image_size = IMAGE_SIZE
     num_tokens = GRID_SIDE * GRID_SIDE
-    feature_dim = FEATURE_DIM
+    feature_dim = TOKEN_DIM
 
     _instances: Dict[str, "VisionEncoder"] = {}
     _instances_lock = threading.Lock()
@@ -256,14 +310,20 @@ class VisionEncoder(nn.Module):
 
     # ------------------------------------------------------------------ features
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Grid tokens (B, 49, 1280) from preprocessed pixels (B, 3, 224, 224)."""
+        """Image tokens (B, 49, 1290) from preprocessed pixels (B, 3, 224, 224).
+
+        Per cell: the 1280 EfficientNet features, then :func:`cell_colour_features`.
+        """
         feature_map = self.network.extract_features(pixel_values)  # (B, 1280, 7, 7)
-        return feature_map.flatten(2).transpose(1, 2)
+        deep = feature_map.flatten(2).transpose(1, 2)
+        colour = cell_colour_features(pixel_values)
+        return torch.cat([deep, colour.to(deep.dtype)], dim=-1)
 
     def grid(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> torch.Tensor:
-        """The final 7x7 feature map as 49 tokens per image: (B, 49, 1280), row-major.
+        """The image tokens: 49 per image (the 7x7 cells, row-major), (B, 49, 1290).
 
-        These are the image tokens handed to an LLM (after a learnt projection).
+        These are handed to an LLM (after a learnt projection). Features ``[:1280]`` are the
+        final EfficientNet feature map, ``[1280:]`` the cell's colour statistics.
 
         Parameters
         ----------
@@ -277,16 +337,16 @@ class VisionEncoder(nn.Module):
             for start in range(0, len(sources), batch_size):
                 outputs.append(self(self.preprocess(sources[start:start + batch_size])))
         if not outputs:
-            return torch.empty((0, self.num_tokens, FEATURE_DIM), device=self.device)
+            return torch.empty((0, self.num_tokens, TOKEN_DIM), device=self.device)
         return torch.cat(outputs)
 
     def pooled(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> torch.Tensor:
-        """One vector per image, (B, 1280): the mean of the 49 grid tokens.
+        """One vector per image, (B, 1280): the mean of the 49 tokens' EfficientNet features.
 
         This is exactly the classifier's input (global average pooling of the feature map).
         """
         with torch.inference_mode():
-            return self.grid(images, batch_size=batch_size).mean(dim=1)
+            return self.grid(images, batch_size=batch_size)[..., :FEATURE_DIM].mean(dim=1)
 
     def logits(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> torch.Tensor:
         """ImageNet class logits, (B, 1000)."""

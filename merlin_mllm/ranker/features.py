@@ -1,16 +1,17 @@
 """Item-keyed image features for the embedded ranker: computed once per item, looked up by id.
 
-The embedded MLLM sees an item's picture as EfficientNet-Lite0's 7x7 feature grid (49 tokens of
-1280 features). Running the CNN for every (user, candidate) pair would repeat the same work for
-each popular item, so the grids are computed once per item and stored in a table keyed by item
-id; training and scoring batches carry only item ids.
+The embedded MLLM sees an item's picture as EfficientNet-Lite0's 7x7 grid of image tokens
+(49 tokens of 1290 features: EfficientNet plus cell colours). Running the CNN for every
+(user, candidate) pair would repeat the same work for each popular item, so the grids are
+computed once per item and stored in a table keyed by item id; training and scoring batches
+carry only item ids.
 
 File format: one safetensors file with
 
 * ``item_ids``  int64 (N,)  every item of the catalogue, sorted, unique;
 * ``has_image`` uint8 (N,)  1 when the item has a usable picture;
 * ``rows``      int64 (N,)  row of ``features`` for items with a picture, -1 otherwise;
-* ``features``  float16 (M, 49, 1280), M = number of items with a picture;
+* ``features``  float16 (M, 49, 1290), M = number of items with a picture;
 
 plus metadata naming the encoder, so a table made by another encoder is refused at load.
 
@@ -22,7 +23,7 @@ Usage::
     table.summary()               # {'items': 3, 'with_image': 2, 'missing': 1, 'unreadable': 0}
     table.save("item_images.safetensors")
     table = ItemImageFeatures.load("item_images.safetensors")
-    grids, has_image = table.lookup(torch.tensor([12, 11]))   # (1, 49, 1280), [True, False]
+    grids, has_image = table.lookup(torch.tensor([12, 11]))   # (1, 49, 1290), [True, False]
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ ENCODER_NAME = "efficientnet-lite0-grid"
 
 
 class ItemImageFeatures:
-    """A table item id -> (49, 1280) image feature grid, with a has-image flag per item.
+    """A table item id -> (49, 1290) image feature grid, with a has-image flag per item.
 
     Items without a picture (or whose picture could not be read) are in the table with
     ``has_image`` False, so "no image" is a known state, distinct from an unknown item id.

@@ -3,9 +3,10 @@
 Backends
 --------
 ``"embedded"`` (the offline default)
-    SmolLM2-135M-Instruct plus EfficientNet-Lite0, joined the LLaVA way: an item's 7x7 feature
-    grid (49 tokens x 1280, precomputed per item in an :class:`ItemImageFeatures` table) goes
-    through a trainable 2-layer GELU MLP (1280 -> 576 -> 576) and replaces the embeddings of
+    SmolLM2-135M-Instruct plus EfficientNet-Lite0, joined the LLaVA way: an item's 7x7 grid of
+    image tokens (49 x 1290: EfficientNet features plus each cell's colour statistics,
+    precomputed per item in an :class:`ItemImageFeatures` table) goes through a trainable
+    2-layer GELU MLP (1290 -> 576 -> 576) and replaces the embeddings of
     the 49 ``<image>`` placeholder tokens of the prompt. LoRA sits on SmolLM2's Linear layers;
     the projector trains; embeddings, lm_head and the CNN stay frozen.
 ``"hf"``
@@ -167,7 +168,7 @@ class RankerConfig:
     no_token_id: Optional[int] = None
     image_token: str = IMAGE_TOKEN
     num_image_tokens: int = 49
-    vision_feature_dim: int = 1280
+    vision_feature_dim: int = 1290  # models.vision.TOKEN_DIM: EfficientNet 1280 + cell colour 10
     lora_target_modules: Optional[str] = None
     format_version: int = FORMAT_VERSION
 
@@ -208,7 +209,7 @@ class ImageProjector(nn.Module):
     Parameters
     ----------
     vision_dim : int
-        Feature size of the image tokens (1280 for EfficientNet-Lite0).
+        Feature size of the image tokens (1290 for EfficientNet-Lite0 plus cell colours).
     hidden_size : int
         The language model's embedding size (576 for SmolLM2-135M).
     seed : int
@@ -850,7 +851,7 @@ class RankerModel(nn.Module):
             rows whose prompt has image placeholders.
         labels : tensor (B,), optional
             1 for positives ("Yes"), 0 for negatives ("No").
-        image_features : tensor (K, 49, 1280), optional
+        image_features : tensor (K, 49, 1290), optional
             Embedded backend: grids for the K rows with images, instead of ``item_ids``.
         **image_inputs :
             HF backend: the processor's image tensors (``pixel_values``, ``image_sizes``,
