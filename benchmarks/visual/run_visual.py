@@ -113,6 +113,10 @@ def build_set(args, package_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path
         "title_leak_check_all_balanced_items": visual_set.title_leak_check(
             visual_set.build_catalogue(items, seed=args.seed), seed=args.seed
         ),
+        # What the ranker's image tokens can tell (EfficientNet features vs cell colours).
+        "image_token_probe_all_balanced_items": visual_set.image_token_probe(
+            visual_set.build_catalogue(items, seed=args.seed), seed=args.seed
+        ),
     }
     return catalogue, events, reviews, info
 

@@ -370,6 +370,42 @@ def title_leak_check(catalogue: pd.DataFrame, seed: int = 0, folds: int = 5) -> 
     }
 
 
+def image_token_probe(catalogue: pd.DataFrame, seed: int = 0, folds: int = 5, encoder=None) -> dict:
+    """How well each part of the ranker's image tokens predicts the hidden attribute.
+
+    Each item's picture goes through the embedded vision encoder (``VisionEncoder.grid``: 49
+    tokens of 1280 EfficientNet features + 10 cell colour statistics); the tokens are averaged
+    and a logistic regression on (standardised) features is scored by stratified ``folds``-fold
+    cross-validated accuracy, once on the EfficientNet part and once on the colour part. It says
+    what the ranker's projector has to work with; it is not the ranker.
+
+    Returns
+    -------
+    dict
+        ``efficientnet`` and ``colour``: {``accuracy``, ``accuracy_std``}; ``majority_rate``,
+        ``items``, ``folds``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from merlin_mllm.models.vision import FEATURE_DIM, VisionEncoder
+
+    encoder = encoder or VisionEncoder.load("cpu")
+    tokens = encoder.grid(catalogue["image_path"].tolist()).float().mean(dim=1).cpu().numpy()
+    labels = catalogue["attribute"].to_numpy()
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    result = {}
+    for name, features in (("efficientnet", tokens[:, :FEATURE_DIM]), ("colour", tokens[:, FEATURE_DIM:])):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+        scores = cross_val_score(model, features, labels, cv=splitter, scoring="accuracy")
+        result[name] = {"accuracy": float(scores.mean()), "accuracy_std": float(scores.std())}
+    result.update(majority_rate=float(pd.Series(labels).value_counts(normalize=True).iloc[0]),
+                  items=int(len(labels)), folds=int(folds))
+    return result
+
+
 def liked_share(events: pd.DataFrame) -> float:
     """Share of history events (targets excluded) whose item has the user's liked value."""
     history = events[~events["is_target"].to_numpy()]

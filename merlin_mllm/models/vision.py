@@ -10,10 +10,11 @@ What it gives, for a batch of images:
 
 * ``grid``: the image tokens an LLM is fed after a projection, (B, 49, 1290): per cell of the
   last 7x7 feature map, its 1280 EfficientNet features followed by 10 colour statistics of the
-  cell's 32x32 pixels (:func:`cell_colour_features`). ImageNet training makes the deep features
-  nearly blind to colour (colour jitter is one of its augmentations: a linear probe on them tells
-  warm-coloured from cool-coloured emoji apart only 68% of the time, see
-  ``benchmarks/visual/README.md``); a VLM's vision tower sees colour, so this one is given it;
+  cell's 32x32 pixels (:func:`cell_colour_features`). ImageNet features hold colour only
+  weakly, spread over many dimensions: a linear probe tells warm-coloured from cool-coloured
+  emoji apart at 0.93 after 454 labelled pictures but at 0.62 after 48, while the 10 colour
+  statistics reach 0.97 after 48 (``benchmarks/visual/README.md``). A ranker fine-tuned on a
+  few hundred rows needs colour in plain view, as a VLM's vision tower gives it;
 * ``pooled``: the mean of the 1280 EfficientNet features, (B, 1280): one vector per image (the
   classifier's input);
 * ``top_labels``: ImageNet class names with softmax probabilities;
