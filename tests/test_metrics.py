@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from merlin_mllm.metrics import auc, hit_rate_curve, positive_rank_bounds, ranking_metrics
+from merlin_mllm.metrics import auc, auc_difference_interval, hit_rate_curve, positive_rank_bounds, ranking_metrics
 
 
 def _random_groups(rng, n_groups, n_negatives, quantise=None):
@@ -110,3 +110,24 @@ def test_bad_input_is_named():
         auc([1, 1], [0.1, 0.2])
     with pytest.raises(ValueError, match="ties must be"):
         ranking_metrics([1, 0], [0.1, 0.2], [1, 1], ties="optimistic")
+
+
+def test_auc_difference_interval_is_paired_over_groups():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(40), 21)
+    labels = np.tile(np.r_[1, np.zeros(20, dtype=int)], 40)
+    noise = rng.normal(size=labels.size)
+    good = noise + 1.5 * labels          # a ranker that sees the label
+    bad = rng.normal(size=labels.size)   # one that does not
+    out = auc_difference_interval(labels, good, bad, groups, resamples=500)
+    assert out["difference"] == pytest.approx(auc(labels, good) - auc(labels, bad))
+    assert 0 < out["low"] < out["difference"] < out["high"]
+    assert out["groups"] == 40 and out["resamples"] == 500
+    # The same ranker twice: every resample differs by exactly 0.
+    same = auc_difference_interval(labels, good, good, groups, resamples=200)
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+    # Swapping the rankers flips the interval.
+    flipped = auc_difference_interval(labels, bad, good, groups, resamples=500)
+    assert flipped["high"] == pytest.approx(-out["low"]) and flipped["low"] == pytest.approx(-out["high"])
+    with pytest.raises(ValueError, match="not finite"):
+        auc_difference_interval(labels, good, np.full(labels.size, np.nan), groups)

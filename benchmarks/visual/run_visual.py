@@ -299,6 +299,16 @@ def write_results(args, results: dict) -> None:
             f"{by.get('warm', float('nan')):.3f} | {by.get('cool', float('nan')):.3f} |"
         )
     leak = results["set"]["title_leak_check"]
+    gain = results.get("image_minus_text_auc")
+    if gain:
+        lines += ["", f"AUC gain of the image arm over the text arm: {gain['difference']:+.3f}, 95% paired bootstrap "
+                      f"interval over the {gain['groups']} test users [{gain['low']:+.3f}, {gain['high']:+.3f}] "
+                      f"({gain['resamples']} resamples)."]
+    probe = results["set"].get("image_token_probe_all_balanced_items")
+    if probe:
+        lines += ["", f"Image-token probe (logistic regression on the mean image token, {probe['folds']}-fold CV, "
+                      f"all {probe['items']} balanced items): EfficientNet part {probe['efficientnet']['accuracy']:.3f}, "
+                      f"colour part {probe['colour']['accuracy']:.3f}, vs majority rate {probe['majority_rate']:.3f}."]
     lines += [
         "",
         f"Title-only attribute classifier (TF-IDF + logistic regression, {leak['folds']}-fold CV): "
@@ -406,11 +416,21 @@ def main(argv=None) -> dict:
             ("MLLM-MSR_I (text only)", "text", model_dirs["text"], False, "no")]
     if args.zero_shot:
         runs.append(("zero-shot SmolLM2 (image-arm summaries)", "image", None, True, "no"))
+    arm_scores = {}
     for name, arm, model_dir, zero_shot, sees in runs:
         key = "zero_shot_image_summaries" if zero_shot else f"MLLM-MSR_{arm}"
         result = evaluate_arm(args, key, folders[arm], args.cache / f"store_{arm}", model_dir, zero_shot=zero_shot)
         scores = pd.read_parquet(result["run"]["scores"])
         add(name, scores, sees, {"evaluate_ranker": {k: result[k] for k in ("auc", "hr@5", "ndcg@5")}})
+        if not zero_shot:
+            arm_scores[arm] = scores
+    # Same test rows in both arms (checked at prepare time): pair them by (group, item).
+    from merlin_mllm.metrics import auc_difference_interval
+
+    paired = arm_scores["image"].merge(arm_scores["text"], on=["group_id", "item_id", "label"], suffixes=("_image", "_text"))
+    if len(paired) != len(arm_scores["image"]):
+        raise RuntimeError(f"the arms scored different rows ({len(arm_scores['image'])} vs {len(paired)} paired)")
+    image_vs_text = auc_difference_interval(paired["label"], paired["score_image"], paired["score_text"], paired["group_id"])
 
     training = {arm: json.loads((Path(model_dirs[arm]).parent / "training.json").read_text()) for arm in model_dirs}
     results = {
@@ -419,6 +439,7 @@ def main(argv=None) -> dict:
         "test_groups": int(test["group_id"].nunique()),
         "rows_per_split": json.loads((folders["image"] / "report.json").read_text())["rows_per_split"],
         "methods": methods,
+        "image_minus_text_auc": image_vs_text,
         "summaries": summaries,
         "training": {arm: {k: t[k] for k in ("global_step", "train_rows", "epoch_mean_loss", "val_loss", "seconds")} for arm, t in training.items()},
         "colour_words_in_user_summaries": {arm: colour_word_share(folders[arm], args.cache / f"store_{arm}") for arm in folders},
