@@ -255,6 +255,31 @@ class LLMStages:
                 "epoch_mean_loss": training.get("epoch_mean_loss")}
 
 
+def llm_gain_notes(data: Path, eval_dir: Path) -> List[str]:
+    """The full model's AUC gain over zero-shot and popularity, with paired bootstrap intervals."""
+    import pandas as pd
+
+    from merlin_mllm import baselines
+    from merlin_mllm.metrics import auc_difference_interval
+
+    full = eval_dir / "full.scores.parquet"
+    if not full.is_file():
+        return []
+    others = {"popularity": baselines.popularity_scores(data)}
+    if (eval_dir / "zero_shot.scores.parquet").is_file():
+        others["MLLM-MSR zero-shot"] = pd.read_parquet(eval_dir / "zero_shot.scores.parquet")
+    scores = pd.read_parquet(full)
+    notes = []
+    for name, other in others.items():
+        paired = scores.merge(other[["group_id", "item_id", "score"]], on=["group_id", "item_id"], suffixes=("", "_other"))
+        if len(paired) != len(scores):
+            raise RuntimeError(f"{name} scored other rows than MLLM-MSR ({len(other)} vs {len(scores)})")
+        gain = auc_difference_interval(paired["label"], paired["score"], paired["score_other"], paired["group_id"])
+        notes.append(f"MLLM-MSR minus {name}: AUC {gain['difference']:+.3f}, 95% paired bootstrap interval over "
+                     f"the {gain['groups']} test users [{gain['low']:+.3f}, {gain['high']:+.3f}]")
+    return notes
+
+
 # ----------------------------------------------------------------------------- table
 def summarise(name: str, records: List[Optional[dict]], users: int, note: str = "") -> Optional[dict]:
     records = [r for r in records if r is not None]
@@ -394,6 +419,7 @@ def main(argv=None) -> int:
                                       f"(batch {made['batch']}), reused here")
                 full_notes.append("shared stages (not in the rows' wall time): "
                                   + "; ".join(f"{k}: {v:.0f} s" for k, v in done.items()))
+                full_notes += llm_gain_notes(full, full.parent / "eval")
                 skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
                 full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
             what = "baselines only" if not full_notes else "baselines and " + ", ".join(
