@@ -334,6 +334,9 @@ def main(argv=None) -> int:
                         help="also report the baselines on every ml-100k user (a separate table)")
     parser.add_argument("--all-users-llm-rows", nargs="*", default=[], choices=list(LLM_ROWS.values()),
                         help="MLLM-MSR rows to add to the all-users tables (with --all-users-baselines)")
+    parser.add_argument("--all-users-llm-protocols", nargs="*", default=["paper"], choices=PROTOCOLS,
+                        help="protocols whose all-users table gets --all-users-llm-rows (default: paper, "
+                             "94 test users; temporal would score 943 groups of 21 per row)")
     parser.add_argument("--all-users-recbole", action="store_true",
                         help="run RecBole in the all-users table too (slow on a shared CPU)")
     parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
@@ -395,7 +398,7 @@ def main(argv=None) -> int:
                                                             recbole if args.all_users_recbole else None).items()]
             full_rows = [r for r in full_rows if r is not None]
             full_notes = []
-            if args.all_users_llm_rows:
+            if args.all_users_llm_rows and protocol in args.all_users_llm_protocols:
                 # All users: the summaries take ~2 h on a 2-core CPU, so they are usually made on a
                 # GPU first (summaries_on_gpu.py --work <work>/<protocol>_all) and reused from there.
                 stages = LLMStages(full, full.parent, args.llm_seed, None, [])
