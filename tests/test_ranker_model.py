@@ -376,3 +376,25 @@ def test_unreadable_pictures_are_counted_not_fatal(photos):
     assert table.has_image_for([1, 2, 3]).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="item id 1 appears more than once"):
         ItemImageFeatures([1, 1], [False, False], torch.zeros((0, 49, TOKEN_DIM)))
+
+
+def test_a_cached_table_from_another_encoder_is_refused_and_rebuilt(item_table, photos, tmp_path, monkeypatch):
+    """Grids made before the cell colours (or by any other encoder) must not be reused silently."""
+    import pandas as pd
+
+    from merlin_mllm.data.tables import Tags, write_table
+    from merlin_mllm.ranker import features
+    from merlin_mllm.ranker.training import item_image_table
+
+    with monkeypatch.context() as patch:
+        patch.setattr(features, "ENCODER_NAME", "efficientnet-lite0-grid")
+        stale = item_table.save(tmp_path / "item_images.safetensors")
+    with pytest.raises(ValueError, match="made by encoder 'efficientnet-lite0-grid'"):
+        ItemImageFeatures.load(stale)
+    data = tmp_path / "data"
+    photos[0].save(tmp_path / "cat.png")
+    items = pd.DataFrame({"item_id": [10, 20], "title": ["a", "b"], "image_path": [str(tmp_path / "cat.png"), None]})
+    write_table(items, data / "items", {"item_id": [Tags.ITEM_ID], "title": [Tags.TEXT]})
+    table = item_image_table(data, stale, progress=False)
+    assert table.summary()["with_image"] == 1 and table.has_image_for([10, 20]).tolist() == [True, False]
+    assert ItemImageFeatures.load(stale).summary() == table.summary()  # the cache was rewritten

@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "merlin-mllm-item-image-features"
 FEATURES_VERSION = "1"
-ENCODER_NAME = "efficientnet-lite0-grid"
+#: Names what made the grids; a table made otherwise (e.g. the earlier 1280-feature grids without
+#: cell colours) is refused at load, and ``training.item_image_table`` rebuilds such a cache.
+ENCODER_NAME = "efficientnet-lite0-grid+cell-colour"
 
 
 class ItemImageFeatures:

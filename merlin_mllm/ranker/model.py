@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, default_device, default_dtype, load
+from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker.features import ItemImageFeatures
 from merlin_mllm.ranker.prompt import (
     IMAGE_TOKEN,
@@ -168,7 +169,7 @@ class RankerConfig:
     no_token_id: Optional[int] = None
     image_token: str = IMAGE_TOKEN
     num_image_tokens: int = 49
-    vision_feature_dim: int = 1290  # models.vision.TOKEN_DIM: EfficientNet 1280 + cell colour 10
+    vision_feature_dim: int = TOKEN_DIM  # EfficientNet 1280 + cell colour 10
     lora_target_modules: Optional[str] = None
     format_version: int = FORMAT_VERSION
 

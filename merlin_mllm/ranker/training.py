@@ -291,10 +291,14 @@ def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.Path
     item_ids = items["item_id"].to_numpy(np.int64)
     path = Path(path)
     if path.exists():
-        table = ItemImageFeatures.load(path)
-        if all(int(i) in table for i in item_ids):
-            return table
-        log.info("%s does not cover every item; rebuilding it", path)
+        try:
+            table = ItemImageFeatures.load(path)
+        except ValueError as exc:  # another encoder's grids, or a torn file: it is only a cache
+            log.info("%s; rebuilding it", exc)
+        else:
+            if all(int(i) in table for i in item_ids):
+                return table
+            log.info("%s does not cover every item; rebuilding it", path)
     images = items["image_path"].tolist() if "image_path" in items.columns else [None] * len(items)
     table = ItemImageFeatures.from_images(item_ids, images, progress=progress)
     if int(table.has_image.sum()) == 0:
