@@ -175,9 +175,10 @@ def merge_store(source: Path, target: Path) -> None:
 class LLMStages:
     """Summaries, training and scoring of the MLLM-MSR rows for one prepared folder."""
 
-    def __init__(self, data: Path, work: Path, seed: int, max_groups: Optional[int], seed_stores: List[Path]):
+    def __init__(self, data: Path, work: Path, seed: int, max_groups: Optional[int], seed_stores: List[Path],
+                 generation_batch: int = GENERATION_BATCH):
         self.data, self.work, self.seed, self.max_groups = data, work, seed, max_groups
-        self.seed_stores = seed_stores
+        self.seed_stores, self.generation_batch = seed_stores, generation_batch
         self.stages_file = work / "stages.json"
         self.stages = json.loads(self.stages_file.read_text()) if self.stages_file.is_file() else {}
 
@@ -192,7 +193,7 @@ class LLMStages:
     def _settings(self):
         from merlin_mllm.generation import GenerationSettings
 
-        return GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH)
+        return GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, batch_size=self.generation_batch)
 
     def store(self, mode: str) -> Path:
         return self.work / f"summaries_{mode}"
@@ -413,15 +414,13 @@ def main(argv=None) -> int:
                     record = cached(path, lambda: stages.row(kind))
                     log(f"  all users: {name}: AUC {record['auc']:.3f} ({record['wall_seconds']:.0f} s)")
                     full_rows.append(summarise(name, [record], full_report["users_per_split"]["test"]))
-                done = {k: v["seconds"] for k, v in stages.stages.items()}
                 gpu = full.parent / "summaries_on_gpu.json"
                 if gpu.is_file():
                     made = json.loads(gpu.read_text())
-                    done = {row["stage"]: row["seconds"] for row in made["stages"]} | done
                     full_notes.append(f"summaries made by summaries_on_gpu.py on {made['device']} "
                                       f"(batch {made['batch']}), reused here")
                 full_notes.append("shared stages (not in the rows' wall time): "
-                                  + "; ".join(f"{k}: {v:.0f} s" for k, v in done.items()))
+                                  + "; ".join(f"{k}: {v['seconds']:.0f} s" for k, v in stages.stages.items()))
                 full_notes += llm_gain_notes(full, full.parent / "eval")
                 skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
                 full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
