@@ -78,7 +78,7 @@ def auc(labels, scores) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, resamples: int = 2000,
+def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, strata=None, resamples: int = 2000,
                             level: float = 0.95, seed: int = 0) -> dict:
     """AUC(a) - AUC(b) on the same rows, with a paired bootstrap interval over groups (users).
 
@@ -87,6 +87,11 @@ def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, resamples:
     differences. An interval above 0 says ``a`` ranks better than ``b`` beyond the noise of
     which users were tested.
 
+    ``strata`` pools independent replicates (for example two runs with different seeds, each
+    with its own trained models). Scores of different models need not share a scale, so each
+    stratum's AUCs are computed within it and the difference is the mean over strata of
+    ``AUC(a) - AUC(b)``; each resample draws groups with replacement within their own stratum.
+
     Parameters
     ----------
     labels : array-like of {0, 1}
@@ -94,6 +99,9 @@ def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, resamples:
         Two rankers' scores of the same rows.
     group_ids : array-like
         The group (user) of each row: the unit that is resampled.
+    strata : array-like, optional
+        The replicate of each row; groups are resampled within it (a group id may repeat
+        across strata). ``None``: one stratum.
     resamples : int
     level : float
         Coverage of the interval (0.95: the 2.5th to 97.5th percentiles).
@@ -102,7 +110,9 @@ def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, resamples:
     Returns
     -------
     dict
-        ``difference`` (on all rows), ``low``, ``high``, ``resamples``, ``groups``.
+        ``difference`` (on all rows), ``low``, ``high``, ``resamples``, ``groups`` (summed over
+        strata), and with several strata also ``strata`` (how many) and ``per_stratum`` (each
+        stratum's difference, in sorted stratum order).
 
     Examples
     --------
@@ -113,19 +123,40 @@ def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, resamples:
     """
     labels, scores_a, group_ids = _as_arrays(labels, scores_a, group_ids)
     _, scores_b = _as_arrays(labels, scores_b)
-    groups, inverse = np.unique(group_ids, return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == g) for g in range(len(groups))]
+    if strata is None:
+        strata = np.zeros(labels.size, dtype=np.int8)
+    else:
+        strata = np.asarray(strata)
+        if strata.shape != labels.shape:
+            raise ValueError(f"strata must have the length of labels ({labels.size}), got {strata.shape}")
+    # Per stratum: the row indices of each of its groups.
+    strata_rows = []
+    for stratum in np.unique(strata):
+        in_stratum = np.flatnonzero(strata == stratum)
+        _, inverse = np.unique(group_ids[in_stratum], return_inverse=True)
+        strata_rows.append([in_stratum[inverse == g] for g in range(inverse.max() + 1)])
+
+    def difference(rows_per_stratum) -> float:
+        return float(np.mean([auc(labels[rows], scores_a[rows]) - auc(labels[rows], scores_b[rows])
+                              for rows in rows_per_stratum]))
+
     rng = np.random.default_rng(seed)
     differences = []
     for _ in range(int(resamples)):
-        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(groups), len(groups))])
-        if labels[rows].min() == labels[rows].max():
+        drawn = [np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
+                 for rows_of in strata_rows]
+        if any(labels[rows].min() == labels[rows].max() for rows in drawn):
             continue  # a resample with one class has no AUC
-        differences.append(auc(labels[rows], scores_a[rows]) - auc(labels[rows], scores_b[rows]))
+        differences.append(difference(drawn))
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(differences, [tail, 100.0 - tail])
-    return {"difference": auc(labels, scores_a) - auc(labels, scores_b), "low": float(low), "high": float(high),
-            "resamples": len(differences), "groups": int(len(groups))}
+    whole = [np.concatenate(rows_of) for rows_of in strata_rows]
+    out = {"difference": difference(whole), "low": float(low), "high": float(high),
+           "resamples": len(differences), "groups": int(sum(len(rows_of) for rows_of in strata_rows))}
+    if len(strata_rows) > 1:
+        out["strata"] = len(strata_rows)
+        out["per_stratum"] = [difference([rows]) for rows in whole]
+    return out
 
 
 def positive_rank_bounds(labels, scores, group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

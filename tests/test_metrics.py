@@ -131,3 +131,33 @@ def test_auc_difference_interval_is_paired_over_groups():
     assert flipped["high"] == pytest.approx(-out["low"]) and flipped["low"] == pytest.approx(-out["high"])
     with pytest.raises(ValueError, match="not finite"):
         auc_difference_interval(labels, good, np.full(labels.size, np.nan), groups)
+
+
+def test_auc_difference_interval_pools_replicates_within_strata():
+    rng = np.random.default_rng(2)
+
+    def replicate(strength):
+        labels = np.tile(np.r_[1, np.zeros(20, dtype=int)], 40)
+        return labels, rng.normal(size=labels.size) + strength * labels, rng.normal(size=labels.size)
+
+    labels_1, good_1, bad_1 = replicate(1.0)
+    labels_2, good_2, bad_2 = replicate(1.0)
+    groups = np.tile(np.repeat(np.arange(40), 21), 2)  # the same group ids in both replicates
+    strata = np.repeat([0, 1], labels_1.size)
+    labels = np.r_[labels_1, labels_2]
+    # Replicate 1's model "a" scores on another scale: pooling rows across strata would be wrong.
+    good, bad = np.r_[good_1, good_2 + 100.0], np.r_[bad_1, bad_2]
+    pooled = auc_difference_interval(labels, good, bad, groups, strata=strata, resamples=400)
+    one = auc_difference_interval(labels_1, good_1, bad_1, groups[: labels_1.size], resamples=400)
+    two = auc_difference_interval(labels_2, good_2, bad_2, groups[: labels_2.size], resamples=400)
+    assert pooled["per_stratum"] == pytest.approx([one["difference"], two["difference"]])
+    assert pooled["difference"] == pytest.approx((one["difference"] + two["difference"]) / 2)
+    assert pooled["groups"] == 80 and pooled["strata"] == 2
+    assert pooled["low"] < pooled["difference"] < pooled["high"]
+    # Twice the users: a narrower interval than either replicate alone.
+    width = pooled["high"] - pooled["low"]
+    assert width < one["high"] - one["low"] and width < two["high"] - two["low"]
+    # One stratum given explicitly is the unstratified interval, draw for draw.
+    assert auc_difference_interval(labels_1, good_1, bad_1, groups[:840], strata=np.zeros(840), resamples=400) == one
+    with pytest.raises(ValueError, match="strata must have"):
+        auc_difference_interval(labels_1, good_1, bad_1, groups[:840], strata=[0, 1])
