@@ -48,12 +48,21 @@ LLM_ROWS = {
 }
 
 
-def llm_train_settings() -> dict:
+def llm_train_settings(epochs: int = LLM_EPOCHS) -> dict:
     # Imported here: ranker.training pulls in the Merlin stack, which summaries_on_gpu.py's GPU
     # machine does not have.
     from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
 
-    return dict(SMALL_BUDGET_TRAINING, epochs=LLM_EPOCHS)
+    return dict(SMALL_BUDGET_TRAINING, epochs=epochs)
+
+
+def run_name(kind: str, epochs: int = LLM_EPOCHS) -> str:
+    """The cache name of one LLM row's ranker, scores and row file: ``full``, or ``full_e4`` for 4 epochs."""
+    return kind if epochs == LLM_EPOCHS else f"{kind}_e{epochs}"
+
+
+def row_label(name: str, epochs: int = LLM_EPOCHS) -> str:
+    return name if epochs == LLM_EPOCHS else f"{name}, {epochs} epochs"
 
 
 def log(message: str) -> None:
@@ -231,53 +240,68 @@ class LLMStages:
             marker.write_text("ok\n")
         return store
 
-    def row(self, kind: str) -> dict:
+    def row(self, kind: str, epochs: int = LLM_EPOCHS) -> dict:
+        """Train (unless zero-shot) and score one LLM row; ``epochs`` above the table's own
+        continue that row's finished run from its checkpoint (the learning rate is constant, so
+        this is the longer run's training without redoing the first epochs)."""
         from merlin_mllm.ranker.evaluate import evaluate_ranker
         from merlin_mllm.ranker.training import train_ranker
 
-        eval_json = self.work / "eval" / f"{kind}.json"
+        eval_json = self.work / "eval" / f"{run_name(kind, epochs)}.json"
         if kind == "zero_shot":
             result = evaluate_ranker(self.data, self.summaries(self.seed_stores, "recurrent"), None, eval_json, zero_shot=True,
                                      max_groups=self.max_groups, progress=True)
             return {"seed": None, **metrics_only(result), "scoring_seconds": result["run"]["scoring_seconds"]}
         store = self.summaries(self.seed_stores, "direct" if kind == "direct_summaries" else "recurrent")
-        run_dir = self.work / "ranker" / kind
+        run_dir = self.work / "ranker" / run_name(kind, epochs)
+        shorter = self.work / "ranker" / kind
+        continued_from = None
+        if epochs > LLM_EPOCHS and not run_dir.exists():
+            if not (shorter / "checkpoints").is_dir():
+                raise FileNotFoundError(f"{shorter}: run the {LLM_EPOCHS}-epoch row first; the {epochs}-epoch "
+                                        "row continues its checkpoint")
+            shutil.copytree(shorter, run_dir)
+        if epochs > LLM_EPOCHS:
+            continued_from = f"{shorter.name} ({LLM_EPOCHS} epochs)"
         started = time.time()
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
         train_ranker(self.data, store, run_dir, image=kind != "text_only", seed=self.seed, validate=False,
-                     progress=True, **llm_train_settings())
+                     progress=True, **llm_train_settings(epochs))
         train_seconds = time.time() - started
         result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)
         training = json.loads((run_dir / "training.json").read_text())
         return {"seed": self.seed, **metrics_only(result), "train_seconds": round(train_seconds, 1),
                 "scoring_seconds": result["run"]["scoring_seconds"], "use_images": result["run"]["use_images"],
                 "train_rows": training.get("rows", training.get("train_rows")),
-                "epoch_mean_loss": training.get("epoch_mean_loss")}
+                "epoch_mean_loss": training.get("epoch_mean_loss"), "epochs": epochs,
+                "continued_from": continued_from}
 
 
-def llm_gain_notes(data: Path, eval_dir: Path) -> List[str]:
-    """The full model's AUC gain over zero-shot and popularity, with paired bootstrap intervals."""
+def llm_gain_notes(data: Path, eval_dir: Path, epochs: List[int] = (LLM_EPOCHS,)) -> List[str]:
+    """Each full model's (one per training length) AUC gain over zero-shot and popularity, with
+    paired bootstrap intervals."""
     import pandas as pd
 
     from merlin_mllm import baselines
     from merlin_mllm.metrics import auc_difference_interval
 
-    full = eval_dir / "full.scores.parquet"
-    if not full.is_file():
-        return []
     others = {"popularity": baselines.popularity_scores(data)}
     if (eval_dir / "zero_shot.scores.parquet").is_file():
         others["MLLM-MSR zero-shot"] = pd.read_parquet(eval_dir / "zero_shot.scores.parquet")
-    scores = pd.read_parquet(full)
     notes = []
-    for name, other in others.items():
-        paired = scores.merge(other[["group_id", "item_id", "score"]], on=["group_id", "item_id"], suffixes=("", "_other"))
-        if len(paired) != len(scores):
-            raise RuntimeError(f"{name} scored other rows than MLLM-MSR ({len(other)} vs {len(scores)})")
-        gain = auc_difference_interval(paired["label"], paired["score"], paired["score_other"], paired["group_id"])
-        notes.append(f"MLLM-MSR minus {name}: AUC {gain['difference']:+.3f}, 95% paired bootstrap interval over "
-                     f"the {gain['groups']} test users [{gain['low']:+.3f}, {gain['high']:+.3f}]")
+    for count in epochs:
+        full = eval_dir / f"{run_name('full', count)}.scores.parquet"
+        if not full.is_file():
+            continue
+        scores, label = pd.read_parquet(full), row_label("MLLM-MSR", count)
+        for name, other in others.items():
+            paired = scores.merge(other[["group_id", "item_id", "score"]], on=["group_id", "item_id"], suffixes=("", "_other"))
+            if len(paired) != len(scores):
+                raise RuntimeError(f"{name} scored other rows than {label} ({len(other)} vs {len(scores)})")
+            gain = auc_difference_interval(paired["label"], paired["score"], paired["score_other"], paired["group_id"])
+            notes.append(f"{label} minus {name}: AUC {gain['difference']:+.3f}, 95% paired bootstrap interval over "
+                         f"the {gain['groups']} test users [{gain['low']:+.3f}, {gain['high']:+.3f}]")
     return notes
 
 
@@ -338,6 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument("--all-users-llm-protocols", nargs="*", default=["paper"], choices=PROTOCOLS,
                         help="protocols whose all-users table gets --all-users-llm-rows (default: paper, "
                              "94 test users; temporal would score 943 groups of 21 per row)")
+    parser.add_argument("--all-users-longer-epochs", type=int, nargs="*", default=[],
+                        help="also train the all-users MLLM-MSR row for these many epochs (each > "
+                             f"{LLM_EPOCHS}), continuing the {LLM_EPOCHS}-epoch run's checkpoint; one row each")
     parser.add_argument("--all-users-recbole", action="store_true",
                         help="run RecBole in the all-users table too (slow on a shared CPU)")
     parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
@@ -347,6 +374,11 @@ def main(argv=None) -> int:
                         help="cache of every stage (git-ignored)")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
     args = parser.parse_args(argv)
+    too_short = [e for e in args.all_users_longer_epochs if e <= LLM_EPOCHS]
+    if too_short:
+        parser.error(f"--all-users-longer-epochs must exceed the table's {LLM_EPOCHS} epochs, got {too_short}")
+    if args.all_users_longer_epochs and "full" not in args.all_users_llm_rows:
+        parser.error("--all-users-longer-epochs continues the full row: add full to --all-users-llm-rows")
     global COMPUTE_BASELINES
     COMPUTE_BASELINES = not (args.skip_baselines or args.table_only)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -403,17 +435,21 @@ def main(argv=None) -> int:
                 # All users: the summaries take ~2 h on a 2-core CPU, so they are usually made on a
                 # GPU first (summaries_on_gpu.py --work <work>/<protocol>_all) and reused from there.
                 stages = LLMStages(full, full.parent, args.llm_seed, None, [])
-                for name, kind in LLM_ROWS.items():
-                    if kind not in args.all_users_llm_rows:
-                        continue
-                    path = full.parent / "rows" / f"llm_{kind}.json"
+                runs = [(name, kind, LLM_EPOCHS) for name, kind in LLM_ROWS.items() if kind in args.all_users_llm_rows]
+                runs += [("MLLM-MSR", "full", e) for e in sorted(set(args.all_users_longer_epochs))]
+                for name, kind, epochs in runs:
+                    label = row_label(name, epochs)
+                    path = full.parent / "rows" / f"llm_{run_name(kind, epochs)}.json"
                     if args.table_only and not path.is_file():
-                        full_notes.append(f"{name}: not finished (re-run without --table-only)")
+                        full_notes.append(f"{label}: not finished (re-run without --table-only)")
                         continue
-                    log(f"  all users: {name} ...")
-                    record = cached(path, lambda: stages.row(kind))
-                    log(f"  all users: {name}: AUC {record['auc']:.3f} ({record['wall_seconds']:.0f} s)")
-                    full_rows.append(summarise(name, [record], full_report["users_per_split"]["test"]))
+                    log(f"  all users: {label} ...")
+                    record = cached(path, lambda: stages.row(kind, epochs))
+                    log(f"  all users: {label}: AUC {record['auc']:.3f} ({record['wall_seconds']:.0f} s)")
+                    full_rows.append(summarise(label, [record], full_report["users_per_split"]["test"]))
+                    if record.get("continued_from"):
+                        full_notes.append(f"{label}: continues the {record['continued_from']} run from its checkpoint; "
+                                          "its wall time is the extra epochs plus scoring")
                 gpu = full.parent / "summaries_on_gpu.json"
                 if gpu.is_file():
                     made = json.loads(gpu.read_text())
@@ -421,7 +457,7 @@ def main(argv=None) -> int:
                                       f"(batch {made['batch']}), reused here")
                 full_notes.append("shared stages (not in the rows' wall time): "
                                   + "; ".join(f"{k}: {v['seconds']:.0f} s" for k, v in stages.stages.items()))
-                full_notes += llm_gain_notes(full, full.parent / "eval")
+                full_notes += llm_gain_notes(full, full.parent / "eval", [LLM_EPOCHS, *sorted(set(args.all_users_longer_epochs))])
                 skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
                 full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
             what = "baselines only" if not full_notes else "baselines and " + ", ".join(
