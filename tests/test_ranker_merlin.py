@@ -3,6 +3,7 @@ training through merlin.dataloader + Lightning, checkpoint resume, and evaluatio
 # No ``from __future__ import annotations`` here: Merlin reads the real ``Dict[str, Tensor]``
 # annotation of a module's forward to decide that it takes a dict.
 import json
+import shutil
 import warnings
 from typing import Dict
 
@@ -384,3 +385,16 @@ def test_row_summaries_from_a_summary_store_use_each_rows_own_history(data_dir, 
     missing["history_item_ids"] = [list(h) + [int(rows["item_id"].iloc[0])] for h in missing["history_item_ids"]]
     with pytest.raises(ValueError, match="summarize users"):
         row_summaries(tmp_path / "store", data_dir, missing)
+
+
+def test_a_checkpoint_from_another_image_encoder_is_refused_by_name(trained, data_dir, summaries, tiny_text_model, tmp_path):
+    # A run saved before the image tokens changed (another projector shape) must not reach
+    # Lightning's state-dict load, which fails with a bare size mismatch.
+    out = tmp_path / "old_run"
+    shutil.copytree(trained[0], out)
+    config = json.loads((out / "train_config.json").read_text())
+    config["image_encoder"] = "efficientnet-lite0-grid"
+    (out / "train_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"other settings \{'image_encoder': \('efficientnet-lite0-grid', None\)\}"):
+        train_ranker(data_dir, summaries, out, model=tiny_text_model, image=False, epochs=3,
+                     grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)

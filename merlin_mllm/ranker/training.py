@@ -57,7 +57,7 @@ with warnings.catch_warnings():
 
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.model import EMBEDDED, RankerModel
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,10 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 ITEM_IMAGES_FILE = "item_images.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
-#: Settings that must match for a checkpoint to be resumed.
-_RESUME_KEYS = ("model", "image", "lora_r", "lora_alpha", "lora_dropout", "loss", "max_length", "seed")
+#: Settings that must match for a checkpoint to be resumed. ``image_encoder`` names what made the
+#: image tokens: a checkpoint from another encoder has another projector shape, refused here by
+#: name rather than by a size mismatch deep inside Lightning.
+_RESUME_KEYS = ("model", "image", "image_encoder", "lora_r", "lora_alpha", "lora_dropout", "loss", "max_length", "seed")
 _ROW_TAGS = {
     "label": [Tags.TARGET, Tags.BINARY_CLASSIFICATION],
     "item_id": [Tags.ITEM_ID, Tags.CATEGORICAL],
@@ -583,8 +585,8 @@ def train_ranker(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     accelerator = accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
     settings = {
-        "model": model or EMBEDDED, "image": bool(image), "lora_r": lora_r, "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout, "lr": lr, "projector_lr": projector_lr, "epochs": epochs,
+        "model": model or EMBEDDED, "image": bool(image), "image_encoder": ENCODER_NAME if image else None,
+        "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "lr": lr, "projector_lr": projector_lr, "epochs": epochs,
         "max_steps": max_steps, "grad_accum": grad_accum, "max_length": max_length, "batch_size": batch_size,
         "seed": seed, "loss": loss, "devices": devices, "strategy": str(strategy), "max_groups": max_groups,
         "data_dir": str(data_dir.resolve()),
