@@ -1,6 +1,6 @@
 """Pooling replicates of the visual check (benchmarks/visual/pool_replicates.py) on written run folders.
 
-Each fake replicate is laid out like a finished ``run_visual.py`` cache: ``results/results.json``
+Each fake replicate is laid out like a finished ``run_visual.py`` run: ``results/results.json``
 with the run's settings and ``eval/MLLM-MSR_<arm>.scores.parquet`` with each arm's test scores.
 """
 from __future__ import annotations
@@ -35,14 +35,14 @@ def _write_run(folder: Path, seed: int, strength: float, *, epochs: int = 3, tex
         frame.to_parquet(folder / "eval" / f"MLLM-MSR_{arm}.scores.parquet")
     if text_rows is not None:
         frame.iloc[:text_rows].to_parquet(folder / "eval" / "MLLM-MSR_text.scores.parquet")
-    return folder
+    return folder / "results" / "results.json"
 
 
 def test_pools_two_seeds_and_writes_the_table(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 0.5)
-    result = pool_replicates.main(["--caches", str(a), str(b), "--out", str(tmp_path / "out"), "--resamples", "300"])
+    result = pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out"), "--resamples", "300"])
     per_run = []
-    for folder in (a, b):
+    for folder in (a.parent.parent, b.parent.parent):
         image = pd.read_parquet(folder / "eval" / "MLLM-MSR_image.scores.parquet")
         text = pd.read_parquet(folder / "eval" / "MLLM-MSR_text.scores.parquet")
         per_run.append(auc(image["label"], image["score"]) - auc(text["label"], text["score"]))
@@ -59,17 +59,18 @@ def test_pools_two_seeds_and_writes_the_table(tmp_path):
 def test_refuses_replicates_that_differ_in_more_than_the_seed(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 1.0, epochs=5)
     with pytest.raises(ValueError, match=r"differs .* in \['epochs'\]"):
-        pool_replicates.main(["--caches", str(a), str(b), "--out", str(tmp_path / "out")])
+        pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])
     c = _write_run(tmp_path / "c", 0, 1.0)
     with pytest.raises(ValueError, match="distinct seeds"):
-        pool_replicates.main(["--caches", str(a), str(c), "--out", str(tmp_path / "out")])
+        pool_replicates.main(["--results", str(a), str(c), "--out", str(tmp_path / "out")])
 
 
 def test_names_the_run_whose_arms_scored_different_rows(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 1.0, text_rows=100)
     with pytest.raises(ValueError, match=f"{b}: the arms scored different rows"):
-        pool_replicates.main(["--caches", str(a), str(b), "--out", str(tmp_path / "out")])
-    unfinished = tmp_path / "d"
-    (unfinished / "eval").mkdir(parents=True)
+        pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="results.json not found"):
-        pool_replicates.main(["--caches", str(a), str(unfinished), "--out", str(tmp_path / "out")])
+        pool_replicates.main(["--results", str(a), str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "out")])
+    (b.parent.parent / "eval" / "MLLM-MSR_image.scores.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="the image arm of .* has not been scored"):
+        pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])

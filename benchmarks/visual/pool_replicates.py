@@ -1,7 +1,8 @@
 """Pool independent replicates of the visual-preference check into one image-vs-text estimate.
 
-Each replicate is a finished ``run_visual.py`` cache made with a different ``--seed`` (its own
-catalogue, users, negatives and trained rankers) and otherwise the same settings. Scores of
+Each replicate is a finished ``run_visual.py`` run made with a different ``--seed`` (its own
+catalogue, users, negatives and trained rankers) and otherwise the same settings. It is named by
+its ``results.json``, which records the run's cache, where both arms' test scores are. Scores of
 different models need not share a scale, so each replicate's AUCs are computed within it; the
 pooled gain is the mean over replicates of AUC(image arm) - AUC(text arm), and its 95% interval
 comes from a bootstrap that resamples test users within each replicate
@@ -9,8 +10,8 @@ comes from a bootstrap that resamples test users within each replicate
 
 Prints the table and writes ``replicates.json`` / ``replicates.md`` into ``--out``::
 
-    .venv/bin/python benchmarks/visual/pool_replicates.py \\
-        --caches benchmarks/results/visual_v3 benchmarks/results/visual_seed1
+    .venv/bin/python benchmarks/visual/pool_replicates.py --results benchmarks/visual/results.json \\
+        benchmarks/visual/results_seed1.json benchmarks/visual/results_seed2.json
 """
 from __future__ import annotations
 
@@ -28,23 +29,24 @@ HERE = Path(__file__).resolve().parent
 PER_REPLICATE = {"seed", "cache", "results_dir", "arms", "progress", "package_dir"}
 
 
-def load_replicate(cache: Path) -> dict:
+def load_replicate(results_file: Path) -> dict:
     """One finished run's paired test scores (image arm vs text arm) and its settings."""
-    results_file = cache / "results" / "results.json"
     if not results_file.is_file():
-        raise FileNotFoundError(f"{results_file} not found: finish that run (both arms) with --results-dir {cache / 'results'}")
+        raise FileNotFoundError(f"{results_file} not found: finish that run_visual.py run (both arms) first")
     settings = json.loads(results_file.read_text())["settings"]
+    cache = Path(settings["cache"])
     arms = {}
     for arm in ("image", "text"):
         scores = cache / "eval" / f"MLLM-MSR_{arm}.scores.parquet"
         if not scores.is_file():
-            raise FileNotFoundError(f"{scores} not found: the {arm} arm of {cache} has not been scored")
+            raise FileNotFoundError(f"{scores} not found: the {arm} arm of {results_file} has not been scored "
+                                    f"(its cache is {cache})")
         arms[arm] = pd.read_parquet(scores)[["group_id", "item_id", "label", "score"]]
     paired = arms["image"].merge(arms["text"], on=["group_id", "item_id", "label"], suffixes=("_image", "_text"))
     if len(paired) != len(arms["image"]) or len(paired) != len(arms["text"]):
-        raise ValueError(f"{cache}: the arms scored different rows ({len(arms['image'])} image, "
+        raise ValueError(f"{results_file}: the arms scored different rows ({len(arms['image'])} image, "
                          f"{len(arms['text'])} text, {len(paired)} paired)")
-    return {"cache": str(cache), "settings": settings, "paired": paired}
+    return {"results": str(results_file), "cache": str(cache), "settings": settings, "paired": paired}
 
 
 def check_same_design(replicates: list) -> None:
@@ -54,7 +56,7 @@ def check_same_design(replicates: list) -> None:
         keys = (set(first["settings"]) | set(other["settings"])) - PER_REPLICATE
         differing = sorted(k for k in keys if first["settings"].get(k) != other["settings"].get(k))
         if differing:
-            raise ValueError(f"{other['cache']} differs from {first['cache']} in {differing}: "
+            raise ValueError(f"{other['results']} differs from {first['results']} in {differing}: "
                              f"only --seed may differ between pooled replicates")
     seeds = [r["settings"]["seed"] for r in replicates]
     if len(set(seeds)) != len(seeds):
@@ -66,7 +68,7 @@ def pool(replicates: list, resamples: int = 2000) -> dict:
     for r in replicates:
         p = r["paired"]
         gain = auc_difference_interval(p["label"], p["score_image"], p["score_text"], p["group_id"], resamples=resamples)
-        rows.append({"seed": r["settings"]["seed"], "cache": r["cache"], "test_users": gain["groups"],
+        rows.append({"seed": r["settings"]["seed"], "results": r["results"], "test_users": gain["groups"],
                      "auc_image": auc(p["label"], p["score_image"]), "auc_text": auc(p["label"], p["score_text"]),
                      "image_minus_text": gain})
     frame = pd.concat([r["paired"].assign(replicate=i) for i, r in enumerate(replicates)], ignore_index=True)
@@ -96,13 +98,14 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--caches", type=Path, nargs="+", required=True, help="finished run_visual.py caches, one per seed")
+    parser.add_argument("--results", type=Path, nargs="+", required=True,
+                        help="results.json of finished run_visual.py runs, one per seed")
     parser.add_argument("--out", type=Path, default=HERE, help="where replicates.json / replicates.md go")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
-    if len(args.caches) < 2:
+    if len(args.results) < 2:
         parser.error("pooling needs at least two replicates")
-    replicates = [load_replicate(c.resolve()) for c in args.caches]
+    replicates = [load_replicate(path) for path in args.results]
     check_same_design(replicates)
     result = pool(replicates, resamples=args.resamples)
     table = markdown(result)
