@@ -254,15 +254,18 @@ class LLMStages:
             return {"seed": None, **metrics_only(result), "scoring_seconds": result["run"]["scoring_seconds"]}
         store = self.summaries(self.seed_stores, "direct" if kind == "direct_summaries" else "recurrent")
         run_dir = self.work / "ranker" / run_name(kind, epochs)
-        shorter = self.work / "ranker" / kind
         continued_from = None
-        if epochs > LLM_EPOCHS and not run_dir.exists():
-            if not (shorter / "checkpoints").is_dir():
-                raise FileNotFoundError(f"{shorter}: run the {LLM_EPOCHS}-epoch row first; the {epochs}-epoch "
-                                        "row continues its checkpoint")
-            shutil.copytree(shorter, run_dir)
         if epochs > LLM_EPOCHS:
-            continued_from = f"{shorter.name} ({LLM_EPOCHS} epochs)"
+            # The longest finished shorter run of this row (its model saved) is where this one starts.
+            shorter = [e for e in range(LLM_EPOCHS, epochs)
+                       if (self.work / "ranker" / run_name(kind, e) / "training.json").is_file()]
+            if not shorter:
+                raise FileNotFoundError(f"{self.work / 'ranker' / kind}: run the {LLM_EPOCHS}-epoch row first; "
+                                        f"the {epochs}-epoch row continues its checkpoint")
+            source = self.work / "ranker" / run_name(kind, max(shorter))
+            if not run_dir.exists():
+                shutil.copytree(source, run_dir)
+            continued_from = f"{source.name} ({max(shorter)} epochs)"
         started = time.time()
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
