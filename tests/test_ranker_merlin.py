@@ -398,3 +398,20 @@ def test_a_checkpoint_from_another_image_encoder_is_refused_by_name(trained, dat
     with pytest.raises(ValueError, match=r"other settings \{'image_encoder': \('efficientnet-lite0-grid', None\)\}"):
         train_ranker(data_dir, summaries, out, model=tiny_text_model, image=False, epochs=3,
                      grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)
+
+
+def test_a_copied_run_folder_resumes_and_keeps_one_last_checkpoint(trained, data_dir, summaries, tiny_text_model, tmp_path):
+    # A run folder copied elsewhere (to continue it under another name) must write its progress
+    # to last.ckpt, the file the next resume reads, not to a last-v1.ckpt beside a stale one.
+    out = tmp_path / "continued"
+    shutil.copytree(trained[0], out)
+    before = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    settings = dict(model=tiny_text_model, image=False, grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)
+    epochs = json.loads((out / "training.json").read_text())["epochs_completed"]
+    train_ranker(data_dir, summaries, out, epochs=epochs + 1, **settings)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    after = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert after == before + 2  # one more epoch: 16 rows / 4 per batch / 2 accumulated
+    train_ranker(data_dir, summaries, out, epochs=epochs + 2, **settings)
+    record = json.loads((out / "training.json").read_text())
+    assert record["global_step"] == before + 4 and record["epochs_completed"] == epochs + 2

@@ -408,7 +408,15 @@ class LastCheckpoint(pl.callbacks.ModelCheckpoint):
     writes ``last.ckpt`` at an epoch end only after validation. With ``validate=False`` a
     finished epoch was left at its last N-step mark, and a resumed run trained that epoch's tail
     again on a restarted loader.
+
+    ``last.ckpt`` is the one file a resume reads, so it is always overwritten. Lightning would
+    otherwise write ``last-v1.ckpt`` beside a ``last.ckpt`` it did not write itself in this
+    run's folder (a run folder that was copied or moved), and the next resume would restart
+    from the stale one.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(enable_version_counter=False, **kwargs)
 
     def on_train_epoch_end(self, trainer, pl_module):
         super().on_train_epoch_end(trainer, pl_module)
