@@ -367,7 +367,8 @@ def main(argv=None) -> int:
                              "94 test users; temporal would score 943 groups of 21 per row)")
     parser.add_argument("--all-users-longer-epochs", type=int, nargs="*", default=[],
                         help="also train the all-users MLLM-MSR row for these many epochs (each > "
-                             f"{LLM_EPOCHS}), continuing the {LLM_EPOCHS}-epoch run's checkpoint; one row each")
+                             f"{LLM_EPOCHS}), each continuing the checkpoint of the longest finished shorter run; "
+                             "one row each")
     parser.add_argument("--all-users-recbole", action="store_true",
                         help="run RecBole in the all-users table too (slow on a shared CPU)")
     parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
