@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["auc", "auc_difference_interval", "positive_rank_bounds", "ranking_metrics", "hit_rate_curve", "DEFAULT_KS"]
+__all__ = ["auc", "auc_difference_interval", "paired_scores", "positive_rank_bounds", "ranking_metrics", "hit_rate_curve", "DEFAULT_KS"]
 
 DEFAULT_KS = (3, 5, 10)
 _TIE_MODES = ("expected", "pessimistic")
@@ -157,6 +157,54 @@ def auc_difference_interval(labels, scores_a, scores_b, group_ids, *, strata=Non
         out["strata"] = len(strata_rows)
         out["per_stratum"] = [difference([rows]) for rows in whole]
     return out
+
+
+def paired_scores(scores_a, scores_b, names: Sequence[str] = ("a", "b"), where: str = ""):
+    """Two rankers' scores of the same rows, side by side, for :func:`auc_difference_interval`.
+
+    Rows are matched on ``group_id`` and ``item_id``. The result has ``group_id``, ``item_id``,
+    ``label`` (``scores_a``'s) and ``score_<name>`` for each of ``names``. Raises ``ValueError``
+    (prefixed with ``where``) when the two did not score exactly the same rows, or when both
+    carry labels that disagree: a difference of AUCs over different rows means nothing.
+
+    Parameters
+    ----------
+    scores_a, scores_b : pandas.DataFrame
+        ``group_id``, ``item_id``, ``score``; ``scores_a`` also ``label``.
+    names : pair of str
+        Suffixes of the two score columns.
+    where : str
+        Names the comparison in error messages.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> a = pd.DataFrame({"group_id": [0, 0], "item_id": [1, 2], "label": [1, 0], "score": [0.9, 0.1]})
+    >>> b = a.assign(score=[0.2, 0.8])
+    >>> paired_scores(a, b, ("model", "popularity")).columns.tolist()
+    ['group_id', 'item_id', 'label', 'score_model', 'score_popularity']
+    """
+    first, second = names
+    prefix = f"{where}: " if where else ""
+    keys = ["group_id", "item_id"]
+    left = scores_a[keys + ["label", "score"]].rename(columns={"score": f"score_{first}"})
+    right_columns = keys + ["score"] + (["label"] if "label" in scores_b.columns else [])
+    right = scores_b[right_columns].rename(columns={"score": f"score_{second}", "label": f"label_{second}"})
+    for name, frame in ((first, left), (second, right)):
+        if frame.duplicated(keys).any():
+            raise ValueError(f"{prefix}{name} scored some (group_id, item_id) rows more than once")
+    paired = left.merge(right, on=keys, how="inner")
+    if len(paired) != len(left) or len(paired) != len(right):
+        raise ValueError(f"{prefix}{first} and {second} scored different rows "
+                         f"({len(left)} and {len(right)} rows, {len(paired)} in common)")
+    if f"label_{second}" in paired.columns:
+        disagree = paired["label"] != paired[f"label_{second}"]
+        if disagree.any():
+            row = paired[disagree].iloc[0]
+            raise ValueError(f"{prefix}{first} and {second} disagree on labels in {int(disagree.sum())} rows "
+                             f"(e.g. group {row['group_id']}, item {row['item_id']})")
+        paired = paired.drop(columns=f"label_{second}")
+    return paired
 
 
 def positive_rank_bounds(labels, scores, group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

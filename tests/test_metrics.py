@@ -4,10 +4,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from merlin_mllm.metrics import auc, auc_difference_interval, hit_rate_curve, positive_rank_bounds, ranking_metrics
+from merlin_mllm.metrics import auc, auc_difference_interval, hit_rate_curve, paired_scores, positive_rank_bounds, ranking_metrics
 
 
 def _random_groups(rng, n_groups, n_negatives, quantise=None):
@@ -161,3 +162,18 @@ def test_auc_difference_interval_pools_replicates_within_strata():
     assert auc_difference_interval(labels_1, good_1, bad_1, groups[:840], strata=np.zeros(840), resamples=400) == one
     with pytest.raises(ValueError, match="strata must have"):
         auc_difference_interval(labels_1, good_1, bad_1, groups[:840], strata=[0, 1])
+
+
+def test_paired_scores_pairs_rows_and_refuses_different_ones():
+    a = pd.DataFrame({"group_id": [0, 0, 1, 1], "item_id": [5, 6, 5, 7], "label": [1, 0, 1, 0], "score": [0.9, 0.2, 0.4, 0.6]})
+    b = a.sample(frac=1.0, random_state=0).assign(score=lambda f: f["item_id"] * 1.0)  # other row order
+    paired = paired_scores(a, b, ("model", "popularity"))
+    assert paired.columns.tolist() == ["group_id", "item_id", "label", "score_model", "score_popularity"]
+    assert (paired["score_popularity"] == paired["item_id"]).all() and len(paired) == 4
+    assert paired_scores(a, b.drop(columns="label")).shape == (4, 5)  # b without labels is fine
+    with pytest.raises(ValueError, match=r"quality: model and popularity scored different rows \(4 and 3 rows, 3 in common\)"):
+        paired_scores(a, b.iloc[:3], ("model", "popularity"), where="quality")
+    with pytest.raises(ValueError, match="disagree on labels in 1 rows"):
+        paired_scores(a, b.assign(label=[1, 0, 1, 1]))
+    with pytest.raises(ValueError, match="b scored some .* more than once"):
+        paired_scores(a, pd.concat([b, b.iloc[:1]]))

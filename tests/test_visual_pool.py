@@ -67,7 +67,7 @@ def test_refuses_replicates_that_differ_in_more_than_the_seed(tmp_path):
 
 def test_names_the_run_whose_arms_scored_different_rows(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 1.0, text_rows=100)
-    with pytest.raises(ValueError, match=f"{b}: the arms scored different rows"):
+    with pytest.raises(ValueError, match=f"{b}: image and text scored different rows"):
         pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="results.json not found"):
         pool_replicates.main(["--results", str(a), str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "out")])

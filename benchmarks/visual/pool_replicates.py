@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from merlin_mllm.metrics import auc, auc_difference_interval
+from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores
 
 HERE = Path(__file__).resolve().parent
 # Settings that may differ between replicates: the seed is the point, the rest are locations/logging.
@@ -42,10 +42,7 @@ def load_replicate(results_file: Path) -> dict:
             raise FileNotFoundError(f"{scores} not found: the {arm} arm of {results_file} has not been scored "
                                     f"(its cache is {cache})")
         arms[arm] = pd.read_parquet(scores)[["group_id", "item_id", "label", "score"]]
-    paired = arms["image"].merge(arms["text"], on=["group_id", "item_id", "label"], suffixes=("_image", "_text"))
-    if len(paired) != len(arms["image"]) or len(paired) != len(arms["text"]):
-        raise ValueError(f"{results_file}: the arms scored different rows ({len(arms['image'])} image, "
-                         f"{len(arms['text'])} text, {len(paired)} paired)")
+    paired = paired_scores(arms["image"], arms["text"], ("image", "text"), where=str(results_file))
     return {"results": str(results_file), "cache": str(cache), "settings": settings, "paired": paired}
 
 

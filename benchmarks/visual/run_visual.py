@@ -420,11 +420,9 @@ def main(argv=None) -> dict:
         if not zero_shot:
             arm_scores[arm] = scores
     # Same test rows in both arms (checked at prepare time): pair them by (group, item).
-    from merlin_mllm.metrics import auc_difference_interval
+    from merlin_mllm.metrics import auc_difference_interval, paired_scores
 
-    paired = arm_scores["image"].merge(arm_scores["text"], on=["group_id", "item_id", "label"], suffixes=("_image", "_text"))
-    if len(paired) != len(arm_scores["image"]):
-        raise RuntimeError(f"the arms scored different rows ({len(arm_scores['image'])} vs {len(paired)} paired)")
+    paired = paired_scores(arm_scores["image"], arm_scores["text"], ("image", "text"), where="visual check")
     image_vs_text = auc_difference_interval(paired["label"], paired["score_image"], paired["score_text"], paired["group_id"])
 
     training = {arm: json.loads((Path(model_dirs[arm]).parent / "training.json").read_text()) for arm in model_dirs}
