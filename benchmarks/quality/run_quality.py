@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,7 +61,9 @@ def run_name(kind: str, epochs: int = LLM_EPOCHS) -> str:
     return kind if epochs == LLM_EPOCHS else f"{kind}_e{epochs}"
 
 
-def row_label(name: str, epochs: int = LLM_EPOCHS) -> str:
+def row_label(name: str, epochs: int = LLM_EPOCHS, kind: str = "full") -> str:
+    if kind == "full_prefixes":
+        return f"{name}, block-prefix groups, {epochs} epoch{'s' if epochs != 1 else ''}"
     return name if epochs == LLM_EPOCHS else f"{name}, {epochs} epochs"
 
 
@@ -240,9 +242,22 @@ class LLMStages:
             marker.write_text("ok\n")
         return store
 
+    def prefix_data(self) -> Path:
+        """The prepared folder plus a training group at every block boundary (``add_prefix_targets``):
+        same test groups, more training rows, and every extra row's user summary is already stored."""
+        from merlin_mllm.data.prefix_targets import add_prefix_targets
+
+        from merlin_mllm.summaries.user import DEFAULT_BLOCK_SIZE
+
+        out = self.work / "data_prefixes"
+        if not (out / "report.json").is_file():
+            self._timed("block-prefix training groups", lambda: add_prefix_targets(
+                self.data, out, block_size=DEFAULT_BLOCK_SIZE, seed=self.seed))
+        return out
+
     def row(self, kind: str, epochs: int = LLM_EPOCHS) -> dict:
-        """Train (unless zero-shot) and score one LLM row; ``epochs`` above the table's own
-        continue that row's finished run from its checkpoint (the learning rate is constant, so
+        """Train (unless zero-shot) and score one LLM row; ``epochs`` beyond a finished shorter run
+        of the same row continue that run from its checkpoint (the learning rate is constant, so
         this is the longer run's training without redoing the first epochs)."""
         from merlin_mllm.ranker.evaluate import evaluate_ranker
         from merlin_mllm.ranker.training import train_ranker
@@ -255,13 +270,12 @@ class LLMStages:
         store = self.summaries(self.seed_stores, "direct" if kind == "direct_summaries" else "recurrent")
         run_dir = self.work / "ranker" / run_name(kind, epochs)
         continued_from = None
-        if epochs > LLM_EPOCHS:
-            # The longest finished shorter run of this row (its model saved) is where this one starts.
-            shorter = [e for e in range(LLM_EPOCHS, epochs)
-                       if (self.work / "ranker" / run_name(kind, e) / "training.json").is_file()]
-            if not shorter:
-                raise FileNotFoundError(f"{self.work / 'ranker' / kind}: run the {LLM_EPOCHS}-epoch row first; "
-                                        f"the {epochs}-epoch row continues its checkpoint")
+        # The longest finished shorter run of this row (its model saved) is where this one starts.
+        shorter = [e for e in range(1, epochs) if (self.work / "ranker" / run_name(kind, e) / "training.json").is_file()]
+        if epochs > LLM_EPOCHS and kind == "full" and not shorter:
+            raise FileNotFoundError(f"{self.work / 'ranker' / kind}: run the {LLM_EPOCHS}-epoch row first; "
+                                    f"the {epochs}-epoch row continues its checkpoint")
+        if shorter:
             source = self.work / "ranker" / run_name(kind, max(shorter))
             if not run_dir.exists():
                 shutil.copytree(source, run_dir)
@@ -269,7 +283,8 @@ class LLMStages:
         started = time.time()
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
-        train_ranker(self.data, store, run_dir, image=kind != "text_only", seed=self.seed, validate=False,
+        train_data = self.prefix_data() if kind == "full_prefixes" else self.data
+        train_ranker(train_data, store, run_dir, image=kind != "text_only", seed=self.seed, validate=False,
                      progress=True, **llm_train_settings(epochs))
         train_seconds = time.time() - started
         result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)
@@ -281,28 +296,26 @@ class LLMStages:
                 "continued_from": continued_from}
 
 
-def llm_gain_notes(data: Path, eval_dir: Path, epochs: List[int] = (LLM_EPOCHS,)) -> List[str]:
-    """Each full model's (one per training length) AUC gain over zero-shot and popularity, with
-    paired bootstrap intervals."""
+def llm_gain_notes(data: Path, eval_dir: Path, runs: List[Tuple[str, int]]) -> List[str]:
+    """Each trained full model's AUC gain over zero-shot and popularity, with paired bootstrap
+    intervals; ``runs`` are ``(kind, epochs)`` of the rows in the table."""
     import pandas as pd
 
     from merlin_mllm import baselines
-    from merlin_mllm.metrics import auc_difference_interval
+    from merlin_mllm.metrics import auc_difference_interval, paired_scores
 
     others = {"popularity": baselines.popularity_scores(data)}
     if (eval_dir / "zero_shot.scores.parquet").is_file():
         others["MLLM-MSR zero-shot"] = pd.read_parquet(eval_dir / "zero_shot.scores.parquet")
     notes = []
-    for count in epochs:
-        full = eval_dir / f"{run_name('full', count)}.scores.parquet"
+    for kind, count in runs:
+        full = eval_dir / f"{run_name(kind, count)}.scores.parquet"
         if not full.is_file():
             continue
-        scores, label = pd.read_parquet(full), row_label("MLLM-MSR", count)
+        scores, label = pd.read_parquet(full), row_label("MLLM-MSR", count, kind)
         for name, other in others.items():
-            paired = scores.merge(other[["group_id", "item_id", "score"]], on=["group_id", "item_id"], suffixes=("", "_other"))
-            if len(paired) != len(scores):
-                raise RuntimeError(f"{name} scored other rows than {label} ({len(other)} vs {len(scores)})")
-            gain = auc_difference_interval(paired["label"], paired["score"], paired["score_other"], paired["group_id"])
+            paired = paired_scores(scores, other, ("model", "other"), where=f"{label} vs {name}")
+            gain = auc_difference_interval(paired["label"], paired["score_model"], paired["score_other"], paired["group_id"])
             notes.append(f"{label} minus {name}: AUC {gain['difference']:+.3f}, 95% paired bootstrap interval over "
                          f"the {gain['groups']} test users [{gain['low']:+.3f}, {gain['high']:+.3f}]")
     return notes
@@ -369,6 +382,10 @@ def main(argv=None) -> int:
                         help="also train the all-users MLLM-MSR row for these many epochs (each > "
                              f"{LLM_EPOCHS}), each continuing the checkpoint of the longest finished shorter run; "
                              "one row each")
+    parser.add_argument("--all-users-prefix-epochs", type=int, nargs="*", default=[],
+                        help="also train the all-users MLLM-MSR row on block-prefix training groups (a group at "
+                             "every summary-block boundary of each training user, add_prefix_targets) for these "
+                             "many epochs, each continuing the longest finished shorter one; one row each")
     parser.add_argument("--all-users-recbole", action="store_true",
                         help="run RecBole in the all-users table too (slow on a shared CPU)")
     parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
@@ -441,8 +458,9 @@ def main(argv=None) -> int:
                 stages = LLMStages(full, full.parent, args.llm_seed, None, [])
                 runs = [(name, kind, LLM_EPOCHS) for name, kind in LLM_ROWS.items() if kind in args.all_users_llm_rows]
                 runs += [("MLLM-MSR", "full", e) for e in sorted(set(args.all_users_longer_epochs))]
+                runs += [("MLLM-MSR", "full_prefixes", e) for e in sorted(set(args.all_users_prefix_epochs))]
                 for name, kind, epochs in runs:
-                    label = row_label(name, epochs)
+                    label = row_label(name, epochs, kind)
                     path = full.parent / "rows" / f"llm_{run_name(kind, epochs)}.json"
                     if args.table_only and not path.is_file():
                         full_notes.append(f"{label}: not finished (re-run without --table-only)")
@@ -461,7 +479,7 @@ def main(argv=None) -> int:
                                       f"(batch {made['batch']}), reused here")
                 full_notes.append("shared stages (not in the rows' wall time): "
                                   + "; ".join(f"{k}: {v['seconds']:.0f} s" for k, v in stages.stages.items()))
-                full_notes += llm_gain_notes(full, full.parent / "eval", [LLM_EPOCHS, *sorted(set(args.all_users_longer_epochs))])
+                full_notes += llm_gain_notes(full, full.parent / "eval", [(k, e) for _, k, e in runs if k in ("full", "full_prefixes")])
                 skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
                 full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
             what = "baselines only" if not full_notes else "baselines and " + ", ".join(
