@@ -4,11 +4,14 @@ added row's user summary is a step of the chain the store already holds."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from merlin_mllm import baselines
 from merlin_mllm.data.prefix_targets import add_prefix_targets
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
@@ -107,3 +110,29 @@ def test_clear_errors(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="whole history"):
         add_prefix_targets(copy, tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def test_item_prior_ceiling_counts_training_positives(folders, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "quality"))
+    import item_prior_ceiling
+
+    source, out, summary = folders
+    rows = {r["scorer"].split(" (")[0]: r for r in item_prior_ceiling.ceiling_rows(source, out)}
+    assert rows["training positives"]["events_counted"] == summary["groups_before"]
+    assert rows["block-prefix training positives"]["events_counted"] == summary["groups_before"] + summary["groups_added"]
+    # The score of a test row is its item's count among the training groups' positives.
+    test, train = read_table(source / "test"), read_table(out / "train")
+    scored = item_prior_ceiling.positive_counts(train, test)
+    counts = train.loc[train["label"] == 1, "item_id"].value_counts()
+    item = int(next(i for i in counts.index if i in set(test["item_id"])))
+    assert (scored.loc[scored["item_id"] == item, "score"] == counts[item]).all() and counts[item] >= 1
+    assert (scored.loc[~scored["item_id"].isin(train.loc[train["label"] == 1, "item_id"]), "score"] == 0).all()
+    popularity = rows["popularity"]
+    assert popularity["auc"] == pytest.approx(baselines.evaluate_popularity(source, tmp_path / "p.json")["auc"])
+    gap = rows["training positives"]["minus_popularity"]
+    assert gap["difference"] == pytest.approx(rows["training positives"]["auc"] - popularity["auc"])
+    # A folder with other test groups is refused by name.
+    other = tmp_path / "other"
+    prepare_dataset("ml-100k", "paper", other, max_users=40, max_history=10, seed=6)
+    with pytest.raises(ValueError, match="other test groups"):
+        item_prior_ceiling.ceiling_rows(source, other)

@@ -1,0 +1,87 @@
+"""How far can an item prior learned from the ranker's own training rows go?
+
+With generic user summaries, the LoRA ranker can mostly learn which items tend to be positives.
+This scores the test groups of a prepared folder with item counts over different event sets,
+next to popularity (counts over every event before the test targets), so the LLM rows can be
+read against the item prior their training rows could teach them:
+
+- ``training positives``: how often each item is the positive of a training group;
+- the same over a ``add_prefix_targets`` folder's training groups (``--prefix-data``).
+
+Prints a table and writes ``item_prior_ceiling.json`` next to this script.
+
+Usage::
+
+    python benchmarks/quality/item_prior_ceiling.py --data benchmarks/results/quality_v2/paper_all/data \
+        --prefix-data benchmarks/results/quality_v2/paper_all/data_prefixes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from merlin_mllm import baselines
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_metrics
+
+HERE = Path(__file__).resolve().parent
+
+
+def positive_counts(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Test rows scored by how often their item is a training group's positive (0 if never)."""
+    counts = train.loc[train["label"] == 1, "item_id"].value_counts()
+    return test[["group_id", "item_id", "label"]].assign(score=test["item_id"].map(counts).fillna(0.0).to_numpy(float))
+
+
+def ceiling_rows(data: Path, prefix_data: Optional[Path] = None) -> list:
+    test = read_table(data / "test")
+    popularity = baselines.popularity_scores(data)
+    counted = int(len(baselines.training_events(data, "test")))
+    scorers = {"popularity (every event before the test targets)": (popularity, counted)}
+    sources = [("training positives", data)] + ([("block-prefix training positives", prefix_data)] if prefix_data else [])
+    for name, folder in sources:
+        train = read_table(folder / "train")
+        if not read_table(folder / "test")[["group_id", "item_id", "label"]].equals(test[["group_id", "item_id", "label"]]):
+            raise ValueError(f"{folder} has other test groups than {data}: the rows would not be comparable")
+        scorers[name] = (positive_counts(train, test), int((train["label"] == 1).sum()))
+    rows = []
+    for name, (scores, counted) in scorers.items():
+        metrics = ranking_metrics(scores["label"], scores["score"], scores["group_id"], ks=(5,))
+        row = {"scorer": name, "events_counted": counted, "auc": metrics["auc"], "hr@5": metrics["hr@5"]}
+        if not name.startswith("popularity"):
+            paired = paired_scores(scores, popularity, ("counts", "popularity"), where=name)
+            row["minus_popularity"] = auc_difference_interval(paired["label"], paired["score_counts"],
+                                                              paired["score_popularity"], paired["group_id"])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    lines = ["| item prior | events counted | AUC | HR@5 | minus popularity, 95% interval |", "|---|---|---|---|---|"]
+    for r in rows:
+        gap = r.get("minus_popularity")
+        gap_text = f"{gap['difference']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" if gap else "-"
+        lines.append(f"| {r['scorer']} | {r['events_counted']:,} | {r['auc']:.3f} | {r['hr@5']:.3f} | {gap_text} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="a prepare_dataset folder")
+    parser.add_argument("--prefix-data", type=Path, help="its add_prefix_targets copy (optional)")
+    parser.add_argument("--out", type=Path, default=HERE / "item_prior_ceiling.json")
+    args = parser.parse_args(argv)
+    rows = ceiling_rows(args.data, args.prefix_data)
+    args.out.write_text(json.dumps({"data": str(args.data), "prefix_data": str(args.prefix_data or ""), "rows": rows},
+                                   indent=1) + "\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
