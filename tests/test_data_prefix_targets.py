@@ -120,6 +120,9 @@ def test_item_prior_ceiling_counts_training_positives(folders, tmp_path):
     rows = {r["scorer"].split(" (")[0]: r for r in item_prior_ceiling.ceiling_rows(source, out)}
     assert rows["training positives"]["events_counted"] == summary["groups_before"]
     assert rows["block-prefix training positives"]["events_counted"] == summary["groups_before"] + summary["groups_added"]
+    # Every prefix: each training user's events after its first, up to and including its target.
+    train_targets = read_table(source / "train").query("label == 1")["target_position"]
+    assert rows["every-prefix training positives"]["events_counted"] == int(train_targets.sum())
     # The score of a test row is its item's count among the training groups' positives.
     test, train = read_table(source / "test"), read_table(out / "train")
     scored = item_prior_ceiling.positive_counts(train, test)

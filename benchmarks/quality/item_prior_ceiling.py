@@ -6,7 +6,9 @@ next to popularity (counts over every event before the test targets), so the LLM
 read against the item prior their training rows could teach them:
 
 - ``training positives``: how often each item is the positive of a training group;
-- the same over a ``add_prefix_targets`` folder's training groups (``--prefix-data``).
+- the same over a ``add_prefix_targets`` folder's training groups (``--prefix-data``);
+- every event of the training users with a non-empty history before it: the positives the
+  ranker would see if every prefix were a training group.
 
 Prints a table and writes ``item_prior_ceiling.json`` next to this script.
 
@@ -49,6 +51,11 @@ def ceiling_rows(data: Path, prefix_data: Optional[Path] = None) -> list:
         if not read_table(folder / "test")[["group_id", "item_id", "label"]].equals(test[["group_id", "item_id", "label"]]):
             raise ValueError(f"{folder} has other test groups than {data}: the rows would not be comparable")
         scorers[name] = (positive_counts(train, test), int((train["label"] == 1).sum()))
+    # Every prefix as a training group: each event of a training user after its first.
+    train_users = read_table(data / "train")["user_id"].unique()
+    events = read_table(data / "events")
+    every = events[events["user_id"].isin(train_users).to_numpy() & (events["position"] >= 1).to_numpy()]
+    scorers["every-prefix training positives"] = (positive_counts(every.assign(label=1), test), int(len(every)))
     rows = []
     for name, (scores, counted) in scorers.items():
         metrics = ranking_metrics(scores["label"], scores["score"], scores["group_id"], ks=(5,))
