@@ -181,10 +181,26 @@ def popularity_scores(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
     DataFrame
         group_id, user_id, item_id, label, target_position, score (float), in file order.
     """
-    rows = split_rows(data_dir, split)[_ROW_COLUMNS].copy()
-    counts = training_events(data_dir, split)["item_id"].value_counts()
-    rows["score"] = rows["item_id"].map(counts).fillna(0).astype(np.float64)
-    return rows
+    return item_count_scores(split_rows(data_dir, split)[_ROW_COLUMNS], training_events(data_dir, split))
+
+
+def item_count_scores(rows: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with ``score`` = how often its item occurs in ``events`` (0 if never).
+
+    Parameters
+    ----------
+    rows : DataFrame
+        Rows to score, with ``item_id``.
+    events : DataFrame
+        The events counted, with ``item_id``.
+
+    Returns
+    -------
+    DataFrame
+        A copy of ``rows`` plus ``score`` (float).
+    """
+    counts = events["item_id"].value_counts()
+    return rows.assign(score=rows["item_id"].map(counts).fillna(0).astype(np.float64))
 
 
 def evaluate_popularity(data_dir: PathLike, out_json: PathLike, split: str = "test",

@@ -125,7 +125,7 @@ def test_item_prior_ceiling_counts_training_positives(folders, tmp_path):
     assert rows["every-prefix training positives"]["events_counted"] == int(train_targets.sum())
     # The score of a test row is its item's count among the training groups' positives.
     test, train = read_table(source / "test"), read_table(out / "train")
-    scored = item_prior_ceiling.positive_counts(train, test)
+    scored = baselines.item_count_scores(test, train.query("label == 1"))
     counts = train.loc[train["label"] == 1, "item_id"].value_counts()
     item = int(next(i for i in counts.index if i in set(test["item_id"])))
     assert (scored.loc[scored["item_id"] == item, "score"] == counts[item]).all() and counts[item] >= 1

@@ -25,8 +25,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import pandas as pd
-
 from merlin_mllm import baselines
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_metrics
@@ -34,28 +32,22 @@ from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_
 HERE = Path(__file__).resolve().parent
 
 
-def positive_counts(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    """Test rows scored by how often their item is a training group's positive (0 if never)."""
-    counts = train.loc[train["label"] == 1, "item_id"].value_counts()
-    return test[["group_id", "item_id", "label"]].assign(score=test["item_id"].map(counts).fillna(0.0).to_numpy(float))
-
-
 def ceiling_rows(data: Path, prefix_data: Optional[Path] = None) -> list:
-    test = read_table(data / "test")
+    test = read_table(data / "test")[["group_id", "item_id", "label"]]
     popularity = baselines.popularity_scores(data)
     counted = int(len(baselines.training_events(data, "test")))
     scorers = {"popularity (every event before the test targets)": (popularity, counted)}
     sources = [("training positives", data)] + ([("block-prefix training positives", prefix_data)] if prefix_data else [])
     for name, folder in sources:
-        train = read_table(folder / "train")
-        if not read_table(folder / "test")[["group_id", "item_id", "label"]].equals(test[["group_id", "item_id", "label"]]):
+        if not read_table(folder / "test")[["group_id", "item_id", "label"]].equals(test):
             raise ValueError(f"{folder} has other test groups than {data}: the rows would not be comparable")
-        scorers[name] = (positive_counts(train, test), int((train["label"] == 1).sum()))
+        positives = read_table(folder / "train").query("label == 1")
+        scorers[name] = (baselines.item_count_scores(test, positives), int(len(positives)))
     # Every prefix as a training group: each event of a training user after its first.
     train_users = read_table(data / "train")["user_id"].unique()
     events = read_table(data / "events")
     every = events[events["user_id"].isin(train_users).to_numpy() & (events["position"] >= 1).to_numpy()]
-    scorers["every-prefix training positives"] = (positive_counts(every.assign(label=1), test), int(len(every)))
+    scorers["every-prefix training positives"] = (baselines.item_count_scores(test, every), int(len(every)))
     rows = []
     for name, (scores, counted) in scorers.items():
         metrics = ranking_metrics(scores["label"], scores["score"], scores["group_id"], ks=(5,))

@@ -246,7 +246,6 @@ class LLMStages:
         """The prepared folder plus a training group at every block boundary (``add_prefix_targets``):
         same test groups, more training rows, and every extra row's user summary is already stored."""
         from merlin_mllm.data.prefix_targets import add_prefix_targets
-
         from merlin_mllm.summaries.user import DEFAULT_BLOCK_SIZE
 
         out = self.work / "data_prefixes"
@@ -270,11 +269,9 @@ class LLMStages:
         store = self.summaries(self.seed_stores, "direct" if kind == "direct_summaries" else "recurrent")
         run_dir = self.work / "ranker" / run_name(kind, epochs)
         continued_from = None
-        # The longest finished shorter run of this row (its model saved) is where this one starts.
+        # The longest finished shorter run of this row (its model saved) is where this one starts;
+        # with none, it trains from scratch (the same training: the learning rate is constant).
         shorter = [e for e in range(1, epochs) if (self.work / "ranker" / run_name(kind, e) / "training.json").is_file()]
-        if epochs > LLM_EPOCHS and kind == "full" and not shorter:
-            raise FileNotFoundError(f"{self.work / 'ranker' / kind}: run the {LLM_EPOCHS}-epoch row first; "
-                                    f"the {epochs}-epoch row continues its checkpoint")
         if shorter:
             source = self.work / "ranker" / run_name(kind, max(shorter))
             if not run_dir.exists():

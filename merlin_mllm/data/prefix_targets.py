@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from merlin_mllm.data import processing
-from merlin_mllm.data.prepare import _ROW_TAGS, with_history
+from merlin_mllm.data.prepare import _ROW_TAGS, _user_histories, with_history
 from merlin_mllm.data.sources import BadLines, read_source
 from merlin_mllm.data.tables import read_table, write_table
 
@@ -50,13 +50,10 @@ def _full_histories(report: dict, users: pd.DataFrame, items: pd.DataFrame) -> d
         )
     raw = read_source(report["dataset"], Path(interactions_file).parent, BadLines("skip")).interactions
     deduped, _ = processing.drop_duplicates(raw)
-    user_of = dict(zip(users["user_key"].astype(str), users["user_id"].astype(np.int64)))
-    item_of = dict(zip(items["item_key"].astype(str), items["item_id"].astype(np.int64)))
-    user_ids = deduped["user_key"].astype(str).map(user_of)
-    item_ids = deduped["item_key"].astype(str).map(item_of)
-    known = user_ids.notna() & item_ids.notna()
-    frame = pd.DataFrame({"user_id": user_ids[known].astype(np.int64), "item_id": item_ids[known].astype(np.int64)})
-    return {int(user): np.unique(group["item_id"].to_numpy()) for user, group in frame.groupby("user_id")}
+    # Keys are compared as text: the raw reader and the written tables may type them differently.
+    deduped = deduped.assign(user_key=deduped["user_key"].astype(str), item_key=deduped["item_key"].astype(str))
+    return _user_histories(deduped, dict(zip(users["user_key"].astype(str), users["user_id"].astype(np.int64))),
+                           dict(zip(items["item_key"].astype(str), items["item_id"].astype(np.int64))))
 
 
 def add_prefix_targets(
@@ -99,7 +96,7 @@ def add_prefix_targets(
     events = read_table(data_dir / "events")
     items = read_table(data_dir / "items")
     users = read_table(data_dir / "users")
-    group_ids = [read_table(data_dir / split)["group_id"] for split in ("train", "valid", "test")]
+    group_ids = [train["group_id"]] + [read_table(data_dir / split)["group_id"] for split in ("valid", "test")]
     next_group = int(max(g.max() for g in group_ids if len(g))) + 1
 
     last_target = train[train["label"] == 1].set_index("user_id")["target_position"]
@@ -121,7 +118,7 @@ def add_prefix_targets(
     if sorted(items["item_id"].tolist()) != list(range(1, len(items) + 1)):
         raise ValueError(f"{data_dir / 'items'}: item ids are not contiguous from 1; was it written by prepare_dataset?")
     histories = _full_histories(report, users, items)
-    missing = sorted(set(targets.user_id.tolist()) - set(histories))
+    missing = sorted(u for u in set(targets.user_id.tolist()) if not len(histories.get(u, ())))
     if missing:
         raise ValueError(f"user {missing[0]} (and {len(missing) - 1} more) not found in the raw interactions file")
     rows = processing.build_rows(targets, n_negatives, len(items), histories, np.random.default_rng(seed), next_group,
