@@ -38,6 +38,9 @@ MAX_NEW_TOKENS = 48
 GENERATION_BATCH = 16
 MAX_HISTORY = 12
 DATA_SEED = 42
+#: Seeds the negatives of the block-prefix training groups (the committed row's data); data, not
+#: the LoRA seed, so that --llm-seed does not change which rows are trained on.
+PREFIX_NEGATIVES_SEED = 0
 
 # In priority order (a time-boxed run finishes the rows the acceptance test needs first).
 LLM_ROWS = {
@@ -251,7 +254,7 @@ class LLMStages:
         out = self.work / "data_prefixes"
         if not (out / "report.json").is_file():
             self._timed("block-prefix training groups", lambda: add_prefix_targets(
-                self.data, out, block_size=DEFAULT_BLOCK_SIZE, seed=self.seed))
+                self.data, out, block_size=DEFAULT_BLOCK_SIZE, seed=PREFIX_NEGATIVES_SEED))
         return out
 
     def row(self, kind: str, epochs: int = LLM_EPOCHS) -> dict:
