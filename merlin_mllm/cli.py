@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from merlin_mllm.data.registry import DATASETS, datasets_help
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MLLM-MSR ranking stage for NVIDIA Merlin.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets as Merlin parquet + schema.")
@@ -57,10 +59,10 @@ def doctor():
 
 @data_app.command("prepare")
 def data_prepare(
-    dataset: str = typer.Option(..., help="ml-100k | amazon2023 | microlens"),
+    dataset: str = typer.Option(..., metavar="|".join(DATASETS), help=datasets_help()),
     protocol: str = typer.Option("paper", help="paper (random user split, last item) | temporal (leave-last-out)"),
     out: Path = typer.Option(..., help="Output folder: train/ valid/ test/ events/ items/ + report.json"),
-    input: Optional[Path] = typer.Option(None, help="Raw data folder (ml-100k defaults to the recbole wheel's copy)"),
+    input: Optional[Path] = typer.Option(None, help="Raw data file or folder (what each dataset takes: see --dataset)"),
     images: Optional[Path] = typer.Option(None, help="Folder of item images named <item key>.<ext>"),
     max_history: int = typer.Option(12, help="Keep each user's most recent N interactions (0 = all)"),
     max_users: int = typer.Option(0, help="Seeded subset of N users for quick runs (0 = all)"),

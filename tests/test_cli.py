@@ -49,3 +49,15 @@ def test_data_prepare_cli_rejects_unknown_dataset(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown dataset 'movielens-1b'")
     assert "Traceback" not in proc.stderr
+
+
+def test_data_prepare_help_lists_the_registered_datasets():
+    import os
+
+    from merlin_mllm.data.registry import DATASETS
+
+    proc = subprocess.run([sys.executable, "-m", "merlin_mllm.cli", "data", "prepare", "--help"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr
+    for name, entry in DATASETS.items():
+        assert f"{name}: {entry.help.split(';')[0]}" in proc.stdout

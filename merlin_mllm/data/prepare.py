@@ -49,7 +49,8 @@ import pandas as pd
 
 from merlin_mllm.data import processing
 from merlin_mllm.data.images import image_index
-from merlin_mllm.data.sources import DATASETS, DEFAULT_K_CORE, BadLines, read_source
+from merlin_mllm.data.registry import dataset_entry
+from merlin_mllm.data.sources import BadLines, read_source
 from merlin_mllm.data.tables import Tags, write_table
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ _ROW_TAGS = {
 }
 
 
-def _check_settings(dataset, protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item):
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item):
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
     for name, value in {
@@ -161,7 +160,8 @@ def prepare_dataset(
     Parameters
     ----------
     dataset : str
-        ``"ml-100k"``, ``"amazon2023"`` or ``"microlens"``.
+        A name in :data:`merlin_mllm.data.registry.DATASETS`: ``"ml-100k"``, ``"amazon2023"`` or
+        ``"microlens"``.
     protocol : str
         ``"paper"`` (random 80/10/10 user split, last event is the target) or ``"temporal"``
         (leave-last-out for test, second to last for valid, third to last for train).
@@ -169,10 +169,8 @@ def prepare_dataset(
         Output folder; its ``train``, ``valid``, ``test``, ``events``, ``items``, ``users``
         folders and ``report.json`` are replaced.
     input : str or Path, optional
-        ml-100k: a folder with ``ml-100k.inter``/``ml-100k.item`` (default: the copy in the
-        recbole wheel). amazon2023: the reviews file ``<Category>.jsonl[.gz]`` (its
-        ``meta_<Category>.jsonl[.gz]`` beside it), or a folder holding one category's pair.
-        microlens: the folder with ``MicroLens-100k_pairs.csv`` and ``MicroLens-100k_title_en.csv``.
+        The raw files; what each dataset takes is its registry entry's ``help`` (ml-100k
+        defaults to the copy in the recbole wheel).
     images : str or Path, optional
         A folder of ``<item_key>.<jpg|png|...>`` files. For microlens it defaults to the
         ``MicroLens-*_covers`` folder inside ``input`` when there is one.
@@ -183,7 +181,8 @@ def prepare_dataset(
     seed : int
         Seeds user choice, split and negatives. The same seed gives byte-identical parquet files.
     min_user_interactions, min_item_interactions : int, optional
-        k-core thresholds; defaults per dataset: ml-100k 5/5, amazon2023 6/5, microlens 7/5.
+        k-core thresholds; default: the registry entry's ``k_core`` (ml-100k 5/5, amazon2023
+        6/5, microlens 7/5).
     on_bad_line : str
         ``"error"`` (raise, naming file:line) or ``"skip"`` (skip and count).
     n_negatives_test, n_negatives_train : int
@@ -194,10 +193,10 @@ def prepare_dataset(
     dict
         The report, also written to ``out/report.json``.
     """
-    k_user_default, k_item_default = DEFAULT_K_CORE.get(dataset, (5, 5))
+    k_user_default, k_item_default = dataset_entry(dataset).k_core  # raises for an unknown name
     k_user = k_user_default if min_user_interactions is None else min_user_interactions
     k_item = k_item_default if min_item_interactions is None else min_item_interactions
-    _check_settings(dataset, protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item)
+    _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item)
     bad = BadLines(on_bad_line)
     out = Path(out)
     images_folder = Path(images) if images is not None else None

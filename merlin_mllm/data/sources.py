@@ -32,12 +32,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from merlin_mllm.data.registry import dataset_entry
+
 logger = logging.getLogger(__name__)
-
-DATASETS = ("ml-100k", "amazon2023", "microlens")
-
-#: The paper's k-core thresholds (users, items) per dataset; MovieLens is not in the paper.
-DEFAULT_K_CORE = {"ml-100k": (5, 5), "amazon2023": (6, 5), "microlens": (7, 5)}
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # How many example messages of skipped lines the report keeps.
@@ -579,11 +576,7 @@ def _microlens_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
     )
 
 
-_READERS = {"ml-100k": read_ml100k, "amazon2023": read_amazon2023, "microlens": read_microlens}
-
-
 def read_source(dataset: str, input: Optional[Path | str], bad: BadLines) -> Source:
-    """Read one of :data:`DATASETS` (see the per-dataset readers for what ``input`` is)."""
-    if dataset not in _READERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
-    return _READERS[dataset](Path(input) if input is not None else None, bad)
+    """Read one dataset of :data:`merlin_mllm.data.registry.DATASETS` with its registered reader
+    (see the readers above for what ``input`` is)."""
+    return dataset_entry(dataset).read(input, bad)
