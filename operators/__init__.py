@@ -6,18 +6,12 @@ The operators are imported lazily: each pulls in NVTabular, torch and transforme
 """
 from __future__ import annotations
 
-import importlib
+from merlin_mllm.exports import lazy_exports
 
 _EXPORTS = {
     "ItemSummary": "item_summary",
-    "UserPreferenceSummary": "user_summary",
     "TokenizePrompt": "tokenize_prompt",
+    "UserPreferenceSummary": "user_summary",
 }
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import json
@@ -33,6 +34,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from merlin_mllm.data.registry import dataset_entry
+from merlin_mllm.models.embedded import package_dir
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +117,36 @@ def _parse_int_timestamp(text) -> int:
     return int(value)
 
 
-def _interactions_frame(users, items, timestamps, lines, ratings=None) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {
-            "user_key": pd.Series(users, dtype=object),
-            "item_key": pd.Series(items, dtype=object),
-            "timestamp": np.asarray(timestamps, dtype=np.int64),
-            "line": np.asarray(lines, dtype=np.int64),
-        }
-    )
-    if ratings is not None:
-        frame["rating"] = np.asarray(ratings, dtype=np.float64)
-    return frame
+class InteractionRows:
+    """The interactions table a reader collects, one parsed line at a time."""
+
+    def __init__(self):
+        self.users: list = []
+        self.items: list = []
+        self.timestamps: list = []
+        self.lines: list = []
+        self.ratings: list = []
+
+    def add(self, user: str, item: str, timestamp: int, line_no: int, rating: float = math.nan) -> None:
+        self.users.append(user)
+        self.items.append(item)
+        self.timestamps.append(timestamp)
+        self.lines.append(line_no)
+        self.ratings.append(rating)
+
+    def frame(self, with_ratings: bool) -> pd.DataFrame:
+        """The table of the module docstring; ``rating`` only where the dataset has ratings."""
+        frame = pd.DataFrame(
+            {
+                "user_key": pd.Series(self.users, dtype=object),
+                "item_key": pd.Series(self.items, dtype=object),
+                "timestamp": np.asarray(self.timestamps, dtype=np.int64),
+                "line": np.asarray(self.lines, dtype=np.int64),
+            }
+        )
+        if with_ratings:
+            frame["rating"] = np.asarray(self.ratings, dtype=np.float64)
+        return frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +165,31 @@ def _atomic_header(path: Path, line: str) -> dict[str, int]:
     return columns
 
 
+def _atomic_records(path: Path, required: tuple, bad: BadLines) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, {column: field}) for every well-formed data line of a RecBole atomic file.
+
+    The header must name the ``required`` columns; a line with another number of fields than
+    the header goes to ``bad``; blank lines are skipped.
+    """
+    columns: dict[str, int] = {}
+    for line_no, line in _numbered_lines(path, f"parse {path.name}"):
+        if line_no == 1:
+            columns = _atomic_header(path, line)
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise ValueError(f"{path}:1: header lacks column(s) {missing}")
+            continue
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(columns):
+            bad(path, line_no, f"expected {len(columns)} tab-separated fields, found {len(fields)}")
+            continue
+        yield line_no, {name: fields[index] for name, index in columns.items()}
+
+
 def _ml100k_files(input: Optional[Path]) -> tuple[Path, Path]:
     if input is None:
-        from merlin_mllm.models.embedded import package_dir
-
         # The recbole wheel ships ml-100k; it is only read, never imported.
         folder = package_dir("recbole", "recbole") / "dataset_example" / "ml-100k"
     else:
@@ -185,42 +226,24 @@ def read_ml100k(input: Optional[Path], bad: BadLines) -> Source:
         The malformed-line policy.
     """
     inter_path, item_path = _ml100k_files(input)
-    users, items, timestamps, ratings, lines = [], [], [], [], []
-    columns: dict[str, int] = {}
-    for line_no, line in _numbered_lines(inter_path, "parse ml-100k.inter"):
-        if line_no == 1:
-            columns = _atomic_header(inter_path, line)
-            missing = {"user_id", "item_id", "timestamp"} - set(columns)
-            if missing:
-                raise ValueError(f"{inter_path}:1: header lacks column(s) {sorted(missing)}")
-            continue
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(columns):
-            bad(inter_path, line_no, f"expected {len(columns)} tab-separated fields, found {len(fields)}")
-            continue
-        user, item = fields[columns["user_id"]].strip(), fields[columns["item_id"]].strip()
+    rows = InteractionRows()
+    with_ratings = False
+    for line_no, record in _atomic_records(inter_path, ("item_id", "timestamp", "user_id"), bad):
+        user, item = record["user_id"].strip(), record["item_id"].strip()
         if not user or not item:
             bad(inter_path, line_no, "empty user_id or item_id")
             continue
+        with_ratings = "rating" in record
         try:
-            timestamp = _parse_int_timestamp(fields[columns["timestamp"]])
-            rating = float(fields[columns["rating"]]) if "rating" in columns else math.nan
+            timestamp = _parse_int_timestamp(record["timestamp"])
+            rating = float(record["rating"]) if with_ratings else math.nan
         except ValueError as exc:
             bad(inter_path, line_no, f"bad number ({exc})")
             continue
-        users.append(user)
-        items.append(item)
-        timestamps.append(timestamp)
-        ratings.append(rating)
-        lines.append(line_no)
-    interactions = _interactions_frame(users, items, timestamps, lines, ratings if "rating" in columns else None)
-
-    def load_items(keys: list) -> pd.DataFrame:
-        return _ml100k_items(item_path, keys, bad)
-
-    return Source(interactions, load_items, "s", files={"interactions": str(inter_path), "items": str(item_path)})
+        rows.add(user, item, timestamp, line_no, rating)
+    load_items = functools.partial(_ml100k_items, item_path, bad=bad)
+    files = {"interactions": str(inter_path), "items": str(item_path)}
+    return Source(rows.frame(with_ratings=with_ratings), load_items, "s", files=files)
 
 
 def _ml100k_description(genres: list[str], year: int) -> str:
@@ -235,25 +258,13 @@ def _ml100k_description(genres: list[str], year: int) -> str:
 def _ml100k_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
     wanted = set(keys)
     rows: dict[str, dict] = {}
-    columns: dict[str, int] = {}
-    for line_no, line in _numbered_lines(path, "parse ml-100k.item"):
-        if line_no == 1:
-            columns = _atomic_header(path, line)
-            if "item_id" not in columns:
-                raise ValueError(f"{path}:1: header lacks column item_id")
-            continue
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(columns):
-            bad(path, line_no, f"expected {len(columns)} tab-separated fields, found {len(fields)}")
-            continue
-        key = fields[columns["item_id"]].strip()
+    for _, record in _atomic_records(path, ("item_id",), bad):
+        key = record["item_id"].strip()
         if key not in wanted:
             continue
 
         def get(name: str) -> str:
-            return fields[columns[name]].strip() if name in columns else ""
+            return record.get(name, "").strip()
 
         title = get("movie_title")
         # The file spells the one unknown movie "unkonwn"; it has no real title.
@@ -369,7 +380,7 @@ def read_amazon2023(input: Optional[Path], bad: BadLines) -> Source:
             "or the reviews file itself"
         )
     reviews_path, meta_path = amazon_files(input)
-    users, items, timestamps, ratings, lines = [], [], [], [], []
+    rows = InteractionRows()
     for line_no, line in _numbered_lines(reviews_path, f"parse {reviews_path.name}"):
         if not line.strip():
             continue
@@ -387,18 +398,10 @@ def read_amazon2023(input: Optional[Path], bad: BadLines) -> Source:
         except (TypeError, ValueError) as exc:
             bad(reviews_path, line_no, f"bad timestamp or rating ({exc})")
             continue
-        users.append(user)
-        items.append(item)
-        timestamps.append(timestamp)
-        ratings.append(rating)
-        lines.append(line_no)
-
-    def load_items(keys: list) -> pd.DataFrame:
-        return _amazon_items(meta_path, keys, bad)
-
+        rows.add(user, item, timestamp, line_no, rating)
     return Source(
-        _interactions_frame(users, items, timestamps, lines, ratings),
-        load_items,
+        rows.frame(with_ratings=True),
+        functools.partial(_amazon_items, meta_path, bad=bad),
         "ms",
         files={"interactions": str(reviews_path), "items": str(meta_path)},
     )
@@ -513,7 +516,7 @@ def read_microlens(input: Optional[Path], bad: BadLines) -> Source:
     if input is None:
         raise ValueError("microlens needs input: the folder holding MicroLens-100k_pairs.csv and the titles CSV")
     pairs_path, titles_path, covers = microlens_files(input)
-    users, items, timestamps, lines = [], [], [], []
+    rows = InteractionRows()
     with open_text(pairs_path) as handle:
         reader = csv.reader(tqdm(handle, desc=f"parse {pairs_path.name}", unit=" lines", disable=None))
         for row in reader:
@@ -534,17 +537,10 @@ def read_microlens(input: Optional[Path], bad: BadLines) -> Source:
             except ValueError as exc:
                 bad(pairs_path, line_no, f"bad timestamp ({exc})")
                 continue
-            users.append(user)
-            items.append(item)
-            timestamps.append(timestamp)
-            lines.append(line_no)
-
-    def load_items(keys: list) -> pd.DataFrame:
-        return _microlens_items(titles_path, keys, bad)
-
+            rows.add(user, item, timestamp, line_no)
     return Source(
-        _interactions_frame(users, items, timestamps, lines),
-        load_items,
+        rows.frame(with_ratings=False),
+        functools.partial(_microlens_items, titles_path, bad=bad),
         "ms",
         files={"interactions": str(pairs_path), "items": str(titles_path)},
         default_images=covers,

@@ -2,8 +2,19 @@
 
 - :mod:`merlin_mllm.summaries.store`: ``SummaryStore``, the content-addressed, append-only store.
 - :mod:`merlin_mllm.summaries.report`: ``SummaryReport``, the counts every run returns.
+- :mod:`merlin_mllm.summaries.item`: item summaries (``summarize_items``).
 - :mod:`merlin_mllm.summaries.user`: recurrent user-preference summaries
   (``summarize_users``, ``update_users``, ``latest_user_summary``).
+
+Names are imported lazily, on first use.
 """
-from merlin_mllm.summaries.report import SummaryReport  # noqa: F401
-from merlin_mllm.summaries.store import SummaryRecord, SummaryStore, UserState, open_store  # noqa: F401
+from __future__ import annotations
+
+from merlin_mllm.exports import lazy_exports
+
+_EXPORTS = {
+    "SummaryReport": "report",
+    **dict.fromkeys(["SummaryRecord", "SummaryStore", "UserState", "open_store"], "store"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
