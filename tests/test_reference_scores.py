@@ -1,0 +1,113 @@
+"""The ranker's scores are pinned: a committed reference, written by the code before the layering
+refactor (``tests/fixtures/make_reference_scores.py`` at commit ba80cc3), must be reproduced to
+1e-6 in fp32: in-process (embedded with and without image tokens, two tiny HF MLLMs), through
+``evaluate_ranker``, and through the served Triton ensemble (whose scores were, and stay, within
+1e-5 of the in-process ones: the served path batches candidates its own way).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+
+import make_reference_scores as ref  # noqa: E402
+
+from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
+from merlin_mllm.data.tables import read_table  # noqa: E402
+from merlin_mllm.models.tiny import tiny_mllm_path  # noqa: E402
+from merlin_mllm.ranker import RankerModel  # noqa: E402
+from merlin_mllm.ranker.evaluate import evaluate_ranker  # noqa: E402
+from merlin_mllm.ranker.training import ITEM_IMAGES_FILE, recent_titles_summaries  # noqa: E402
+from merlin_mllm.serving.client import RerankClient  # noqa: E402
+from merlin_mllm.serving.export import export  # noqa: E402
+from merlin_mllm.serving.tritonserver import TritonServer  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads((FIXTURES / "reference_scores.json").read_text())
+
+
+def close(actual, expected):
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=TOLERANCE,
+                               err_msg=f"max |diff| {np.abs(actual - expected).max():.2e}")
+
+
+def test_embedded_scores_match_reference(reference):
+    table = ref.image_table(np.arange(1, 1683))
+    ranker = RankerModel.build("embedded", use_images=True, lora_init="gaussian", seed=ref.MODEL_SEED,
+                               item_features=table, device="cpu")
+    expected = reference["embedded_images"]
+    for summary, shared, independent in zip(ref.SUMMARIES, expected["score"], expected["score_independent"]):
+        close(ranker.score(summary, ref.candidates()), shared)
+        close(ranker.score_independent(summary, ref.candidates()), independent)
+    close(ranker.score(ref.SUMMARIES[0], ref.candidates(), batch_size=4), expected["score_batch_size_4"])
+    # The image tokens matter: the text-only model gives other scores to the items with a grid.
+    text_only = RankerModel.build("embedded", use_images=False, lora_init="gaussian", seed=ref.MODEL_SEED, device="cpu")
+    for summary, scores in zip(ref.SUMMARIES, reference["embedded_text_only"]["score"]):
+        close(text_only.score(summary, ref.candidates(with_ids=False)), scores)
+    assert abs(expected["score"][0][2] - reference["embedded_text_only"]["score"][0][2]) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_next"])
+def test_tiny_hf_mllm_scores_match_reference(reference, arch, tmp_path):
+    ranker = RankerModel.build(str(tiny_mllm_path(arch)), use_images=True, lora_init="gaussian",
+                               seed=ref.MODEL_SEED, device="cpu")
+    close(ranker.score(ref.SUMMARIES[0], ref.hf_candidates(ref.photos(tmp_path))), reference[f"tiny_{arch}"]["score"])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, reference):
+    root = tmp_path_factory.mktemp("reference")
+    settings = dict(reference["data"])
+    data = root / "data"
+    prepare_dataset(settings.pop("dataset"), settings.pop("protocol"), data, **settings)
+    table = ref.image_table(read_table(data / "items")["item_id"].to_numpy(np.int64))
+    model = root / "model"
+    RankerModel.build("embedded", use_images=True, lora_init="gaussian", seed=ref.MODEL_SEED, item_features=table,
+                      device="cpu").save_pretrained(model)
+    table.save(model / ITEM_IMAGES_FILE)
+    summaries = recent_titles_summaries(data, last=3)
+    evaluate_ranker(data, summaries, model, root / "eval" / "test.json", progress=False)
+    scores = pd.read_parquet(root / "eval" / "test.scores.parquet")
+    return root, data, model, summaries, scores
+
+
+def test_evaluate_scores_match_reference(evaluated, reference):
+    *_, scores = evaluated
+    expected = pd.DataFrame(reference["evaluate"])
+    expected = expected.drop(columns="served_score")
+    assert scores[["group_id", "user_id", "item_id"]].astype(int).values.tolist() == \
+        expected[["group_id", "user_id", "item_id"]].values.tolist()
+    close(scores["score"], expected["score"])
+
+
+def test_served_scores_match_reference(evaluated, reference):
+    root, data, model, summaries, _ = evaluated
+    repo = root / "repo"
+    export(model, summaries, data, repo, max_candidates=8)
+    expected = pd.DataFrame(reference["evaluate"])
+    server = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=root / "triton.log")
+    server.start(timeout=600)
+    try:
+        with RerankClient(server.grpc_url) as client:
+            for _, group in expected.groupby("group_id", sort=False):
+                result = client.rank(int(group["user_id"].iloc[0]), group["item_id"].tolist(), top_k=len(group))
+                close(result.scores, group["served_score"])
+                # and, as before the refactor, within 1e-5 of the in-process evaluation
+                np.testing.assert_allclose(result.scores, group["score"], rtol=0, atol=1e-5)
+    finally:
+        server.stop()
