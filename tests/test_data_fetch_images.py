@@ -1,10 +1,12 @@
 """fetch_images against a local HTTP server on 127.0.0.1 (loopback only): downloads, a 404,
-a transient 503 that succeeds on retry, a non-image answer, the cache, and atomic writes."""
+a transient 503 that succeeds on retry, a non-image answer, the cache, atomic writes, the size
+cap, and the read and total timeouts."""
 from __future__ import annotations
 
 import collections
 import io
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -21,6 +23,7 @@ def _image_bytes(fmt: str, colour) -> bytes:
 
 PNG = _image_bytes("PNG", (200, 10, 10))
 JPEG = _image_bytes("JPEG", (10, 200, 10))
+STREAM_LIMIT = 64 << 20  # what the endless route sends at most, if the client never stopped
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +37,7 @@ def no_proxy_for_loopback(monkeypatch):
 def server():
     hits: collections.Counter = collections.Counter()
     lock = threading.Lock()
+    release = threading.Event()  # ends the slow routes' waits at teardown
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -50,6 +54,29 @@ def server():
                 self._send(200, JPEG, "image/jpeg")
             elif self.path == "/page.jpg":
                 self._send(200, b"<html>not an image</html>", "text/html")
+            elif self.path == "/announced.png":  # says how big it is: refused before the body
+                self._send(200, PNG + bytes(300_000), "image/png")
+            elif self.path == "/endless.png":  # no Content-Length: the client must stop reading
+                self._stream()
+            elif self.path == "/silent.jpg":  # accepts the request, never answers in time
+                release.wait(10)
+                self._send(200, JPEG, "image/jpeg")
+            elif self.path == "/to-ftp.jpg":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/x.jpg")
+                self.end_headers()
+            elif self.path == "/drip.jpg":  # answers, then a byte at a time, never idle for long
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.end_headers()
+                for byte in JPEG:
+                    if release.wait(0.05):
+                        break
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:
+                        break
             else:
                 self._send(404, b"missing", "text/plain")
 
@@ -60,6 +87,20 @@ def server():
             self.end_headers()
             self.wfile.write(body)
 
+        def _stream(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            sent, block = 0, PNG + bytes(65536)
+            try:
+                while sent < STREAM_LIMIT:
+                    self.wfile.write(block)
+                    sent += len(block)
+            except OSError:  # the client closed the connection
+                pass
+            with lock:
+                hits[f"sent {self.path}"] = sent  # bytes written before the client hung up
+
         def log_message(self, *args):
             pass
 
@@ -68,6 +109,7 @@ def server():
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield base, hits
+    release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -113,3 +155,57 @@ def test_unsafe_keys_and_schemes_are_refused(tmp_path):
         fetch_images({"../evil": "http://127.0.0.1:9/x.jpg"}, tmp_path)
     report = fetch_images({"K": "file:///etc/passwd"}, tmp_path, retries=2, backoff=0.01)
     assert report["failed"] == 1 and "only http(s) URLs" in report["failures"]["K"]
+
+
+def test_redirects_leave_http_only_for_http(server, tmp_path):
+    base, hits = server
+    report = fetch_images({"R": f"{base}/to-ftp.jpg"}, tmp_path, retries=2, backoff=0.01)
+    assert report["failed"] == 1 and hits["/to-ftp.jpg"] == 1
+    assert "redirects to 'ftp://127.0.0.1/x.jpg': only http(s) URLs are fetched" in report["failures"]["R"]
+
+
+def test_responses_over_the_size_cap_fail_naming_the_url(server, tmp_path):
+    base, hits = server
+    urls = {"ANNOUNCED": f"{base}/announced.png", "ENDLESS": f"{base}/endless.png", "SMALL": f"{base}/a.png"}
+    started = time.monotonic()
+    report = fetch_images(urls, tmp_path, retries=2, timeout=5, workers=3, backoff=0.01, max_bytes=100_000)
+    assert report["downloaded"] == 1 and report["failed"] == 2
+    announced, endless = report["failures"]["ANNOUNCED"], report["failures"]["ENDLESS"]
+    assert f"{base}/announced.png: response too large: Content-Length 300," in announced
+    assert f"{base}/endless.png: response too large: more than 100,000 bytes received" in endless
+    for message in (announced, endless):
+        assert "over the cap of 100,000 bytes" in message and "after 1 attempt(s)" in message
+    # Too large is final (not retried), and the endless answer was dropped soon after the cap:
+    # the server managed to send far less than it would have (socket buffers hold a few MB).
+    assert hits["/announced.png"] == 1 and hits["/endless.png"] == 1
+    deadline = time.monotonic() + 30
+    while "sent /endless.png" not in hits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0 < hits["sent /endless.png"] < 16 << 20
+    assert time.monotonic() - started < 30
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["SMALL.png"]  # nothing else written
+
+
+def test_the_default_cap_is_the_loaders_file_size_limit(server, tmp_path, monkeypatch):
+    base, _ = server
+    monkeypatch.setenv("MERLIN_MLLM_MAX_IMAGE_BYTES", "1000")
+    report = fetch_images({"ANNOUNCED": f"{base}/announced.png"}, tmp_path, retries=0, timeout=5)
+    assert "over the cap of 1,000 bytes" in report["failures"]["ANNOUNCED"]
+
+
+def test_read_timeout_and_total_timeout(server, tmp_path):
+    base, hits = server
+    started = time.monotonic()
+    report = fetch_images({"SILENT": f"{base}/silent.jpg"}, tmp_path, retries=1, timeout=(5, 0.3), backoff=0.01)
+    assert report["failed"] == 1 and time.monotonic() - started < 5
+    message = report["failures"]["SILENT"]
+    assert f"{base}/silent.jpg" in message and "timed out" in message and "after 2 attempt(s)" in message
+    assert hits["/silent.jpg"] == 2  # a timeout is retried like a network error
+
+    # Each byte arrives well within the read timeout, but the whole answer takes too long.
+    report = fetch_images({"DRIP": f"{base}/drip.jpg"}, tmp_path, retries=0, timeout=5, total_timeout=0.5)
+    assert report["failed"] == 1
+    assert f"{base}/drip.jpg: download not finished after 0.5 s" in report["failures"]["DRIP"]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="timeouts must be > 0"):
+        fetch_images({"X": f"{base}/a.png"}, tmp_path, timeout=(0, 1))

@@ -5,6 +5,12 @@ a prepared ``items/`` table) into a folder laid out the way :func:`image_index` 
 skips files already there (a cache), writes each file atomically (temporary file, then rename),
 retries transient failures with exponential backoff, and shows a progress bar.
 
+Each download is bounded: a connect timeout, a read timeout (the longest wait for the next bytes),
+a total time per attempt, and a size cap (by default the loader's file-size limit,
+:func:`merlin_mllm.images.image_limits`, so every file fetched can also be loaded). A response
+over the cap is refused from its ``Content-Length`` when it announces one, and otherwise read in
+chunks and dropped as soon as it passes the cap; it counts as a failure naming the URL.
+
 Usage::
 
     from merlin_mllm.data.images import fetch_images
@@ -13,6 +19,8 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
+import http.client
 import io
 import logging
 import os
@@ -24,10 +32,12 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple, Union
 
 from PIL import Image
 from tqdm.auto import tqdm
+
+from merlin_mllm.images import image_limits
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,14 @@ _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 # HTTP statuses worth another try; other 4xx answers are final.
 _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+_CHUNK = 1 << 16
+
+
+class ResponseTooLarge(ValueError):
+    """A response over the size cap (final: not retried)."""
+
+    def __init__(self, url: str, max_bytes: int, seen: str):
+        super().__init__(f"{url}: response too large: {seen}, over the cap of {max_bytes:,} bytes (max_bytes)")
 
 
 def image_index(folder: Path | str) -> dict[str, Path]:
@@ -71,13 +89,95 @@ def _check_key(key) -> str:
     return key
 
 
-def _download(url: str, timeout: float) -> bytes:
+class _ReadTimeout:
+    """Connection mixin: the socket timeout is the connect timeout until connected (TLS
+    handshake included), then the read timeout for every later wait on the server."""
+
+    def __init__(self, *args, read_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+
+    def connect(self):
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
+
+
+class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, read_timeout: float):
+        super().__init__()
+        self.read_timeout = read_timeout
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_HTTPConnection, read_timeout=self.read_timeout), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, read_timeout: float):
+        super().__init__()
+        self.read_timeout = read_timeout
+
+    def https_open(self, req):
+        return self.do_open(
+            functools.partial(_HTTPSConnection, read_timeout=self.read_timeout), req, context=self._context
+        )
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlparse(newurl).scheme not in ("http", "https"):
+            raise ValueError(f"{req.full_url} redirects to {newurl!r}: only http(s) URLs are fetched")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _timeouts(timeout: Union[float, Tuple[float, float]]) -> Tuple[float, float]:
+    connect, read = timeout if isinstance(timeout, (tuple, list)) else (timeout, timeout)
+    connect, read = float(connect), float(read)
+    if connect <= 0 or read <= 0:
+        raise ValueError(f"timeouts must be > 0, got connect={connect}, read={read}")
+    return connect, read
+
+
+def _download(url: str, timeout: Tuple[float, float], max_bytes: int, total_timeout: float) -> bytes:
+    """The body at ``url``, read in chunks and dropped past ``max_bytes`` or ``total_timeout``."""
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https"):
         raise ValueError(f"only http(s) URLs are fetched, got {url!r}")
+    connect_timeout, read_timeout = timeout
+    # A fresh opener per download: the handlers carry the read timeout (cheap to build).
+    opener = urllib.request.build_opener(_HTTPHandler(read_timeout), _HTTPSHandler(read_timeout), _RedirectHandler())
     request = urllib.request.Request(url, headers={"User-Agent": "merlin-mllm/0.1"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read()
+    started = time.monotonic()
+    with opener.open(request, timeout=connect_timeout) as response:
+        announced = (response.headers.get("Content-Length") or "").strip()
+        if announced.isdigit() and int(announced) > max_bytes:
+            raise ResponseTooLarge(url, max_bytes, f"Content-Length {int(announced):,}")
+        read1 = getattr(response, "read1", response.read)
+        chunks, received = [], 0
+        while True:
+            # read1: what has arrived (one socket read), so the deadline is checked while a slow
+            # server sends; read(n) would block until n bytes came. At most one byte past the
+            # cap is asked for: enough to tell "over" from "exactly at".
+            chunk = read1(min(_CHUNK, max_bytes + 1 - received))
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > max_bytes:
+                raise ResponseTooLarge(url, max_bytes, f"more than {max_bytes:,} bytes received")
+            if time.monotonic() - started > total_timeout:
+                # The read timeout bounds each wait; this bounds a server that sends slowly.
+                raise TimeoutError(f"{url}: download not finished after {total_timeout:g} s")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _retryable(error: Exception) -> bool:
@@ -112,13 +212,14 @@ def _write_atomically(folder: Path, key: str, payload: bytes, extension: str) ->
     return target
 
 
-def _fetch_one(key: str, url: str, folder: Path, retries: int, timeout: float, backoff: float) -> tuple[str, int]:
+def _fetch_one(key: str, url: str, folder: Path, retries: int, timeout: Tuple[float, float], backoff: float,
+               max_bytes: int, total_timeout: float) -> tuple[str, int]:
     """Download one image; returns (outcome, attempts). Raises the last error on failure."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            payload = _download(url, timeout)
+            payload = _download(url, timeout, max_bytes, total_timeout)
             extension = _image_extension(payload)
             _write_atomically(folder, key, payload, extension)
             return "downloaded", attempt
@@ -133,10 +234,12 @@ def fetch_images(
     meta_urls: Mapping[str, Optional[str]],
     folder: Path | str,
     retries: int = 3,
-    timeout: float = 10,
+    timeout: Union[float, Tuple[float, float]] = 10,
     workers: int = 4,
     *,
     backoff: float = 0.5,
+    max_bytes: Optional[int] = None,
+    total_timeout: float = 300,
 ) -> dict:
     """Download one image per item into ``folder`` as ``<item_key>.<ext>``.
 
@@ -151,21 +254,33 @@ def fetch_images(
     retries : int
         Further attempts after a failed one, for network errors, timeouts and HTTP 408/429/5xx.
         Other HTTP errors (such as 404) and responses that are not images fail at once.
-    timeout : float
-        Seconds per request.
+    timeout : float or (float, float)
+        Seconds: one number for both the connect timeout (until connected, TLS included) and the
+        read timeout (the longest wait for the server's next bytes), or a ``(connect, read)``
+        pair. A timeout is retried like a network error.
     workers : int
         Parallel downloads.
     backoff : float
         The wait before the first retry, in seconds; it doubles on each further retry.
+    max_bytes : int, optional
+        Size cap per image. Default: the image loader's file-size limit
+        (``MERLIN_MLLM_MAX_IMAGE_BYTES``, else 64 MiB). A bigger response fails at once (not
+        retried) with a message naming the URL; nothing is written for it.
+    total_timeout : float
+        Seconds one download attempt may take in all (bounds a server that drips bytes just
+        faster than the read timeout).
 
     Returns
     -------
     dict
         ``requested``, ``cached``, ``downloaded``, ``no_url``, ``failed`` (counts), ``retried``
-        (downloads that needed more than one attempt) and ``failures`` (key -> error message).
+        (downloads that needed more than one attempt) and ``failures`` (key -> error message,
+        naming the URL).
     """
-    if retries < 0 or workers < 1 or timeout <= 0:
-        raise ValueError(f"need retries >= 0, workers >= 1, timeout > 0; got {retries}, {workers}, {timeout}")
+    timeouts = _timeouts(timeout)
+    if retries < 0 or workers < 1 or total_timeout <= 0:
+        raise ValueError(f"need retries >= 0, workers >= 1, total_timeout > 0; got {retries}, {workers}, {total_timeout}")
+    _, max_bytes = image_limits(max_bytes=max_bytes)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     existing = image_index(folder)
@@ -183,16 +298,18 @@ def fetch_images(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
-            pool.submit(_fetch_one, key, url, folder, retries, timeout, backoff): key for key, url in todo
+            pool.submit(_fetch_one, key, url, folder, retries, timeouts, backoff, max_bytes, total_timeout): (key, url)
+            for key, url in todo
         }
         for future in tqdm(as_completed(futures), total=len(futures), desc="fetch images", unit=" images", disable=None):
-            key = futures[future]
+            key, url = futures[future]
             try:
                 _, attempts = future.result()
             except Exception as exc:
                 report["failed"] += 1
                 attempts = getattr(exc, "attempts", 1)
-                failures[key] = f"{type(exc).__name__}: {exc} (after {attempts} attempt(s))"
+                detail = str(exc) if url in str(exc) else f"{url}: {exc}"
+                failures[key] = f"{type(exc).__name__}: {detail} (after {attempts} attempt(s))"
                 logger.warning("image for %s failed: %s", key, failures[key])
                 continue
             report["downloaded"] += 1
