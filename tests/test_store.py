@@ -1,6 +1,7 @@
-"""The summary store: content keys, durability, concurrent writers, torn lines, kill -9 and resume."""
+"""The summary store: content keys, durability, concurrent writers, torn lines, a full disk, kill -9 and resume."""
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -159,6 +160,118 @@ def test_report_merge_and_str():
     assert SummaryReport.from_dict(merged.to_dict()) == merged
     assert str(merged).startswith("generated 2, reused 5, failed 1, skipped 0, LLM calls 2, tokens 30")
     assert "\n" not in str(merged)
+
+
+# --------------------------------------------------------------------------- disk full
+def _batch(start, stop, size=200):
+    # Texts of a few hundred bytes, like real summaries.
+    return [(SummaryStore.key("item", "m", "v1", {}, {"i": i}), f"summary {i} " + "x" * size, {"item_id": i})
+            for i in range(start, stop)]
+
+
+class _FullDisk:
+    """os.write for the store's segments: the disk fills part way through one write.
+
+    That write stores half its bytes and returns short, as the kernel does when the disk fills
+    mid-way; every later write to a segment fails with ENOSPC. Other files are written normally.
+    """
+
+    def __init__(self, segments: Path, real_write):
+        self.segments, self.real_write, self.full, self.calls = str(segments), real_write, False, 0
+
+    def __call__(self, fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(self.segments + os.sep):
+            return self.real_write(fd, data)
+        self.calls += 1
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.full = True
+        return self.real_write(fd, bytes(data)[: len(data) // 2])
+
+
+def test_disk_full_names_the_segment_keeps_earlier_records_and_a_rerun_completes(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    store = SummaryStore(root)
+    first, second = _batch(0, 5), _batch(5, 10)
+    assert store.put_many(first) == 5
+    store.put_refs("item", {"0": first[0][0]})
+
+    disk = _FullDisk(root / "segments", os.write)
+    monkeypatch.setattr(os, "write", disk)
+    with pytest.raises(OSError) as info:
+        store.put_many(second)
+    assert info.value.errno == errno.ENOSPC and disk.calls == 2  # the short write, then ENOSPC
+    segment = Path(info.value.filename)
+    assert segment.parent == root / "segments" and segment.name.startswith("seg-")
+    assert str(segment) in str(info.value) and "No space left on device" in str(info.value)
+    assert "cannot append 5 record(s)" in str(info.value)
+    # Nothing of the failed batch is taken as stored, and later writes fail the same clear way.
+    assert all(key not in store for key, _, _ in second) and len(store) == 5
+    for attempt in (lambda: store.put_many(second[:1]), lambda: store.put_refs("item", {"5": second[0][0]}),
+                    lambda: store.put_user_states([UserState("sc", 1, (1, 2), ((2, first[1][0]),))])):
+        with pytest.raises(OSError, match="No space left on device") as info:
+            attempt()
+        assert str(root / "segments") in str(info.value.filename)
+
+    # Every record written before the disk filled reads back, with no torn or corrupt line.
+    reopened = SummaryStore(root)
+    assert {r.key: r.text for r in reopened} == {key: text for key, text, _ in first}
+    assert reopened.get_ref("item", "0") == first[0][0] and reopened.get_ref("item", "5") is None
+    assert reopened.user_states() == {} and reopened.corrupt_lines == 0
+    assert all(seg.read_bytes()[-1:] in (b"", b"\n") for seg in (root / "segments").glob("seg-*.jsonl"))
+
+    # Space again: the same store object writes on (in a new segment), then a rerun (a fresh
+    # store, as a new process opens it) completes the store, each record once.
+    monkeypatch.setattr(os, "write", disk.real_write)
+    assert store.put_many(first + second[:2]) == 2
+    assert SummaryStore(root).put_many(first + second) == 3
+    done = SummaryStore(root)
+    assert {r.key: r.text for r in done} == {key: text for key, text, _ in first + second}
+    raw = [key for key, _ in _records(root)]
+    assert sorted(raw) == sorted(key for key, _, _ in first + second)  # no duplicates
+    assert done.corrupt_lines == 0
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs, where the kernel really runs out of space; skipped where mounting is not allowed."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or made.returncode})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_on_a_real_tiny_filesystem(tiny_filesystem):
+    root = tiny_filesystem / "s"
+    store = SummaryStore(root, fsync=True)
+    records = _batch(0, 400, size=400)  # about 200 KB: three times what fits
+    written, failure = 0, None
+    for start in range(0, len(records), 10):
+        try:
+            written += store.put_many(records[start:start + 10])
+        except OSError as exc:
+            failure = exc
+            break
+    assert failure is not None and failure.errno == errno.ENOSPC, "the tiny filesystem never filled"
+    assert str(root / "segments") in str(failure) and written > 0
+    reopened = SummaryStore(root)
+    assert len(reopened) == written and reopened.corrupt_lines == 0
+    assert {r.key: r.text for r in reopened} == {key: text for key, text, _ in records[:written]}
+
+    # Make room (grow the filesystem) and run again: only what is missing is written.
+    subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_filesystem)], check=True)
+    rerun = SummaryStore(root)
+    assert rerun.put_many(records) == len(records) - written
+    done = SummaryStore(root)
+    assert len(done) == len(records) and done.corrupt_lines == 0
+    raw = [key for key, _ in _records(root)]
+    assert len(raw) == len(set(raw)) == len(records)
 
 
 # --------------------------------------------------------------------------- kill -9 and resume

@@ -16,7 +16,9 @@ then flushed and ``fsync``-ed before ``put`` returns. Each line carries a CRC of
 Readers merge all segments. A line without its newline (a write torn by ``kill -9`` or a power
 loss) or with a wrong CRC is ignored. Records are deduplicated by key, so a summary written twice
 by two racing workers counts once. A crash loses at most the batch being written; a re-run
-generates exactly what is missing. When two segments hold different texts for one key (possible
+generates exactly what is missing. A write that fails (a full disk) is cut back off the segment
+and raised as an ``OSError`` naming the segment, with its errno (ENOSPC): earlier records stay
+readable, and a re-run once there is space writes only what is missing. When two segments hold different texts for one key (possible
 only with sampling, or a race between workers), the record of the lexicographically first
 segment wins, so every reader agrees whatever the order it read the files in.
 
@@ -37,6 +39,7 @@ Usage::
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -108,6 +111,12 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable in a summary key: {type(value).__name__}")
+
+
+def _store_error(exc: OSError, what: str, path: Path) -> OSError:
+    """``exc`` again, with the same errno (ENOSPC stays ENOSPC), saying what failed and where."""
+    reason = exc.strerror or str(exc)
+    return OSError(exc.errno, f"{what} ({reason}); records written before are intact", str(path))
 
 
 def _crc(*parts: str) -> int:
@@ -312,24 +321,60 @@ class SummaryStore:
             return len(fresh)
 
     def _append(self, lines: Sequence[bytes]) -> str:
-        """Append complete lines to this process's own segment in one write, durably."""
+        """Append complete lines to this process's own segment in one write, durably.
+
+        All or nothing: when the write or its fsync fails (a full disk: ENOSPC), the segment is
+        cut back to its size before the batch, so no record of the batch is left half written,
+        and this store starts a new segment at its next write. Records written before stay
+        readable. The OSError raised names the segment and keeps its errno.
+        """
         if self._writer is None or self._writer_pid != os.getpid():
             # A new process (also a forked child holding the parent's store) gets its own file.
             name = f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
-            fd = os.open(self._segments / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
+            path = self._segments / name
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
+            except OSError as exc:
+                raise _store_error(exc, "cannot create summary store segment", path) from exc
             self._writer = os.fdopen(fd, "ab", buffering=0)
             self._writer_name, self._writer_pid = name, os.getpid()
             self._fsync_dir()
         payload = b"".join(lines)
-        written = self._writer.write(payload)
-        if written != len(payload):  # unbuffered raw write can be short on odd file systems
-            raise OSError(f"short write to {self._writer_name}: {written} of {len(payload)} bytes")
-        if self.fsync:
-            os.fsync(self._writer.fileno())
+        fd = self._writer.fileno()
+        start = os.fstat(fd).st_size  # one writer per segment: this is where the batch begins
+        try:
+            view = memoryview(payload)
+            while view:
+                # A short write (the disk filled part way) is followed by another write, which
+                # then reports the error itself (ENOSPC).
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"write returned {written}")
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            self._abandon_segment(start)
+            raise _store_error(exc, f"cannot append {len(lines)} record(s) to summary store segment",
+                               self._segments / self._writer_name if self._writer_name else self._segments) from exc
         # Our own bytes are in the index already: skip them on the next refresh.
-        if self._offsets.get(self._writer_name, 0) == self._writer.tell() - len(payload):
-            self._offsets[self._writer_name] = self._writer.tell()
+        end = start + len(payload)
+        if self._offsets.get(self._writer_name, 0) == start:
+            self._offsets[self._writer_name] = end
         return self._writer_name
+
+    def _abandon_segment(self, size: int) -> None:
+        """After a failed write: cut the segment back to ``size`` and stop writing to it."""
+        try:
+            os.ftruncate(self._writer.fileno(), size)
+        except OSError:
+            pass  # a torn tail has no newline: readers ignore it, and nothing follows it
+        try:
+            self._writer.close()
+        except OSError:
+            pass
+        # The next write opens a new segment, so nothing is ever appended after a torn tail.
+        self._writer = None
 
     def _fsync_dir(self) -> None:
         if not self.fsync:
@@ -356,8 +401,12 @@ class SummaryStore:
                 raise ValueError(f"{self.path} holds a summary store of format {found}; this code reads format {STORE_FORMAT}")
             return
         tmp = self.path / f".{MARKER_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps({"format": STORE_FORMAT, "kind": "merlin-mllm summary store"}) + "\n")
-        os.replace(tmp, marker)  # atomic: concurrent creators write the same content
+        try:
+            tmp.write_text(json.dumps({"format": STORE_FORMAT, "kind": "merlin-mllm summary store"}) + "\n")
+            os.replace(tmp, marker)  # atomic: concurrent creators write the same content
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _store_error(exc, "cannot write the summary store marker", marker) from exc
 
     def close(self) -> None:
         with self._lock:
