@@ -6,12 +6,13 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from merlin_mllm.serving.tritonserver import SHM_GLOB, TritonInstall, TritonServer, free_port
+from merlin_mllm.serving.tritonserver import SHM_GLOB, SHM_PREFIX, TritonInstall, TritonServer, free_port
 
 MODEL_PY = textwrap.dedent(
     '''
@@ -77,6 +78,56 @@ def test_serves_a_python_model_and_stops_cleanly(repo, tmp_path):
         assert shm_regions() - before  # the python backend is really running
     assert server.process.returncode == 0
     assert shm_regions() - before == set()
+
+
+def _infer(server) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    x = np.ones((1, 3), dtype=np.float32)
+    inp = httpclient.InferInput("X", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("double", [inp]).as_numpy("Y"), x * 2)
+    client.close()
+
+
+def test_a_killed_server_cleans_up_only_its_own_shm_regions(repo, tmp_path):
+    first = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "first.log")
+    second = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "second.log")
+    assert first.shm_prefix != second.shm_prefix and first.shm_prefix.startswith(SHM_PREFIX)
+    # A region named the python backend's default way, as a server started by someone else makes.
+    foreign = Path("/dev/shm") / f"{SHM_PREFIX}{uuid.uuid4()}"
+    try:
+        first.start()
+        second.start()  # started later: the old "created since start" rule took its regions too
+        foreign.write_bytes(b"another server's region")
+        _infer(first), _infer(second)
+        mine, theirs = first.shm_regions(), second.shm_regions()
+        assert mine and theirs and not set(mine) & set(theirs)
+        assert all(p.name.startswith(first.shm_prefix) for p in mine)
+        assert set(mine) | set(theirs) | {foreign} <= shm_regions()  # all match the backend's glob
+
+        first.send_signal(signal.SIGKILL)  # a hard kill: Triton cannot remove its regions itself
+        first.process.wait(30)
+        assert all(p.exists() for p in mine)
+        assert first.stop() == -signal.SIGKILL
+        assert not any(p.exists() for p in mine)
+        assert all(p.exists() for p in theirs) and foreign.exists()  # the others' regions survive
+        _infer(second)
+        assert second.stop() == 0
+        assert second.shm_regions() == [] and foreign.exists()
+    finally:
+        first.stop(), second.stop()
+        foreign.unlink(missing_ok=True)
+
+
+def test_a_prefix_given_in_extra_args_is_used(repo):
+    prefix = f"{SHM_PREFIX}custom-{uuid.uuid4().hex[:8]}_"
+    server = TritonServer(repo, extra_args=[f"--backend-config=python,shm-region-prefix-name={prefix}"])
+    assert server.shm_prefix == prefix
+    assert sum("shm-region-prefix-name" in arg for arg in server.command()) == 1
+    default = TritonServer(repo)
+    assert f"--backend-config=python,shm-region-prefix-name={default.shm_prefix}" in default.command()
 
 
 def test_missing_repository_is_a_clear_error(tmp_path):

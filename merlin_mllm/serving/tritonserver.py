@@ -8,6 +8,12 @@ It runs directly, provided that:
   libpython against another stdlib);
 * the backend directory's ``python/`` holds ``libtriton_python.so``,
   ``triton_python_backend_utils.py`` and a *copy* of the stub for this Python version.
+
+Shared memory: the python backend names each ``/dev/shm`` region ``<prefix><uuid>``, with the
+prefix set by ``--backend-config=python,shm-region-prefix-name=<prefix>`` (default
+``triton_python_backend_shm_region_``, the same for every server on the host). Each
+:class:`TritonServer` passes a prefix of its own, so after a hard kill it removes exactly the
+regions its server made, never those of another server running beside it.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +111,12 @@ class TritonInstall:
         return text.splitlines()[0] if text else ""
 
 
-SHM_GLOB = "triton_python_backend_shm_region_*"
+#: The python backend's default region prefix. Ours extend it, so any region of a python
+#: backend still matches SHM_GLOB.
+SHM_PREFIX = "triton_python_backend_shm_region_"
+SHM_GLOB = SHM_PREFIX + "*"
+SHM_DIR = Path("/dev/shm")
+_PREFIX_OPTION = "shm-region-prefix-name="
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -116,8 +128,18 @@ def free_port(address: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _shm_regions() -> set:
-    return set(Path("/dev/shm").glob(SHM_GLOB)) if Path("/dev/shm").is_dir() else set()
+def _prefix_in(args) -> str | None:
+    """The shm prefix set by a ``--backend-config python,shm-region-prefix-name=...`` in ``args``."""
+    args = [str(a) for a in args]
+    for index, arg in enumerate(args):
+        value = None
+        if arg.startswith("--backend-config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--backend-config" and index + 1 < len(args):
+            value = args[index + 1]
+        if value and value.startswith("python,") and value[len("python,"):].startswith(_PREFIX_OPTION):
+            return value[len("python,") + len(_PREFIX_OPTION):]
+    return None
 
 
 class TritonServer:
@@ -125,7 +147,9 @@ class TritonServer:
 
     It binds to 127.0.0.1 unless told otherwise, waits until ``/v2/health/ready`` answers, and
     stops with SIGTERM, which lets the python backend remove its ``/dev/shm`` regions. If the
-    server must be killed, the regions it created are removed here instead.
+    server must be killed, the regions it created are removed here instead: only those, found
+    by this server's own region prefix (:attr:`shm_prefix`), so other Triton servers on the host
+    keep theirs.
 
     Usage::
 
@@ -142,6 +166,12 @@ class TritonServer:
         0 picks a free port.
     log_verbose : int
         Triton's ``--log-verbose`` level.
+    log_file : path, optional
+        Append the server's output here (default: inherit this process's stdout/stderr).
+    extra_args : sequence of str
+        More ``tritonserver`` arguments. One that sets
+        ``--backend-config=python,shm-region-prefix-name=...`` replaces the unique prefix;
+        it should then be unique to this server too.
     """
 
     def __init__(
@@ -169,7 +199,8 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.install = install or TritonInstall.find()
         self.process: subprocess.Popen | None = None
-        self._shm_before: set = set()
+        #: Start of the name of every /dev/shm region this server's python backend creates.
+        self.shm_prefix = _prefix_in(self.extra_args) or f"{SHM_PREFIX}merlin-{os.getpid()}-{uuid.uuid4().hex[:12]}_"
         self._log_handle = None
 
     @property
@@ -191,13 +222,13 @@ class TritonServer:
             "--metrics-address", self.address, "--metrics-port", str(self.metrics_port),
             "--allow-gpu-metrics", "false",
             "--log-verbose", str(self.log_verbose),
+            *([] if _prefix_in(self.extra_args) else [f"--backend-config=python,{_PREFIX_OPTION}{self.shm_prefix}"]),
             *self.extra_args,
         ]
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
         if self.process is not None:
             raise RuntimeError("server already started")
-        self._shm_before = _shm_regions()
         if self.log_file is not None:
             self._log_handle = open(self.log_file, "ab")
             out = self._log_handle
@@ -266,9 +297,18 @@ class TritonServer:
             self._log_handle = None
         return code
 
+    def shm_regions(self) -> list:
+        """This server's python-backend regions now in /dev/shm (by its prefix), sorted."""
+        if not SHM_DIR.is_dir():
+            return []
+        return sorted(p for p in SHM_DIR.iterdir() if p.name.startswith(self.shm_prefix))
+
     def cleanup_shm(self) -> list:
-        """Remove python-backend shm regions created since start (left only by a hard kill)."""
-        leftover = sorted(_shm_regions() - self._shm_before)
+        """Remove this server's python-backend shm regions (left only by a hard kill); return them.
+
+        Regions of other servers, even ones started later, are left alone: they have other prefixes.
+        """
+        leftover = self.shm_regions()
         for path in leftover:
             try:
                 path.unlink()
