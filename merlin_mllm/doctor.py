@@ -1,11 +1,24 @@
-"""``merlin-mllm doctor``: what this environment can do, checked for real."""
+"""``merlin-mllm doctor``: what this environment can do, checked for real.
+
+Besides the stack and the embedded assets, it says which optional parts are present:
+
+* ``cudf``: installed or not (the operators take cudf partitions on GPU workers, pandas otherwise);
+* ``gpu``: the CUDA device, or CPU + fp32;
+* ``dask cluster``: the scheduler address, if one is set (``DASK_SCHEDULER_ADDRESS``, or the dask
+  config key ``scheduler-address``), with a real connection to count its workers. An address that
+  is set but cannot be reached fails the check.
+
+An optional part that is absent is not a failure; one that is present but broken is.
+"""
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
+import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional, Tuple
 
 #: The verified stack (DEVELOPERS.md); doctor prints what is installed next to it.
 STACK = [
@@ -77,12 +90,77 @@ def check_gpu() -> str:
     return "no GPU: CPU + fp32"
 
 
+def check_cudf() -> str:
+    if importlib.util.find_spec("cudf") is None:
+        return "not installed (optional: GPU dataframes; the operators use pandas without it)"
+    import cudf  # lazy: heavy, and it initialises CUDA
+
+    return f"cudf {cudf.__version__}"
+
+
+#: Where a Dask scheduler address is looked for, in order.
+DASK_ADDRESS_ENV = "DASK_SCHEDULER_ADDRESS"
+DASK_ADDRESS_CONFIG = "scheduler-address"
+
+
+def dask_scheduler_address() -> Tuple[Optional[str], str]:
+    """The Dask scheduler address set for this environment, and where it was set.
+
+    ``DASK_SCHEDULER_ADDRESS`` first (read now, so it counts even when set after dask was
+    imported), then the dask config key ``scheduler-address`` (YAML files, ``dask.config.set``).
+    Returns ``(None, "")`` when neither is set.
+    """
+    address = os.environ.get(DASK_ADDRESS_ENV, "").strip()
+    if address:
+        return address, DASK_ADDRESS_ENV
+    import dask.config  # lazy: doctor's other checks do not need dask
+
+    address = str(dask.config.get(DASK_ADDRESS_CONFIG, default=None) or "").strip()
+    if address:
+        return address, f"dask config {DASK_ADDRESS_CONFIG}"
+    return None, ""
+
+
+def check_dask_cluster(timeout: float = 10.0) -> str:
+    address, source = dask_scheduler_address()
+    if address is None:
+        return (f"no cluster address set (optional: set {DASK_ADDRESS_ENV} or the dask config "
+                f"{DASK_ADDRESS_CONFIG} to use a running cluster)")
+    from distributed import Client  # lazy: only when a cluster is named
+
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except Exception as err:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address} (from {source}): {err}") from err
+    try:
+        workers = client.scheduler_info().get("workers", {})
+        threads = sum(int(w.get("nthreads", 0)) for w in workers.values())
+    finally:
+        client.close()
+    return f"{address} (from {source}): {len(workers)} worker(s), {threads} thread(s)"
+
+
+def optional_checks(dask_timeout: float = 10.0) -> List[Check]:
+    """The optional parts: cudf, the GPU and a Dask cluster, each present or not.
+
+    Parameters
+    ----------
+    dask_timeout : float
+        Seconds to wait for a named Dask scheduler to answer.
+    """
+    return [
+        _run("cudf", check_cudf),
+        _run("gpu", check_gpu),
+        _run("dask cluster", lambda: check_dask_cluster(dask_timeout)),
+    ]
+
+
 def run_checks() -> List[Check]:
     checks = [Check("python", True, platform.python_version())]
     for dist in STACK + ASSETS:
         version = _version(dist)
         checks.append(Check(dist, version != "not installed", version))
-    checks.append(_run("gpu", check_gpu))
+    checks.extend(optional_checks())
     checks.append(_run("embedded LLM", check_smollm2))
     checks.append(_run("embedded vision encoder", check_efficientnet))
     checks.append(_run("tritonserver", check_tritonserver))
