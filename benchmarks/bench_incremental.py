@@ -27,7 +27,7 @@ from pathlib import Path
 
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.summaries.store import SummaryStore
-from merlin_mllm.summaries.user import UserSummaryConfig, _model_id_of, read_parquet, summarize_users, update_users
+from merlin_mllm.summaries.user import UserSummaryConfig, model_id_of, read_parquet, summarize_users, update_users
 
 
 def _prepare_default(folder: Path, users: int, seed: int) -> Path:
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         full_s = time.perf_counter() - start
 
         # Same configuration, same histories: the incremental chain must end where a recompute ends.
-        scope = UserSummaryConfig(_model_id_of(args.model), args.block_size, "recurrent", settings).scope
+        scope = UserSummaryConfig(model_id_of(args.model), args.block_size, "recurrent", settings).scope
         inc_states = SummaryStore(work / "incremental").user_states(scope)
         full_states = SummaryStore(work / "recompute").user_states(scope)
         same = {k: v.latest_key for k, v in inc_states.items()} == {k: v.latest_key for k, v in full_states.items()}
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
             "new_events": int(len(new)),
             "block_size": args.block_size,
             "max_new_tokens": args.max_new_tokens,
-            "model": _model_id_of(args.model),
+            "model": model_id_of(args.model),
             "base_build": base.to_dict(),
             "incremental": {**incremental.to_dict(), "seconds": round(incremental_s, 2)},
             "full_recompute": {**full.to_dict(), "seconds": round(full_s, 2)},

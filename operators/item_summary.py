@@ -7,8 +7,9 @@ from typing import Optional, Union
 
 import pandas as pd
 
+import merlin.dtypes as md
 from merlin.core.dispatch import DataFrameType, annotate, from_host, is_cpu_object
-from merlin.schema import ColumnSchema, Tags
+from merlin.schema import Schema, Tags
 from nvtabular.ops.operator import ColumnSelector, Operator
 
 from merlin_mllm.generation import GenerationSettings
@@ -16,15 +17,6 @@ from merlin_mllm.summaries.item import BACKENDS, MODES, ON_EMPTY, ItemSummarizer
 from merlin_mllm.summaries.report import SummaryReport
 
 __all__ = ["ItemSummary"]
-
-
-def _string_dtype():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # merlin.dtypes warns that TensorFlow is absent
-        import merlin.dtypes as md
-    return md.string
 
 
 class ItemSummary(Operator):
@@ -191,6 +183,7 @@ class ItemSummary(Operator):
 
     transform.__doc__ = Operator.transform.__doc__
 
+    # -- output schema: NVTabular's column_mapping + output_dtype / output_tags
     def column_mapping(self, col_selector):
         roles = {self.title, self.description, self.image}
         if not roles.intersection(col_selector.names):
@@ -201,15 +194,10 @@ class ItemSummary(Operator):
             )
         return {self.output_column: list(col_selector.names)}
 
+    output_dtype = md.string
+    output_tags = [Tags.TEXT]
+
     def compute_column_schema(self, col_name, input_schema):
-        # Not derived from the inputs: the summary must not inherit e.g. the item id's
-        # ITEM_ID tag or its categorical domain.
-        return ColumnSchema(col_name, dtype=self.output_dtype, tags=self.output_tags, is_list=False)
-
-    @property
-    def output_tags(self):
-        return [Tags.TEXT]
-
-    @property
-    def output_dtype(self):
-        return _string_dtype()
+        # From the declarations above only (an empty input schema): the summary must not
+        # inherit e.g. the item id's ITEM_ID tag or its categorical domain.
+        return super().compute_column_schema(col_name, Schema())

@@ -58,6 +58,9 @@ import merlin.dtypes as md
 from merlin.core.dispatch import DataFrameType, annotate, is_cpu_object
 from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular.ops.operator import ColumnSelector, Operator
+from transformers import AutoTokenizer
+
+from merlin_mllm.ranker.prompt import RankerPrompt, add_image_token, embedded_tokenizer
 
 __all__ = ["TokenizePrompt"]
 
@@ -102,8 +105,8 @@ class TokenizePrompt(Operator):
         Budgets of :class:`~merlin_mllm.ranker.prompt.RankerPrompt` (384 and 64).
     summary_column, title_column, image_column : str
         Input column names; ``image_column`` may be absent from the selection (no images).
-    output_name : str, default "prompt_ids"
-        Name of the token-id column; the prefix length is ``"<output_name minus _ids>_prefix_length"``.
+    output_column : str, default "prompt_ids"
+        Name of the token-id column; the prefix length is ``"<output_column minus _ids>_prefix_length"``.
     image_token : str, default "<image>"
         The placeholder token (``"placeholder"`` mode).
     system : str or None
@@ -122,7 +125,7 @@ class TokenizePrompt(Operator):
         summary_column: str = "user_summary",
         title_column: str = "title",
         image_column: str = "has_image",
-        output_name: str = "prompt_ids",
+        output_column: str = "prompt_ids",
         image_token: str = "<image>",
         system: Any = "default",
     ):
@@ -143,11 +146,11 @@ class TokenizePrompt(Operator):
         self.summary_column = summary_column
         self.title_column = title_column
         self.image_column = image_column
-        self.output_name = output_name
+        self.output_column = output_column
         self.image_token = image_token
         self.system = system
-        base = output_name[: -len("_ids")] if output_name.endswith("_ids") else output_name
-        self.prefix_name = f"{base}_prefix_length"
+        base = output_column[: -len("_ids")] if output_column.endswith("_ids") else output_column
+        self.prefix_column = f"{base}_prefix_length"
         self._prompts: Dict[int, Any] = {}
         self._loaded_tokenizer = None
 
@@ -188,11 +191,14 @@ class TokenizePrompt(Operator):
         state["_loaded_tokenizer"] = None
         return state
 
+    def __setstate__(self, state):
+        # Workflows saved before output_name/prefix_name were renamed load too.
+        renamed = {"output_name": "output_column", "prefix_name": "prefix_column"}
+        self.__dict__.update({renamed.get(key, key): value for key, value in state.items()})
+
     def _prompt(self, summary_budget: int):
         prompt = self._prompts.get(summary_budget)
         if prompt is None:
-            from merlin_mllm.ranker.prompt import RankerPrompt
-
             extra = {} if isinstance(self.system, str) and self.system == "default" else {"system": self.system}
             prompt = RankerPrompt(
                 self._tokenizer(),
@@ -207,15 +213,11 @@ class TokenizePrompt(Operator):
         return prompt
 
     def _tokenizer(self):
-        from merlin_mllm.ranker.prompt import add_image_token, embedded_tokenizer
-
         if isinstance(self.tokenizer, str) and self.tokenizer == "embedded":
             return embedded_tokenizer()
         if not isinstance(self.tokenizer, str):
             return self.tokenizer
         if self._loaded_tokenizer is None:  # once per process
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
             if self.image_mode == "placeholder":
                 add_image_token(tokenizer)
@@ -264,10 +266,10 @@ class TokenizePrompt(Operator):
                 cache[key] = encoded
             ids.append(np.asarray(encoded.input_ids, dtype=np.int64))
             prefix[position] = encoded.prefix_len
-        out = pd.DataFrame({self.output_name: ids, self.prefix_name: prefix}, index=frame.index)
+        out = pd.DataFrame({self.output_column: ids, self.prefix_column: prefix}, index=frame.index)
         if on_cpu:
             return out
-        out[self.output_name] = [ids_row.tolist() for ids_row in ids]  # cudf builds list columns from lists
+        out[self.output_column] = [ids_row.tolist() for ids_row in ids]  # cudf builds list columns from lists
         return type(df).from_pandas(out)  # cudf, on GPU workers
 
     transform.__doc__ = Operator.transform.__doc__
@@ -280,37 +282,27 @@ class TokenizePrompt(Operator):
                 "set summary_column/title_column to your column names"
             )
 
-    # -- schema
+    # -- output schema: NVTabular's column_mapping + output_dtype / output_tags / output_properties,
+    # which describe the token-id column; the prefix length is a plain CONTINUOUS int64.
     def column_mapping(self, col_selector):
-        inputs = list(col_selector.names)
-        return {self.output_name: inputs, self.prefix_name: inputs}
-
-    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
-        if not col_selector:
-            col_selector = ColumnSelector(input_schema.column_names)
         self._check_columns(col_selector.names)
+        inputs = list(col_selector.names)
+        return {self.output_column: inputs, self.prefix_column: inputs}
+
+    output_dtype = md.int64
+    output_tags = [Tags.TEXT_TOKENIZED, Tags.LIST]
+
+    @property
+    def output_properties(self):
         vocab_max = len(self._tokenizer()) - 1
-        return Schema(
-            [
-                ColumnSchema(
-                    self.output_name,
-                    dtype=md.int64,
-                    tags=[Tags.TEXT_TOKENIZED, Tags.LIST],
-                    is_list=True,
-                    is_ragged=True,
-                    properties={
-                        "domain": {"min": 0, "max": vocab_max, "name": "tokens"},
-                        "value_count": {"min": 1, "max": self.max_length},
-                    },
-                ),
-                ColumnSchema(self.prefix_name, dtype=md.int64, tags=[Tags.CONTINUOUS]),
-            ]
-        )
+        return {
+            "domain": {"min": 0, "max": vocab_max, "name": "tokens"},
+            "value_count": {"min": 1, "max": self.max_length},  # ragged, at most max_length tokens
+        }
 
-    @property
-    def output_dtype(self):
-        return md.int64
-
-    @property
-    def output_tags(self):
-        return [Tags.TEXT_TOKENIZED]
+    def compute_column_schema(self, col_name, input_schema):
+        # From the declarations above only (an empty input schema): no tags, domains or shapes
+        # of the text columns.
+        if col_name == self.prefix_column:
+            return ColumnSchema(col_name, dtype=md.int64, tags=[Tags.CONTINUOUS])
+        return super().compute_column_schema(col_name, Schema())

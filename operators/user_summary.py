@@ -9,7 +9,7 @@ import pandas as pd
 import merlin.dtypes as md
 from merlin.core.dispatch import DataFrameType, annotate, to_arrow
 from merlin.dag import DataFormats
-from merlin.schema import Tags
+from merlin.schema import Schema, Tags
 from nvtabular.ops.operator import ColumnSelector, Operator
 
 from merlin_mllm.generation import GenerationSettings
@@ -20,10 +20,12 @@ from merlin_mllm.summaries.user import (
     DEFAULT_BLOCK_SIZE,
     UserSummarizer,
     UserSummaryConfig,
-    _model_id_of,
     get_model,
+    model_id_of,
     read_items,
 )
+
+__all__ = ["UserPreferenceSummary", "process_report"]
 
 #: Counts of every UserPreferenceSummary transform run in this process (one per Dask worker);
 #: collect them with ``client.run(lambda: process_report().to_dict())``.
@@ -52,7 +54,15 @@ class UserPreferenceSummary(Operator):
     ``description``. Item summaries published in the store by the item stage are used when
     present, else title + description. Works on pandas and cudf partitions, in one process or on
     a Dask cluster: each worker process loads the model once and writes its own store segment.
-    The model is never pickled with the operator (it is looked up by id in each process)::
+    The model is never pickled with the operator (it is looked up by id in each process).
+
+    The output column (``output_column``) has the Merlin ``string`` dtype and the ``TEXT`` tag,
+    and nothing inherited from the inputs.
+
+    Example usage (after ``merlin-mllm data prepare --dataset ml-100k --out data/ml100k``)::
+
+        import nvtabular as nvt
+        from merlin_mllm.operators import UserPreferenceSummary
 
         summaries = ["user_id", "history_item_ids"] >> UserPreferenceSummary(
             items="data/ml100k/items", store="data/summaries", block_size=3)
@@ -74,12 +84,15 @@ class UserPreferenceSummary(Operator):
         ``direct`` puts the whole history into one prompt (the MLLM-MSR_R ablation).
     settings : GenerationSettings, optional
         Greedy decoding by default (deterministic summaries).
-    history_col : str, default "history_item_ids"
+    history_column : str, default "history_item_ids"
         The list column among the selected columns; the others (e.g. ``user_id``) only name
         rows in error messages.
     on_unknown_item : {"error", "skip"}, default "error"
         A history item in neither the items table nor the store: raise, or drop it (counted).
-    output_col : str, default "user_summary"
+    output_column : str, default "user_summary"
+        The name of the summary column (Merlin ``string``, tagged ``TEXT``).
+    progress : bool, default False
+        A tqdm bar per partition.
     """
 
     def __init__(
@@ -91,20 +104,20 @@ class UserPreferenceSummary(Operator):
         block_size: int = DEFAULT_BLOCK_SIZE,
         mode: str = "recurrent",
         settings: Optional[GenerationSettings] = None,
-        history_col: str = "history_item_ids",
+        history_column: str = "history_item_ids",
         on_unknown_item: str = "error",
-        output_col: str = "user_summary",
+        output_column: str = "user_summary",
         progress: bool = False,
     ):
         super().__init__()
         self.items = items if isinstance(items, pd.DataFrame) else os.path.abspath(os.fspath(items))
         self.store = os.path.abspath(os.fspath(store))
-        self.config = UserSummaryConfig(_model_id_of(model), int(block_size), mode, settings or GenerationSettings())
+        self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings or GenerationSettings())
         if isinstance(model, LoadedModel):
             get_model(model)  # register it in this process's cache; other processes load by id
-        self.history_col = history_col
+        self.history_column = history_column
         self.on_unknown_item = on_unknown_item
-        self.output_col = output_col
+        self.output_column = output_column
         self.progress = progress
         self.report = SummaryReport()
 
@@ -115,14 +128,21 @@ class UserPreferenceSummary(Operator):
         state["report"] = SummaryReport()
         return state
 
+    def __setstate__(self, state):
+        # Workflows saved before output_col/history_col were renamed load too.
+        renamed = {"output_col": "output_column", "history_col": "history_column"}
+        self.__dict__.update({renamed.get(key, key): value for key, value in state.items()})
+
     @annotate("UserPreferenceSummary_op", color="darkgreen", domain="nvt_python")
     def transform(self, col_selector: ColumnSelector, df: DataFrameType) -> DataFrameType:
-        if self.history_col not in col_selector.names:
-            raise ValueError(f"UserPreferenceSummary needs the list column {self.history_col!r}; selected: {col_selector.names}")
+        if self.history_column not in col_selector.names:
+            raise ValueError(
+                f"UserPreferenceSummary needs the list column {self.history_column!r}; selected: {col_selector.names}"
+            )
         # Arrow is the common host format of pandas and cudf columns, list columns included.
         table = to_arrow(df[col_selector.names])
-        histories = [h or [] for h in table.column(self.history_col).to_pylist()]
-        others = [c for c in col_selector.names if c != self.history_col]
+        histories = [h or [] for h in table.column(self.history_column).to_pylist()]
+        others = [c for c in col_selector.names if c != self.history_column]
         names = table.column(others[0]).to_pylist() if others else list(range(len(histories)))
         label = others[0] if others else "row"
         labels = [f"{label} {n}" for n in names]
@@ -135,27 +155,21 @@ class UserPreferenceSummary(Operator):
         texts = summarizer.summary_texts(keys)
         self.report.merge(report)
         _PROCESS_REPORT.merge(report)
-        return type(df)({self.output_col: texts}, index=df.index)
+        return type(df)({self.output_column: texts}, index=df.index)
 
     transform.__doc__ = Operator.transform.__doc__
 
+    # -- output schema: NVTabular's column_mapping + output_dtype / output_tags
     def column_mapping(self, col_selector):
-        return {self.output_col: list(col_selector.names)}
+        return {self.output_column: list(col_selector.names)}
+
+    output_dtype = md.string
+    output_tags = [Tags.TEXT]
 
     def compute_column_schema(self, col_name, input_schema):
-        # Not derived from the inputs: a scalar string, tagged TEXT only (the history's list
-        # shape, the user id's domain and tags would all be wrong here).
-        from merlin.schema import ColumnSchema
-
-        return ColumnSchema(col_name, dtype=self.output_dtype, tags=self.output_tags, dims=(None,))
-
-    @property
-    def output_dtype(self):
-        return md.string
-
-    @property
-    def output_tags(self):
-        return [Tags.TEXT]
+        # From the declarations above only (an empty input schema): the history's list shape,
+        # the user id's domain and tags would all be wrong here. One string per row.
+        return super().compute_column_schema(col_name, Schema()).with_shape((None,))
 
     @property
     def supported_formats(self) -> DataFormats:
