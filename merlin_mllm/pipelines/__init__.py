@@ -1,0 +1,20 @@
+"""Pipelines: the jobs that run the ranker over a prepared dataset, on the Merlin stack.
+
+- :mod:`merlin_mllm.pipelines.config`: ``TrainConfig``, the training settings (validated when made).
+- :mod:`merlin_mllm.pipelines.training`: ``train_ranker``, LoRA SFT through Merlin's dataloader
+  and Lightning (``load_rows``, ``tokenize_rows``, ``RankerDataModule``).
+- :mod:`merlin_mllm.pipelines.evaluation`: ``evaluate_ranker``, ranking metrics of a trained or
+  zero-shot ranker over a split (``plot_evaluation``).
+
+They sit above the ranker core and the operators, and below serving, the CLI and the
+quickstart. Names are imported lazily, on first use (``TrainConfig`` without torch).
+"""
+from __future__ import annotations
+
+from merlin_mllm.exports import lazy_exports
+
+_EXPORTS = {
+    "TrainConfig": "config",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
