@@ -66,6 +66,8 @@ from tqdm.auto import tqdm
 
 from merlin_mllm.generation import GenerationSettings, GenerationStats, generate_chat, generate_multimodal
 from merlin_mllm.images import ImageLoadError, is_missing, load_image
+from merlin_mllm.models import LoadedModel, load
+from merlin_mllm.models.vision import MODEL_NAME, VisionEncoder, dominant_colours
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore, open_store
 from merlin_mllm.text import escape_untrusted
@@ -231,8 +233,6 @@ class TextualizerBackend(_Backend):
     def __init__(self, lm, vision):
         if lm.kind != "llm":
             raise ValueError(f"the textualizer backend needs a text LLM; {lm.model_id} is an {lm.kind}")
-        from merlin_mllm.models.vision import MODEL_NAME
-
         self.lm, self.vision, self.tokenizer = lm, vision, lm.tokenizer
         self.model_id = f"{lm.model_id}+vision:{MODEL_NAME}"
 
@@ -241,8 +241,6 @@ class TextualizerBackend(_Backend):
 
     def image_words(self, images: Sequence[Any]) -> List[Tuple[str, str]]:
         """(labels, colours) phrases per image, e.g. ("Egyptian cat, tabby", "brown, grey")."""
-        from merlin_mllm.models.vision import dominant_colours
-
         if not images:
             return []
         top = self.vision.top_labels(list(images), k=TEXTUALIZER_LABELS)
@@ -362,8 +360,6 @@ def get_backend(backend: str = "textualizer", model: Any = None, device: Optiona
     device : str, optional
         Default: CUDA when available, else CPU.
     """
-    from merlin_mllm.models import LoadedModel, load
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "mllm" and model is None:
@@ -372,8 +368,6 @@ def get_backend(backend: str = "textualizer", model: Any = None, device: Optiona
     def build(lm):
         if backend == "mllm":
             return MLLMBackend(lm)
-        from merlin_mllm.models.vision import VisionEncoder
-
         return TextualizerBackend(lm, VisionEncoder.load(device=device or lm.device))
 
     if isinstance(model, LoadedModel):
@@ -650,7 +644,7 @@ class ItemSummarizer:
 
 def summarize_items(
     data_dir: Union[str, os.PathLike],
-    store_dir: Union[str, os.PathLike],
+    summaries: Union[str, os.PathLike],
     *,
     backend: str = "textualizer",
     model: Any = None,
@@ -675,7 +669,7 @@ def summarize_items(
         The output of ``merlin-mllm data prepare``: ``items/`` holds ``item_id``, ``title``,
         ``description`` and ``image_path`` (see README "Data contract"). Relative image paths are
         taken relative to ``data_dir``.
-    store_dir : str or path
+    summaries : str or path
         The summary store folder (created when missing).
     backend, model, mode, settings, on_empty, device :
         See :class:`ItemSummarizer`.
@@ -693,6 +687,7 @@ def summarize_items(
     >>> report = summarize_items("data/ml-100k", "data/summaries",
     ...                          settings=GenerationSettings(max_new_tokens=80))  # doctest: +SKIP
     """
+    # Lazy: merlin.io (under data.tables) is heavy, and the summary engine does not need it.
     from merlin_mllm.data.tables import Tags, read_table, write_table
 
     data_dir = Path(data_dir)
@@ -704,7 +699,7 @@ def summarize_items(
         raise ValueError(f"{items_dir} has no item_id column (columns: {list(items.columns)})")
     summarizer = ItemSummarizer(
         backend=backend, model=model, mode=mode, settings=settings, on_empty=on_empty,
-        store=store_dir, device=device, image_root=data_dir, progress=progress,
+        store=summaries, device=device, image_root=data_dir, progress=progress,
     )
     texts, report = summarizer.summarize(items)
     if output is not None:

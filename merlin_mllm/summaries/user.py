@@ -44,6 +44,7 @@ Usage::
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -56,6 +57,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from merlin_mllm.generation import GenerationSettings, generate_chat
+from merlin_mllm.models import embedded, load
+from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, LoadedModel
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import (
     ITEM_REF_NAMESPACE,
@@ -88,9 +91,6 @@ _STEP_KIND = {"recurrent": "user_step", "direct": "user_direct"}
 # --------------------------------------------------------------------------- configuration
 def model_id_of(model) -> str:
     """The id a summary key records, without loading the model."""
-    from merlin_mllm.models import embedded
-    from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, LoadedModel
-
     if isinstance(model, LoadedModel):
         return model.model_id
     if model in EMBEDDED_LLM_ALIASES:
@@ -151,9 +151,6 @@ def get_model(model=None):
 
     Loading happens once per process and model id, however many partitions or calls use it.
     """
-    from merlin_mllm.models import load
-    from merlin_mllm.models.loading import LoadedModel
-
     if isinstance(model, LoadedModel):
         with _MODELS_LOCK:
             _MODELS.setdefault(model.model_id, model)
@@ -463,8 +460,7 @@ class UserSummarizer:
 
     def summary_texts(self, keys: Sequence[Optional[str]]) -> List[str]:
         """Texts for ``summarize`` keys; ``None`` (empty history) gives the generic summary."""
-        found = self.store.get_many(k for k in keys if k is not None)
-        return [EMPTY_HISTORY_SUMMARY if k is None else found[k] for k in keys]
+        return stored_summary_texts(self.store, keys)
 
     def boundary_state(self, user_id: int, history: Sequence[int], base: Optional[UserState] = None) -> UserState:
         """The state after ``history``: boundary keys over its full blocks (steps must be stored)."""
@@ -530,7 +526,7 @@ def _read_table(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- public API
 def summarize_users(
     data_dir: Union[str, os.PathLike],
-    store_dir: Union[str, os.PathLike],
+    summaries: Union[str, os.PathLike],
     *,
     splits: Sequence[str] = ("train", "valid", "test"),
     model=None,
@@ -552,8 +548,8 @@ def summarize_users(
     ----------
     data_dir : path
         The output folder of ``merlin-mllm data prepare``.
-    store_dir : path
-        The summary store (created when missing; shared with the item stage).
+    summaries : path
+        The summary store folder (created when missing; shared with the item stage).
     splits : sequence of str
         Split folders whose rows need summaries; missing folders are an error.
     model : str or LoadedModel, optional
@@ -575,7 +571,7 @@ def summarize_users(
     >>> report = summarize_users("data/ml100k", "data/summaries", block_size=3)
     >>> print(report)
     """
-    data_dir, store = Path(data_dir), SummaryStore(store_dir)
+    data_dir, store = Path(data_dir), SummaryStore(summaries)
     config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings)
     items = read_items(data_dir / "items")
     events = _read_table(data_dir / "events", ["user_id", "item_id", "position"], "events table")
@@ -630,8 +626,6 @@ def _record_config(store: SummaryStore, config: UserSummaryConfig, items_path: O
 
 def _resolve_config(store: SummaryStore, model, block_size, settings, items, need_items: bool = True) -> Tuple[UserSummaryConfig, object]:
     """The configuration of the last ``summarize_users`` run, overridden by explicit arguments."""
-    import json
-
     recorded = {}
     key = store.get_ref(CONFIG_REF_NAMESPACE, "latest")
     if key is not None and store.get(key) is not None:
@@ -649,7 +643,7 @@ def _resolve_config(store: SummaryStore, model, block_size, settings, items, nee
 
 def update_users(
     events_path: Union[str, os.PathLike],
-    store_dir: Union[str, os.PathLike],
+    summaries: Union[str, os.PathLike],
     *,
     items: Union[str, os.PathLike, pd.DataFrame, None] = None,
     model=None,
@@ -670,8 +664,8 @@ def update_users(
     ----------
     events_path : path
         Parquet file or folder with ``user_id``, ``item_id``, ``timestamp``.
-    store_dir : path
-        The store written by :func:`summarize_users`.
+    summaries : path
+        The summary store folder written by :func:`summarize_users`.
     items : path or DataFrame, optional
         The item table; default: the one recorded by the last ``summarize_users`` run.
     model, block_size, settings : optional
@@ -682,7 +676,7 @@ def update_users(
     >>> report = update_users("new_events.parquet", "data/summaries")
     >>> report.llm_calls          # one per user with a newly completed block
     """
-    store = SummaryStore(store_dir)
+    store = SummaryStore(summaries)
     config, items = _resolve_config(store, model, block_size, settings, items)
     if config.mode != "recurrent":
         raise ValueError(
@@ -738,7 +732,7 @@ def update_users(
     return report
 
 
-def latest_user_summary(store: Union[SummaryStore, str, os.PathLike], user_id: int, *,
+def latest_user_summary(summaries: Union[SummaryStore, str, os.PathLike], user_id: int, *,
                         model=None, block_size: Optional[int] = None,
                         settings: Optional[GenerationSettings] = None) -> Optional[str]:
     """The user's summary at their last full block boundary, or ``None`` for an unknown user.
@@ -751,7 +745,7 @@ def latest_user_summary(store: Union[SummaryStore, str, os.PathLike], user_id: i
     >>> latest_user_summary("data/summaries", 7)
     'The user appears to have a preference for ...'
     """
-    store = open_store(store)
+    store = open_store(summaries)
     config, _ = _resolve_config(store, model, block_size, settings, items=None, need_items=False)
     state = store.get_user_state(config.scope, int(user_id))
     if state is None:
@@ -759,3 +753,49 @@ def latest_user_summary(store: Union[SummaryStore, str, os.PathLike], user_id: i
     if state.latest_key is None:
         return EMPTY_HISTORY_SUMMARY
     return store.get(state.latest_key)
+
+
+# --------------------------------------------------------------------------- reading stored summaries
+def recorded_config(summaries: Union[SummaryStore, str, os.PathLike]) -> Optional[UserSummaryConfig]:
+    """The configuration of the last :func:`summarize_users` run into the store (``None``: no run)."""
+    store = open_store(summaries)
+    key = store.get_ref(CONFIG_REF_NAMESPACE, "latest")
+    text = store.get(key) if key is not None else None
+    return UserSummaryConfig.from_dict(json.loads(text)) if text is not None else None
+
+
+def history_summary_keys(summaries: Union[SummaryStore, str, os.PathLike],
+                         items: Union[str, os.PathLike, pd.DataFrame],
+                         histories: Sequence[Sequence[int]],
+                         config: Optional[UserSummaryConfig] = None) -> List[Optional[str]]:
+    """The key of the summary :func:`summarize_users` stores for each history (item ids in time order).
+
+    ``None`` for an empty history (its summary is :data:`EMPTY_HISTORY_SUMMARY`). Nothing is
+    generated, so a key may be missing from the store (test ``key in store``). The keys are
+    those of ``config``, by default the store's :func:`recorded_config`.
+
+    Example
+    -------
+    >>> keys = history_summary_keys("data/summaries", "data/ml100k/items", [(3, 8, 1, 5)])
+    >>> stored_summary_texts("data/summaries", keys)
+    """
+    store = open_store(summaries)
+    config = config if config is not None else recorded_config(store)
+    if config is None:
+        raise ValueError(f"{store.path}: the store holds no user summaries (no summarize_users run)")
+    summarizer = UserSummarizer(store, read_items(items), config, progress=False)
+    histories = [tuple(int(i) for i in history) for history in histories]
+    summarizer.texts.prepare(i for history in histories for i in history)
+    keys: List[Optional[str]] = []
+    for history in histories:
+        plan = summarizer.plan(history)
+        keys.append(plan[-1].key if plan else None)
+    return keys
+
+
+def stored_summary_texts(summaries: Union[SummaryStore, str, os.PathLike],
+                         keys: Sequence[Optional[str]]) -> List[str]:
+    """The stored text of each summary key; ``None`` (an empty history) gives :data:`EMPTY_HISTORY_SUMMARY`."""
+    store = summaries if isinstance(summaries, SummaryStore) else open_store(summaries)
+    found = store.get_many(k for k in keys if k is not None)
+    return [EMPTY_HISTORY_SUMMARY if k is None else found[k] for k in keys]

@@ -1,0 +1,158 @@
+"""Which user summary each labelled row sees: the summaries layer's answer for training,
+evaluation and serving.
+
+A row (``user_id``, ``target_position``, and ``history_item_ids`` when present) sees the summary
+of its own history, the items before its target, so nothing at or after the target leaks into
+it. The summaries come from one of (:data:`SummarySource`):
+
+* a summary store folder (written by ``merlin-mllm summarize users``): the stored summary of
+  the row's history, found with :func:`merlin_mllm.summaries.user.history_summary_keys`;
+* a parquet file/folder or DataFrame with ``user_id``, ``target_position``, ``user_summary``
+  (for instance :func:`recent_titles_summaries`);
+* a callable ``rows -> list of str``.
+
+Usage::
+
+    from merlin_mllm.summaries.rows import row_summaries
+    rows["user_summary"] = row_summaries("data/summaries", "data/ml100k", rows)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, List, Sequence, Tuple, Union
+
+import pandas as pd
+
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR, open_store
+from merlin_mllm.summaries.user import (
+    history_lists,
+    history_summary_keys,
+    recorded_config,
+    stored_summary_texts,
+)
+
+__all__ = ["SummarySource", "is_store", "row_histories", "row_summaries", "recent_titles_summaries"]
+
+#: Where user summaries come from: a store folder, a summary table (path or DataFrame) or a callable.
+SummarySource = Union[str, os.PathLike, pd.DataFrame, Callable[[pd.DataFrame], Sequence[str]]]
+
+
+def is_store(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a summary store folder."""
+    path = Path(path)
+    return path.is_dir() and ((path / MARKER_FILE).exists() or (path / SEGMENT_DIR).is_dir())
+
+
+def row_histories(data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List[Tuple[int, ...]]:
+    """Each row's history (item ids before its target): its ``history_item_ids``, else from ``events/``."""
+    if "history_item_ids" in rows.columns:
+        return [tuple(int(i) for i in h) if h is not None else () for h in rows["history_item_ids"]]
+    events = read_table(Path(data_dir) / "events")
+    return [tuple(h) for h in history_lists(events, rows["user_id"], rows["target_position"])]
+
+
+def _store_summaries(store_dir: Path, data_dir: Path, rows: pd.DataFrame) -> List[str]:
+    """Each row's user summary from the store: the chain over its own history (items before the target)."""
+    store = open_store(store_dir)
+    config = recorded_config(store)
+    if config is None:
+        raise ValueError(
+            f"{store_dir}: the store holds no user summaries; run "
+            f"`merlin-mllm summarize users --data {data_dir} --summaries {store_dir}` first"
+        )
+    histories = row_histories(data_dir, rows)
+    unique = list(set(histories))
+    keys = dict(zip(unique, history_summary_keys(store, data_dir / "items", unique, config)))
+    missing = [h for h, k in keys.items() if k is not None and k not in store]
+    if missing:
+        example = rows.loc[[h == missing[0] for h in histories], "user_id"].iloc[0]
+        raise ValueError(
+            f"{store_dir}: {len(missing)} row histories have no stored summary (e.g. user {int(example)}, "
+            f"{len(missing[0])} history items); run `merlin-mllm summarize users --data {data_dir} --summaries {store_dir}`"
+        )
+    texts = dict(zip(keys, stored_summary_texts(store, list(keys.values()))))
+    return [texts[h] for h in histories]
+
+
+def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> List[str]:
+    needed = ["user_id", "target_position", "user_summary"]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"{where}: the summaries table lacks column(s) {missing}")
+    table = table[needed].drop_duplicates(["user_id", "target_position"])
+    merged = rows[["user_id", "target_position"]].merge(table, on=["user_id", "target_position"], how="left")
+    absent = merged["user_summary"].isna()
+    if absent.any():
+        first = merged[absent].iloc[0]
+        raise ValueError(
+            f"{where}: {int(absent.sum())} rows have no user summary (e.g. user {int(first.user_id)}, "
+            f"target_position {int(first.target_position)})"
+        )
+    return merged["user_summary"].astype(str).tolist()
+
+
+def recent_titles_summaries(data_dir: Union[str, os.PathLike], last: int = 5) -> pd.DataFrame:
+    """Placeholder user summaries without an LLM: "Recently watched: A; B; C." per row.
+
+    For ranker-only experiments and tests. Each row of every split gets the titles of the last
+    ``last`` items of its own ``history_item_ids`` (items before its target: no leakage). The
+    result is a summary table for :func:`row_summaries` / ``train_ranker`` / ``evaluate_ranker``.
+
+    Usage::
+
+        table = recent_titles_summaries("data/ml100k", last=5)
+        train_ranker("data/ml100k", table, "runs/ranker")
+
+    Parameters
+    ----------
+    data_dir : path
+        Output of ``prepare_dataset``.
+    last : int
+        Titles per summary (most recent last).
+    """
+    data_dir = Path(data_dir)
+    titles = read_table(data_dir / "items").set_index("item_id")["title"]
+    frames = []
+    for split in ("train", "valid", "test"):
+        rows = read_table(data_dir / split).drop_duplicates(["user_id", "target_position"])
+        texts = ["Recently watched: " + "; ".join(str(titles[int(i)]) for i in list(history)[-last:]) + "."
+                 for history in rows["history_item_ids"]]
+        frames.append(pd.DataFrame({"user_id": rows["user_id"].to_numpy(),
+                                    "target_position": rows["target_position"].to_numpy(), "user_summary": texts}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List[str]:
+    """The user summary of each row (one string per row, in order).
+
+    Parameters
+    ----------
+    summaries : path, DataFrame or callable
+        A summary store folder; a parquet file/folder or DataFrame with ``user_id``,
+        ``target_position``, ``user_summary``; or ``callable(rows) -> list of str``.
+    data_dir : path
+        The prepared dataset (for ``items/`` and ``events/``).
+    rows : DataFrame
+        Rows with ``user_id`` and ``target_position`` (and ``history_item_ids`` when present).
+
+    Raises
+    ------
+    ValueError
+        When a row has no summary (naming the user), or the source is not recognised.
+    """
+    data_dir = Path(data_dir)
+    if callable(summaries):
+        texts = list(summaries(rows))
+        if len(texts) != len(rows):
+            raise ValueError(f"the summaries callable returned {len(texts)} texts for {len(rows)} rows")
+        return [str(t) for t in texts]
+    if isinstance(summaries, pd.DataFrame):
+        return _table_summaries(summaries, rows, "the summaries DataFrame")
+    path = Path(summaries)
+    if is_store(path):
+        return _store_summaries(path, data_dir, rows)
+    if path.exists():
+        return _table_summaries(pd.read_parquet(path), rows, str(path))
+    raise FileNotFoundError(f"user summaries not found: {path} is neither a summary store nor a parquet table")
