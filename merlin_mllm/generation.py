@@ -86,15 +86,8 @@ def generate_chat(
         prompts = [p + prefix for p, prefix in zip(prompts, assistant_prefix)]
     old_side = tok.padding_side
     tok.padding_side = "left"  # decoder-only models continue from the right edge
-    texts: List[str] = []
     stats = GenerationStats()
-    gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                      pad_token_id=tok.pad_token_id, repetition_penalty=settings.repetition_penalty)
-    if settings.do_sample:
-        gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-    else:
-        # Greedy: clear sampling fields a model's generation_config may carry, to avoid warnings.
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    gen_kwargs = _generate_kwargs(settings, tok)
     try:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
         results: dict = {}
@@ -103,17 +96,8 @@ def generate_chat(
             idx = order[start : start + settings.batch_size]
             batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = {k: v.to(lm.device) for k, v in batch.items()}
-            if settings.do_sample:
-                torch.manual_seed(settings.seed + start)
-            with torch.inference_mode():
-                out = lm.model.generate(**batch, **gen_kwargs)
-            new = out[:, batch["input_ids"].shape[1] :]
-            for row, i in enumerate(idx):
-                ids = new[row]
-                n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
-                stats.new_tokens += n
-                results[i] = tok.decode(ids, skip_special_tokens=True).strip()
-            stats.calls += len(idx)
+            seed = settings.seed + start if settings.do_sample else None
+            results.update(zip(idx, _generate_batch(lm, batch, gen_kwargs, seed, stats)))
             bar.update(len(idx))
         bar.close()
         texts = [results[i] for i in range(len(prompts))]
@@ -122,6 +106,36 @@ def generate_chat(
     if assistant_prefix is not None:
         texts = [f"{prefix}{text if text[:1] in ',.;:' else ' ' + text}".strip() for prefix, text in zip(assistant_prefix, texts)]
     return texts, stats
+
+
+def _generate_kwargs(settings: GenerationSettings, tok) -> dict:
+    """``generate()`` keyword arguments for ``settings``."""
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                  pad_token_id=tok.pad_token_id, repetition_penalty=settings.repetition_penalty)
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        # Greedy: clear sampling fields a model's generation_config may carry, to avoid warnings.
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _generate_batch(lm, batch: dict, gen_kwargs: dict, seed: Optional[int], stats: GenerationStats) -> List[str]:
+    """One ``generate()`` call on a left-padded batch: the decoded new text of each row.
+
+    ``seed`` (sampling only) seeds torch first; the prompts and new tokens are added to ``stats``.
+    """
+    tok = lm.tokenizer
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = lm.model.generate(**batch, **gen_kwargs)
+    texts = []
+    for ids in out[:, batch["input_ids"].shape[1] :]:
+        stats.new_tokens += int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
+        texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+    stats.calls += len(texts)
+    return texts
 
 
 def _flat_images(conversation: List[dict]) -> list:
@@ -200,12 +214,7 @@ def generate_multimodal(
         processor.apply_chat_template(_without_image_objects(conv), add_generation_prompt=True, tokenize=False)
         for conv in conversations
     ]
-    gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                      pad_token_id=tok.pad_token_id, repetition_penalty=settings.repetition_penalty)
-    if settings.do_sample:
-        gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    gen_kwargs = _generate_kwargs(settings, tok)
     old_side = tok.padding_side
     tok.padding_side = "left"  # decoder-only models continue from the right edge
     stats = GenerationStats()
@@ -228,17 +237,8 @@ def generate_multimodal(
             batch = {k: v.to(lm.device) if hasattr(v, "to") else v for k, v in batch.items()}
             if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
                 batch["pixel_values"] = batch["pixel_values"].to(lm.dtype)
-            if settings.do_sample:
-                torch.manual_seed(settings.seed + number)
-            with torch.inference_mode():
-                out = lm.model.generate(**batch, **gen_kwargs)
-            new = out[:, batch["input_ids"].shape[1] :]
-            for row, i in enumerate(idx):
-                ids = new[row]
-                n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
-                stats.new_tokens += n
-                results[i] = tok.decode(ids, skip_special_tokens=True).strip()
-            stats.calls += len(idx)
+            seed = settings.seed + number if settings.do_sample else None
+            results.update(zip(idx, _generate_batch(lm, batch, gen_kwargs, seed, stats)))
             bar.update(len(idx))
         bar.close()
     finally:
