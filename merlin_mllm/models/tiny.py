@@ -49,6 +49,8 @@ _TEXT_LAYERS = 2
 _TEXT_HEADS = 4
 _TEXT_KV_HEADS = 2
 _TEXT_INTERMEDIATE = 128
+# The vision towers of LLaVA-NeXT (CLIP) and Idefics3 (SigLIP) share one tiny size.
+_VISION_SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 # ChatML, as SmolLM2 uses, with multimodal content lists. ``IMAGE_PLACEHOLDER`` is replaced per
 # architecture by the text its processor expands into image tokens. String contents work too, so
@@ -118,15 +120,7 @@ def _build_llava_next():
     # The processor tiles an image onto the best of these grids, so the model config and the
     # image processor must list the same ones.
     pinpoints = [[32, 64], [64, 32], [64, 64]]
-    vision_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
+    vision_config = CLIPVisionConfig(**_VISION_SIZE, image_size=image_size, patch_size=patch_size, projection_dim=32)
     text_config = LlamaConfig(**_text_config_kwargs(len(tokenizer), tokenizer))
     config = LlavaNextConfig(
         vision_config=vision_config,
@@ -232,14 +226,7 @@ def _build_idefics3():
     image_seq_len = (tile // patch_size) ** 2 // scale_factor**2
     config = Idefics3Config(
         text_config=_text_config_kwargs(len(tokenizer), tokenizer) | {"model_type": "llama"},
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=tile,
-            patch_size=patch_size,
-        ),
+        vision_config=dict(**_VISION_SIZE, image_size=tile, patch_size=patch_size),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale_factor,
         tie_word_embeddings=True,
