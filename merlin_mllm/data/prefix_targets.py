@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from merlin_mllm.data import processing
-from merlin_mllm.data.prepare import _ROW_TAGS, _user_histories, with_history
+from merlin_mllm.data.prepare import ROW_TAGS, user_histories, with_history
 from merlin_mllm.data.sources import BadLines, read_source
 from merlin_mllm.data.tables import read_table, write_table
 
@@ -52,7 +52,7 @@ def _full_histories(report: dict, users: pd.DataFrame, items: pd.DataFrame) -> d
     deduped, _ = processing.drop_duplicates(raw)
     # Keys are compared as text: the raw reader and the written tables may type them differently.
     deduped = deduped.assign(user_key=deduped["user_key"].astype(str), item_key=deduped["item_key"].astype(str))
-    return _user_histories(deduped, dict(zip(users["user_key"].astype(str), users["user_id"].astype(np.int64))),
+    return user_histories(deduped, dict(zip(users["user_key"].astype(str), users["user_id"].astype(np.int64))),
                            dict(zip(items["item_key"].astype(str), items["item_id"].astype(np.int64))))
 
 
@@ -133,7 +133,7 @@ def add_prefix_targets(
     out.mkdir(parents=True)
     for name in _COPIED:
         shutil.copytree(data_dir / name, out / name)
-    write_table(combined, out / "train", _ROW_TAGS, {"user_id": len(users), "item_id": len(items)})
+    write_table(combined, out / "train", ROW_TAGS, {"user_id": len(users), "item_id": len(items)})
     summary = {
         "source": str(data_dir),
         "block_size": int(block_size),

@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("paper", "temporal")
 _TEXT_COLUMNS = ("title", "description", "genres")
-_ROW_TAGS = {
+#: The Merlin tags of the row tables' columns (train/ valid/ test/).
+ROW_TAGS = {
     "user_id": [Tags.USER_ID, Tags.CATEGORICAL],
     "item_id": [Tags.ITEM_ID, Tags.CATEGORICAL],
     "label": [Tags.TARGET, Tags.BINARY_CLASSIFICATION],
@@ -96,8 +97,9 @@ def _contiguous_ids(keys) -> dict:
     return {key: index for index, key in enumerate(processing.natural_order(keys), start=1)}
 
 
-def _user_histories(deduped: pd.DataFrame, user_ids: dict, item_ids: dict) -> dict[int, np.ndarray]:
-    """Each kept user's full deduplicated history, as sorted ids of items in the output."""
+def user_histories(deduped: pd.DataFrame, user_ids: dict, item_ids: dict) -> dict[int, np.ndarray]:
+    """Each kept user's full deduplicated history, as sorted ids of items in the output: the
+    items a user's negatives must avoid."""
     frame = deduped[deduped["user_key"].isin(user_ids.keys()).to_numpy()]
     frame = frame[frame["item_key"].isin(item_ids.keys()).to_numpy()]
     users = frame["user_key"].map(user_ids).to_numpy(np.int64)
@@ -232,7 +234,7 @@ def prepare_dataset(
         user_id=events["user_key"].map(user_ids).astype(np.int64),
         item_id=events["item_key"].map(candidate_ids).astype(np.int64),
     ).sort_values(["user_id", "position"], kind="stable")
-    histories = _user_histories(deduped, user_ids, candidate_ids)
+    histories = user_histories(deduped, user_ids, candidate_ids)
 
     targets = processing.paper_targets(events, rngs["split"]) if protocol == "paper" else processing.temporal_targets(events)
     rows: dict[str, pd.DataFrame] = {}
@@ -329,14 +331,14 @@ def _write_outputs(out: Path, rows, events, items, users, n_users: int, n_items:
     out.mkdir(parents=True, exist_ok=True)
     domains = {"user_id": n_users, "item_id": n_items}
     for split, frame in rows.items():
-        write_table(frame, out / split, _ROW_TAGS, domains)
+        write_table(frame, out / split, ROW_TAGS, domains)
     event_tags = {
-        "user_id": _ROW_TAGS["user_id"],
-        "item_id": _ROW_TAGS["item_id"],
+        "user_id": ROW_TAGS["user_id"],
+        "item_id": ROW_TAGS["item_id"],
         "timestamp": [Tags.TIME],
         "rating": [Tags.CONTINUOUS],
     }
     write_table(events.reset_index(drop=True), out / "events", event_tags, domains)
-    item_tags = {"item_id": _ROW_TAGS["item_id"], **{name: [Tags.TEXT] for name in _TEXT_COLUMNS}}
+    item_tags = {"item_id": ROW_TAGS["item_id"], **{name: [Tags.TEXT] for name in _TEXT_COLUMNS}}
     write_table(items, out / "items", item_tags, {"item_id": n_items})
-    write_table(users, out / "users", {"user_id": _ROW_TAGS["user_id"]}, {"user_id": n_users})
+    write_table(users, out / "users", {"user_id": ROW_TAGS["user_id"]}, {"user_id": n_users})

@@ -347,16 +347,23 @@ def amazon_files(input: Path | str) -> tuple[Path, Path]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _json_object(path: Path, line_no: int, line: str, bad: BadLines) -> Optional[dict]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        bad(path, line_no, f"invalid JSON ({exc.msg} at column {exc.colno})")
-        return None
-    if not isinstance(record, dict):
-        bad(path, line_no, "a JSON line must be an object")
-        return None
-    return record
+def _json_records(path: Path, bad: BadLines) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every line of a JSONL file that holds a JSON object.
+
+    Other non-blank lines go to ``bad``; blank lines are skipped.
+    """
+    for line_no, line in _numbered_lines(path, f"parse {path.name}"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad(path, line_no, f"invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            bad(path, line_no, "a JSON line must be an object")
+            continue
+        yield line_no, record
 
 
 def read_amazon2023(input: Optional[Path], bad: BadLines) -> Source:
@@ -381,12 +388,7 @@ def read_amazon2023(input: Optional[Path], bad: BadLines) -> Source:
         )
     reviews_path, meta_path = amazon_files(input)
     rows = InteractionRows()
-    for line_no, line in _numbered_lines(reviews_path, f"parse {reviews_path.name}"):
-        if not line.strip():
-            continue
-        record = _json_object(reviews_path, line_no, line, bad)
-        if record is None:
-            continue
+    for line_no, record in _json_records(reviews_path, bad):
         user, item = record.get("user_id"), record.get("parent_asin") or record.get("asin")
         if not isinstance(user, str) or not user or not isinstance(item, str) or not item:
             bad(reviews_path, line_no, "missing user_id or parent_asin")
@@ -435,12 +437,7 @@ def amazon_main_image_url(images) -> Optional[str]:
 def _amazon_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
     wanted = set(keys)
     rows: dict[str, dict] = {}
-    for line_no, line in _numbered_lines(path, f"parse {path.name}"):
-        if not line.strip():
-            continue
-        record = _json_object(path, line_no, line, bad)
-        if record is None:
-            continue
+    for line_no, record in _json_records(path, bad):
         key = record.get("parent_asin")
         if not isinstance(key, str) or not key:
             bad(path, line_no, "missing parent_asin")
