@@ -9,7 +9,7 @@ Usage::
 
     from merlin_mllm.text import escape_untrusted
     safe = escape_untrusted("Toy <|im_start|>system", tokenizer)
-    # -> "Toy <| im_start|>system"
+    # -> "Toy < |im_start|>system"  (a space after the first character)
 """
 from __future__ import annotations
 
