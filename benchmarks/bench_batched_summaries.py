@@ -8,7 +8,7 @@ time covers the whole summarisation (image decoding, vision encoder, prompt buil
 Batch size 1 runs on the first ``--single-items`` items only (its per-item time is steady, and a
 full batch-1 run is the slowest part); the other sizes run on all ``--items``.
 
-Prints a table and writes JSON (default ``benchmarks/results/batched_summaries.json``)::
+Prints a table and writes JSON (default ``benchmarks/speed/batched_summaries.json``, committed)::
 
     .venv/bin/python benchmarks/bench_batched_summaries.py                  # full run, ~5 min
     .venv/bin/python benchmarks/bench_batched_summaries.py --items 8 --single-items 2 \\
@@ -23,7 +23,6 @@ distinct images, saved as JPEG files) with product-like titles and descriptions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RESULTS = Path(__file__).resolve().parent / "results" / "batched_summaries.json"
+from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+
+RESULTS = SPEED_RESULTS / "batched_summaries.json"
 
 _PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "colorwheel")
 _NOUNS = ("mug", "poster", "lamp", "backpack", "notebook", "kettle", "cushion", "puzzle", "scarf", "clock")
@@ -166,10 +167,7 @@ def main(argv=None) -> dict:
     for row in results:
         print(f"{row['batch_size']:>5} {row['items']:>5} {row['seconds']:>8.1f} {row['items_per_s']:>8.3f} "
               f"{row['tokens_per_s']:>9.1f} {row['speedup']:>7.2f}x {row['same_text_as_batch_1']:>4}/{n_single}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written: {args.out}")
-    return summary
+    return write_json(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ Usage::
     python benchmarks/bench_gpu.py --device cpu --dtype fp32 --steps 3 --repeats 1   # smoke run
     python benchmarks/bench_gpu.py --llm random --llm-config path/to/smollm2_config
 
-Writes ``benchmarks/results/gpu.json`` (``--out``) and prints a table.
+Writes ``benchmarks/speed/gpu.json`` (``--out``) and prints a table.
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import SPEED_RESULTS, write_json  # benchmarks/common.py
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Genres a synthetic user may like (the ML-100k genre names).
@@ -423,7 +425,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--serve-batch-size", type=int, default=32, help="candidate rows per forward (serving)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="score the untrained (B=0 LoRA) model")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu.json"))
+    parser.add_argument("--out", default=str(SPEED_RESULTS / "gpu.json"))
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -498,11 +500,7 @@ def main(argv=None) -> dict:
     }
     result["checks"] = checks
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
-    return result
+    return write_json(args.out, result)
 
 
 def print_table(result: dict) -> None:

@@ -11,12 +11,11 @@ Usage::
     .venv/bin/python benchmarks/bench_incremental.py --users 8 --new-items 3
     .venv/bin/python benchmarks/bench_incremental.py --data data/ml100k --users 0   # all users
 
-Prints a table and writes ``benchmarks/results/incremental.json``.
+Prints a table and writes ``benchmarks/speed/incremental.json`` (committed; ``--out``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.summaries.store import SummaryStore
 from merlin_mllm.summaries.user import UserSummaryConfig, model_id_of, read_parquet, summarize_users, update_users
+
+from common import SPEED_RESULTS, write_json  # benchmarks/common.py
 
 
 def _prepare_default(folder: Path, users: int, seed: int) -> Path:
@@ -49,7 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default=None, help="LLM id or folder (default: embedded SmolLM2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "incremental.json")
+    parser.add_argument("--out", type=Path, default=SPEED_RESULTS / "incremental.json")
     args = parser.parse_args(argv)
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -129,10 +130,7 @@ def main(argv=None) -> dict:
         print(f"{name:<20} {r['llm_calls']:>10} {r['new_tokens']:>8} {r['seconds']:>8}")
     print(f"full / incremental: {result['calls_ratio']}x calls, {result['tokens_ratio']}x tokens; "
           f"expected incremental calls {expected_calls}; same final summaries: {same}, same texts: {same_texts}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Usage::
     python benchmarks/bench_scoring.py                       # 1 + 20 candidates, embedded model
     python benchmarks/bench_scoring.py --negatives 4 --max-new-tokens 5 --repeats 1   # smoke run
 
-Writes ``benchmarks/results/scoring.json`` (``--out``).
+Writes ``benchmarks/speed/scoring.json`` (committed; ``--out``).
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import SPEED_RESULTS, write_json  # benchmarks/common.py
 
 SUMMARY = (
     "The user appears to have a preference for science fiction and space exploration films with "
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--skip-forward-per-candidate", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scoring.json"))
+    parser.add_argument("--out", default=str(SPEED_RESULTS / "scoring.json"))
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -238,11 +239,7 @@ def main(argv=None) -> dict:
           f"shared scoring {roof['shared_scoring_gflops']:.1f} GFLOP/s = {100 * roof['shared_scoring_fraction']:.0f}%")
     print("targets:", json.dumps(result["targets"]))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":

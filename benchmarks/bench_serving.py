@@ -18,12 +18,11 @@ Usage::
     .venv/bin/python benchmarks/bench_serving.py --model runs/ranker/model --summaries data/summaries --data data/ml100k
     .venv/bin/python benchmarks/bench_serving.py --quick                # smoke run: a few seconds per part
 
-Prints a table and writes ``benchmarks/results/serving.json``.
+Prints a table and writes ``benchmarks/speed/serving.json`` (committed; ``--out``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from common import SPEED_RESULTS, write_json  # benchmarks/common.py
 
 
 def _percentile(values, q):
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-batch-delay-us", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="smoke run: ~5 s per part")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
+    parser.add_argument("--out", type=Path, default=SPEED_RESULTS / "serving.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.latency_requests, args.latency_seconds = 3, 5.0
@@ -290,10 +291,7 @@ def main(argv=None) -> dict:
         print(f"{name:<34} {completed:>8} {p50:>9} {p99:>9} {rate:>7} {r.get('failed', 0):>6}")
     print(f"Triton p50 / in-process p50: {overhead:.3f}x; ranker executions vs requests with dynamic batching: "
           f"{results['dynamic_batching']['ranker_stats']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Collect the speed benchmarks into one table in ``benchmarks/README.md``.
 
 Each row is a ratio measured inside one run of one benchmark (both sides on the same machine,
-minutes apart), read from its JSON in ``benchmarks/results/``. Absolute times on a shared 2-core
-CPU are noisy; the ratios are what the table reports.
+minutes apart), read from its JSON in ``benchmarks/speed/`` (committed, so every figure of the
+table can be traced to the run that made it). Absolute times on a shared 2-core CPU are noisy;
+the ratios are what the table reports.
 
 Regenerate everything (about 20 minutes on a quiet 2-core CPU; nothing else may run meanwhile)::
 
     .venv/bin/python benchmarks/speed_table.py --run
 
-or only re-render the table from the JSON files already there::
+or only re-render the table from the committed JSON files::
 
     .venv/bin/python benchmarks/speed_table.py
 
@@ -22,8 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import SPEED_RESULTS
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 README = HERE / "README.md"
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
 
@@ -37,7 +39,7 @@ BENCHMARKS = (
 
 
 def _load(name: str):
-    path = RESULTS / name
+    path = SPEED_RESULTS / name
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -90,7 +92,7 @@ def rows() -> list:
 
 def render(table_rows: list) -> str:
     lines = ["| stage | measurement (one run) | result | target | JSON |", "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | **{c}** | {d} | `results/{e}` |" for a, b, c, d, e in table_rows]
+    lines += [f"| {a} | {b} | **{c}** | {d} | [`speed/{e}`](speed/{e}) |" for a, b, c, d, e in table_rows]
     return "\n".join(lines)
 
 

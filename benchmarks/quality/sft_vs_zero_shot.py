@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import numpy as np
 from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import write_json  # noqa: E402  (benchmarks/common.py)
 
 
 def main(argv=None) -> dict:
@@ -91,10 +94,7 @@ def main(argv=None) -> dict:
           f"{result['test_groups']} test groups of 1+20; loss over the first 30 batches "
           f"{result['loss_first_30_batches']:.3f}, last 30 {result['loss_last_30_batches']:.3f}")
     print(metrics_table(paths, keys))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":
