@@ -184,7 +184,7 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
 
     out = args.cache / f"ranker_{arm}"
     if (out / "training.json").is_file() and (out / "model").is_dir():
-        from merlin_mllm.ranker.model import CONFIG_FILE, RankerConfig
+        from merlin_mllm.ranker.config import CONFIG_FILE, RankerConfig
 
         saved = json.loads((out / "training.json").read_text())
         # A model trained on image tokens of another size (before the colour features) is stale.

@@ -4,29 +4,36 @@
   image, then the question), tokenized and split where the shared user prefix ends.
 * :mod:`merlin_mllm.ranker.features`: item-keyed image feature grids for the embedded model.
 * :mod:`merlin_mllm.ranker.model`: :class:`RankerModel` (LoRA, answer-only loss, shared-prefix
-  scoring, save/load).
-"""
-__all__ = [
-    "Candidate", "EncodedPrompt", "IGNORE_INDEX", "ImageProjector", "ItemImageFeatures", "PROMPT_VERSION",
-    "RankerConfig", "RankerModel", "RankerOutput", "RankerPrompt", "answer_only_labels",
-    "batch_from_ragged", "embedded_tokenizer", "pad_right",
-]
+  scoring, save/load), a thin composition of:
 
-from merlin_mllm.ranker.features import ItemImageFeatures  # noqa: F401,E402
-from merlin_mllm.ranker.model import (  # noqa: F401,E402
-    IGNORE_INDEX,
-    ImageProjector,
-    RankerConfig,
-    RankerModel,
-    RankerOutput,
-    answer_only_labels,
-    batch_from_ragged,
-    pad_right,
+  * :mod:`~merlin_mllm.ranker.config`: :class:`RankerConfig` and the saved folder's file names;
+  * :mod:`~merlin_mllm.ranker.backend`: the interface to a model family, implemented by
+    :mod:`~merlin_mllm.ranker.embedded_backend` (SmolLM2 + projected EfficientNet grids) and
+    :mod:`~merlin_mllm.ranker.hf_backend` (Hugging Face MLLMs, mrope), chosen in
+    :mod:`~merlin_mllm.ranker.backends`;
+  * :mod:`~merlin_mllm.ranker.lora`: LoRA attachment and the merged-weights cache for scoring;
+  * :mod:`~merlin_mllm.ranker.scoring`: shared-prefix KV-cache scoring and the reference scorers;
+  * :mod:`~merlin_mllm.ranker.batches`: right padding and the answer-only labels.
+* :mod:`merlin_mllm.ranker.saved`: :func:`load_ranker` (a saved ranker with its item image table).
+* :mod:`merlin_mllm.ranker.block`, :mod:`~merlin_mllm.ranker.training`,
+  :mod:`~merlin_mllm.ranker.evaluate`: the Merlin block, training and evaluation built on it.
+
+Names are imported lazily, so importing a light submodule (``merlin_mllm.ranker.prompt``) does not
+load the model code.
+"""
+from __future__ import annotations
+
+from merlin_mllm.exports import lazy_exports
+
+#: Public names by the submodule that defines them.
+_EXPORTS = dict(
+    **dict.fromkeys(["IGNORE_INDEX", "answer_only_labels", "batch_from_ragged", "pad_right"], "batches"),
+    **dict.fromkeys(["Candidate", "EncodedPrompt", "PROMPT_VERSION", "RankerPrompt", "embedded_tokenizer"], "prompt"),
+    **dict.fromkeys(["RankerModel", "RankerOutput"], "model"),
+    **dict.fromkeys(["load_ranker", "item_image_table"], "saved"),
+    RankerConfig="config",
+    ImageProjector="embedded_backend",
+    ItemImageFeatures="features",
 )
-from merlin_mllm.ranker.prompt import (  # noqa: F401,E402
-    PROMPT_VERSION,
-    Candidate,
-    EncodedPrompt,
-    RankerPrompt,
-    embedded_tokenizer,
-)
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -61,7 +61,8 @@ with warnings.catch_warnings():
     from merlin.models.torch.utils import module_utils
     from merlin.schema import ColumnSchema, Schema
 
-from merlin_mllm.ranker.model import RankerModel, RankerOutput, batch_from_ragged
+from merlin_mllm.ranker.batches import batch_from_ragged
+from merlin_mllm.ranker.model import RankerModel, RankerOutput
 
 __all__ = ["RankerBlock", "YesNoOutput", "AnswerTokenLoss", "RankerMerlinModel"]
 
@@ -99,7 +100,7 @@ class RankerBlock(mm.Block):
             )
         ids, mask = batch_from_ragged(inputs[values_key], inputs[offsets_key], self.ranker.pad_token_id)
         item_ids = None
-        if self.ranker.config.use_images and self.ranker.image_token_id is not None:
+        if self.ranker.backend.uses_item_images(self.ranker.config):
             item_ids = inputs.get(self.item_column)
             if item_ids is not None:
                 item_ids = item_ids.reshape(-1)

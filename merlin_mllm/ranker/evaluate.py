@@ -40,10 +40,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
-from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES
-from merlin_mllm.ranker.features import ItemImageFeatures
-from merlin_mllm.ranker.model import CONFIG_FILE, EMBEDDED, RankerConfig, RankerModel
-from merlin_mllm.ranker.training import ITEM_IMAGES_FILE, SummarySource, item_image_table, load_rows
+from merlin_mllm.ranker.config import EMBEDDED
+from merlin_mllm.ranker.model import RankerModel
+from merlin_mllm.ranker.saved import load_ranker
+from merlin_mllm.ranker.training import SummarySource, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,64 +51,6 @@ __all__ = ["evaluate_ranker", "load_ranker", "plot_evaluation"]
 
 CURVE_MAX_K = 20
 _FLUSH_EVERY_GROUPS = 25
-
-
-def _is_saved_ranker(path) -> bool:
-    return path is not None and (Path(path) / CONFIG_FILE).is_file()
-
-
-def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
-                progress: bool = True, device=None, dtype=None) -> RankerModel:
-    """The ranker to evaluate: a saved one, or (``zero_shot``) its base model without adapter.
-
-    Parameters
-    ----------
-    model_dir : path or str or None
-        A folder written by ``RankerModel.save_pretrained`` (``train_ranker``'s ``out/model``);
-        with ``zero_shot`` also a base model id/folder, or ``None``/``"embedded"``.
-    data_dir : path
-        The dataset (its ``items/`` give the image table when the model folder lacks one).
-    cache_dir : path, optional
-        Where to build a missing item image table.
-    device, dtype : optional
-        Of a saved ranker's weights (default: :func:`~merlin_mllm.models.loading.default_device`
-        and its dtype).
-    """
-    table = None
-    if not zero_shot:
-        if not _is_saved_ranker(model_dir):
-            raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}); pass zero_shot=True for a base model")
-        config = RankerConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()), source=str(model_dir))
-        if config.backend == EMBEDDED and config.use_images:
-            saved = Path(model_dir) / ITEM_IMAGES_FILE
-            if saved.exists():
-                table = ItemImageFeatures.load(saved)
-            else:
-                table = item_image_table(data_dir, Path(cache_dir or Path(model_dir)) / ITEM_IMAGES_FILE, progress=progress)
-        ranker = RankerModel.from_pretrained(model_dir, item_features=table, device=device, dtype=dtype)
-        if table is not None and not all(int(i) in table for i in _item_ids(data_dir)):
-            # A catalogue with items the training table did not see: extend it.
-            ranker.set_item_features(item_image_table(data_dir, Path(cache_dir or ".") / ITEM_IMAGES_FILE, progress=progress))
-        return ranker
-    if _is_saved_ranker(model_dir):
-        config = RankerConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()), source=str(model_dir))
-        base, use_images = config.base_model, config.use_images
-    else:
-        base, use_images = (model_dir or EMBEDDED), True
-    if base in EMBEDDED_LLM_ALIASES:
-        use_images = False  # no trained projector: images would enter as noise
-    try:
-        return RankerModel.build(str(base), zero_shot=True, use_images=use_images)
-    except ValueError as exc:
-        if use_images and "text-only" in str(exc):
-            return RankerModel.build(str(base), zero_shot=True, use_images=False)
-        raise
-
-
-def _item_ids(data_dir) -> np.ndarray:
-    from merlin_mllm.data.tables import read_table
-
-    return read_table(Path(data_dir) / "items")["item_id"].to_numpy(np.int64)
 
 
 def _fingerprint(ranker: RankerModel, model_dir, data_dir, split: str, zero_shot: bool, max_groups) -> str:

@@ -35,9 +35,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from merlin_mllm.images import ImageLoadError, is_missing, load_image
+from merlin_mllm.models.vision import VisionEncoder
 
 __all__ = ["ItemImageFeatures", "FEATURES_FORMAT"]
 
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 FEATURES_FORMAT = "merlin-mllm-item-image-features"
 FEATURES_VERSION = "1"
 #: Names what made the grids; a table made otherwise (e.g. the earlier 1280-feature grids without
-#: cell colours) is refused at load, and ``training.item_image_table`` rebuilds such a cache.
+#: cell colours) is refused at load, and ``saved.item_image_table`` rebuilds such a cache.
 ENCODER_NAME = "efficientnet-lite0-grid+cell-colour"
 
 
@@ -121,8 +124,6 @@ class ItemImageFeatures:
         progress : bool
             Show a tqdm bar.
         """
-        from merlin_mllm.models.vision import VisionEncoder
-
         item_ids = [int(i) for i in item_ids]
         if len(item_ids) != len(images):
             raise ValueError(f"{len(item_ids)} item ids but {len(images)} images")
@@ -229,8 +230,6 @@ class ItemImageFeatures:
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the table as one safetensors file (see the module docstring)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Store features in sorted-id order, so the file's rows follow item_ids.
@@ -254,8 +253,6 @@ class ItemImageFeatures:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "ItemImageFeatures":
         """Read a table written by :meth:`save`; a file of another kind is refused by name."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"item image features file {path} does not exist")

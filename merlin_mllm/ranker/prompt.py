@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from merlin_mllm.images import is_missing
+from merlin_mllm.images import is_missing, load_image
+from merlin_mllm.models import embedded
 from merlin_mllm.text import escape_untrusted
 
 __all__ = [
@@ -164,9 +165,9 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 @lru_cache(maxsize=1)
 def _embedded_tokenizer_cached():
+    # Lazy, as below: this module is imported by light processes (tokenizing operators) that
+    # must not pay for transformers or torch until they tokenize.
     from transformers import AutoTokenizer
-
-    from merlin_mllm.models import embedded
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded.smollm2_path()))
     add_image_token(tokenizer)
@@ -301,6 +302,7 @@ class RankerPrompt:
         use_images : bool
             False: text-only prompts.
         """
+        # Lazy: models.loading imports torch.
         from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, load_processor, model_kind
 
         options = dict(max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
@@ -449,8 +451,6 @@ class RankerPrompt:
         ])
 
     def _encode_with_processor(self, summaries, candidates) -> PromptBatch:
-        from merlin_mllm.images import load_image
-
         texts, user_texts, images, with_image = [], [], [], []
         for summary, candidate in zip(summaries, candidates):
             image = None if is_missing(candidate.image) else candidate.image
@@ -481,7 +481,7 @@ class RankerPrompt:
                     per_token.setdefault(key, []).append(value[0].tolist())
         image_inputs: Dict[str, Any] = dict(per_token)
         if images:
-            import torch
+            import torch  # lazy: only processor prompts with pictures need it
 
             shown_outputs = [o for o, shown in zip(outputs, with_image) if shown]
             for key in shown_outputs[0].keys():

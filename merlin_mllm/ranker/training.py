@@ -58,7 +58,9 @@ with warnings.catch_warnings():
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
-from merlin_mllm.ranker.model import EMBEDDED, RankerModel
+from merlin_mllm.ranker.config import EMBEDDED, ITEM_IMAGES_FILE
+from merlin_mllm.ranker.model import RankerModel
+from merlin_mllm.ranker.saved import item_image_table
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,6 @@ __all__ = [
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
-ITEM_IMAGES_FILE = "item_images.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
 #: Settings that must match for a checkpoint to be resumed. ``image_encoder`` names what made the
 #: image tokens: a checkpoint from another encoder has another projector shape, refused here by
@@ -282,31 +283,6 @@ def load_rows(
         frame["image_path"] = None
     frame["user_summary"] = row_summaries(summaries, data_dir, frame)
     return frame
-
-
-def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.PathLike], *, progress: bool = True) -> ItemImageFeatures:
-    """The item-keyed image grids of every item in ``data_dir/items``, computed once into ``path``.
-
-    An existing file is reused when it covers every item; otherwise it is rebuilt.
-    """
-    items = read_table(Path(data_dir) / "items")
-    item_ids = items["item_id"].to_numpy(np.int64)
-    path = Path(path)
-    if path.exists():
-        try:
-            table = ItemImageFeatures.load(path)
-        except ValueError as exc:  # another encoder's grids, or a torn file: it is only a cache
-            log.info("%s; rebuilding it", exc)
-        else:
-            if all(int(i) in table for i in item_ids):
-                return table
-            log.info("%s does not cover every item; rebuilding it", path)
-    images = items["image_path"].tolist() if "image_path" in items.columns else [None] * len(items)
-    table = ItemImageFeatures.from_images(item_ids, images, progress=progress)
-    if int(table.has_image.sum()) == 0:
-        log.warning("no item of %s has a readable image: the image slots stay empty (text-only in effect)", data_dir)
-    table.save(path)
-    return table
 
 
 def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int = 512,

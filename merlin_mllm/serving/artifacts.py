@@ -74,7 +74,6 @@ ITEMS_FILE = "items.parquet"
 WORKFLOW_DIR = "workflow"
 FEATURES_CONFIG = "features.json"
 RANKER_DIR = "ranker"
-ITEM_IMAGES_FILE = "item_images.safetensors"
 RANKER_CONFIG = "ranker.json"
 
 #: Column names of the rows the workflow tokenizes.
@@ -330,7 +329,7 @@ class RankerStep:
     def write(folder: Union[str, os.PathLike], model_dir: Union[str, os.PathLike], item_features=None,
               batch_size: int = 32) -> Path:
         """Copy a saved ranker (and its item image table) into a step folder."""
-        from merlin_mllm.ranker.model import ADAPTER_DIR, CONFIG_FILE, PROJECTOR_FILE
+        from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
 
         folder, model_dir = Path(folder), Path(model_dir)
         target = folder / RANKER_DIR
@@ -358,6 +357,7 @@ class RankerStep:
         import torch
 
         from merlin_mllm.models.loading import default_device
+        from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
         from merlin_mllm.ranker.features import ItemImageFeatures
         from merlin_mllm.ranker.model import RankerModel
 

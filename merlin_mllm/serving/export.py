@@ -98,8 +98,8 @@ MAX_PROMPT_TOKENS = 8192
 # ---------------------------------------------------------------------------- artefacts
 def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False, device=None, dtype=None):
     """The saved ranker with the item image table that covers ``data_dir``'s catalogue."""
-    from merlin_mllm.ranker.evaluate import load_ranker
-    from merlin_mllm.ranker.model import CONFIG_FILE
+    from merlin_mllm.ranker.config import CONFIG_FILE
+    from merlin_mllm.ranker.saved import load_ranker
 
     if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}); train one with train_ranker")

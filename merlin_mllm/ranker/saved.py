@@ -1,0 +1,107 @@
+"""Loading a saved ranker with the item image table that covers a dataset's catalogue.
+
+* :func:`load_ranker`: a folder written by ``RankerModel.save_pretrained`` (or, zero-shot, its
+  base model without adapter), ready to score a dataset; evaluation and serving load through it.
+* :func:`item_image_table`: the item-keyed image grids of every item in ``data_dir/items``,
+  computed once into a cache file.
+
+Usage::
+
+    from merlin_mllm.ranker.saved import load_ranker
+    ranker = load_ranker("runs/ranker/model", "data/ml100k")
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
+from merlin_mllm.ranker.config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
+from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.model import RankerModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_ranker", "item_image_table"]
+
+
+def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
+                progress: bool = True, device=None, dtype=None) -> RankerModel:
+    """A saved ranker with the image table of ``data_dir``'s items, or (``zero_shot``) its base model.
+
+    Parameters
+    ----------
+    model_dir : path or str or None
+        A folder written by ``RankerModel.save_pretrained`` (``train_ranker``'s ``out/model``);
+        with ``zero_shot`` also a base model id/folder, or ``None``/``"embedded"``.
+    data_dir : path
+        The dataset (its ``items/`` give the image table when the model folder lacks one).
+    cache_dir : path, optional
+        Where to build a missing item image table.
+    device, dtype : optional
+        Of a saved ranker's weights (default: :func:`~merlin_mllm.models.loading.default_device`
+        and its dtype).
+    """
+    table = None
+    if not zero_shot:
+        if not is_saved_ranker(model_dir):
+            raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}); pass zero_shot=True for a base model")
+        config = RankerConfig.read(model_dir)
+        if backend_class(config.backend).uses_item_images(config):
+            saved = Path(model_dir) / ITEM_IMAGES_FILE
+            if saved.exists():
+                table = ItemImageFeatures.load(saved)
+            else:
+                table = item_image_table(data_dir, Path(cache_dir or Path(model_dir)) / ITEM_IMAGES_FILE, progress=progress)
+        ranker = RankerModel.from_pretrained(model_dir, item_features=table, device=device, dtype=dtype)
+        if table is not None and not all(int(i) in table for i in _catalogue_item_ids(data_dir)):
+            # A catalogue with items the training table did not see: extend it.
+            ranker.set_item_features(item_image_table(data_dir, Path(cache_dir or ".") / ITEM_IMAGES_FILE, progress=progress))
+        return ranker
+    if is_saved_ranker(model_dir):
+        config = RankerConfig.read(model_dir)
+        base, use_images = config.base_model, config.use_images
+    else:
+        base, use_images = (model_dir or EMBEDDED), True
+    if not backend_class_for_model(base).images_without_training:
+        use_images = False  # no trained projector: images would enter as noise
+    try:
+        return RankerModel.build(str(base), zero_shot=True, use_images=use_images)
+    except ValueError as exc:
+        if use_images and "text-only" in str(exc):
+            return RankerModel.build(str(base), zero_shot=True, use_images=False)
+        raise
+
+
+def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.PathLike], *, progress: bool = True) -> ItemImageFeatures:
+    """The item-keyed image grids of every item in ``data_dir/items``, computed once into ``path``.
+
+    An existing file is reused when it covers every item; otherwise it is rebuilt.
+    """
+    items = read_table(Path(data_dir) / "items")
+    item_ids = items["item_id"].to_numpy(np.int64)
+    path = Path(path)
+    if path.exists():
+        try:
+            table = ItemImageFeatures.load(path)
+        except ValueError as exc:  # another encoder's grids, or a torn file: it is only a cache
+            log.info("%s; rebuilding it", exc)
+        else:
+            if all(int(i) in table for i in item_ids):
+                return table
+            log.info("%s does not cover every item; rebuilding it", path)
+    images = items["image_path"].tolist() if "image_path" in items.columns else [None] * len(items)
+    table = ItemImageFeatures.from_images(item_ids, images, progress=progress)
+    if int(table.has_image.sum()) == 0:
+        log.warning("no item of %s has a readable image: the image slots stay empty (text-only in effect)", data_dir)
+    table.save(path)
+    return table
+
+
+def _catalogue_item_ids(data_dir) -> np.ndarray:
+    return read_table(Path(data_dir) / "items")["item_id"].to_numpy(np.int64)
