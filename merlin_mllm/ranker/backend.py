@@ -15,7 +15,8 @@ Class level (before any weights load):
 Instance:
     ``hf_model``, ``tokenizer``, ``processor``, ``prompt``, ``projector``, ``item_features``,
     ``device``, ``image_rows(candidates)``, ``batch_inputs(image_inputs)``,
-    ``hidden_states(...)``, ``answer_logits(rows)``, ``generate_inputs(batch)``,
+    ``hidden_states(...)`` (over the subclass's ``model_inputs(...)``), ``answer_logits(rows)``,
+    ``generate_inputs(batch)``,
     ``prefix_position_ids(length)``, ``candidate_inputs(prompts, prefix_len, image_inputs)``,
     ``scores_users_together``.
 """
