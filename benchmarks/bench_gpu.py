@@ -353,11 +353,11 @@ def part_serving(args, ranker, users, items, rng, device, model_dir, table, work
     # The GPU export's ranker config: KIND_GPU instances, the dtype parameter read at load.
     dtype_parameter = "auto"
     try:
-        from merlin_mllm.serving.export import _config_text, ranker_config
+        from merlin_mllm.serving.export import config_text, ranker_config
 
         config = ranker_config(8, gpu=True, instances=1, dynamic_batching=True, max_batch_delay_us=2000,
                                dtype=dtype_parameter, torch_threads=0)
-        text = _config_text(config)
+        text = config_text(config)
         pbtxt = Path(args.out).with_name(Path(args.out).stem + "_ranker_config.pbtxt")
         pbtxt.parent.mkdir(parents=True, exist_ok=True)
         pbtxt.write_text(text, encoding="utf-8")

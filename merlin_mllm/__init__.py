@@ -8,7 +8,7 @@ Import-time side effects: the package has exactly two, both listed here.
 2. :func:`merlin_mllm.merlin_compat.apply` patches merlin.models.torch 23.12 to run on Python
    3.11 with Hugging Face models (see that module). It is not called here, because it imports
    torch and Merlin: the modules that build on merlin.models.torch call it when they are
-   imported (``merlin_mllm.ranker.block``, ``merlin_mllm.ranker.training``); it is idempotent.
+   imported (``merlin_mllm.ranker.block``, ``merlin_mllm.pipelines.training``); it is idempotent.
 
 Every package ``__init__`` below this one only lists its public names and imports them lazily
 (:mod:`merlin_mllm.exports`), with no other effect.

@@ -2,7 +2,7 @@
 
 Three baselines, each giving one score per row of a split (1 positive + N negatives per group),
 evaluated with :func:`merlin_mllm.metrics.ranking_metrics` and written in the JSON layout of
-:func:`merlin_mllm.ranker.evaluate.evaluate_ranker`, so that rows of a results table compare 1:1:
+:func:`merlin_mllm.pipelines.evaluation.evaluate_ranker`, so that rows of a results table compare 1:1:
 
 * **popularity**: the candidate's interaction count in the training-time events (below).
 * **SASRec** and **GRU4Rec**: *compact re-implementations* in plain torch (not RecBole's code),
@@ -45,8 +45,13 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
+from merlin_mllm.data.tables import read_table
 from merlin_mllm.metrics import DEFAULT_KS, ranking_metrics
+
+# torch is imported inside the sequential baselines' functions only: popularity and the item
+# counts run without loading it.
 
 __all__ = [
     "SPLIT_ORDER",
@@ -72,8 +77,6 @@ PathLike = Union[str, os.PathLike]
 
 # ----------------------------------------------------------------------------- data
 def _read(path: Path, what: str) -> pd.DataFrame:
-    from merlin_mllm.data.tables import read_table
-
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path} (expected the output of prepare_dataset)")
     return read_table(path)
@@ -350,7 +353,6 @@ def train_sequential_baseline(
     >>> sequential_scores(baseline, "data/ml100k")["score"]  # doctest: +SKIP
     """
     import torch
-    from tqdm.auto import tqdm
 
     if kind not in SEQUENTIAL_KINDS:
         raise ValueError(f"kind must be one of {SEQUENTIAL_KINDS}, got {kind!r}")

@@ -1,15 +1,26 @@
-"""The ``merlin-mllm`` command line."""
+"""The ``merlin-mllm`` command line.
+
+Commands import torch, Merlin and tritonclient (through the pipelines, summaries, serving and
+``merlin_compat``) inside their bodies, on purpose: ``merlin-mllm --help`` then starts in a
+fraction of a second. Everything light is imported here.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from merlin_mllm.data.registry import DATASETS, datasets_help
+from merlin_mllm.doctor import run_checks
+from merlin_mllm.models.embedded import AssetNotInstalled
+from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.serving.tritonserver import TritonServer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MLLM-MSR ranking stage for NVIDIA Merlin.")
@@ -25,8 +36,7 @@ def user_errors():
 
     Known harmless third-party warnings are hidden meanwhile (``merlin_compat.KNOWN_WARNINGS``).
     """
-    from merlin_mllm.merlin_compat import quiet_known_warnings
-    from merlin_mllm.models.embedded import AssetNotInstalled
+    from merlin_mllm.merlin_compat import quiet_known_warnings  # lazy: imports torch
 
     try:
         with quiet_known_warnings():
@@ -44,8 +54,6 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at IN
 @app.command()
 def doctor():
     """Versions, embedded assets, GPU, and the bundled tritonserver: each checked for real."""
-    from merlin_mllm.doctor import run_checks
-
     checks = run_checks()
     width = max(len(c.name) for c in checks)
     for c in checks:
@@ -97,7 +105,7 @@ def _print_report(report) -> None:
 @summarize_app.command("items")
 def summarize_items_cmd(
     data: Path = typer.Option(..., help="Prepared data folder (holds items/)"),
-    out: Path = typer.Option(..., help="Summary store folder (created if missing; shared by all stages)"),
+    summaries: Path = typer.Option(..., help="Summary store folder (created if missing; shared by all stages)"),
     backend: str = typer.Option("textualizer", help="textualizer (offline default) | mllm"),
     model: Optional[str] = typer.Option(None, help="HF id or local folder; default: embedded SmolLM2 (textualizer)"),
     mode: str = typer.Option("fusion", help="fusion (paper) | image_only (authors' code)"),
@@ -112,7 +120,7 @@ def summarize_items_cmd(
 
     with user_errors():
         report = summarize_items(
-            data, out, backend=backend, model=model, mode=mode,
+            data, summaries, backend=backend, model=model, mode=mode,
             settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
             on_empty="skip" if skip_empty else "error", progress=True,
         )
@@ -122,7 +130,7 @@ def summarize_items_cmd(
 @summarize_app.command("users")
 def summarize_users_cmd(
     data: Path = typer.Option(..., help="Prepared data folder (train/ valid/ test/ events/ items/)"),
-    out: Path = typer.Option(..., help="Summary store folder (run `summarize items` into it first)"),
+    summaries: Path = typer.Option(..., help="Summary store folder (run `summarize items` into it first)"),
     block_size: int = typer.Option(3, help="Items per recurrent step (the paper's k)"),
     mode: str = typer.Option("recurrent", help="recurrent | direct (whole history in one prompt: MLLM-MSR_R)"),
     model: Optional[str] = typer.Option(None, help="HF id or local folder; default: embedded SmolLM2"),
@@ -136,7 +144,7 @@ def summarize_users_cmd(
 
     with user_errors():
         report = summarize_users(
-            data, out, model=model, block_size=block_size, mode=mode,
+            data, summaries, model=model, block_size=block_size, mode=mode,
             settings=_generation_settings(max_new_tokens, batch_size, sample, seed), progress=True,
         )
     _print_report(report)
@@ -145,15 +153,21 @@ def summarize_users_cmd(
 @summarize_app.command("update")
 def summarize_update_cmd(
     events: Path = typer.Option(..., help="Parquet of new interactions: user_id, item_id, timestamp"),
-    out: Path = typer.Option(..., help="The summary store of an earlier `summarize users` run"),
+    summaries: Path = typer.Option(..., help="The summary store of an earlier `summarize users` run"),
     items: Optional[Path] = typer.Option(None, help="Items table, if not the one recorded in the store"),
 ):
     """Incremental update: only newly completed blocks are summarised (one LLM call per block)."""
     from merlin_mllm.summaries.user import update_users
 
     with user_errors():
-        report = update_users(events, out, items=items, progress=True)
+        report = update_users(events, summaries, items=items, progress=True)
     _print_report(report)
+
+
+def _train_option(name: str):
+    """A ``train`` option with :class:`TrainConfig`'s default and help text for field ``name``."""
+    setting = TrainConfig.__dataclass_fields__[name]
+    return typer.Option(setting.default, help=setting.metadata["help"])
 
 
 @app.command()
@@ -163,31 +177,30 @@ def train(
     out: Path = typer.Option(..., help="Run folder: checkpoints/ (resumed if present) and model/"),
     model: Optional[str] = typer.Option(None, help="Base MLLM id or folder; default: embedded SmolLM2 + EfficientNet-Lite0"),
     no_image: bool = typer.Option(False, "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
-    epochs: int = typer.Option(1),
-    max_steps: int = typer.Option(-1, help="Stop after this many optimizer steps (-1: all epochs)"),
-    lr: float = typer.Option(2e-5, help="LoRA learning rate (the paper's 2e-5)"),
-    projector_lr: Optional[float] = typer.Option(None, help="Projector learning rate (default: lr)"),
-    lora_r: int = typer.Option(8),
-    lora_alpha: int = typer.Option(16),
-    lora_dropout: float = typer.Option(0.05),
-    grad_accum: int = typer.Option(8),
-    batch_size: int = typer.Option(4),
-    max_length: int = typer.Option(512),
-    seed: int = typer.Option(42),
-    devices: int = typer.Option(1, help="Processes/GPUs; >1 trains with DDP"),
+    epochs: int = _train_option("epochs"),
+    max_steps: int = _train_option("max_steps"),
+    lr: float = _train_option("lr"),
+    projector_lr: Optional[float] = _train_option("projector_lr"),
+    lora_r: int = _train_option("lora_r"),
+    lora_alpha: int = _train_option("lora_alpha"),
+    lora_dropout: float = _train_option("lora_dropout"),
+    grad_accum: int = _train_option("grad_accum"),
+    batch_size: int = _train_option("batch_size"),
+    max_length: int = _train_option("max_length"),
+    seed: int = _train_option("seed"),
+    devices: int = typer.Option(TrainConfig.devices, help="Processes/GPUs; >1 trains with DDP"),
 ):
     """LoRA SFT of the Yes/No ranker through Merlin's dataloader and Lightning (loss on the answer only)."""
-    import os
-
-    from merlin_mllm.ranker.training import train_ranker
+    from merlin_mllm.pipelines.training import train_ranker
 
     with user_errors():
-        path = train_ranker(
-            data, summaries, out, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps,
-            grad_accum=grad_accum, max_length=max_length, batch_size=batch_size, seed=seed, devices=devices,
-            strategy="ddp" if devices > 1 else "auto", progress=True,
+        config = TrainConfig(
+            model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, grad_accum=grad_accum,
+            max_length=max_length, batch_size=batch_size, seed=seed, devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
         )
+        path = train_ranker(data, summaries, out, config, progress=True)
     # Under DDP Lightning re-runs this command on every rank: only rank 0 reports.
     if os.environ.get("LOCAL_RANK", "0") == "0":
         typer.echo(f"model: {path}")
@@ -204,7 +217,7 @@ def evaluate(
     max_groups: Optional[int] = typer.Option(None, help="Evaluate a seeded subset of groups"),
 ):
     """AUC and HR/MRR/NDCG@3/5/10 per group of 1 positive + N negatives, from P(yes)."""
-    from merlin_mllm.ranker.evaluate import evaluate_ranker
+    from merlin_mllm.pipelines.evaluation import evaluate_ranker
 
     if model is None and not zero_shot:
         typer.echo("error: give --model, or --zero-shot to score the base model", err=True)
@@ -241,10 +254,6 @@ def serve(
     ready_timeout: float = typer.Option(300.0, help="Seconds to wait for /v2/health/ready"),
 ):
     """Start the bundled tritonserver on a model repository; Ctrl-C shuts it down cleanly."""
-    import signal
-
-    from merlin_mllm.serving.tritonserver import TritonServer
-
     with user_errors():
         server = TritonServer(model_repository, address=address, http_port=http_port, grpc_port=grpc_port,
                               metrics_port=metrics_port, log_verbose=log_verbose)

@@ -11,7 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List
 
+import pandas as pd
 import typer
+
+from merlin_mllm.baselines import evaluate_popularity
+from merlin_mllm.data.prepare import prepare_dataset
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.generation import GenerationSettings
+from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.evaluation import evaluate_ranker
+from merlin_mllm.pipelines.training import train_ranker
+from merlin_mllm.reporting import write_quickstart_report
+from merlin_mllm.serving.client import RerankClient
+from merlin_mllm.serving.export import MANIFEST_FILE, export
+from merlin_mllm.serving.tritonserver import TritonServer
+from merlin_mllm.summaries.item import summarize_items
+from merlin_mllm.summaries.user import summarize_users
 
 
 @dataclass
@@ -55,8 +70,6 @@ class Quickstart:
 
     # -- stages ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        from merlin_mllm.data.prepare import prepare_dataset
-
         report_path = self.data_dir / "report.json"
 
         def describe() -> str:
@@ -73,29 +86,24 @@ class Quickstart:
         self.stage("data", report_path.is_file, run, describe)
 
     @property
-    def store_dir(self) -> Path:
+    def summaries(self) -> Path:
+        """The summary store folder."""
         return self.settings.out / "summaries"
 
-    def _generation(self):
-        from merlin_mllm.generation import GenerationSettings
-
+    def _generation(self) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.settings.max_new_tokens, batch_size=self.settings.batch_size)
 
     def summarize_items(self) -> None:
-        from merlin_mllm.summaries.item import summarize_items
-
         # The store makes this stage idempotent: a re-run finds every summary and generates none.
         def run() -> str:
-            report = summarize_items(self.data_dir, self.store_dir, settings=self._generation(), progress=True)
+            report = summarize_items(self.data_dir, self.summaries, settings=self._generation(), progress=True)
             return f"item summaries (EfficientNet textualizer + SmolLM2): {report}"
 
         self.stage("item summaries", lambda: False, run, run)
 
     def summarize_users(self) -> None:
-        from merlin_mllm.summaries.user import summarize_users
-
         def run() -> str:
-            report = summarize_users(self.data_dir, self.store_dir, settings=self._generation(), progress=True)
+            report = summarize_users(self.data_dir, self.summaries, settings=self._generation(), progress=True)
             return f"recurrent user summaries (blocks of 3): {report}"
 
         self.stage("user summaries", lambda: False, run, run)
@@ -105,8 +113,6 @@ class Quickstart:
         return self.settings.out / "ranker"
 
     def train(self) -> None:
-        from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING, train_ranker
-
         model_dir = self.run_dir / "model"
 
         def describe() -> str:
@@ -114,8 +120,8 @@ class Quickstart:
 
         def run() -> str:
             # A small run has few steps, so LoRA learns faster than with the paper's lr 2e-5.
-            train_ranker(self.data_dir, self.store_dir, self.run_dir, epochs=self.settings.epochs,
-                         seed=self.settings.seed, progress=True, **SMALL_BUDGET_TRAINING)
+            config = TrainConfig.small_budget(epochs=self.settings.epochs, seed=self.settings.seed)
+            train_ranker(self.data_dir, self.summaries, self.run_dir, config, progress=True)
             log = json.loads((self.run_dir / "training.json").read_text())
             epochs = log["epoch_mean_loss"]
             trend = " -> ".join(f"{float(v):.3f}" for _, v in sorted(epochs.items(), key=lambda kv: int(kv[0])))
@@ -136,9 +142,6 @@ class Quickstart:
                 "popularity": self.eval_dir / "popularity.json"}
 
     def evaluate(self) -> None:
-        from merlin_mllm.baselines import evaluate_popularity
-        from merlin_mllm.ranker.evaluate import evaluate_ranker
-
         results = self.results
 
         def describe() -> str:
@@ -149,8 +152,8 @@ class Quickstart:
             return " | ".join(rows)
 
         def run() -> str:
-            evaluate_ranker(self.data_dir, self.store_dir, self.run_dir / "model", results["MLLM-MSR (SFT)"], progress=True)
-            evaluate_ranker(self.data_dir, self.store_dir, None, results["MLLM-MSR zero-shot"], zero_shot=True,
+            evaluate_ranker(self.data_dir, self.summaries, self.run_dir / "model", results["MLLM-MSR (SFT)"], progress=True)
+            evaluate_ranker(self.data_dir, self.summaries, None, results["MLLM-MSR zero-shot"], zero_shot=True,
                             progress=True)
             evaluate_popularity(self.data_dir, results["popularity"])
             return describe()
@@ -162,8 +165,6 @@ class Quickstart:
         return self.settings.out / "triton_repo"
 
     def export(self) -> None:
-        from merlin_mllm.serving.export import MANIFEST_FILE, export
-
         manifest_path = self.repo_dir / MANIFEST_FILE
         model_config = self.run_dir / "model" / "ranker_config.json"
 
@@ -173,7 +174,7 @@ class Quickstart:
                     f"in {self.repo_dir}")
 
         def run() -> str:
-            export(self.run_dir / "model", self.store_dir, self.data_dir, self.repo_dir, progress=True)
+            export(self.run_dir / "model", self.summaries, self.data_dir, self.repo_dir, progress=True)
             return describe()
 
         # Re-exported when the ranker was retrained after the last export.
@@ -184,12 +185,6 @@ class Quickstart:
 
     def serve_and_query(self) -> None:
         """Start the bundled Triton server, rank one test user's candidates over gRPC, shut down."""
-        import pandas as pd
-
-        from merlin_mllm.data.tables import read_table
-        from merlin_mllm.serving.client import RerankClient
-        from merlin_mllm.serving.tritonserver import TritonServer
-
         def run() -> str:
             scores = pd.read_parquet(self.eval_dir / "sft.scores.parquet")
             # The first test group: 1 positive + the negatives that evaluate scored.
@@ -217,8 +212,6 @@ class Quickstart:
 
     def write_report(self) -> Path:
         """``report.md``: the metrics table, a plot and the stage timings."""
-        from merlin_mllm.reporting import write_quickstart_report
-
         path = write_quickstart_report(self.settings.out / "report.md", self.results, self.stages,
                                        getattr(self, "query_lines", []), self.settings)
         typer.echo(f"[report] {path}")

@@ -2,7 +2,7 @@
 
 The quickstart writes ``report.md`` with :func:`write_quickstart_report`; :func:`metrics_table`
 is the table part alone, for any set of metrics JSON files written by
-:func:`merlin_mllm.ranker.evaluate.evaluate_ranker` or
+:func:`merlin_mllm.pipelines.evaluation.evaluate_ranker` or
 :func:`merlin_mllm.baselines.evaluate_popularity` (same layout, same test groups).
 
 Usage::
@@ -18,6 +18,8 @@ import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
+
+from matplotlib.figure import Figure
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,9 +52,7 @@ def metrics_table(results: Mapping[str, PathLike], metrics: Sequence[str] = TABL
 
 def plot_metrics(results: Mapping[str, PathLike], path: PathLike, ks: Iterable[int] = (3, 5, 10)) -> Path:
     """Two panels: AUC per model, and HR@K against K per model. Written as PNG to ``path``."""
-    # The object API draws off-screen without changing pyplot's global backend.
-    from matplotlib.figure import Figure
-
+    # The object API (Figure, not pyplot) draws off-screen without changing pyplot's global backend.
     loaded = _load(results)
     ks = list(ks)
     fig = Figure(figsize=(10, 3.6))

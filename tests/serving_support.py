@@ -16,7 +16,7 @@ from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker import ItemImageFeatures, RankerModel
 from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
-from merlin_mllm.ranker.training import recent_titles_summaries
+from merlin_mllm.summaries.rows import recent_titles_summaries
 
 #: Items whose id is a multiple of this get an image grid (so prompts mix text-only and image items).
 IMAGE_EVERY = 3
@@ -28,15 +28,15 @@ def build_dataset(root: Path) -> Path:
     return root
 
 
-def build_store(data_dir: Path, store_dir: Path) -> Path:
+def build_store(data_dir: Path, store_path: Path) -> Path:
     """A real summary store: `summarize_users` with a tiny random LLM (fast; texts are gibberish)."""
     from merlin_mllm.generation import GenerationSettings
     from merlin_mllm.models.tiny import tiny_mllm_path
     from merlin_mllm.summaries.user import summarize_users
 
-    summarize_users(data_dir, store_dir, model=str(tiny_mllm_path("llava_next")),
+    summarize_users(data_dir, store_path, model=str(tiny_mllm_path("llava_next")),
                     settings=GenerationSettings(max_new_tokens=4, batch_size=32), progress=False)
-    return store_dir
+    return store_path
 
 
 def summary_table(data_dir: Path) -> pd.DataFrame:

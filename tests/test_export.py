@@ -123,7 +123,7 @@ def test_scoring_several_users_together_equals_one_at_a_time(built, reference):
 
 
 def test_user_summaries_last_row_and_store_latest(built):
-    from merlin_mllm.ranker.training import load_rows
+    from merlin_mllm.pipelines.training import load_rows
 
     _, data, store, _, repo, _ = built
     served = pd.read_parquet(repo / "mllm_features" / "1" / ARTIFACTS_DIR / "users.parquet").set_index("user_id")

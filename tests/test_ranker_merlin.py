@@ -33,9 +33,10 @@ from merlin_mllm.models.tiny import tiny_mllm_path
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.ranker import ItemImageFeatures, RankerModel, embedded_tokenizer
 from merlin_mllm.ranker.block import RankerBlock, YesNoOutput
-from merlin_mllm.ranker.evaluate import evaluate_ranker
-from merlin_mllm.ranker.training import (SMALL_BUDGET_TRAINING, load_rows, row_summaries, tokenize_rows,
-                                         train_ranker)
+from merlin_mllm.pipelines import TrainConfig
+from merlin_mllm.pipelines.evaluation import evaluate_ranker
+from merlin_mllm.pipelines.training import load_rows, tokenize_rows, train_ranker
+from merlin_mllm.summaries.rows import row_summaries
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -235,7 +236,7 @@ def test_block_trains_through_merlin_loader_and_lightning(data_dir, summaries):
     # Merlin's default Adam(lr=1e-3) overshoots in four steps on most batch orders (the loss rose
     # 1.72 -> 1.88); train_ranker's small-run rate does not. mm.Model keeps the optimizer it is
     # configured with (its __init__ argument is not stored).
-    model.configure_optimizers(torch.optim.Adam(model.parameters(), lr=SMALL_BUDGET_TRAINING["lr"]))
+    model.configure_optimizers(torch.optim.Adam(model.parameters(), lr=TrainConfig.small_budget().lr))
     all_rows = Loader(dataset, batch_size=len(rows))
     before, _, _ = _fixed_set_loss(model, all_rows)
 
@@ -260,8 +261,8 @@ def test_block_trains_through_merlin_loader_and_lightning(data_dir, summaries):
 @pytest.fixture(scope="module")
 def trained(data_dir, summaries, tiny_text_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    model_dir = train_ranker(data_dir, summaries, out, model=tiny_text_model, image=False, epochs=1,
-                             grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)
+    model_dir = train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, epochs=1,
+                             grad_accum=2, batch_size=4, lr=1e-3, max_groups=8), progress=False)
     return out, model_dir
 
 
@@ -275,8 +276,8 @@ def test_training_writes_a_loadable_model_and_resumes_from_its_checkpoint(traine
     lora_b = [v for k, v in loaded.trainable_state_dict().items() if "lora_B" in k]
     assert lora_b and any(float(v.abs().sum()) > 0 for v in lora_b)  # B starts at 0: it trained
 
-    train_ranker(data_dir, summaries, out, model=tiny_text_model, image=False, epochs=2,
-                 grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)
+    train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, epochs=2,
+                 grad_accum=2, batch_size=4, lr=1e-3, max_groups=8), progress=False)
     second = json.loads((out / "training.json").read_text())
     assert second["resumed_from"].endswith("last.ckpt")
     assert second["global_step"] == 4 and second["epochs_completed"] == 2
@@ -284,21 +285,21 @@ def test_training_writes_a_loadable_model_and_resumes_from_its_checkpoint(traine
     assert [s["optimizer_step"] for s in second["micro_batch_losses"]] == [0, 0, 1, 1, 2, 2, 3, 3]
 
     with pytest.raises(ValueError, match="lora_r"):
-        train_ranker(data_dir, summaries, out, model=tiny_text_model, image=False, lora_r=4, epochs=3,
-                     max_groups=8, progress=False)
+        train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, lora_r=4, epochs=3,
+                     max_groups=8), progress=False)
 
 
 def test_a_run_without_validation_checkpoints_its_epoch_end(data_dir, summaries, tiny_text_model, tmp_path):
     # 16 rows in batches of 4: 4 steps per epoch; the step checkpoint falls at step 3, not at the end.
     settings = dict(model=tiny_text_model, image=False, grad_accum=1, batch_size=4, lr=1e-3, max_groups=8,
-                    validate=False, checkpoint_every_n_steps=3, progress=False)
-    train_ranker(data_dir, summaries, tmp_path, epochs=1, **settings)
+                    validate=False, checkpoint_every_n_steps=3)
+    train_ranker(data_dir, summaries, tmp_path, TrainConfig(epochs=1, **settings), progress=False)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 4  # the epoch's end, not the step-3 mark
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        train_ranker(data_dir, summaries, tmp_path, epochs=2, **settings)
+        train_ranker(data_dir, summaries, tmp_path, TrainConfig(epochs=2, **settings), progress=False)
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["resumed_from"].endswith("last.ckpt")
     assert record["global_step"] == 8 and record["epochs_completed"] == 2  # exactly one more epoch
@@ -328,7 +329,7 @@ def test_evaluation_writes_metrics_scores_and_plot(trained, data_dir, summaries,
     np.testing.assert_allclose(got.to_numpy(), expected, atol=1e-6)
 
     # An interrupted run resumes from its partial scores and gives the same metrics.
-    import merlin_mllm.ranker.evaluate as evaluate_module
+    import merlin_mllm.pipelines.evaluation as evaluate_module
 
     monkeypatch.setattr(evaluate_module, "_FLUSH_EVERY_GROUPS", 1)
     real_score, calls = RankerModel.score, []
@@ -396,8 +397,8 @@ def test_a_checkpoint_from_another_image_encoder_is_refused_by_name(trained, dat
     config["image_encoder"] = "efficientnet-lite0-grid"
     (out / "train_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"other settings \{'image_encoder': \('efficientnet-lite0-grid', None\)\}"):
-        train_ranker(data_dir, summaries, out, model=tiny_text_model, image=False, epochs=3,
-                     grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)
+        train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, epochs=3,
+                     grad_accum=2, batch_size=4, lr=1e-3, max_groups=8), progress=False)
 
 
 def test_a_copied_run_folder_resumes_and_keeps_one_last_checkpoint(trained, data_dir, summaries, tiny_text_model, tmp_path):
@@ -406,12 +407,12 @@ def test_a_copied_run_folder_resumes_and_keeps_one_last_checkpoint(trained, data
     out = tmp_path / "continued"
     shutil.copytree(trained[0], out)
     before = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    settings = dict(model=tiny_text_model, image=False, grad_accum=2, batch_size=4, lr=1e-3, max_groups=8, progress=False)
+    settings = dict(model=tiny_text_model, image=False, grad_accum=2, batch_size=4, lr=1e-3, max_groups=8)
     epochs = json.loads((out / "training.json").read_text())["epochs_completed"]
-    train_ranker(data_dir, summaries, out, epochs=epochs + 1, **settings)
+    train_ranker(data_dir, summaries, out, TrainConfig(epochs=epochs + 1, **settings), progress=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
     after = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
     assert after == before + 2  # one more epoch: 16 rows / 4 per batch / 2 accumulated
-    train_ranker(data_dir, summaries, out, epochs=epochs + 2, **settings)
+    train_ranker(data_dir, summaries, out, TrainConfig(epochs=epochs + 2, **settings), progress=False)
     record = json.loads((out / "training.json").read_text())
     assert record["global_step"] == before + 4 and record["epochs_completed"] == epochs + 2

@@ -23,8 +23,9 @@ from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
 from merlin_mllm.data.tables import read_table  # noqa: E402
 from merlin_mllm.models.tiny import tiny_mllm_path  # noqa: E402
 from merlin_mllm.ranker import RankerModel  # noqa: E402
-from merlin_mllm.ranker.evaluate import evaluate_ranker  # noqa: E402
-from merlin_mllm.ranker.training import ITEM_IMAGES_FILE, recent_titles_summaries  # noqa: E402
+from merlin_mllm.pipelines.evaluation import evaluate_ranker  # noqa: E402
+from merlin_mllm.ranker.config import ITEM_IMAGES_FILE  # noqa: E402
+from merlin_mllm.summaries.rows import recent_titles_summaries  # noqa: E402
 from merlin_mllm.serving.client import RerankClient  # noqa: E402
 from merlin_mllm.serving.export import export  # noqa: E402
 from merlin_mllm.serving.tritonserver import TritonServer  # noqa: E402

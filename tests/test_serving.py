@@ -81,7 +81,7 @@ def reference(built):
 @pytest.fixture(scope="module")
 def evaluated(built):
     """`evaluate_ranker`'s per-row in-process scores on the test split (what `merlin-mllm evaluate` writes)."""
-    from merlin_mllm.ranker.evaluate import evaluate_ranker
+    from merlin_mllm.pipelines.evaluation import evaluate_ranker
 
     evaluate_ranker(built.data, built.store, built.model, built.root / "eval" / "test.json", progress=False)
     return pd.read_parquet(built.root / "eval" / "test.scores.parquet")

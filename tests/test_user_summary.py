@@ -172,9 +172,9 @@ def summarized(tmp_path_factory, smollm2):
     return data, root / "store", report
 
 
-def _expected_steps(data, store_dir, block_size=3):
+def _expected_steps(data, store_path, block_size=3):
     """Distinct steps needed by every row history plus every user's full blocks, from keys alone."""
-    summarizer = _summarizer(SummaryStore(store_dir), data, block_size)
+    summarizer = _summarizer(SummaryStore(store_path), data, block_size)
     events = read_parquet(data / "events")
     histories = []
     for split in ("train", "valid", "test"):
@@ -187,22 +187,22 @@ def _expected_steps(data, store_dir, block_size=3):
 
 
 def test_summarize_users_generates_each_step_once_and_rerun_generates_nothing(summarized, smollm2):
-    data, store_dir, report = summarized
-    steps = _expected_steps(data, store_dir)
+    data, store_path, report = summarized
+    steps = _expected_steps(data, store_path)
     assert report.generated == report.llm_calls == len(steps) and report.reused_from_store == 0
     assert report.new_tokens > 0 and report.rows == 24 and report.items_without_summary > 0
-    store = SummaryStore(store_dir)
+    store = SummaryStore(store_path)
     assert steps <= {r.key for r in store}
     assert all(store.get(k).startswith(ANSWER_LEAD_IN) and len(store.get(k)) > len(ANSWER_LEAD_IN) + 3 for k in steps)
 
-    again = summarize_users(data, store_dir, settings=SETTINGS, model=smollm2, progress=False)
+    again = summarize_users(data, store_path, settings=SETTINGS, model=smollm2, progress=False)
     assert again.generated == again.llm_calls == again.new_tokens == 0
     assert again.reused_from_store == len(steps)
 
 
 def test_user_state_keeps_every_block_boundary(summarized):
-    data, store_dir, _ = summarized
-    store = SummaryStore(store_dir)
+    data, store_path, _ = summarized
+    store = SummaryStore(store_path)
     summarizer = _summarizer(store, data)
     events = read_parquet(data / "events").sort_values("position")
     for user, g in events.groupby("user_id"):
@@ -213,12 +213,12 @@ def test_user_state_keeps_every_block_boundary(summarized):
         summarizer.texts.prepare(seq)
         for n, key in state.boundaries:
             assert key == summarizer.plan(seq[:n])[-1].key and key in store
-        assert latest_user_summary(store_dir, user) == store.get(state.boundaries[-1][1])
-    assert latest_user_summary(store_dir, 12345) is None
+        assert latest_user_summary(store_path, user) == store.get(state.boundaries[-1][1])
+    assert latest_user_summary(store_path, 12345) is None
 
 
 def test_update_costs_one_call_per_new_full_block(summarized, smollm2, tmp_path):
-    data, store_dir, _ = summarized
+    data, store_path, _ = summarized
     # Users have 7, 5, 4, 9 events: 1, 2, 1, 0 items pending. New events per user:
     # user 1: 2 new -> 1 pending + 2 = one full block -> 1 call
     # user 2: 1 new -> 2 pending + 1 = one full block -> 1 call
@@ -233,10 +233,10 @@ def test_update_costs_one_call_per_new_full_block(summarized, smollm2, tmp_path)
     new_events = pd.DataFrame(new, columns=["user_id", "item_id", "timestamp"])
     new_events.to_parquet(tmp_path / "new.parquet", index=False)
 
-    store = SummaryStore(store_dir)
+    store = SummaryStore(store_path)
     scope = UserSummaryConfig(MODEL_ID, 3, "recurrent", SETTINGS).scope
     before = {u: store.get_user_state(scope, u) for u in (1, 2, 3, 4)}
-    report = update_users(tmp_path / "new.parquet", store_dir, model=smollm2, progress=False)
+    report = update_users(tmp_path / "new.parquet", store_path, model=smollm2, progress=False)
     assert report.llm_calls == report.generated == 4 and report.rows == 5
 
     store.refresh()
@@ -253,10 +253,10 @@ def test_update_costs_one_call_per_new_full_block(summarized, smollm2, tmp_path)
         if user in before:
             assert state.boundaries[: len(before[user].boundaries)] == before[user].boundaries
     assert store.get_user_state(scope, 3).boundaries == before[3].boundaries  # no block: no step
-    assert latest_user_summary(store_dir, 9).startswith(ANSWER_LEAD_IN)
+    assert latest_user_summary(store_path, 9).startswith(ANSWER_LEAD_IN)
 
     # The same events again: every one already known, nothing generated.
-    again = update_users(tmp_path / "new.parquet", store_dir, model=smollm2, progress=False)
+    again = update_users(tmp_path / "new.parquet", store_path, model=smollm2, progress=False)
     assert again.llm_calls == 0 and again.skipped == len(new_events)
 
 
@@ -274,7 +274,7 @@ def test_direct_mode_issues_one_call_per_distinct_history(tmp_path, smollm2):
     assert store.user_states() == {}  # direct mode keeps no incremental state
 
     # The ranker's readers find each row's direct summary through the recorded config.
-    from merlin_mllm.ranker.training import row_summaries
+    from merlin_mllm.summaries.rows import row_summaries
 
     direct = {r.text for r in store if r.meta.get("kind") == "user_direct"}
     rows = read_parquet(data / "test")
@@ -295,7 +295,7 @@ def test_operator_in_workflow_schema_save_and_load(summarized, smollm2, tmp_path
 
     from merlin_mllm.operators.user_summary import UserPreferenceSummary
 
-    data, store_dir, _ = summarized
+    data, store_path, _ = summarized
     rows = add_history_item_ids(read_parquet(data / "test"), read_parquet(data / "events"))
     # One extra row with no history: the fixed generic summary, no LLM call.
     empty = rows.iloc[:1].copy()
@@ -303,13 +303,13 @@ def test_operator_in_workflow_schema_save_and_load(summarized, smollm2, tmp_path
     rows = pd.concat([rows, empty], ignore_index=True)
     rows.to_parquet(tmp_path / "rows.parquet", index=False)
 
-    op = UserPreferenceSummary(data / "items", store_dir, model=smollm2, settings=SETTINGS)
+    op = UserPreferenceSummary(data / "items", store_path, model=smollm2, settings=SETTINGS)
     workflow = nvt.Workflow((["user_id", "history_item_ids"] >> op) + ["item_id", "label"])
     out = workflow.fit_transform(nvt.Dataset(tmp_path / "rows.parquet", engine="parquet")).to_ddf().compute()
     assert list(out.columns) == ["user_summary", "item_id", "label"] and len(out) == len(rows)
     assert op.report.generated == 0  # every test-row step is in the store from summarize_users
     assert out.user_summary.iloc[-1] == EMPTY_HISTORY_SUMMARY
-    store = SummaryStore(store_dir)
+    store = SummaryStore(store_path)
     summarizer = _summarizer(store, data)
     expected = [store.get(k) if k else EMPTY_HISTORY_SUMMARY for k in _row_keys(summarizer, [list(h) for h in rows.history_item_ids])]
     assert out.user_summary.tolist() == expected
@@ -334,19 +334,19 @@ def test_operator_generates_only_new_tail_steps(summarized, smollm2, tmp_path):
 
     from merlin_mllm.operators.user_summary import UserPreferenceSummary
 
-    data, store_dir, _ = summarized
+    data, store_path, _ = summarized
     events = read_parquet(data / "events").sort_values("position")
     seq = events[events.user_id == 4].item_id.tolist()  # 9 items: 3 boundaries stored
     extra = [i for i in range(1, len(TITLES) + 1) if i not in seq][:2]
     frame = pd.DataFrame({"user_id": [4, 4], "history_item_ids": [seq[:9], seq[:9] + extra]})
-    op = UserPreferenceSummary(data / "items", store_dir, model=smollm2, settings=SETTINGS)
+    op = UserPreferenceSummary(data / "items", store_path, model=smollm2, settings=SETTINGS)
     out = op.transform(ColumnSelector(["user_id", "history_item_ids"]), frame)
     assert op.report.llm_calls == 1 and op.report.reused_from_store == 3
-    summarizer = _summarizer(SummaryStore(store_dir), data)
-    assert out.user_summary.iloc[0] == SummaryStore(store_dir).get(_row_keys(summarizer, [seq[:9]])[0])
+    summarizer = _summarizer(SummaryStore(store_path), data)
+    assert out.user_summary.iloc[0] == SummaryStore(store_path).get(_row_keys(summarizer, [seq[:9]])[0])
     # The new step continues the stored 9-item summary (short greedy answers may read alike).
     boundary, tail = _row_keys(summarizer, [seq[:9], seq[:9] + extra])
-    record = SummaryStore(store_dir).get_record(tail)
+    record = SummaryStore(store_path).get_record(tail)
     assert record.meta["previous"] == boundary and record.meta["block_items"] == 2
     assert out.user_summary.iloc[1] == record.text and record.text.startswith(ANSWER_LEAD_IN)
 
@@ -358,9 +358,9 @@ def test_operator_on_a_cudf_partition_matches_pandas(summarized, smollm2):
 
     from merlin_mllm.operators.user_summary import UserPreferenceSummary
 
-    data, store_dir, _ = summarized
+    data, store_path, _ = summarized
     rows = add_history_item_ids(read_parquet(data / "valid"), read_parquet(data / "events"))[["user_id", "history_item_ids"]]
-    op = UserPreferenceSummary(data / "items", store_dir, model=smollm2, settings=SETTINGS)
+    op = UserPreferenceSummary(data / "items", store_path, model=smollm2, settings=SETTINGS)
     selector = ColumnSelector(["user_id", "history_item_ids"])
     on_gpu = op.transform(selector, cudf.DataFrame.from_pandas(rows))
     assert isinstance(on_gpu, cudf.DataFrame)

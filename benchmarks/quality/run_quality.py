@@ -32,7 +32,7 @@ REPO = HERE.parent.parent
 PROTOCOLS = ("paper", "temporal")
 METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
 # LLM settings as in merlin_mllm/quickstart.py (a small CPU run: faster LoRA lr than the paper).
-#: LLM ranker epochs (the rest of the recipe is ranker.training.SMALL_BUDGET_TRAINING).
+#: LLM ranker epochs (the rest of the recipe is TrainConfig.small_budget()).
 LLM_EPOCHS = 2
 MAX_NEW_TOKENS = 48
 GENERATION_BATCH = 16
@@ -52,11 +52,12 @@ LLM_ROWS = {
 
 
 def llm_train_settings(epochs: int = LLM_EPOCHS) -> dict:
-    # Imported here: ranker.training pulls in the Merlin stack, which summaries_on_gpu.py's GPU
-    # machine does not have.
-    from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
+    # Imported here: the pipelines pull in the Merlin stack, which summaries_on_gpu.py's GPU
+    # machine does not have (merlin_mllm.pipelines.config itself is light).
+    from merlin_mllm.pipelines.config import TrainConfig
 
-    return dict(SMALL_BUDGET_TRAINING, epochs=epochs)
+    budget = TrainConfig.small_budget()
+    return dict(lr=budget.lr, batch_size=budget.batch_size, grad_accum=budget.grad_accum, epochs=epochs)
 
 
 def run_name(kind: str, epochs: int = LLM_EPOCHS) -> str:
@@ -261,8 +262,7 @@ class LLMStages:
         """Train (unless zero-shot) and score one LLM row; ``epochs`` beyond a finished shorter run
         of the same row continue that run from its checkpoint (the learning rate is constant, so
         this is the longer run's training without redoing the first epochs)."""
-        from merlin_mllm.ranker.evaluate import evaluate_ranker
-        from merlin_mllm.ranker.training import train_ranker
+        from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
 
         eval_json = self.work / "eval" / f"{run_name(kind, epochs)}.json"
         if kind == "zero_shot":
@@ -284,8 +284,8 @@ class LLMStages:
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
         train_data = self.prefix_data() if kind == "full_prefixes" else self.data
-        train_ranker(train_data, store, run_dir, image=kind != "text_only", seed=self.seed, validate=False,
-                     progress=True, **llm_train_settings(epochs))
+        train_ranker(train_data, store, run_dir, TrainConfig(image=kind != "text_only", seed=self.seed, validate=False,
+                     **llm_train_settings(epochs)), progress=True)
         train_seconds = time.time() - started
         result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)
         training = json.loads((run_dir / "training.json").read_text())

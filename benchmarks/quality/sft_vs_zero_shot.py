@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merlin_mllm.ranker.training import SMALL_BUDGET_TRAINING
+from merlin_mllm.pipelines.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -38,9 +38,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=943, help="ML-100k users to keep (943: all)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=SMALL_BUDGET_TRAINING["lr"])
-    parser.add_argument("--grad-accum", type=int, default=SMALL_BUDGET_TRAINING["grad_accum"])
-    parser.add_argument("--batch-size", type=int, default=SMALL_BUDGET_TRAINING["batch_size"])
+    parser.add_argument("--lr", type=float, default=TrainConfig.small_budget().lr)
+    parser.add_argument("--grad-accum", type=int, default=TrainConfig.small_budget().grad_accum)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.small_budget().batch_size)
     parser.add_argument("--loss", choices=("lm", "binary"), default="lm")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "sft_vs_zero_shot")
@@ -49,8 +49,8 @@ def main(argv=None) -> dict:
 
     from merlin_mllm.baselines import evaluate_popularity
     from merlin_mllm.data.prepare import prepare_dataset
-    from merlin_mllm.ranker.evaluate import evaluate_ranker
-    from merlin_mllm.ranker.training import recent_titles_summaries, train_ranker
+    from merlin_mllm.pipelines import evaluate_ranker, train_ranker
+    from merlin_mllm.summaries.rows import recent_titles_summaries
     from merlin_mllm.reporting import metrics_table
 
     work = args.work / f"u{args.users}_s{args.seed}"
@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
 
     started = time.perf_counter()
     run = work / "ranker"
-    train_ranker(data, summaries, run, lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum,
-                 batch_size=args.batch_size, loss=args.loss, seed=args.seed, validate=False, progress=True)
+    train_ranker(data, summaries, run, TrainConfig(lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum,
+                 batch_size=args.batch_size, loss=args.loss, seed=args.seed, validate=False), progress=True)
     training = json.loads((run / "training.json").read_text())
     losses = [step["loss"] for step in training["micro_batch_losses"]]
     seconds["train"] = time.perf_counter() - started

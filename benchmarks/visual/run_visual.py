@@ -7,7 +7,7 @@ project's normal pipeline twice on the same rows:
 
 * **image arm** (MLLM-MSR): items prepared with their pictures -> textualizer item summaries
   (EfficientNet labels + dominant colours + SmolLM2) -> recurrent user summaries -> LoRA ranker
-  that sees each candidate's picture (``train_ranker(image=True)``);
+  that sees each candidate's picture (``TrainConfig(image=True)``);
 * **text arm** (MLLM-MSR_I): the same rows prepared without pictures -> text-only item
   summaries -> recurrent user summaries -> ranker without pictures (``image=False``).
 
@@ -180,7 +180,7 @@ def summarize_arm(args, arm: str, data_dir: Path) -> dict:
 
 
 def train_arm(args, arm: str, data_dir: Path) -> Path:
-    from merlin_mllm.ranker.training import train_ranker
+    from merlin_mllm.pipelines import TrainConfig, train_ranker
 
     out = args.cache / f"ranker_{arm}"
     if (out / "training.json").is_file() and (out / "model").is_dir():
@@ -197,15 +197,15 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
     if stale.exists():
         stale.unlink()
     return train_ranker(
-        data_dir, args.cache / f"store_{arm}", out, image=(arm == "image"), lr=args.lr,
+        data_dir, args.cache / f"store_{arm}", out, TrainConfig(image=(arm == "image"), lr=args.lr,
         projector_lr=args.projector_lr, epochs=args.epochs, grad_accum=args.grad_accum,
-        batch_size=args.batch_size, seed=args.seed, max_length=args.max_length, progress=args.progress,
-        validate=False,
+        batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
+        validate=False), progress=args.progress,
     )
 
 
 def evaluate_arm(args, name: str, data_dir: Path, store: Path, model_dir, zero_shot: bool = False) -> dict:
-    from merlin_mllm.ranker.evaluate import evaluate_ranker
+    from merlin_mllm.pipelines.evaluation import evaluate_ranker
 
     out_json = args.cache / "eval" / f"{name}.json"
     if out_json.is_file():
@@ -266,7 +266,7 @@ def metrics_of(table: pd.DataFrame) -> dict:
 
 def colour_word_share(data_dir: Path, store: Path) -> float:
     """Share of test users whose user summary names a colour word (how much of the picture reached it)."""
-    from merlin_mllm.ranker.training import load_rows
+    from merlin_mllm.pipelines.training import load_rows
 
     rows = load_rows(data_dir, "test", store).drop_duplicates("group_id")
     return float(np.mean([visual_set.has_attribute_word(text) for text in rows["user_summary"]]))

@@ -15,6 +15,8 @@ from merlin_mllm.exports import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "config",
+    **dict.fromkeys(["RankerDataModule", "load_rows", "tokenize_rows", "train_ranker"], "training"),
+    **dict.fromkeys(["evaluate_ranker", "plot_evaluation"], "evaluation"),
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

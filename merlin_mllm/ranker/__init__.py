@@ -15,8 +15,9 @@
   * :mod:`~merlin_mllm.ranker.scoring`: shared-prefix KV-cache scoring and the reference scorers;
   * :mod:`~merlin_mllm.ranker.batches`: right padding and the answer-only labels.
 * :mod:`merlin_mllm.ranker.saved`: :func:`load_ranker` (a saved ranker with its item image table).
-* :mod:`merlin_mllm.ranker.block`, :mod:`~merlin_mllm.ranker.training`,
-  :mod:`~merlin_mllm.ranker.evaluate`: the Merlin block, training and evaluation built on it.
+* :mod:`merlin_mllm.ranker.block`: the Merlin block (``RankerBlock``, ``RankerMerlinModel``).
+
+Training and evaluation build on the ranker one layer up, in :mod:`merlin_mllm.pipelines`.
 
 Names are imported lazily, so importing a light submodule (``merlin_mllm.ranker.prompt``) does not
 load the model code.

@@ -49,6 +49,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+# torch, nvtabular and the ranker are imported inside the functions that use them: the feature
+# model's Triton process and the client (which imports this module for ENSEMBLE_MODEL) then
+# never load torch or the model code.
+
 __all__ = [
     "ENSEMBLE_MODEL",
     "FEATURES_MODEL",

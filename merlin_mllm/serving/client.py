@@ -90,6 +90,8 @@ class RerankClient:
         self.timeout = timeout
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # Only the chosen protocol's client is imported (grpcio or the HTTP stack): a heavy
+            # import that the other protocol never needs.
             if protocol == "grpc":
                 import tritonclient.grpc as module
             else:

@@ -54,7 +54,19 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import pandas as pd
+import torch
+from google.protobuf import text_format
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Merlin and tritonclient warn about absent TensorFlow / CUDA
+    import merlin.io
+    import nvtabular as nvt
+    import tritonclient.grpc.model_config_pb2 as mc
+
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
+from merlin_mllm.ranker.config import CONFIG_FILE
+from merlin_mllm.ranker.saved import load_ranker
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
@@ -68,6 +80,9 @@ from merlin_mllm.serving.artifacts import (
     RankerStep,
     ServingLimits,
 )
+from merlin_mllm.summaries.rows import row_summaries
+from merlin_mllm.summaries.store import open_store
+from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY, latest_user_summary
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +92,7 @@ __all__ = [
     "item_table",
     "fit_prompt_workflow",
     "load_export_ranker",
+    "config_text",
     "INPUTS",
     "OUTPUTS",
     "MANIFEST_FILE",
@@ -98,9 +114,6 @@ MAX_PROMPT_TOKENS = 8192
 # ---------------------------------------------------------------------------- artefacts
 def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False, device=None, dtype=None):
     """The saved ranker with the item image table that covers ``data_dir``'s catalogue."""
-    from merlin_mllm.ranker.config import CONFIG_FILE
-    from merlin_mllm.ranker.saved import load_ranker
-
     if not (Path(model_dir) / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}); train one with train_ranker")
     return load_ranker(model_dir, data_dir, cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
@@ -108,8 +121,6 @@ def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = Fa
 
 def _latest_rows(data_dir: Path) -> pd.DataFrame:
     """Each user's most recent labelled row (largest target_position over every split)."""
-    from merlin_mllm.data.tables import read_table
-
     frames = []
     for split in ("train", "valid", "test"):
         if (data_dir / split).exists():
@@ -146,14 +157,9 @@ def user_summary_table(summaries, data_dir, source: str = "last_row") -> pd.Data
     if source not in USER_SUMMARY_SOURCES:
         raise ValueError(f"user summary source must be one of {USER_SUMMARY_SOURCES}, not {source!r}")
     if source == "last_row":
-        from merlin_mllm.ranker.training import row_summaries
-
         rows = _latest_rows(data_dir)
         texts = row_summaries(summaries, data_dir, rows)
         return pd.DataFrame({"user_id": rows["user_id"].astype(np.int64), SUMMARY_COLUMN: texts})
-    from merlin_mllm.summaries.store import open_store
-    from merlin_mllm.summaries.user import latest_user_summary
-
     if isinstance(summaries, pd.DataFrame) or not Path(summaries).is_dir():
         raise ValueError(f"user summary source 'store_latest' needs a summary store folder, not {summaries!r}")
     store = open_store(summaries)
@@ -167,8 +173,6 @@ def user_summary_table(summaries, data_dir, source: str = "last_row") -> pd.Data
 
 def item_table(data_dir, ranker) -> pd.DataFrame:
     """``item_id``, ``title``, ``has_image`` of the whole catalogue (image flags from the ranker's table)."""
-    from merlin_mllm.data.tables import read_table
-
     items = read_table(Path(data_dir) / "items")
     missing = [c for c in (ITEM_COLUMN, TITLE_COLUMN) if c not in items.columns]
     if missing:
@@ -177,8 +181,6 @@ def item_table(data_dir, ranker) -> pd.DataFrame:
                           TITLE_COLUMN: items[TITLE_COLUMN].fillna("").astype(str)})
     table = ranker.item_features
     if ranker.config.use_images and ranker.prompt.image_mode == "placeholder" and table is not None:
-        import torch
-
         frame[IMAGE_COLUMN] = table.has_image_for(torch.as_tensor(frame[ITEM_COLUMN].to_numpy())).numpy()
     else:
         frame[IMAGE_COLUMN] = False
@@ -198,11 +200,6 @@ def fit_prompt_workflow(ranker, sample_items: pd.DataFrame):
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import merlin.io
-        import nvtabular as nvt
-
-        from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-
         operator = TokenizePrompt.for_ranker(ranker, max_length=MAX_PROMPT_TOKENS)
         prompt = [SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN] >> operator
         workflow = nvt.Workflow(prompt + [ITEM_COLUMN])
@@ -215,22 +212,13 @@ def fit_prompt_workflow(ranker, sample_items: pd.DataFrame):
 
 
 # ---------------------------------------------------------------------------- configs
-def _config_text(config) -> str:
-    from google.protobuf import text_format
-
+def config_text(config) -> str:
+    """A model config protobuf as the text of a ``config.pbtxt``."""
     return text_format.MessageToString(config)
-
-
-def _model_config():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import tritonclient.grpc.model_config_pb2 as model_config
-    return model_config
 
 
 def ensemble_config(max_batch_size: int):
     """The ``mllm_rerank`` ensemble config (a ModelConfig protobuf)."""
-    mc = _model_config()
     config = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=max_batch_size)
     for name, dtype, dims, optional in INPUTS:
         config.input.add(name=name, data_type=getattr(mc, dtype), dims=dims, optional=optional)
@@ -253,7 +241,6 @@ def ensemble_config(max_batch_size: int):
 
 def features_config(max_batch_size: int, instances: int):
     """The ``mllm_features`` python-backend config (CPU instances)."""
-    mc = _model_config()
     config = mc.ModelConfig(name=FEATURES_MODEL, backend="python", max_batch_size=max_batch_size)
     for name, dtype, dims, optional in INPUTS:
         config.input.add(name=name, data_type=getattr(mc, dtype), dims=dims, optional=optional)
@@ -267,7 +254,6 @@ def features_config(max_batch_size: int, instances: int):
 def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_batching: bool,
                   max_batch_delay_us: int, dtype: str, torch_threads: int):
     """The ``mllm_ranker`` python-backend config (GPU or CPU instances, dynamic batching)."""
-    mc = _model_config()
     config = mc.ModelConfig(name=RANKER_MODEL, backend="python", max_batch_size=max_batch_size)
     # Ragged: requests with different candidate counts and prompt lengths may share a batch; the
     # python backend hands them over as separate requests anyway.
@@ -289,7 +275,7 @@ def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_bat
 def _write_model(staging: Path, name: str, config, model_py: Optional[str] = None) -> Path:
     folder = staging / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(_config_text(config), encoding="utf-8")
+    (folder / "config.pbtxt").write_text(config_text(config), encoding="utf-8")
     if model_py is not None:
         shutil.copy2(TRITON_MODELS_DIR / model_py, folder / "1" / "model.py")
     return folder
@@ -385,8 +371,6 @@ def export(
         users = user_summary_table(summaries, data_dir, user_summaries)
         items = item_table(data_dir, ranker)
         workflow = fit_prompt_workflow(ranker, items)
-        from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
-
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY)
         features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances), "features.py")
         features.save(features_dir / "1" / ARTIFACTS_DIR)

@@ -38,13 +38,16 @@ Usage::
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -52,10 +55,13 @@ with warnings.catch_warnings():
     from merlin.dag import BaseOperator, ColumnSelector, DataFormats
     from merlin.schema import ColumnSchema, Schema, Tags
     from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
+    from merlin.table import TensorColumn
 
+from merlin_mllm.models.loading import default_device
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
+    FEATURES_CONFIG,
     FEATURES_MODEL,
     RANKER_MODEL,
     FeatureStep,
@@ -63,7 +69,10 @@ from merlin_mllm.serving.artifacts import (
     RequestError,
     ServingLimits,
     rank_scores,
+    resolve_dtype,
 )
+from merlin_mllm.serving.export import fit_prompt_workflow, item_table, load_export_ranker, user_summary_table
+from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
 
 __all__ = ["MLLMRerank", "PythonOnlyRuntime", "export_python_only"]
 
@@ -153,21 +162,6 @@ class MLLMRerank(BaseOperator):
             return
         if model_dir is None or summaries is None or data_dir is None:
             raise ValueError("MLLMRerank needs model_dir, summaries and data_dir (or use MLLMRerank.from_export)")
-        import tempfile
-
-        from merlin_mllm.serving.export import (
-            fit_prompt_workflow,
-            item_table,
-            load_export_ranker,
-            user_summary_table,
-        )
-        from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
-
-        import torch
-
-        from merlin_mllm.models.loading import default_device
-        from merlin_mllm.serving.artifacts import resolve_dtype
-
         target = torch.device(device) if device is not None else default_device()
         with tempfile.TemporaryDirectory() as cache:
             ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache), device=target,
@@ -186,10 +180,6 @@ class MLLMRerank(BaseOperator):
         Nothing is loaded until the first ``transform``: building and exporting a graph does
         not need the model in memory.
         """
-        import json
-
-        from merlin_mllm.serving.artifacts import FEATURES_CONFIG
-
         repository = Path(repository)
         features = repository / FEATURES_MODEL / "1" / ARTIFACTS_DIR
         ranker = repository / RANKER_MODEL / "1" / ARTIFACTS_DIR
@@ -293,8 +283,6 @@ class MLLMRerank(BaseOperator):
 
     def transform(self, col_selector: ColumnSelector, transformable):
         """Score every row's candidates; returns ``scores``, ``ranked_item_ids``, ``ranked_scores``."""
-        from merlin.table import TensorColumn
-
         self._require_loaded()
         users_column = np.asarray(transformable[self.user_column].values).reshape(-1)
         lists = self._candidate_lists(transformable[self.items_column])

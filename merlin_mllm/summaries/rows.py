@@ -53,14 +53,14 @@ def row_histories(data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List
     return [tuple(h) for h in history_lists(events, rows["user_id"], rows["target_position"])]
 
 
-def _store_summaries(store_dir: Path, data_dir: Path, rows: pd.DataFrame) -> List[str]:
+def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame) -> List[str]:
     """Each row's user summary from the store: the chain over its own history (items before the target)."""
-    store = open_store(store_dir)
+    store = open_store(path)
     config = recorded_config(store)
     if config is None:
         raise ValueError(
-            f"{store_dir}: the store holds no user summaries; run "
-            f"`merlin-mllm summarize users --data {data_dir} --summaries {store_dir}` first"
+            f"{path}: the store holds no user summaries; run "
+            f"`merlin-mllm summarize users --data {data_dir} --summaries {path}` first"
         )
     histories = row_histories(data_dir, rows)
     unique = list(set(histories))
@@ -69,8 +69,8 @@ def _store_summaries(store_dir: Path, data_dir: Path, rows: pd.DataFrame) -> Lis
     if missing:
         example = rows.loc[[h == missing[0] for h in histories], "user_id"].iloc[0]
         raise ValueError(
-            f"{store_dir}: {len(missing)} row histories have no stored summary (e.g. user {int(example)}, "
-            f"{len(missing[0])} history items); run `merlin-mllm summarize users --data {data_dir} --summaries {store_dir}`"
+            f"{path}: {len(missing)} row histories have no stored summary (e.g. user {int(example)}, "
+            f"{len(missing[0])} history items); run `merlin-mllm summarize users --data {data_dir} --summaries {path}`"
         )
     texts = dict(zip(keys, stored_summary_texts(store, list(keys.values()))))
     return [texts[h] for h in histories]

@@ -25,8 +25,8 @@ its target, so nothing leaks), a DataFrame or parquet path with ``user_id``,
 
 Usage::
 
-    from merlin_mllm.ranker.training import train_ranker
-    model_dir = train_ranker("data/ml100k", "data/summaries", "runs/ranker", epochs=1)
+    from merlin_mllm.pipelines import TrainConfig, train_ranker
+    model_dir = train_ranker("data/ml100k", "data/summaries", "runs/ranker", TrainConfig(epochs=1))
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -53,179 +53,53 @@ with warnings.catch_warnings():
     import nvtabular as nvt
     import pytorch_lightning as pl
     from merlin.dataloader.torch import Loader
-    from merlin.schema import Tags
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.strategies import DDPStrategy
 
+from merlin_mllm.data.prepare import ROW_TAGS
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
+from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.ranker.block import RankerMerlinModel
 from merlin_mllm.ranker.config import EMBEDDED, ITEM_IMAGES_FILE
+from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import item_image_table
+from merlin_mllm.summaries.rows import SummarySource, row_summaries
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "train_ranker",
+    "saved_settings",
     "load_rows",
-    "row_summaries",
     "tokenize_rows",
-    "item_image_table",
     "RankerDataModule",
     "MODEL_DIR",
-    "ITEM_IMAGES_FILE",
-    "SMALL_BUDGET_TRAINING",
+    "TRAIN_CONFIG_FILE",
 ]
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 TRAIN_CONFIG_FILE = "train_config.json"
-#: Settings that must match for a checkpoint to be resumed. ``image_encoder`` names what made the
-#: image tokens: a checkpoint from another encoder has another projector shape, refused here by
-#: name rather than by a size mismatch deep inside Lightning.
-_RESUME_KEYS = ("model", "image", "image_encoder", "lora_r", "lora_alpha", "lora_dropout", "loss", "max_length", "seed")
-_ROW_TAGS = {
-    "label": [Tags.TARGET, Tags.BINARY_CLASSIFICATION],
-    "item_id": [Tags.ITEM_ID, Tags.CATEGORICAL],
-    "user_id": [Tags.USER_ID, Tags.CATEGORICAL],
-}
+#: Settings that must match for a checkpoint to be resumed: TrainConfig's resume fields, and
+#: ``image_encoder``, what made the image tokens: a checkpoint from another encoder has another
+#: projector shape, refused here by name rather than by a size mismatch deep inside Lightning.
+RESUME_KEYS = TrainConfig.resume_fields() + ("image_encoder",)
 PASSTHROUGH_COLUMNS = ("item_id", "user_id", "group_id", "label")
-#: LoRA settings for runs of a few hundred optimizer steps (the quickstart, the CPU benchmarks).
-#: Measured by benchmarks/quality/sft_vs_zero_shot.py on all ML-100k users: one epoch of 189
-#: steps gives AUC 0.69 against 0.52 zero-shot. The paper's lr 2e-5 (or 1e-4 with batches of
-#: 4 x 4) needs far more steps; over a few hundred the ranker stays at the Yes/No prior.
-SMALL_BUDGET_TRAINING = {"lr": 5e-4, "batch_size": 8, "grad_accum": 1}
-
-SummarySource = Union[str, os.PathLike, pd.DataFrame, Callable[[pd.DataFrame], Sequence[str]]]
 
 
-# ----------------------------------------------------------------------------- summaries
-def _is_store(path: Path) -> bool:
-    from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR
-
-    return path.is_dir() and ((path / MARKER_FILE).exists() or (path / SEGMENT_DIR).is_dir())
-
-
-def _histories(data_dir: Path, rows: pd.DataFrame) -> List[Tuple[int, ...]]:
-    if "history_item_ids" in rows.columns:
-        return [tuple(int(i) for i in h) if h is not None else () for h in rows["history_item_ids"]]
-    from merlin_mllm.summaries.user import history_lists
-
-    events = read_table(data_dir / "events")
-    return [tuple(h) for h in history_lists(events, rows["user_id"], rows["target_position"])]
-
-
-def _store_summaries(store_dir: Path, data_dir: Path, rows: pd.DataFrame) -> List[str]:
-    """Each row's user summary from the store: the chain over its own history (items before the target)."""
-    from merlin_mllm.summaries import user as user_stage
-    from merlin_mllm.summaries.store import open_store
-
-    store = open_store(store_dir)
-    config_key = store.get_ref(user_stage.CONFIG_REF_NAMESPACE, "latest")
-    if config_key is None or store.get(config_key) is None:
-        raise ValueError(
-            f"{store_dir}: the store holds no user summaries; run "
-            f"`merlin-mllm summarize users --data {data_dir} --out {store_dir}` first"
-        )
-    config = user_stage.UserSummaryConfig.from_dict(json.loads(store.get(config_key)))
-    summarizer = user_stage.UserSummarizer(store, user_stage.read_items(data_dir / "items"), config, progress=False)
-    histories = _histories(data_dir, rows)
-    summarizer.texts.prepare(i for h in set(histories) for i in h)
-    keys: Dict[Tuple[int, ...], Optional[str]] = {}
-    for history in set(histories):
-        plan = summarizer.plan(history)
-        keys[history] = plan[-1].key if plan else None
-    missing = [h for h, k in keys.items() if k is not None and k not in store]
-    if missing:
-        example = rows.loc[[h == missing[0] for h in histories], "user_id"].iloc[0]
-        raise ValueError(
-            f"{store_dir}: {len(missing)} row histories have no stored summary (e.g. user {int(example)}, "
-            f"{len(missing[0])} history items); run `merlin-mllm summarize users --data {data_dir} --out {store_dir}`"
-        )
-    texts = dict(zip(keys, summarizer.summary_texts(list(keys.values()))))
-    return [texts[h] for h in histories]
-
-
-def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> List[str]:
-    needed = ["user_id", "target_position", "user_summary"]
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise ValueError(f"{where}: the summaries table lacks column(s) {missing}")
-    table = table[needed].drop_duplicates(["user_id", "target_position"])
-    merged = rows[["user_id", "target_position"]].merge(table, on=["user_id", "target_position"], how="left")
-    absent = merged["user_summary"].isna()
-    if absent.any():
-        first = merged[absent].iloc[0]
-        raise ValueError(
-            f"{where}: {int(absent.sum())} rows have no user summary (e.g. user {int(first.user_id)}, "
-            f"target_position {int(first.target_position)})"
-        )
-    return merged["user_summary"].astype(str).tolist()
-
-
-def recent_titles_summaries(data_dir: Union[str, os.PathLike], last: int = 5) -> pd.DataFrame:
-    """Placeholder user summaries without an LLM: "Recently watched: A; B; C." per row.
-
-    For ranker-only experiments and tests. Each row of every split gets the titles of the last
-    ``last`` items of its own ``history_item_ids`` (items before its target: no leakage). The
-    result is a summary table for :func:`row_summaries` / ``train_ranker`` / ``evaluate_ranker``.
-
-    Usage::
-
-        table = recent_titles_summaries("data/ml100k", last=5)
-        train_ranker("data/ml100k", table, "runs/ranker")
-
-    Parameters
-    ----------
-    data_dir : path
-        Output of ``prepare_dataset``.
-    last : int
-        Titles per summary (most recent last).
-    """
-    data_dir = Path(data_dir)
-    titles = read_table(data_dir / "items").set_index("item_id")["title"]
-    frames = []
-    for split in ("train", "valid", "test"):
-        rows = read_table(data_dir / split).drop_duplicates(["user_id", "target_position"])
-        texts = ["Recently watched: " + "; ".join(str(titles[int(i)]) for i in list(history)[-last:]) + "."
-                 for history in rows["history_item_ids"]]
-        frames.append(pd.DataFrame({"user_id": rows["user_id"].to_numpy(),
-                                    "target_position": rows["target_position"].to_numpy(), "user_summary": texts}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List[str]:
-    """The user summary of each row (one string per row, in order).
-
-    Parameters
-    ----------
-    summaries : path, DataFrame or callable
-        A summary store folder; a parquet file/folder or DataFrame with ``user_id``,
-        ``target_position``, ``user_summary``; or ``callable(rows) -> list of str``.
-    data_dir : path
-        The prepared dataset (for ``items/`` and ``events/``).
-    rows : DataFrame
-        Rows with ``user_id`` and ``target_position`` (and ``history_item_ids`` when present).
-
-    Raises
-    ------
-    ValueError
-        When a row has no summary (naming the user), or the source is not recognised.
-    """
-    data_dir = Path(data_dir)
-    if callable(summaries):
-        texts = list(summaries(rows))
-        if len(texts) != len(rows):
-            raise ValueError(f"the summaries callable returned {len(texts)} texts for {len(rows)} rows")
-        return [str(t) for t in texts]
-    if isinstance(summaries, pd.DataFrame):
-        return _table_summaries(summaries, rows, "the summaries DataFrame")
-    path = Path(summaries)
-    if _is_store(path):
-        return _store_summaries(path, data_dir, rows)
-    if path.exists():
-        return _table_summaries(pd.read_parquet(path), rows, str(path))
-    raise FileNotFoundError(f"user summaries not found: {path} is neither a summary store nor a parquet table")
+def saved_settings(config: TrainConfig, data_dir: Union[str, os.PathLike]) -> Dict:
+    """What ``train_config.json`` (and ``training.json``'s ``settings``) record of a run: the
+    config's saved fields (``model`` resolved, ``strategy`` as text), the image encoder and the data."""
+    return {
+        **config.saved_fields(),
+        "model": config.model or EMBEDDED,
+        "image_encoder": ENCODER_NAME if config.image else None,
+        "strategy": str(config.strategy),
+        "data_dir": str(Path(data_dir).resolve()),
+    }
 
 
 # ----------------------------------------------------------------------------- rows
@@ -301,8 +175,9 @@ def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int =
     data["label"] = data["label"].astype(np.int64)
     dataset = merlin.io.Dataset(data, cpu=True)
     schema = dataset.schema
-    for name, tags in _ROW_TAGS.items():
-        schema[name] = schema[name].with_tags(tags)
+    for name in PASSTHROUGH_COLUMNS:
+        if name in ROW_TAGS:  # the tags of the prepared splits (group_id has none)
+            schema[name] = schema[name].with_tags(ROW_TAGS[name])
     dataset.schema = schema
     prompt = ["user_summary", "title", "has_image"] >> TokenizePrompt.for_ranker(ranker, max_length=max_length)
     workflow = nvt.Workflow(prompt + list(PASSTHROUGH_COLUMNS))
@@ -450,8 +325,6 @@ def _strategy(strategy, devices: int, accelerator: str):
     """DDP on CPU uses gloo; unused parameters are allowed (a batch without images leaves the
     image projector without gradients)."""
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn") and (devices > 1 or devices == -1):
-        from pytorch_lightning.strategies import DDPStrategy
-
         return DDPStrategy(
             start_method="spawn" if strategy == "ddp_spawn" else "popen",
             find_unused_parameters=True,
@@ -461,13 +334,15 @@ def _strategy(strategy, devices: int, accelerator: str):
 
 
 def _check_resume(out_dir: Path, settings: dict, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from, if any; refused (naming the fields) when the saved
+    ``train_config.json`` differs from ``settings`` in a :data:`RESUME_KEYS` field."""
     config_file = out_dir / TRAIN_CONFIG_FILE
     checkpoint = out_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if not resume or not checkpoint.exists():
         return None
     if config_file.exists():
         saved = json.loads(config_file.read_text())
-        changed = {k: (saved.get(k), settings.get(k)) for k in _RESUME_KEYS if saved.get(k) != settings.get(k)}
+        changed = {k: (saved.get(k), settings.get(k)) for k in RESUME_KEYS if saved.get(k) != settings.get(k)}
         if changed:
             raise ValueError(
                 f"{checkpoint} was trained with other settings {changed} (saved, now); "
@@ -483,30 +358,10 @@ def _local_rank() -> int:
 
 def train_ranker(
     data_dir: Union[str, os.PathLike],
-    summaries_store: SummarySource,
+    summaries: SummarySource,
     out_dir: Union[str, os.PathLike],
+    config: Optional[TrainConfig] = None,
     *,
-    model: Optional[str] = None,
-    image: bool = True,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.05,
-    lr: float = 2e-5,
-    projector_lr: Optional[float] = None,
-    epochs: int = 1,
-    max_steps: int = -1,
-    grad_accum: int = 8,
-    max_length: int = 512,
-    batch_size: int = 4,
-    seed: int = 42,
-    loss: str = "lm",
-    devices: int = 1,
-    strategy: Any = "auto",
-    accelerator: Optional[str] = None,
-    resume: bool = True,
-    validate: bool = True,
-    max_groups: Optional[int] = None,
-    checkpoint_every_n_steps: int = 50,
     progress: bool = True,
 ) -> Path:
     """Fine-tune the ranker with LoRA (answer-token loss) and save it under ``out_dir/model``.
@@ -516,47 +371,18 @@ def train_ranker(
     data_dir : path
         Output of ``prepare_dataset`` (``train/``, ``valid/``, ``items/``; ``events/`` when rows
         lack ``history_item_ids``).
-    summaries_store : path, DataFrame or callable
-        User summaries: see :func:`row_summaries`.
+    summaries : path, DataFrame or callable
+        User summaries: see :func:`merlin_mllm.summaries.rows.row_summaries`. With
+        ``strategy="ddp_spawn"`` it must be picklable.
     out_dir : path
         Run folder (see the module docstring); created when missing.
-    model : str, optional
-        ``None``/``"embedded"`` (SmolLM2 + EfficientNet-Lite0), or a Hugging Face id/folder
-        (text-only through this pipeline: pass ``image=False``).
-    image : bool
-        Show candidate images (embedded model). False: the text-only ablation.
-    lora_r, lora_alpha, lora_dropout : LoRA settings (paper: r=8).
-    lr : float
-        LoRA learning rate (paper: 2e-5).
-    projector_lr : float, optional
-        Learning rate of the image projector, which starts from random (default ``lr``).
-    epochs, max_steps : int
-        Stop after ``epochs`` epochs or ``max_steps`` optimizer steps (-1: no step limit).
-    grad_accum : int
-        Micro-batches per optimizer step.
-    max_length : int
-        Longest prompt in tokens; longer ones get a shorter user summary.
-    batch_size : int
-        Rows per micro-batch (per process).
-    seed : int
-        Seeds LoRA/projector initialisation, shuffling and the DDP shards.
-    loss : {"lm", "binary"}
-        ``lm``: full-vocabulary NLL of the answer token (the paper); ``binary``: CE over [No, Yes].
-    devices, strategy, accelerator :
-        Lightning settings. ``devices=2, strategy="ddp"`` (or ``"ddp_spawn"``) runs two
-        processes; on CPU they talk over gloo. ``accelerator`` defaults to CUDA when available.
-        With ``"ddp"`` Lightning starts the other processes by re-running the launching
-        script, so code after this call runs in every process (guard it with
-        ``os.environ.get("LOCAL_RANK", "0") == "0"``); ``"ddp_spawn"`` needs the script's
-        ``if __name__ == "__main__":`` guard and a picklable ``summaries_store``.
-    resume : bool
-        Continue from ``out_dir/checkpoints/last.ckpt`` when it exists (same settings required).
-    validate : bool
-        Compute the validation loss after each epoch when ``valid/`` exists.
-    max_groups : int, optional
-        Train on this many groups only (and validate on as many), chosen at random with ``seed``.
-    checkpoint_every_n_steps : int
-        Also save ``last.ckpt`` every this many optimizer steps (besides each epoch end).
+    config : TrainConfig, optional
+        The settings (default ``TrainConfig()``: the paper's LoRA recipe). Its saved fields go to
+        ``out_dir/train_config.json``; a resume (``config.resume``, the default) continues from
+        ``out_dir/checkpoints/last.ckpt`` and is refused when a resume field differs from the
+        saved one. With ``strategy="ddp"`` Lightning starts the other processes by re-running
+        the launching script, so code after this call runs in every process (guard it with
+        ``os.environ.get("LOCAL_RANK", "0") == "0"``).
     progress : bool
         Progress bars.
 
@@ -566,25 +392,20 @@ def train_ranker(
         ``out_dir/model``, loadable with ``RankerModel.from_pretrained``.
     """
     started = time.time()
+    config = config if config is not None else TrainConfig()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    accelerator = accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
-    settings = {
-        "model": model or EMBEDDED, "image": bool(image), "image_encoder": ENCODER_NAME if image else None,
-        "lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "lr": lr, "projector_lr": projector_lr, "epochs": epochs,
-        "max_steps": max_steps, "grad_accum": grad_accum, "max_length": max_length, "batch_size": batch_size,
-        "seed": seed, "loss": loss, "devices": devices, "strategy": str(strategy), "max_groups": max_groups,
-        "data_dir": str(data_dir.resolve()),
-    }
+    accelerator = config.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
+    settings = saved_settings(config, data_dir)
     is_launcher = _local_rank() == 0
     if is_launcher:
         out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = _check_resume(out_dir, settings, resume)
-    pl.seed_everything(seed, workers=True, verbose=False)
+    checkpoint = _check_resume(out_dir, settings, config.resume)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
 
     device = torch.device("cuda", _local_rank()) if accelerator == "gpu" else torch.device("cpu")
     ranker = RankerModel.build(
-        model or EMBEDDED, use_images=image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        loss=loss, seed=seed, device=device,
+        settings["model"], use_images=config.image, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
     )
     table = None
     if ranker.config.use_images and ranker.prompt.image_mode == "placeholder":
@@ -597,28 +418,26 @@ def train_ranker(
             "embedded model for images"
         )
 
-    train_rows = load_rows(data_dir, "train", summaries_store, max_groups=max_groups, seed=seed)
+    train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed)
     valid_rows = None
-    if validate and (data_dir / "valid").exists():
-        valid_rows = load_rows(data_dir, "valid", summaries_store, max_groups=max_groups, seed=seed)
-    train_data = tokenize_rows(train_rows, ranker, max_length=max_length, item_features=table)
-    valid_data = tokenize_rows(valid_rows, ranker, max_length=max_length, item_features=table) if valid_rows is not None else None
-    datamodule = RankerDataModule(train_data, valid_data, batch_size=batch_size, seed=seed)
+    if config.validate and (data_dir / "valid").exists():
+        valid_rows = load_rows(data_dir, "valid", summaries, max_groups=config.max_groups, seed=config.seed)
+    train_data = tokenize_rows(train_rows, ranker, max_length=config.max_length, item_features=table)
+    valid_data = (tokenize_rows(valid_rows, ranker, max_length=config.max_length, item_features=table)
+                  if valid_rows is not None else None)
+    datamodule = RankerDataModule(train_data, valid_data, batch_size=config.batch_size, seed=config.seed)
 
-    from merlin_mllm.ranker.block import RankerMerlinModel
-    from pytorch_lightning.loggers import CSVLogger
-
-    merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=lr, projector_lr=projector_lr)
+    merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=config.lr, projector_lr=config.projector_lr)
     if is_launcher:
         (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     record = TrainingRecord(out_dir)
     checkpointing = LastCheckpoint(
         dirpath=out_dir / CHECKPOINT_DIR, save_last=True, save_top_k=0,
-        every_n_train_steps=max(1, int(checkpoint_every_n_steps)),
+        every_n_train_steps=config.checkpoint_every_n_steps,
     )
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=_strategy(strategy, devices, accelerator),
-        max_epochs=epochs, max_steps=max_steps, accumulate_grad_batches=grad_accum,
+        accelerator=accelerator, devices=config.devices, strategy=_strategy(config.strategy, config.devices, accelerator),
+        max_epochs=config.epochs, max_steps=config.max_steps, accumulate_grad_batches=config.grad_accum,
         callbacks=[checkpointing, record], logger=CSVLogger(str(out_dir), name="logs"),
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, deterministic=False,

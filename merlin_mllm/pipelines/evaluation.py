@@ -21,7 +21,7 @@ its image projector only exists after training.
 
 Usage::
 
-    from merlin_mllm.ranker.evaluate import evaluate_ranker
+    from merlin_mllm.pipelines import evaluate_ranker
     result = evaluate_ranker("data/ml100k", "data/summaries", "runs/ranker/model", "runs/eval.json")
     result["auc"], result["hr@10"]
 """
@@ -37,17 +37,19 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
+from merlin_mllm.pipelines.training import load_rows
 from merlin_mllm.ranker.config import EMBEDDED
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import load_ranker
-from merlin_mllm.ranker.training import SummarySource, load_rows
+from merlin_mllm.summaries.rows import SummarySource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_ranker", "load_ranker", "plot_evaluation"]
+__all__ = ["evaluate_ranker", "plot_evaluation"]
 
 CURVE_MAX_K = 20
 _FLUSH_EVERY_GROUPS = 25
@@ -77,10 +79,8 @@ def _candidates(group: pd.DataFrame, ranker: RankerModel) -> List[Dict[str, Any]
 
 def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: str = "") -> Path:
     """Write a PNG: P(yes) histograms of positives vs negatives, and HR@K (K=1..20) vs chance."""
-    # The object API draws off-screen without touching pyplot's global backend (which would
-    # switch a notebook's inline plotting off).
-    from matplotlib.figure import Figure
-
+    # The object API (Figure, not pyplot) draws off-screen without touching pyplot's global
+    # backend (which would switch a notebook's inline plotting off).
     labels = scores["label"].to_numpy()
     values = scores["score"].to_numpy()
     curve = hit_rate_curve(labels, values, scores["group_id"].to_numpy(), max_k=CURVE_MAX_K)
@@ -118,7 +118,7 @@ def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: 
 
 def evaluate_ranker(
     data_dir: Union[str, os.PathLike],
-    store: SummarySource,
+    summaries: SummarySource,
     model_dir: Union[str, os.PathLike, None],
     out_json: Union[str, os.PathLike],
     *,
@@ -137,8 +137,8 @@ def evaluate_ranker(
     ----------
     data_dir : path
         Output of ``prepare_dataset``.
-    store : path, DataFrame or callable
-        User summaries (see :func:`merlin_mllm.ranker.training.row_summaries`).
+    summaries : path, DataFrame or callable
+        User summaries (see :func:`merlin_mllm.summaries.rows.row_summaries`).
     model_dir : path or str or None
         A trained ranker folder; with ``zero_shot=True`` also a base model id/folder or None.
     out_json : path
@@ -174,7 +174,7 @@ def evaluate_ranker(
     plot_path = Path(f"{stem}.png")
 
     ranker = load_ranker(model_dir, data_dir, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress)
-    rows = load_rows(data_dir, split, store, max_groups=max_groups, seed=seed)
+    rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed)
     fingerprint = _fingerprint(ranker, model_dir, data_dir, split, zero_shot, max_groups)
 
     done: Dict[int, np.ndarray] = {}
@@ -195,11 +195,11 @@ def evaluate_ranker(
     for group_id, group in tqdm(groups, desc=f"scoring {split}", unit="group", disable=not progress):
         if int(group_id) in done:
             continue
-        summaries = group["user_summary"].unique()
-        if len(summaries) != 1:
-            raise ValueError(f"group {group_id} has {len(summaries)} different user summaries; a group is one user")
+        texts = group["user_summary"].unique()
+        if len(texts) != 1:
+            raise ValueError(f"group {group_id} has {len(texts)} different user summaries; a group is one user")
         tick = time.perf_counter()
-        scores = ranker.score(str(summaries[0]), _candidates(group, ranker), batch_size=batch_size)
+        scores = ranker.score(str(texts[0]), _candidates(group, ranker), batch_size=batch_size)
         scoring_seconds += time.perf_counter() - tick
         scored_now += 1
         done[int(group_id)] = scores
