@@ -31,7 +31,7 @@ class ItemSummary(Operator):
     is treated as empty). When the id is selected, errors name the item and each summary is
     published in the store under the item id, where ``UserPreferenceSummary`` finds it.
 
-    Summaries are kept in a summary store (``store_dir``): a summary already there is reused,
+    Summaries are kept in a summary store (``summaries``): a summary already there is reused,
     never generated again, so re-running a workflow costs nothing, and new summaries are
     written batch by batch (a crash loses at most one batch). Images that are missing or cannot
     be decoded do not fail the job: such items are summarised from their text alone. A row with
@@ -54,15 +54,15 @@ class ItemSummary(Operator):
         from merlin_mllm.generation import GenerationSettings
 
         items = nvt.Dataset("data/ml-100k/items", engine="parquet")
-        summaries = ["item_id", "title", "description", "image_path"] >> ItemSummary(
-            store_dir="data/summaries", settings=GenerationSettings(max_new_tokens=80)
+        item_summaries = ["item_id", "title", "description", "image_path"] >> ItemSummary(
+            summaries="data/summaries", settings=GenerationSettings(max_new_tokens=80)
         )
-        workflow = nvt.Workflow(["item_id"] + summaries)
+        workflow = nvt.Workflow(["item_id"] + item_summaries)
         workflow.fit_transform(items).to_parquet("out/items")   # columns item_id, item_summary
 
     Parameters
     ----------
-    store_dir : str or path, optional
+    summaries : str or path, optional
         The summary store folder (shared with the user stage). ``None`` keeps no store: every
         transform generates every summary again.
     backend : {"textualizer", "mllm"}, default "textualizer"
@@ -91,7 +91,7 @@ class ItemSummary(Operator):
 
     def __init__(
         self,
-        store_dir: Optional[Union[str, os.PathLike]] = None,
+        summaries: Optional[Union[str, os.PathLike]] = None,
         *,
         backend: str = "textualizer",
         model: Optional[Union[str, os.PathLike]] = None,
@@ -121,7 +121,7 @@ class ItemSummary(Operator):
             )
         if backend == "mllm" and model is None:
             raise ValueError("ItemSummary(backend='mllm') needs model=<image-text-to-text model id or folder>")
-        self.store_dir = os.fspath(store_dir) if store_dir is not None else None
+        self.summaries = os.fspath(summaries) if summaries is not None else None
         self.backend = backend
         self.model = os.fspath(model) if model is not None else None
         self.mode = mode
@@ -152,7 +152,8 @@ class ItemSummary(Operator):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        # Workflows saved when the store attribute was named store_dir load too.
+        self.__dict__.update({"summaries" if key == "store_dir" else key: value for key, value in state.items()})
         self._init_runtime()
 
     def summarizer(self) -> ItemSummarizer:
@@ -161,7 +162,7 @@ class ItemSummary(Operator):
             if self._summarizer is None:
                 self._summarizer = ItemSummarizer(
                     backend=self.backend, model=self.model, mode=self.mode, settings=self.settings,
-                    on_empty=self.on_empty, store=self.store_dir, device=self.device,
+                    on_empty=self.on_empty, store=self.summaries, device=self.device,
                     image_root=self.image_root, progress=self.progress,
                 )
             return self._summarizer

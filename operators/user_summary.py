@@ -64,16 +64,16 @@ class UserPreferenceSummary(Operator):
         import nvtabular as nvt
         from merlin_mllm.operators import UserPreferenceSummary
 
-        summaries = ["user_id", "history_item_ids"] >> UserPreferenceSummary(
-            items="data/ml100k/items", store="data/summaries", block_size=3)
-        workflow = nvt.Workflow(summaries + ["item_id", "label"])
+        user_summaries = ["user_id", "history_item_ids"] >> UserPreferenceSummary(
+            items="data/ml100k/items", summaries="data/summaries", block_size=3)
+        workflow = nvt.Workflow(user_summaries + ["item_id", "label"])
         workflow.fit_transform(nvt.Dataset("data/ml100k/test")).to_parquet("out")
 
     Parameters
     ----------
     items : str, path or DataFrame
         The items table (a parquet file or folder, read once per process).
-    store : str or path
+    summaries : str or path
         The summary store folder, shared with the item stage and across runs.
     model : str or LoadedModel, optional
         An LLM id or local folder; default the embedded SmolLM2-135M-Instruct. A LoadedModel is
@@ -98,7 +98,7 @@ class UserPreferenceSummary(Operator):
     def __init__(
         self,
         items: Union[str, os.PathLike, pd.DataFrame],
-        store: Union[str, os.PathLike],
+        summaries: Union[str, os.PathLike],
         *,
         model=None,
         block_size: int = DEFAULT_BLOCK_SIZE,
@@ -111,7 +111,7 @@ class UserPreferenceSummary(Operator):
     ):
         super().__init__()
         self.items = items if isinstance(items, pd.DataFrame) else os.path.abspath(os.fspath(items))
-        self.store = os.path.abspath(os.fspath(store))
+        self.summaries = os.path.abspath(os.fspath(summaries))
         self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings or GenerationSettings())
         if isinstance(model, LoadedModel):
             get_model(model)  # register it in this process's cache; other processes load by id
@@ -129,8 +129,8 @@ class UserPreferenceSummary(Operator):
         return state
 
     def __setstate__(self, state):
-        # Workflows saved before output_col/history_col were renamed load too.
-        renamed = {"output_col": "output_column", "history_col": "history_column"}
+        # Workflows saved before output_col/history_col/store were renamed load too.
+        renamed = {"output_col": "output_column", "history_col": "history_column", "store": "summaries"}
         self.__dict__.update({renamed.get(key, key): value for key, value in state.items()})
 
     @annotate("UserPreferenceSummary_op", color="darkgreen", domain="nvt_python")
@@ -147,7 +147,7 @@ class UserPreferenceSummary(Operator):
         label = others[0] if others else "row"
         labels = [f"{label} {n}" for n in names]
 
-        store = open_store(self.store)
+        store = open_store(self.summaries)
         summarizer = UserSummarizer(store, read_items(self.items), self.config,
                                     progress=self.progress, on_unknown_item=self.on_unknown_item)
         report = SummaryReport(rows=len(histories), empty_histories=sum(1 for h in histories if not h))

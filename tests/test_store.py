@@ -18,10 +18,10 @@ from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import SummaryStore, UserState
 
 
-def _records(store_dir: Path):
+def _records(folder: Path):
     """Every complete summary line of every segment, as (key, text) pairs (duplicates kept)."""
     out = []
-    for seg in sorted((store_dir / "segments").glob("seg-*.jsonl")):
+    for seg in sorted((folder / "segments").glob("seg-*.jsonl")):
         for line in seg.read_bytes().split(b"\n"):
             if line.strip():
                 try:
