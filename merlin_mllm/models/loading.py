@@ -130,7 +130,7 @@ def load_processor(path: Union[str, Path], *, trust_remote_code: bool = False):
     Without torchvision, processors that also handle video (Qwen2-VL, Qwen2.5-VL, SmolVLM, ...)
     fail to load, because transformers' video processors all need torchvision. Images do not,
     so without torchvision such a processor is loaded without its video part
-    (see ``_processor_without_video``).
+    (see ``processor_without_video``).
     """
     import importlib.util
 
@@ -141,13 +141,13 @@ def load_processor(path: Union[str, Path], *, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         processor_cls = PROCESSOR_MAPPING.get(type(config), None)
         if processor_cls is not None and "video_processor" in processor_cls.get_attributes():
-            return _processor_without_video(processor_cls).from_pretrained(
+            return processor_without_video(processor_cls).from_pretrained(
                 str(path), trust_remote_code=trust_remote_code
             )
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def _processor_without_video(processor_cls):
+def processor_without_video(processor_cls):
     """A subclass of ``processor_cls`` with no ``video_processor``, for images and text only.
 
     transformers builds, checks and loads a processor's parts from the names returned by

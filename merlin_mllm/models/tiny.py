@@ -155,7 +155,7 @@ def _build_qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from merlin_mllm.models.loading import _processor_without_video
+    from merlin_mllm.models.loading import processor_without_video
 
     # The video token is needed even for image-only use: the processor looks its id up.
     tokenizer = _smollm2_tokenizer(
@@ -202,7 +202,7 @@ def _build_qwen2_vl():
         temporal_patch_size=2,
     )
     # Video processors need torchvision; the tiny models handle images and text only.
-    processor = _processor_without_video(Qwen2VLProcessor)(
+    processor = processor_without_video(Qwen2VLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
