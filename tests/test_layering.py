@@ -115,6 +115,17 @@ def test_the_layer_rules_of_the_issue():
                     f"{path.relative_to(REPO)}:{line}: {module} imports {target}"
 
 
+def test_no_private_names_cross_modules():
+    """``from merlin_mllm.x import _name`` is refused: a name another module needs is public."""
+    found = []
+    for module, path in source_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("merlin_mllm")):
+                found += [f"{path.relative_to(REPO)}:{node.lineno}: {alias.name}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert found == []
+
+
 def test_the_check_sees_an_upward_import(tmp_path):
     """The parser finds imports inside functions and relative ones."""
     path = tmp_path / "probe.py"
