@@ -12,7 +12,11 @@
     :mod:`~merlin_mllm.ranker.hf_backend` (Hugging Face MLLMs, mrope), chosen in
     :mod:`~merlin_mllm.ranker.backends`;
   * :mod:`~merlin_mllm.ranker.lora`: LoRA attachment and the merged-weights cache for scoring;
-  * :mod:`~merlin_mllm.ranker.scoring`: shared-prefix KV-cache scoring and the reference scorers;
+  * :mod:`~merlin_mllm.ranker.scoring`: shared-prefix KV-cache scoring, packed scoring and the
+    reference scorers;
+  * :mod:`~merlin_mllm.ranker.packing` (one user's prefix and candidates in one row, a block
+    attention mask), :mod:`~merlin_mllm.ranker.groups` (forward passes over such groups) and
+    :mod:`~merlin_mllm.ranker.losses` (``lm``, ``binary``, ``listwise``): groupwise training;
   * :mod:`~merlin_mllm.ranker.batches`: right padding and the answer-only labels.
 * :mod:`merlin_mllm.ranker.saved`: :func:`load_ranker` (a saved ranker with its item image table).
 * :mod:`merlin_mllm.ranker.block`: the Merlin block (``RankerBlock``, ``RankerMerlinModel``).
@@ -31,6 +35,8 @@ _EXPORTS = dict(
     **dict.fromkeys(["IGNORE_INDEX", "answer_only_labels", "batch_from_ragged", "pad_right"], "batches"),
     **dict.fromkeys(["Candidate", "EncodedPrompt", "PROMPT_VERSION", "RankerPrompt", "embedded_tokenizer"], "prompt"),
     **dict.fromkeys(["RankerModel", "RankerOutput"], "model"),
+    CandidateGroup="packing",
+    GroupOutput="groups",
     **dict.fromkeys(["load_ranker", "item_image_table"], "saved"),
     RankerConfig="config",
     ImageProjector="embedded_backend",

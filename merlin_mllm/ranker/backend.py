@@ -19,6 +19,10 @@ Instance:
     ``generate_inputs(batch)``,
     ``prefix_position_ids(length)``, ``candidate_inputs(prompts, prefix_len, image_inputs)``,
     ``scores_users_together``.
+Packed candidate groups (:mod:`merlin_mllm.ranker.packing`):
+    ``packing_limit()`` (why this family cannot pack, or None), ``supports_packing``,
+    ``attention_implementation``, ``packed_hidden_states(...)`` (over ``packed_model_inputs``),
+    ``answer_pair_logits(rows, answer_ids)``.
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ import inspect
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from merlin_mllm.images import is_missing
 from merlin_mllm.ranker.config import RankerConfig
 from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.packing import MASKABLE_ATTENTION, attention_mask_for
 from merlin_mllm.ranker.prompt import Candidate, EncodedPrompt, RankerPrompt
 
 __all__ = ["RankerBackend"]
@@ -78,7 +84,7 @@ class RankerBackend:
         self.prompt = RankerPrompt.create(
             prompt_processor, image_mode=image_mode, num_image_tokens=config.num_image_tokens,
             image_token=config.image_token, max_summary_tokens=config.max_summary_tokens,
-            max_title_tokens=config.max_title_tokens,
+            max_title_tokens=config.max_title_tokens, version=config.prompt_version,
         )
         self.item_features: Optional[ItemImageFeatures] = None
         #: The model without its lm_head (LoRA layers, once attached, are injected inside it).
@@ -153,3 +159,54 @@ class RankerBackend:
     def answer_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (B, V) for the gathered answer-position rows only."""
         return self.hf_model.get_output_embeddings()(hidden_rows).float()
+
+    def answer_pair_logits(self, hidden_rows: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 2) of the answer tokens only: two rows of lm_head instead of the vocabulary."""
+        head = self.hf_model.get_output_embeddings()
+        bias = None if getattr(head, "bias", None) is None else head.bias[answer_ids]
+        return F.linear(hidden_rows, head.weight[answer_ids], bias).float()
+
+    # ------------------------------------------------------------------ packed groups
+    @property
+    def attention_implementation(self) -> str:
+        """The language model's attention implementation (``config._attn_implementation``)."""
+        return str(self.hf_model.get_decoder().config._attn_implementation)
+
+    def packing_limit(self) -> Optional[str]:
+        """Why this model cannot run packed candidate groups (a block attention mask and
+        per-candidate positions in one row), or None when it can."""
+        if self.attention_implementation not in MASKABLE_ATTENTION:
+            return (f"attention implementation {self.attention_implementation!r} takes no custom 4-D mask "
+                    f"(packing needs one of {MASKABLE_ATTENTION})")
+        return None
+
+    @property
+    def supports_packing(self) -> bool:
+        """Whether candidate groups can run packed (else the shared-prefix KV path runs them)."""
+        return self.packing_limit() is None
+
+    def packed_model_inputs(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None
+                            ) -> Dict[str, Any]:
+        """The token inputs of a packed forward; ``image_features``: one grid per image block of
+        placeholders, in reading order (families with item image tables only)."""
+        if image_features is not None and len(image_features):
+            raise ValueError(f"the {self.name} backend takes no image grids in packed rows")
+        return self.model_inputs(input_ids)
+
+    def packed_hidden_states(self, input_ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor,
+                             image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last hidden states (G, L, H) of packed rows.
+
+        Parameters
+        ----------
+        input_ids, position_ids : tensors (G, L)
+        allowed : tensor (G, 1, L, L) bool
+            :func:`~merlin_mllm.ranker.packing.block_attention_mask`.
+        image_features : tensor (M, 49, D), optional
+            See :meth:`packed_model_inputs`.
+        """
+        inputs = self.packed_model_inputs(input_ids, image_features)
+        mask = attention_mask_for(allowed, self.attention_implementation,
+                                  self.hf_model.get_input_embeddings().weight.dtype)
+        outputs = self.inner(attention_mask=mask, position_ids=position_ids, use_cache=False, **inputs)
+        return outputs.last_hidden_state

@@ -20,7 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker.features import ItemImageFeatures
-from merlin_mllm.ranker.prompt import IMAGE_TOKEN, PROMPT_VERSION
+from merlin_mllm.ranker.losses import check_loss_name
+from merlin_mllm.ranker.prompt import IMAGE_TOKEN, PROMPT_VERSION, check_prompt_version
 
 __all__ = [
     "RankerConfig",
@@ -61,13 +62,19 @@ class RankerConfig:
     lora_init : str or bool
         peft ``init_lora_weights``: True (B=0, so step 0 equals the base model) or "gaussian"
         (the authors' code).
-    loss : {"lm", "binary"}
+    loss : {"lm", "binary", "listwise"}
         "lm": negative log-likelihood of the answer token over the whole vocabulary (the paper's
         objective, with the prompt masked). "binary": cross-entropy over [No, Yes] only.
+        "listwise": softmax over a user's group of candidates (groups only; see
+        :mod:`merlin_mllm.ranker.losses`).
     seed : int
         Seeds the projector and LoRA initialisation.
     max_summary_tokens, max_title_tokens : int
         Prompt token budgets for the user summary and the title.
+    prompt_version : str
+        The prompt layout (:data:`merlin_mllm.ranker.prompt.PROMPT_VERSIONS`): "1" (the default;
+        configs saved before versions were selectable hold it) or "2" (question first, for
+        packed groups).
     """
 
     base_model: str = EMBEDDED
@@ -130,8 +137,8 @@ class RankerConfig:
     def validate(self) -> None:
         """Refuse impossible settings (the backend name is checked where the backend is chosen,
         :func:`merlin_mllm.ranker.backends.backend_class`)."""
-        if self.loss not in ("lm", "binary"):
-            raise ValueError(f"loss must be 'lm' or 'binary', not {self.loss!r}")
+        check_loss_name(self.loss)
+        check_prompt_version(self.prompt_version)
         if not self.zero_shot and self.lora_r < 1:
             raise ValueError(f"lora_r must be at least 1, not {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

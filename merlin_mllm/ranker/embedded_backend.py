@@ -4,7 +4,9 @@ An item's picture is a 7x7 grid of image tokens (49 x 1290: EfficientNet feature
 cell's colour statistics), precomputed per item in an
 :class:`~merlin_mllm.ranker.features.ItemImageFeatures` table. A trainable 2-layer GELU MLP
 (:class:`ImageProjector`, 1290 -> 576 -> 576) maps them into SmolLM2's embedding space, where
-they replace the embeddings of the prompt's 49 ``<image>`` placeholder tokens.
+they replace the embeddings of the prompt's 49 ``<image>`` placeholder tokens. In a packed
+candidate group (:mod:`merlin_mllm.ranker.packing`) a row holds one such block per candidate
+with an image; the grids fill them in reading order.
 """
 from __future__ import annotations
 
@@ -146,13 +148,7 @@ class EmbeddedBackend(RankerBackend):
         per_row = placeholder.sum(dim=1)
         image_rows = per_row > 0
         if not bool(image_rows.any()):
-            if self.projector.training and torch.is_grad_enabled() and self.projector.linear_1.weight.requires_grad:
-                # A batch without pictures would leave the projector out of the autograd graph,
-                # and DistributedDataParallel then fails ("parameters that did not receive
-                # gradients"). An empty projection joins the graph with zero gradients.
-                empty = self.projector(embeds.new_zeros((0, self.config.vision_feature_dim), dtype=torch.float32))
-                embeds = embeds + empty.sum().to(embeds.dtype)
-            return embeds
+            return self._join_projector_graph(embeds)
         expected = self.config.num_image_tokens
         wrong = image_rows & (per_row != expected)
         if bool(wrong.any()):
@@ -176,8 +172,49 @@ class EmbeddedBackend(RankerBackend):
                 )
         elif image_features.shape[0] != int(image_rows.sum()):
             raise ValueError(f"{image_features.shape[0]} image grids for {int(image_rows.sum())} rows with images")
-        projected = self.projector(image_features.to(self.device, self.projector.linear_1.weight.dtype))
+        return self._scatter_projected(embeds, placeholder, image_features)
+
+    def _join_projector_graph(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self.projector.training and torch.is_grad_enabled() and self.projector.linear_1.weight.requires_grad:
+            # A batch without pictures would leave the projector out of the autograd graph,
+            # and DistributedDataParallel then fails ("parameters that did not receive
+            # gradients"). An empty projection joins the graph with zero gradients.
+            empty = self.projector(embeds.new_zeros((0, self.config.vision_feature_dim), dtype=torch.float32))
+            embeds = embeds + empty.sum().to(embeds.dtype)
+        return embeds
+
+    def _scatter_projected(self, embeds: torch.Tensor, placeholder: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """``embeds`` with the projected ``grids`` at the placeholder positions, in reading order."""
+        projected = self.projector(grids.to(self.device, self.projector.linear_1.weight.dtype))
         return embeds.masked_scatter(placeholder.unsqueeze(-1), projected.to(embeds.dtype))
+
+    def item_grids(self, item_ids: Sequence[Optional[int]]) -> torch.Tensor:
+        """The image grids (M, 49, D) of ``item_ids`` from the item image table; every item must have one."""
+        if self.item_features is None:
+            raise ValueError("no item image table attached (RankerModel.set_item_features)")
+        if any(item is None for item in item_ids):
+            raise ValueError("a candidate shows an image but has no item id (pass its grid instead)")
+        grids, has = self.item_features.lookup(torch.as_tensor([int(i) for i in item_ids], dtype=torch.long))
+        if not bool(has.all()):
+            missing = [int(i) for i, shown in zip(item_ids, has.tolist()) if not shown]
+            raise ValueError(f"item {missing[0]} shows an image but has none in the item image table")
+        return grids
+
+    def packed_model_inputs(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None
+                            ) -> Dict[str, Any]:
+        embeds = self.hf_model.get_input_embeddings()(input_ids)
+        if self.projector is None:
+            if image_features is not None and len(image_features):
+                raise ValueError("image grids given, but this ranker is text-only (use_images=False)")
+            return {"inputs_embeds": embeds}
+        placeholder = input_ids == self.prompt.image_token_id
+        blocks = 0 if image_features is None else int(image_features.shape[0])
+        if int(placeholder.sum()) != blocks * self.config.num_image_tokens:
+            raise ValueError(f"{int(placeholder.sum())} image placeholder tokens in the packed rows for {blocks} "
+                             f"image grids of {self.config.num_image_tokens}")
+        if not blocks:
+            return {"inputs_embeds": self._join_projector_graph(embeds)}
+        return {"inputs_embeds": self._scatter_projected(embeds, placeholder, image_features)}
 
     def model_inputs(self, input_ids: torch.Tensor, *, item_ids=None, image_features=None,
                      image_inputs=None) -> Dict[str, Any]:

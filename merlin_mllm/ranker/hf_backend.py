@@ -6,7 +6,9 @@ the forward pass as its pixel tensors (``pixel_values``, ``image_sizes``, ``imag
 
 Qwen-style models number positions in 3-D (mrope: time, height, width), image tokens by their
 grid cell; all of that is handled here: prompts are positioned over prefix + candidate with the
-model's ``get_rope_index`` and sliced, and such models score one user per forward pass.
+model's ``get_rope_index`` and sliced, and such models score one user per forward pass. For the
+same reason they cannot run packed candidate groups (``packing_limit``), nor can prompts whose
+images travel as processor tensors: their groups take the shared-prefix KV path.
 """
 from __future__ import annotations
 
@@ -80,6 +82,14 @@ class HFBackend(RankerBackend):
             if key not in ("input_ids", "attention_mask", "labels"):
                 inputs[key] = value.to(self.device) if hasattr(value, "to") else value
         return inputs
+
+    def packing_limit(self) -> Optional[str]:
+        if self.mrope:
+            return ("3-D rotary positions (mrope) number each prompt's tokens from its own start, so a "
+                    "packed candidate cannot continue from the prefix")
+        if self.prompt.image_mode == "processor":
+            return "the processor's image tensors are laid out per prompt, not per packed candidate"
+        return super().packing_limit()
 
     # ------------------------------------------------------------------ positions
     def prefix_position_ids(self, length: int) -> Optional[torch.Tensor]:

@@ -22,7 +22,7 @@ Public API (stable; the Merlin block, training and evaluation build on it)
 -------------------------------------------------------------------------
 ``RankerModel.build(base_model="embedded", *, use_images=True, zero_shot=False, lora_r=8,
 lora_alpha=16, lora_dropout=0.05, loss="lm", seed=0, max_summary_tokens=384,
-max_title_tokens=64, item_features=None, device=None, dtype=None) -> RankerModel``
+max_title_tokens=64, prompt_version="1", item_features=None, device=None, dtype=None) -> RankerModel``
     A fresh model (seeded projector and LoRA init).
 ``RankerModel.from_pretrained(path, *, item_features=None, device=None, dtype=None,
 is_trainable=False) -> RankerModel`` / ``ranker.save_pretrained(path)``
@@ -45,6 +45,16 @@ is_trainable=False) -> RankerModel`` / ``ranker.save_pretrained(path)``
     shared by the candidates, batched.
 ``ranker.score_token_ids(prompt_ids, item_ids=None, batch_size=32) -> np.ndarray``
     The same from token ids (one user's candidates), as a Merlin pipeline delivers them.
+``ranker.make_group(summary, candidates, labels=None) -> CandidateGroup``
+    One user's candidates as a group: the shared prompt prefix and each candidate's own part
+    (:mod:`~merlin_mllm.ranker.packing`); ``CandidateGroup.from_prompts`` makes one from token ids.
+``ranker.forward_groups(groups, *, loss=None, path=None) -> GroupOutput``
+    Groupwise training/batch forward: each group's prefix and all its candidates in one packed
+    row with a block attention mask (or, for families that cannot pack, the prefix's KV cache
+    expanded over the candidates). ``GroupOutput(logits=(N, 2), group_index=(N,), labels, loss,
+    probs)``; losses ``"lm"``, ``"binary"``, ``"listwise"`` (:mod:`~merlin_mllm.ranker.losses`).
+``ranker.score_packed(user_summary, candidates, batch_size=32) -> np.ndarray``
+    P(yes) from packed rows instead of the shared KV cache (same scores up to rounding).
 ``ranker.score_independent(...)`` / ``ranker.score_generate(...)``
     Reference scorers: one full forward per candidate; ``generate()`` per candidate (the
     authors' way). For tests and benchmarks.
@@ -70,6 +80,8 @@ Composition
   the model family (loading, image inputs, positions);
 * :mod:`~merlin_mllm.ranker.lora`: attaching LoRA and the merged-weights cache for scoring;
 * :mod:`~merlin_mllm.ranker.scoring`: the scorers behind ``score*``;
+* :mod:`~merlin_mllm.ranker.packing`, :mod:`~merlin_mllm.ranker.groups`,
+  :mod:`~merlin_mllm.ranker.losses`: candidate groups, their forward passes and losses;
 * :mod:`~merlin_mllm.ranker.batches`: padding and the answer-only labels.
 
 Usage::
@@ -94,20 +106,22 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from merlin_mllm.models.loading import default_device, default_dtype
-from merlin_mllm.ranker import scoring
+from merlin_mllm.ranker import groups, scoring
 from merlin_mllm.ranker.backend import RankerBackend
 from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
 from merlin_mllm.ranker.batches import IGNORE_INDEX, answer_only_labels, answer_positions, batch_from_ragged, pad_right
 from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, EMBEDDED, PROJECTOR_FILE, RankerConfig
 from merlin_mllm.ranker.embedded_backend import ImageProjector
 from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.groups import GroupOutput
 from merlin_mllm.ranker.lora import LoraMergeCache, attach_lora
-from merlin_mllm.ranker.prompt import PROMPT_VERSION, Candidate, RankerPrompt
+from merlin_mllm.ranker.packing import CandidateGroup
+from merlin_mllm.ranker.losses import binary_loss, check_labels, lm_loss
+from merlin_mllm.ranker.prompt import PROMPT_VERSION, Candidate, RankerPrompt, check_prompt_version
 
 __all__ = [
     "RankerConfig",
@@ -213,6 +227,7 @@ class RankerModel(nn.Module):
         seed: int = 0,
         max_summary_tokens: int = 384,
         max_title_tokens: int = 64,
+        prompt_version: str = PROMPT_VERSION,
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
@@ -230,7 +245,7 @@ class RankerModel(nn.Module):
             No LoRA and nothing trainable: the base model as is. (For the embedded backend, the
             projector is then an untrained random map: use ``use_images=False`` for a fair
             zero-shot baseline.)
-        lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens :
+        lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens, prompt_version :
             See :class:`RankerConfig`.
         item_features : ItemImageFeatures, optional
             The embedded backend's item image table (can be set later).
@@ -247,6 +262,7 @@ class RankerModel(nn.Module):
             use_images=use_images, zero_shot=zero_shot, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_init=lora_init, loss=loss, seed=seed,
             max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
+            prompt_version=prompt_version,
         )
         return cls._assemble(config, device=device, dtype=dtype, item_features=item_features)
 
@@ -305,11 +321,11 @@ class RankerModel(nn.Module):
         path = Path(path)
         config_file = path / CONFIG_FILE
         config = RankerConfig.read(path)
-        if config.prompt_version != PROMPT_VERSION:
-            raise ValueError(
-                f"{config_file}: trained with prompt version {config.prompt_version}, but this "
-                f"merlin-mllm writes prompt version {PROMPT_VERSION}; scores would not be comparable"
-            )
+        try:
+            check_prompt_version(config.prompt_version)
+        except ValueError as exc:
+            raise ValueError(f"{config_file}: trained with a prompt this merlin-mllm cannot render ({exc}); "
+                             "scores would not be comparable") from exc
         adapter_dir = projector_file = None
         if not config.zero_shot:
             adapter_dir = path / ADAPTER_DIR
@@ -499,15 +515,12 @@ class RankerModel(nn.Module):
         ``loss="lm"``: NLL of the answer token over the whole vocabulary (equal to the HF
         causal-LM loss with :func:`answer_only_labels`). ``loss="binary"``: CE over [No, Yes].
         """
-        labels = torch.as_tensor(labels, device=output.logits.device).reshape(-1)
-        if labels.numel() != output.logits.shape[0]:
-            raise ValueError(f"{labels.numel()} labels for a batch of {output.logits.shape[0]}")
-        if bool(((labels != 0) & (labels != 1)).any()):
-            raise ValueError(f"labels must be 0 or 1, got {sorted(set(labels.tolist()))}")
-        targets = labels.long()
+        labels = check_labels(labels, output.logits.shape[0], output.logits.device)
+        if self.config.loss == "listwise":
+            raise ValueError("the 'listwise' loss needs groups of one user's candidates: use forward_groups")
         if self.config.loss == "binary" or output.vocab_logits is None:
-            return F.cross_entropy(output.logits.float(), targets)
-        return F.cross_entropy(output.vocab_logits.float(), self._answer_ids[targets])
+            return binary_loss(output.logits, labels)
+        return lm_loss(output.vocab_logits, labels, self._answer_ids)
 
     def answer_ids_for(self, labels: torch.Tensor) -> torch.Tensor:
         """The answer token id per label (1 -> "Yes", 0 -> "No")."""
@@ -613,6 +626,56 @@ class RankerModel(nn.Module):
         list of np.ndarray (float64), one per user, in input order.
         """
         return scoring.score_users_token_ids(self, users, batch_size=batch_size)
+
+    def score_packed(self, user_summary: str, candidates: Sequence[Any], *, batch_size: int = 32) -> np.ndarray:
+        """P(yes) for each candidate of one user from packed rows: the user prefix and up to
+        ``batch_size`` candidates per row, with a block attention mask (no KV cache).
+
+        Families that cannot pack (``backend.supports_packing``) run the shared-prefix path, with
+        one log line. The scores equal :meth:`score`'s up to float rounding.
+        """
+        return scoring.score_packed(self, user_summary, candidates, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ candidate groups (merlin_mllm.ranker.groups)
+    def make_group(self, summary: str, candidates: Sequence[Any],
+                   labels: Optional[Sequence[int]] = None) -> CandidateGroup:
+        """One user's :class:`~merlin_mllm.ranker.packing.CandidateGroup` from text, split where
+        this ranker's prompt shares its prefix (with prompt version 2, after the question).
+
+        Parameters
+        ----------
+        summary : str
+        candidates : list of Candidate, str or dict
+            E.g. the positive, then its negatives.
+        labels : list of int, optional
+            1 = positive, 0 = negative.
+        """
+        return groups.make_group(self, summary, candidates, labels)
+
+    def forward_groups(self, candidate_groups: Sequence[CandidateGroup], *, loss: Optional[str] = None,
+                       path: Optional[str] = None) -> GroupOutput:
+        """Answer logits of every candidate of every group, and the loss when all groups have labels.
+
+        Groups run packed (one row per group, a block attention mask, every candidate's
+        positions continuing from its prefix) when the backend can, else the prefix's KV cache
+        is expanded over the group's candidates (see :mod:`merlin_mllm.ranker.groups`). With
+        gradients on, this is a training step's forward.
+
+        Parameters
+        ----------
+        candidate_groups : list of CandidateGroup
+            From :meth:`make_group` or ``CandidateGroup.from_prompts`` (token ids).
+        loss : {"lm", "binary", "listwise"}, optional
+            Default ``config.loss`` (see :mod:`merlin_mllm.ranker.losses`).
+        path : {"packed", "expanded"}, optional
+            Force a path (benchmarks, tests); default packed where supported.
+
+        Returns
+        -------
+        GroupOutput
+            ``logits`` (N, 2), ``group_index`` (N,), ``labels``, ``loss``, ``probs``.
+        """
+        return groups.forward_groups(self, candidate_groups, loss=loss, path=path)
 
     def score_independent(self, user_summary: str, candidates: Sequence[Any]) -> np.ndarray:
         """Reference scores: one full forward per candidate (no cache, no padding, batch of 1),

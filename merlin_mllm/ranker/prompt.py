@@ -12,6 +12,24 @@ Every candidate of a user is asked about in the same words, and the user's part 
 so all candidates of one user share the system message and the summary as a *token* prefix.
 The scorer computes that prefix once and reuses its KV cache for every candidate.
 
+Prompt versions (``RankerConfig.prompt_version``; a trained adapter is tied to the one it saw):
+
+``"1"`` (:data:`PROMPT_VERSION`, the default)
+    The layout above: the question follows the candidate, so every candidate repeats it.
+``"2"`` (question first, for packed groups)
+    The question moves into the shared part, before the candidate::
+
+        <user>    What we know about the user: {summary}
+                  Will the user interact with the candidate item below next? Answer only Yes or No.
+                  Candidate item: {title}
+                  Image of the candidate: <image tokens>
+        <assistant>
+
+    so a candidate's own part is little more than its title (and image tokens) and the chat
+    template's closing, about 12 tokens instead of about 38 for a text-only SmolLM2 prompt.
+    That is what makes packing one user's candidates into one sequence cheap
+    (:mod:`merlin_mllm.ranker.packing`).
+
 The prompt is rendered with the model's own chat template. Summaries and titles are untrusted
 (titles come from catalogues; summaries are generated from them), so they are escaped with
 :func:`merlin_mllm.text.escape_untrusted`: a title cannot close the user turn or smuggle in image
@@ -60,17 +78,23 @@ from merlin_mllm.text import escape_untrusted
 
 __all__ = [
     "PROMPT_VERSION",
+    "PROMPT_VERSIONS",
     "IMAGE_TOKEN",
     "Candidate",
     "EncodedPrompt",
     "PromptBatch",
     "RankerPrompt",
     "embedded_tokenizer",
+    "check_prompt_version",
     "common_prefix_length",
+    "shared_prefix_length",
 ]
 
-#: Bump when the wording or layout changes: a trained adapter is tied to the prompt it saw.
+#: The default prompt version. Bump when the wording or layout changes: a trained adapter is
+#: tied to the prompt it saw.
 PROMPT_VERSION = "1"
+#: Every prompt version this code renders: version -> its layout (see the module docstring).
+PROMPT_VERSIONS = {"1": "candidate, then question", "2": "question, then candidate"}
 #: The image placeholder token of the embedded model.
 IMAGE_TOKEN = "<image>"
 IMAGE_MODES = ("placeholder", "processor", "none")
@@ -83,6 +107,8 @@ USER_HEADER = "What we know about the user: "
 CANDIDATE_HEADER = "\n\nCandidate item: "
 IMAGE_HEADER = "\nImage of the candidate: "
 QUESTION = "\n\nWill the user interact with this item next? Answer only Yes or No."
+#: Version 2 asks first, in the shared part; the candidate header then ends the shared part.
+QUESTION_FIRST = "\n\nWill the user interact with the candidate item below next? Answer only Yes or No."
 ANSWERS = ("No", "Yes")  # index 1 is the positive class, as in softmax([no, yes])[1]
 
 
@@ -154,6 +180,15 @@ class PromptBatch:
     image_inputs: Dict[str, Any] = field(default_factory=dict)
 
 
+def check_prompt_version(version: Any) -> str:
+    """``version`` as a string, when this code renders it; else a ValueError naming the known ones."""
+    version = str(version)
+    if version not in PROMPT_VERSIONS:
+        known = ", ".join(f"{v!r} ({layout})" for v, layout in PROMPT_VERSIONS.items())
+        raise ValueError(f"unknown prompt version {version!r}; this merlin-mllm renders {known}")
+    return version
+
+
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token-id sequences."""
     n = min(len(a), len(b))
@@ -161,6 +196,20 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def shared_prefix_length(prompts: Sequence[EncodedPrompt], image_token_id: Optional[int]) -> int:
+    """Tokens shared by all prompts, leaving each at least its last token to compute."""
+    first = prompts[0].input_ids
+    length = len(first) - 1
+    for prompt in prompts:
+        length = min(length, common_prefix_length(first, prompt.input_ids), len(prompt.input_ids) - 1)
+    if image_token_id is not None:
+        # Image tokens must be computed with their features, never read from a shared prefix.
+        for index, token in enumerate(first[:length]):
+            if token == image_token_id:
+                return index
+    return max(length, 0)
 
 
 @lru_cache(maxsize=1)
@@ -213,6 +262,8 @@ class RankerPrompt:
         The system message; ``None`` leaves it out (for templates that reject a system turn).
     max_summary_tokens, max_title_tokens : int
         Token budgets: longer summaries/titles are cut (keeping their start) before escaping.
+    version : str
+        The prompt version (a key of :data:`PROMPT_VERSIONS`; default :data:`PROMPT_VERSION`).
 
     Examples
     --------
@@ -232,9 +283,11 @@ class RankerPrompt:
         system: Optional[str] = DEFAULT_SYSTEM,
         max_summary_tokens: int = 384,
         max_title_tokens: int = 64,
+        version: str = PROMPT_VERSION,
     ):
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, not {image_mode!r}")
+        self.version = check_prompt_version(version)
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_mode = image_mode
@@ -288,6 +341,7 @@ class RankerPrompt:
         max_summary_tokens: int = 384,
         max_title_tokens: int = 64,
         num_image_tokens: int = 49,
+        version: str = PROMPT_VERSION,
     ) -> "RankerPrompt":
         """The prompt of a ranker built on ``base_model``, without loading any weights.
 
@@ -301,12 +355,14 @@ class RankerPrompt:
             ``"embedded"``, or an HF hub id / local folder.
         use_images : bool
             False: text-only prompts.
+        version : str
+            The prompt version (``RankerConfig.prompt_version``).
         """
         # Lazy: models.loading imports torch.
         from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, load_processor, model_kind
 
         options = dict(max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
-                       num_image_tokens=num_image_tokens)
+                       num_image_tokens=num_image_tokens, version=version)
         if base_model in EMBEDDED_LLM_ALIASES:
             return cls.create(embedded_tokenizer(), image_mode="placeholder" if use_images else "none", **options)
         from transformers import AutoConfig, AutoTokenizer
@@ -339,8 +395,12 @@ class RankerPrompt:
         return escape_untrusted(self._truncate(text, self.max_title_tokens), self.tokenizer)
 
     def _messages(self, summary: str, title: str, with_image: bool) -> List[dict]:
-        user_part = USER_HEADER + summary + self._split_marker
-        candidate_part = CANDIDATE_HEADER + title
+        if self.version == "1":
+            user_part = USER_HEADER + summary + self._split_marker
+            candidate_part, question = CANDIDATE_HEADER + title, QUESTION
+        else:  # "2": the question and the candidate header are shared; the title comes last
+            user_part = USER_HEADER + summary + QUESTION_FIRST + CANDIDATE_HEADER + self._split_marker
+            candidate_part, question = title, ""
         messages = []
         if self._list_content:
             if self.system is not None:
@@ -349,14 +409,15 @@ class RankerPrompt:
             if with_image:
                 content[0]["text"] += IMAGE_HEADER
                 content.append({"type": "image"})
-            content.append({"type": "text", "text": QUESTION})
+            if question:
+                content.append({"type": "text", "text": question})
             messages.append({"role": "user", "content": content})
         else:
             if self.system is not None:
                 messages.append({"role": "system", "content": self.system})
             if with_image:
                 candidate_part += IMAGE_HEADER + self.image_token * self.num_image_tokens
-            messages.append({"role": "user", "content": user_part + candidate_part + QUESTION})
+            messages.append({"role": "user", "content": user_part + candidate_part + question})
         return messages
 
     def render(self, summary: Any, title: Any, has_image: bool = False) -> Tuple[str, str]:

@@ -4,6 +4,10 @@
   All candidates of a user share the prompt's user part (system message + summary) as a token
   prefix; it runs once, and its KV cache is reused by every batch of candidates, so only the
   candidates' own tokens (title, image tokens, question) are computed.
+* :func:`score_packed`, :func:`score_packed_token_ids`: one user's prefix and candidates packed
+  into one row with a block attention mask (:mod:`merlin_mllm.ranker.packing`); families that
+  cannot pack run the shared-prefix path instead (logged). Not the default: see
+  ``benchmarks/training.json`` for how it compares.
 * :func:`score_independent`: the reference, one full forward per candidate with LoRA unmerged.
 * :func:`score_generate`: the authors' way, ``generate()`` per candidate.
 
@@ -19,13 +23,15 @@ import numpy as np
 import torch
 
 from merlin_mllm.ranker.batches import chunks, pad_right
-from merlin_mllm.ranker.prompt import EncodedPrompt, common_prefix_length
+from merlin_mllm.ranker.groups import candidate_hidden, forward_groups, last_rows, make_group
+from merlin_mllm.ranker.packing import CandidateGroup
+from merlin_mllm.ranker.prompt import EncodedPrompt, shared_prefix_length
 
 if TYPE_CHECKING:  # for annotations only: the model module imports this one
     from merlin_mllm.ranker.model import RankerModel
 
-__all__ = ["score", "score_token_ids", "score_users_token_ids", "score_independent", "score_generate",
-           "prefix_length"]
+__all__ = ["score", "score_token_ids", "score_users_token_ids", "score_packed", "score_packed_token_ids",
+           "score_independent", "score_generate"]
 
 #: Per distinct prefix (its token ids): per layer (keys, values) of batch size 1.
 PrefixCaches = Dict[Tuple[int, ...], Any]
@@ -43,7 +49,7 @@ def score(ranker: "RankerModel", user_summary: str, candidates: Sequence[Any], *
         prompts, grids, image_inputs = ranker.encode([user_summary] * len(chunk), chunk)
         # The user part (system + summary) is the same for every batch of this user, so its
         # cache is computed once; the tokenizer-level split was made by RankerPrompt.
-        prefix_len = min(prefix_length(prompts, ranker.image_token_id), min(p.prefix_len for p in prompts))
+        prefix_len = min(shared_prefix_length(prompts, ranker.image_token_id), min(p.prefix_len for p in prompts))
         scores[start:start + len(chunk)] = _score_shared_prefix(
             ranker, prompts, prefix_len, grids, image_inputs, prefix_caches)
     return scores
@@ -60,7 +66,7 @@ def score_token_ids(ranker: "RankerModel", prompt_ids: Sequence[Sequence[int]],
     if not prompts:
         return scores
     # Found once over all candidates, so every batch reuses the same prefix cache.
-    prefix_len = prefix_length(prompts, ranker.image_token_id)
+    prefix_len = shared_prefix_length(prompts, ranker.image_token_id)
     caches: PrefixCaches = {}
     for start, chunk in chunks(prompts, batch_size):
         chunk_items = None if item_ids is None else list(item_ids[start:start + len(chunk)])
@@ -83,7 +89,7 @@ def score_users_token_ids(ranker: "RankerModel",
         encoded = [EncodedPrompt([int(t) for t in p], 0, False) for p in prompt_ids]
         if item_ids is not None and len(item_ids) != len(encoded):
             raise ValueError(f"user {user}: {len(item_ids)} item ids for {len(encoded)} prompts")
-        length = prefix_length(encoded, ranker.image_token_id) if encoded else 0
+        length = shared_prefix_length(encoded, ranker.image_token_id) if encoded else 0
         with ranker.merged_lora():
             layers = _prefix_cache(ranker, encoded[0].input_ids[:length], caches) if length > 0 else None
         prefixes.append((length, layers))
@@ -98,6 +104,38 @@ def score_users_token_ids(ranker: "RankerModel",
         out.append(scores[offset:offset + len(prompt_ids)])
         offset += len(prompt_ids)
     return out
+
+
+@torch.inference_mode()
+def score_packed(ranker: "RankerModel", user_summary: str, candidates: Sequence[Any], *,
+                 batch_size: int = 32) -> np.ndarray:
+    """P(yes) for each candidate of one user from packed rows (see :meth:`RankerModel.score_packed`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    candidates = list(candidates)
+    if not candidates:
+        return np.zeros(0, dtype=np.float64)
+    groups = [make_group(ranker, user_summary, chunk) for _, chunk in chunks(candidates, batch_size)]
+    return forward_groups(ranker, groups, path="packed").probs.double().cpu().numpy()
+
+
+@torch.inference_mode()
+def score_packed_token_ids(ranker: "RankerModel", prompt_ids: Sequence[Sequence[int]],
+                           item_ids: Optional[Sequence[int]] = None, *, batch_size: int = 32) -> np.ndarray:
+    """:func:`score_packed` from one user's full prompt token ids (as :func:`score_token_ids` takes them)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    prompts = [EncodedPrompt(list(map(int, ids)), 0, False) for ids in prompt_ids]
+    if item_ids is not None and len(item_ids) != len(prompts):
+        raise ValueError(f"{len(item_ids)} item ids for {len(prompts)} prompts")
+    if not prompts:
+        return np.zeros(0, dtype=np.float64)
+    groups = [
+        CandidateGroup.from_prompts(chunk, ranker.image_token_id,
+                                    item_ids=None if item_ids is None else list(item_ids[start:start + len(chunk)]))
+        for start, chunk in chunks(prompts, batch_size)
+    ]
+    return forward_groups(ranker, groups, path="packed").probs.double().cpu().numpy()
 
 
 @torch.inference_mode()
@@ -138,20 +176,6 @@ def score_generate(ranker: "RankerModel", user_summary: str, candidates: Sequenc
     return np.asarray(scores, dtype=np.float64), new_tokens
 
 
-def prefix_length(prompts: Sequence[EncodedPrompt], image_token_id: Optional[int]) -> int:
-    """Tokens shared by all prompts, leaving each at least its last token to compute."""
-    first = prompts[0].input_ids
-    length = len(first) - 1
-    for prompt in prompts:
-        length = min(length, common_prefix_length(first, prompt.input_ids), len(prompt.input_ids) - 1)
-    if image_token_id is not None:
-        # Image tokens must be computed with their features, never read from a prefix cache.
-        for index, token in enumerate(first[:length]):
-            if token == image_token_id:
-                return index
-    return max(length, 0)
-
-
 def _prefix_cache(ranker: "RankerModel", prefix_ids: List[int], caches: PrefixCaches):
     """Per-layer (keys, values) of the shared prefix, computed once per distinct prefix."""
     key = tuple(prefix_ids)
@@ -166,9 +190,7 @@ def _prefix_cache(ranker: "RankerModel", prefix_ids: List[int], caches: PrefixCa
 
 def _answer_probs(ranker: "RankerModel", hidden: torch.Tensor, cand_mask: torch.Tensor) -> np.ndarray:
     """P(yes) from the hidden states at each row's last candidate token."""
-    positions = cand_mask.sum(dim=1) - 1
-    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-    logits = ranker.backend.answer_logits(rows)[:, ranker.answer_token_ids]
+    logits = ranker.backend.answer_logits(last_rows(hidden, cand_mask))[:, ranker.answer_token_ids]
     return torch.softmax(logits, dim=-1)[:, 1].double().cpu().numpy()
 
 
@@ -179,10 +201,6 @@ def _score_shared_prefix(ranker: "RankerModel", prompts: List[EncodedPrompt], pr
     from transformers import DynamicCache
 
     with ranker.merged_lora():
-        count = len(prompts)
-        device = ranker.device
-        cand_ids, cand_mask = pad_right([p.input_ids[prefix_len:] for p in prompts], ranker.pad_token_id, device)
-        pixel_inputs, position_ids = ranker.backend.candidate_inputs(prompts, prefix_len, image_inputs)
         past = None
         if prefix_len > 0:
             layers = _prefix_cache(ranker, prompts[0].input_ids[:prefix_len], caches)
@@ -190,14 +208,9 @@ def _score_shared_prefix(ranker: "RankerModel", prompts: List[EncodedPrompt], pr
             # place, and batch_repeat_interleave replaces its tensors; the stored prefix
             # tensors themselves are never modified.
             past = DynamicCache(ddp_cache_data=layers, config=ranker.hf_model.config)
-            past.batch_repeat_interleave(count)
-        # The mask spans prefix + candidate columns; without the prefix part, the candidate
-        # tokens would not attend to the cached prefix correctly.
-        full_mask = torch.cat([torch.ones((count, prefix_len), dtype=torch.long, device=device), cand_mask], dim=1)
-        hidden, _ = ranker.backend.hidden_states(
-            cand_ids, full_mask, item_ids=item_ids, image_features=grids, image_inputs=pixel_inputs,
-            past_key_values=past, position_ids=position_ids, use_cache=past is not None,
-        )
+            past.batch_repeat_interleave(len(prompts))
+        hidden, cand_mask = candidate_hidden(ranker, prompts, prefix_len, past, grids=grids,
+                                             image_inputs=image_inputs, item_ids=item_ids)
         return _answer_probs(ranker, hidden, cand_mask)
 
 
