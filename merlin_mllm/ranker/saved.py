@@ -27,7 +27,7 @@ from merlin_mllm.ranker.model import RankerModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_ranker", "item_image_table"]
+__all__ = ["load_ranker", "item_image_table", "trained_model_dir"]
 
 
 def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
@@ -105,3 +105,17 @@ def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.Path
 
 def _catalogue_item_ids(data_dir) -> np.ndarray:
     return read_table(Path(data_dir) / "items")["item_id"].to_numpy(np.int64)
+
+
+def trained_model_dir(path: Union[str, os.PathLike]) -> Path:
+    """The saved ranker that ``path`` names: ``path`` itself, or ``path/model`` when ``path`` is
+    the run folder ``train_ranker`` wrote (``out/``, holding ``model/``). Anything else comes
+    back unchanged, for the caller to report.
+
+    ``"model"`` is ``merlin_mllm.pipelines.training.MODEL_DIR``, spelled here because the ranker
+    core never imports the pipelines (a test keeps the two equal).
+    """
+    path = Path(path)
+    if not is_saved_ranker(path) and is_saved_ranker(path / "model"):
+        return path / "model"
+    return path
