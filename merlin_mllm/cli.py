@@ -78,6 +78,14 @@ def data_prepare(
     min_user: Optional[int] = typer.Option(None, help="k-core: minimum interactions per user"),
     min_item: Optional[int] = typer.Option(None, help="k-core: minimum interactions per item"),
     skip_bad_lines: bool = typer.Option(False, help="Skip and count malformed lines instead of failing"),
+    train_negatives: int = typer.Option(1, metavar="K", help="Negatives per training group (valid groups keep 1, "
+                                        "test groups 20)"),
+    train_targets: str = typer.Option("last", metavar="last|blocks|every", help="Training targets per user: the "
+                                      "protocol's last item only (the paper); also one at every summary-block "
+                                      "boundary before it; or also one at every position after the first block"),
+    train_negative_sampling: str = typer.Option("uniform", metavar="uniform|popularity", help="How training "
+                                                "negatives are drawn (valid/test negatives stay uniform)"),
+    train_block_size: int = typer.Option(3, help="The user summaries' block size that blocks|every count in"),
 ):
     """Turn a recommendation dataset into Merlin parquet with a tagged schema."""
     from merlin_mllm.data.prepare import prepare_dataset
@@ -87,6 +95,8 @@ def data_prepare(
             dataset, protocol, out, input=input, images=images, max_history=max_history,
             max_users=max_users, seed=seed, min_user_interactions=min_user,
             min_item_interactions=min_item, on_bad_line="skip" if skip_bad_lines else "error",
+            train_negatives=train_negatives, train_targets=train_targets,
+            train_negative_sampling=train_negative_sampling, train_block_size=train_block_size,
         )
     typer.echo(json.dumps(report, indent=2, default=str))
 

@@ -14,6 +14,11 @@ for row. Each new group holds the positive and ``n_negatives`` negatives (the pr
 never interacted with in its whole deduplicated history (re-read from the raw files named in
 ``report.json``), as ``prepare_dataset`` draws them.
 
+The positions are chosen by :func:`merlin_mllm.data.processing.prefix_targets`, the function
+behind ``prepare_dataset(train_targets="blocks")``, which builds the same groups while preparing
+(its negatives come from the whole k-core, not only from ``items/``). This post-step is for a
+folder that is already prepared and summarised.
+
 Usage::
 
     from merlin_mllm.data.prefix_targets import add_prefix_targets
@@ -99,21 +104,16 @@ def add_prefix_targets(
     group_ids = [train["group_id"]] + [read_table(data_dir / split)["group_id"] for split in ("valid", "test")]
     next_group = int(max(g.max() for g in group_ids if len(g))) + 1
 
-    last_target = train[train["label"] == 1].set_index("user_id")["target_position"]
-    positions = events.set_index(["user_id", "position"])
-    chosen = [(int(user), p) for user, target in last_target.items()
-              for p in range(int(block_size), int(target), int(block_size))]
-    if chosen:
-        index = pd.MultiIndex.from_tuples(chosen, names=["user_id", "position"])
-        picked = positions.loc[index].reset_index()
-    else:
-        picked = pd.DataFrame(columns=["user_id", "position", "item_id", "timestamp"])
-    targets = processing.Targets(
-        user_id=picked["user_id"].to_numpy(np.int64),
-        item_id=picked["item_id"].to_numpy(np.int64),
-        target_position=picked["position"].to_numpy(np.int64),
-        timestamp=picked["timestamp"].to_numpy(np.int64),
+    last = train[train["label"] == 1]
+    last_target = last.set_index("user_id")["target_position"]
+    own = processing.Targets(
+        user_id=last["user_id"].to_numpy(np.int64),
+        target_position=last["target_position"].to_numpy(np.int64),
+        item_id=last["item_id"].to_numpy(np.int64),
+        timestamp=last["timestamp"].to_numpy(np.int64),
     )
+    # The same choice of positions as `prepare_dataset(train_targets="blocks")`.
+    targets = processing.prefix_targets(events, own, "blocks", int(block_size))
     # Item ids of a prepared folder are contiguous 1..len(items), so the sampler draws from items/.
     if sorted(items["item_id"].tolist()) != list(range(1, len(items) + 1)):
         raise ValueError(f"{data_dir / 'items'}: item ids are not contiguous from 1; was it written by prepare_dataset?")

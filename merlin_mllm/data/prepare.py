@@ -20,6 +20,30 @@ is often chosen by its user only, which turns popularity upside down. The ``item
 holds the items the output refers to (events and rows). Ids are contiguous int64 from 1 (0 is
 left for padding), assigned in the natural order of the raw keys.
 
+Training groups (``train/`` only; ``valid/`` and ``test/`` keep the protocol's groups, row for
+row and byte for byte, whatever these are):
+
+* ``train_negatives`` K: negatives per training group (default: ``n_negatives_train``);
+* ``train_targets``: ``"last"`` (the protocol's target only, the paper), ``"blocks"`` (also a
+  group at every summary-block boundary ``train_block_size, 2 * train_block_size, ...`` before
+  it, as :func:`~merlin_mllm.data.prefix_targets.add_prefix_targets` adds) or ``"every"`` (also
+  a group at every position from ``train_block_size`` on before it). Paper protocol: training
+  users only; temporal: every user, before its train target;
+* ``train_negative_sampling``: ``"uniform"``, or ``"popularity"``: each next negative drawn with
+  probability proportional to its count among the training-time events (every kept event
+  before its user's valid and test targets, the rule of ``baselines.training_events`` for the
+  valid split), among the unseen items not drawn yet; an item without such an event is never
+  drawn.
+
+With the defaults (K = ``n_negatives_train``, ``last``, ``uniform``) the output is what it was
+before these options existed. Otherwise the protocol's training groups are still drawn first
+(and then set aside) so that item ids stay those of the default output: items that only the new
+training groups refer to get the ids after them, in their own natural order, and the ``items/``
+table may then list a few items that only the set-aside draw chose. The protocol's training
+groups keep their group ids; the added ones are numbered after the test groups. Within
+``train/``, the protocol's targets come first (one group per user), then the added ones, by user
+then position.
+
 Output folder::
 
     train/ valid/ test/   user_id, item_id, label, target_position, group_id, timestamp,
@@ -36,6 +60,7 @@ Usage::
 
     from merlin_mllm.data.prepare import prepare_dataset
     report = prepare_dataset("ml-100k", "paper", "data/ml100k", max_users=200)
+    report = prepare_dataset("ml-100k", "paper", "data/ml100k_groups", train_negatives=7, train_targets="blocks")
 """
 from __future__ import annotations
 
@@ -67,9 +92,19 @@ ROW_TAGS = {
 }
 
 
-def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item):
+def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
+                    train_negatives, train_targets, train_negative_sampling, train_block_size):
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    if train_targets not in processing.TRAIN_TARGETS:
+        raise ValueError(f"unknown train_targets {train_targets!r}; choose one of {list(processing.TRAIN_TARGETS)}")
+    if train_negative_sampling not in processing.NEGATIVE_SAMPLING:
+        raise ValueError(f"unknown train_negative_sampling {train_negative_sampling!r}; "
+                         f"choose one of {list(processing.NEGATIVE_SAMPLING)}")
+    # train_negatives defaults to n_negatives_train (which may be 0); asked for, it must be >= 1.
+    for name, value in {"train_negatives": train_negatives, "train_block_size": train_block_size}.items():
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for name, value in {
         "max_history": max_history,
         "max_users": max_users,
@@ -88,7 +123,8 @@ def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negati
 def _spawn_rngs(seed: int) -> dict[str, np.random.Generator]:
     """Independent random streams, so that changing one setting (say the number of test
     negatives) does not change what the other steps draw."""
-    names = ("users", "split", "train", "valid", "test")
+    # Children are numbered (spawn key i): adding a name at the end leaves the others' streams alone.
+    names = ("users", "split", "train", "valid", "test", "train_groups")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
@@ -156,6 +192,10 @@ def prepare_dataset(
     on_bad_line: str = "error",
     n_negatives_test: int = 20,
     n_negatives_train: int = 1,
+    train_negatives: Optional[int] = None,
+    train_targets: str = "last",
+    train_negative_sampling: str = "uniform",
+    train_block_size: int = 3,
 ) -> dict:
     """Prepare one dataset for the ranker and write it under ``out`` (see the module docstring).
 
@@ -188,7 +228,22 @@ def prepare_dataset(
     on_bad_line : str
         ``"error"`` (raise, naming file:line) or ``"skip"`` (skip and count).
     n_negatives_test, n_negatives_train : int
-        Negatives per test group, and per train/valid group.
+        Negatives per test group, and per valid group (and train group, unless ``train_negatives``).
+    train_negatives : int, optional
+        K >= 1: negatives per training group (default: ``n_negatives_train``, which may be 0).
+    train_targets : str
+        ``"last"`` (default: the protocol's target only), ``"blocks"`` or ``"every"`` (see the
+        module docstring).
+    train_negative_sampling : str
+        ``"uniform"`` (default) or ``"popularity"`` (training-time counts; training groups only).
+    train_block_size : int
+        The user summaries' block size that ``"blocks"`` and ``"every"`` count in (default 3).
+
+    Raises
+    ------
+    ValueError
+        Before anything is written: an unknown name, a count out of range, or a user with fewer
+        unseen items than the negatives asked for (naming the user and the split).
 
     Returns
     -------
@@ -198,7 +253,12 @@ def prepare_dataset(
     k_user_default, k_item_default = dataset_entry(dataset).k_core  # raises for an unknown name
     k_user = k_user_default if min_user_interactions is None else min_user_interactions
     k_item = k_item_default if min_item_interactions is None else min_item_interactions
-    _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item)
+    _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
+                    train_negatives, train_targets, train_negative_sampling, train_block_size)
+    if train_negatives is None:
+        train_negatives = n_negatives_train
+    default_training = (train_negatives == n_negatives_train and train_targets == "last"
+                        and train_negative_sampling == "uniform")
     bad = BadLines(on_bad_line)
     out = Path(out)
     images_folder = Path(images) if images is not None else None
@@ -237,6 +297,21 @@ def prepare_dataset(
     histories = user_histories(deduped, user_ids, candidate_ids)
 
     targets = processing.paper_targets(events, rngs["split"]) if protocol == "paper" else processing.temporal_targets(events)
+    extra_targets = processing.prefix_targets(events, targets["train"], train_targets, int(train_block_size))
+    weights = None
+    if train_negative_sampling == "popularity":
+        weights = processing.popularity_weights(events, [targets["valid"], targets["test"]], len(candidate_ids))
+    key_of_user = {index: key for key, index in user_ids.items()}
+    # Every draw is checked before any is made (and long before anything is written).
+    for split in ("valid", "test"):
+        processing.check_negatives(targets[split], n_negatives_test if split == "test" else n_negatives_train,
+                                   len(candidate_ids), histories, f"{split} groups", user_names=key_of_user)
+    processing.check_negatives(targets["train"], n_negatives_train, len(candidate_ids), histories, "train groups",
+                               user_names=key_of_user)
+    if not default_training:
+        for what, wanted in (("train groups", targets["train"]), (f"{train_targets} train targets", extra_targets)):
+            processing.check_negatives(wanted, int(train_negatives), len(candidate_ids), histories, what,
+                                       weights=weights, user_names=key_of_user)
     rows: dict[str, pd.DataFrame] = {}
     next_group = 0
     for split in processing.SPLITS:
@@ -246,9 +321,22 @@ def prepare_dataset(
             desc=f"{split} negatives",
         )
         next_group += len(targets[split].user_id)
+    # The protocol's training groups fix the item ids (see the module docstring); other training
+    # options replace them afterwards, from their own random stream.
     key_of = {index: key for key, index in candidate_ids.items()}
     used = np.unique(np.concatenate([events["item_id"].to_numpy()] + [f["item_id"].to_numpy() for f in rows.values()]))
+    if not default_training:
+        rng = rngs["train_groups"]
+        rows["train"] = pd.concat([
+            processing.build_rows(targets["train"], int(train_negatives), len(candidate_ids), histories, rng, 0,
+                                  desc="train negatives", weights=weights),
+            processing.build_rows(extra_targets, int(train_negatives), len(candidate_ids), histories, rng, next_group,
+                                  desc=f"{train_targets} train negatives", weights=weights),
+        ], ignore_index=True)
+    added = np.setdiff1d(rows["train"]["item_id"].to_numpy(), used)
     item_ids = _contiguous_ids([key_of[int(index)] for index in used])
+    for key in processing.natural_order([key_of[int(index)] for index in added]):
+        item_ids[key] = len(item_ids) + 1
     renumber = {candidate_ids[key]: index for key, index in item_ids.items()}
     events = events.assign(item_id=events["item_id"].map(renumber).astype(np.int64))
     for split, frame in rows.items():
@@ -287,6 +375,10 @@ def prepare_dataset(
             "on_bad_line": on_bad_line,
             "n_negatives_test": n_negatives_test,
             "n_negatives_train": n_negatives_train,
+            "train_negatives": int(train_negatives),
+            "train_targets": train_targets,
+            "train_negative_sampling": train_negative_sampling,
+            "train_block_size": int(train_block_size),
         },
         "files": {**source.files, "images": str(images_folder) if images_folder is not None else None},
         "timestamp_unit": source.timestamp_unit,
@@ -308,6 +400,9 @@ def prepare_dataset(
         "negatives_drawn_from_items": len(candidate_ids),
         "users_per_split": {split: int(len(targets[split].user_id)) for split in processing.SPLITS},
         "rows_per_split": {split: int(len(rows[split])) for split in processing.SPLITS},
+        "train_groups": {"protocol_targets": int(len(targets["train"].user_id)),
+                         "added_targets": int(len(extra_targets.user_id)),
+                         "items_only_in_added_train_rows": int(len(added))},
         **image_stats,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

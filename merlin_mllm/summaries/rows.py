@@ -11,13 +11,25 @@ it. The summaries come from one of (:data:`SummarySource`):
   (for instance :func:`recent_titles_summaries`);
 * a callable ``rows -> list of str``.
 
+A row whose history ends inside a summary block (``len(history) % k != 0``) sees, from a store,
+either the chain's step over that partial block (``partial_block="summary"``, the default:
+``summarize users`` generates one step per such row) or, with ``partial_block="titles"``, the
+chain's latest block-boundary summary before the target followed by the titles of the items
+after that boundary (:data:`SINCE_BOUNDARY`). The second needs no step per row: it is how the
+training rows of a folder prepared with ``train_targets="every"`` (a target at every position)
+are read (:func:`partial_block_rule`), so ``summarize users`` only has to hold each user's
+boundary chain, which it records anyway.
+
 Usage::
 
     from merlin_mllm.summaries.rows import row_summaries
     rows["user_summary"] = row_summaries("data/summaries", "data/ml100k", rows)
+    train["user_summary"] = row_summaries("data/summaries", "data/ml100k_every", train,
+                                          partial_block=partial_block_rule("data/ml100k_every", "train"))
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple, Union
@@ -33,10 +45,16 @@ from merlin_mllm.summaries.user import (
     stored_summary_texts,
 )
 
-__all__ = ["SummarySource", "is_store", "row_histories", "row_summaries", "recent_titles_summaries"]
+__all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "is_store", "row_histories", "row_summaries",
+           "partial_block_rule", "recent_titles_summaries"]
 
 #: Where user summaries come from: a store folder, a summary table (path or DataFrame) or a callable.
 SummarySource = Union[str, os.PathLike, pd.DataFrame, Callable[[pd.DataFrame], Sequence[str]]]
+#: How a store summarises a history that ends inside a block: the chain's step over the partial
+#: block, or the latest boundary summary plus the titles after it (see the module docstring).
+PARTIAL_BLOCKS = ("summary", "titles")
+#: Joins a boundary summary and the titles of the items after it (``partial_block="titles"``).
+SINCE_BOUNDARY = "Since then, the user interacted with: "
 
 
 def is_store(path: Union[str, os.PathLike]) -> bool:
@@ -53,8 +71,9 @@ def row_histories(data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List
     return [tuple(h) for h in history_lists(events, rows["user_id"], rows["target_position"])]
 
 
-def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame) -> List[str]:
-    """Each row's user summary from the store: the chain over its own history (items before the target)."""
+def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame, partial_block: str = "summary") -> List[str]:
+    """Each row's user summary from the store: the chain over its own history (items before the
+    target); with ``partial_block="titles"`` the chain up to its last block boundary plus titles."""
     store = open_store(path)
     config = recorded_config(store)
     if config is None:
@@ -63,17 +82,53 @@ def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame) -> List[str
             f"`merlin-mllm summarize users --data {data_dir} --summaries {path}` first"
         )
     histories = row_histories(data_dir, rows)
-    unique = list(set(histories))
+    tails: dict = {}
+    if partial_block == "titles":
+        if config.mode != "recurrent":
+            raise ValueError(f"{path}: partial_block='titles' reads the recurrent chain's block boundaries, but the "
+                             f"store's user summaries are {config.mode!r} (one prompt per history)")
+        k = int(config.block_size)
+        tails = {h: h[len(h) - len(h) % k:] for h in set(histories)}
+        lookup = {h: h[: len(h) - len(tails[h])] for h in tails}
+    else:
+        lookup = {h: h for h in set(histories)}
+    unique = list(set(lookup.values()))
     keys = dict(zip(unique, history_summary_keys(store, data_dir / "items", unique, config)))
     missing = [h for h, k in keys.items() if k is not None and k not in store]
     if missing:
-        example = rows.loc[[h == missing[0] for h in histories], "user_id"].iloc[0]
+        example = rows.loc[[lookup[h] == missing[0] for h in histories], "user_id"].iloc[0]
+        what = "block-boundary summary" if partial_block == "titles" else "stored summary"
         raise ValueError(
-            f"{path}: {len(missing)} row histories have no stored summary (e.g. user {int(example)}, "
+            f"{path}: {len(missing)} row histories have no {what} (e.g. user {int(example)}, "
             f"{len(missing[0])} history items); run `merlin-mllm summarize users --data {data_dir} --summaries {path}`"
         )
     texts = dict(zip(keys, stored_summary_texts(store, list(keys.values()))))
-    return [texts[h] for h in histories]
+    if not tails or not any(tails.values()):
+        return [texts[lookup[h]] for h in histories]
+    titles = read_table(data_dir / "items").set_index("item_id")["title"]
+    out = []
+    for h in histories:
+        if not tails[h]:
+            out.append(texts[lookup[h]])
+            continue
+        since = SINCE_BOUNDARY + "; ".join(str(titles[int(i)]) for i in tails[h]) + "."
+        # A history shorter than one block has no boundary summary: the titles alone.
+        out.append(f"{texts[lookup[h]]} {since}" if lookup[h] else since)
+    return out
+
+
+def partial_block_rule(data_dir: Union[str, os.PathLike], split: str) -> str:
+    """The ``partial_block`` that rows of ``split`` in a prepared folder are read with.
+
+    ``"titles"`` for the ``train`` rows of a folder prepared with ``train_targets="every"`` (its
+    ``report.json``), whose per-position targets have no summary step of their own; else
+    ``"summary"``.
+    """
+    report = Path(data_dir) / "report.json"
+    if split != "train" or not report.exists():
+        return "summary"
+    settings = json.loads(report.read_text()).get("settings", {})
+    return "titles" if settings.get("train_targets") == "every" else "summary"
 
 
 def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> List[str]:
@@ -124,7 +179,8 @@ def recent_titles_summaries(data_dir: Union[str, os.PathLike], last: int = 5) ->
     return pd.concat(frames, ignore_index=True)
 
 
-def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List[str]:
+def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], rows: pd.DataFrame, *,
+                  partial_block: str = "summary") -> List[str]:
     """The user summary of each row (one string per row, in order).
 
     Parameters
@@ -136,6 +192,10 @@ def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], r
         The prepared dataset (for ``items/`` and ``events/``).
     rows : DataFrame
         Rows with ``user_id`` and ``target_position`` (and ``history_item_ids`` when present).
+    partial_block : {"summary", "titles"}
+        From a store, how a history that ends inside a block is summarised (see the module
+        docstring; :func:`partial_block_rule` gives a prepared split's). Tables and callables give
+        their own texts.
 
     Raises
     ------
@@ -143,6 +203,8 @@ def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], r
         When a row has no summary (naming the user), or the source is not recognised.
     """
     data_dir = Path(data_dir)
+    if partial_block not in PARTIAL_BLOCKS:
+        raise ValueError(f"partial_block must be one of {PARTIAL_BLOCKS}, not {partial_block!r}")
     if callable(summaries):
         texts = list(summaries(rows))
         if len(texts) != len(rows):
@@ -152,7 +214,7 @@ def row_summaries(summaries: SummarySource, data_dir: Union[str, os.PathLike], r
         return _table_summaries(summaries, rows, "the summaries DataFrame")
     path = Path(summaries)
     if is_store(path):
-        return _store_summaries(path, data_dir, rows)
+        return _store_summaries(path, data_dir, rows, partial_block)
     if path.exists():
         return _table_summaries(pd.read_parquet(path), rows, str(path))
     raise FileNotFoundError(f"user summaries not found: {path} is neither a summary store nor a parquet table")
