@@ -23,6 +23,15 @@ class GenerationSettings:
     do_sample : bool
         ``False``: greedy, deterministic. ``True`` with ``temperature=0.6, top_p=0.9`` is the
         paper's user-summary setting; pair it with ``seed`` for repeatable runs.
+    batch_size : int
+        Prompts per ``generate()`` call at most.
+    sort_by_length : bool
+        Batch prompts of similar token length together (then restore the input order), so a
+        short prompt is not padded to a long one. ``False`` batches in input order (for
+        measuring what sorting saves).
+    max_batch_tokens : int, optional
+        Padded tokens per ``generate()`` call at most (rows x longest prompt); a batch of long
+        prompts gets fewer rows. Default ``batch_size * TOKENS_PER_ROW``.
     """
 
     max_new_tokens: int = 96
@@ -32,14 +41,50 @@ class GenerationSettings:
     seed: int = 0
     batch_size: int = 16
     repetition_penalty: float = 1.0
+    sort_by_length: bool = True
+    max_batch_tokens: Optional[int] = None
 
     def key(self) -> dict:
-        """What changes the output (batch size does not, under greedy decoding)."""
+        """What changes the output (batching does not, under greedy decoding)."""
         d = asdict(self)
-        d.pop("batch_size")
+        for name in ("batch_size", "sort_by_length", "max_batch_tokens"):
+            d.pop(name)
         if not self.do_sample:
             d.pop("temperature"), d.pop("top_p"), d.pop("seed")
         return d
+
+
+#: Padded prompt tokens per row of a batch that ``max_batch_tokens=None`` allows (x batch_size).
+TOKENS_PER_ROW = 512
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: Optional[int] = None,
+                   sort: bool = True) -> List[List[int]]:
+    """Indices of ``lengths`` in batches: at most ``batch_size`` rows and ``max_batch_tokens``
+    padded tokens (rows x longest) each, shortest first when ``sort`` (else in input order).
+
+    A single prompt longer than ``max_batch_tokens`` gets a batch of its own.
+
+    Examples
+    --------
+    >>> length_batches([5, 900, 7, 6], batch_size=2)      # 2 x 900 > 2 x 512: 900 goes alone
+    [[0, 3], [2], [1]]
+    >>> length_batches([5, 900, 7, 6], batch_size=4, max_batch_tokens=1000)
+    [[0, 3, 2], [1]]
+    """
+    batch_size = max(1, int(batch_size))
+    cap = int(max_batch_tokens) if max_batch_tokens else batch_size * TOKENS_PER_ROW
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if sort else list(range(len(lengths)))
+    batches: List[List[int]] = []
+    longest = 0
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * max(longest, lengths[i]) <= cap:
+            batches[-1].append(i)
+            longest = max(longest, lengths[i])
+        else:
+            batches.append([i])
+            longest = lengths[i]
+    return batches
 
 
 @dataclass
@@ -89,15 +134,17 @@ def generate_chat(
     stats = GenerationStats()
     gen_kwargs = _generate_kwargs(settings, tok)
     try:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+        encoded = tok(prompts, add_special_tokens=False)["input_ids"] if prompts else []
         results: dict = {}
         bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        start = 0
+        for idx in length_batches([len(ids) for ids in encoded], settings.batch_size,
+                                  settings.max_batch_tokens, settings.sort_by_length):
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt")
             batch = {k: v.to(lm.device) for k, v in batch.items()}
             seed = settings.seed + start if settings.do_sample else None
             results.update(zip(idx, _generate_batch(lm, batch, gen_kwargs, seed, stats)))
+            start += len(idx)
             bar.update(len(idx))
         bar.close()
         texts = [results[i] for i in range(len(prompts))]
@@ -220,7 +267,8 @@ def generate_multimodal(
     stats = GenerationStats()
     results: dict = {}
     try:
-        order = sorted(range(len(prompts)), key=lambda i: (len(images[i]), len(prompts[i])))
+        # By image count always (a batch never mixes them); by length when settings ask for it.
+        order = sorted(range(len(prompts)), key=lambda i: (len(images[i]), len(prompts[i]) if settings.sort_by_length else 0))
         batches: List[List[int]] = []
         for i in order:  # batch_size prompts per batch, and one image count per batch
             if batches and len(batches[-1]) < settings.batch_size and len(images[batches[-1][0]]) == len(images[i]):

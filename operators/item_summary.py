@@ -15,8 +15,18 @@ from nvtabular.ops.operator import ColumnSelector, Operator
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.summaries.item import BACKENDS, MODES, ON_EMPTY, ItemSummarizer
 from merlin_mllm.summaries.report import SummaryReport
+from merlin_mllm.text import TokenBudgets
 
-__all__ = ["ItemSummary"]
+__all__ = ["ItemSummary", "process_report"]
+
+#: Counts of every ItemSummary transform run in this process (one per Dask worker); collect
+#: them with ``client.run(lambda: process_report().to_dict())``.
+_PROCESS_REPORT = SummaryReport()
+
+
+def process_report() -> SummaryReport:
+    """The summed report of this process's ``ItemSummary`` transforms."""
+    return _PROCESS_REPORT
 
 
 class ItemSummary(Operator):
@@ -75,7 +85,10 @@ class ItemSummary(Operator):
         ``fusion`` fuses an image description and a text summary (the paper);
         ``image_only`` keeps the image description alone (the authors' code).
     settings : GenerationSettings
-        Greedy by default; ``batch_size`` items are generated together.
+        Greedy by default; ``batch_size`` items are generated together, batched by length.
+    budgets : TokenBudgets
+        Titles and descriptions are cut to ``budgets.title`` / ``budgets.description`` tokens
+        (recorded in every summary's key); cuts are counted in the report's ``truncated``.
     on_empty : {"skip", "error"}, default "skip"
         What to do with a row that has neither a usable image nor text.
     title, description, image, item_id : str
@@ -97,6 +110,7 @@ class ItemSummary(Operator):
         model: Optional[Union[str, os.PathLike]] = None,
         mode: str = "fusion",
         settings: GenerationSettings = GenerationSettings(),
+        budgets: TokenBudgets = TokenBudgets(),
         on_empty: str = "skip",
         title: str = "title",
         description: str = "description",
@@ -125,7 +139,10 @@ class ItemSummary(Operator):
         self.backend = backend
         self.model = os.fspath(model) if model is not None else None
         self.mode = mode
+        if not isinstance(budgets, TokenBudgets):
+            raise TypeError(f"budgets must be a TokenBudgets, not {type(budgets).__name__}")
         self.settings = settings
+        self.budgets = budgets
         self.on_empty = on_empty
         self.title = title
         self.description = description
@@ -154,6 +171,7 @@ class ItemSummary(Operator):
     def __setstate__(self, state):
         # Workflows saved when the store attribute was named store_dir load too.
         self.__dict__.update({"summaries" if key == "store_dir" else key: value for key, value in state.items()})
+        self.__dict__.setdefault("budgets", TokenBudgets())  # saved before budgets existed
         self._init_runtime()
 
     def summarizer(self) -> ItemSummarizer:
@@ -163,7 +181,7 @@ class ItemSummary(Operator):
                 self._summarizer = ItemSummarizer(
                     backend=self.backend, model=self.model, mode=self.mode, settings=self.settings,
                     on_empty=self.on_empty, store=self.summaries, device=self.device,
-                    image_root=self.image_root, progress=self.progress,
+                    image_root=self.image_root, budgets=self.budgets, progress=self.progress,
                 )
             return self._summarizer
 
@@ -179,6 +197,7 @@ class ItemSummary(Operator):
             item_id=self.item_id if self.item_id in names else None,
         )
         self.report.merge(report)
+        _PROCESS_REPORT.merge(report)
         out = pd.DataFrame({self.output_column: pd.Series(texts, index=host.index, dtype=object)})
         return out if is_cpu_object(df) else from_host(out)
 

@@ -24,6 +24,7 @@ from merlin_mllm.summaries.user import (
     model_id_of,
     read_items,
 )
+from merlin_mllm.text import TokenBudgets
 
 __all__ = ["UserPreferenceSummary", "process_report"]
 
@@ -84,6 +85,9 @@ class UserPreferenceSummary(Operator):
         ``direct`` puts the whole history into one prompt (the MLLM-MSR_R ablation).
     settings : GenerationSettings, optional
         Greedy decoding by default (deterministic summaries).
+    budgets : TokenBudgets, optional
+        Token budgets of the prompt's texts (history lines, previous summary, history block),
+        recorded in every step's key; cuts are counted in the report's ``truncated``.
     history_column : str, default "history_item_ids"
         The list column among the selected columns; the others (e.g. ``user_id``) only name
         rows in error messages.
@@ -104,6 +108,7 @@ class UserPreferenceSummary(Operator):
         block_size: int = DEFAULT_BLOCK_SIZE,
         mode: str = "recurrent",
         settings: Optional[GenerationSettings] = None,
+        budgets: Optional[TokenBudgets] = None,
         history_column: str = "history_item_ids",
         on_unknown_item: str = "error",
         output_column: str = "user_summary",
@@ -112,7 +117,8 @@ class UserPreferenceSummary(Operator):
         super().__init__()
         self.items = items if isinstance(items, pd.DataFrame) else os.path.abspath(os.fspath(items))
         self.summaries = os.path.abspath(os.fspath(summaries))
-        self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings or GenerationSettings())
+        self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings or GenerationSettings(),
+                                        budgets or TokenBudgets())
         if isinstance(model, LoadedModel):
             get_model(model)  # register it in this process's cache; other processes load by id
         self.history_column = history_column

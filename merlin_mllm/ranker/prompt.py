@@ -74,7 +74,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from merlin_mllm.images import is_missing, load_image
 from merlin_mllm.models import embedded
-from merlin_mllm.text import escape_untrusted
+from merlin_mllm.text import escape_untrusted, truncate_tokens
 
 __all__ = [
     "PROMPT_VERSION",
@@ -379,10 +379,8 @@ class RankerPrompt:
 
     # ------------------------------------------------------------------ text
     def _truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= max_tokens:
-            return text
-        return self.tokenizer.decode(ids[:max_tokens])
+        # The budget function every LLM-bound text goes through (summary stages too).
+        return truncate_tokens(text, max_tokens, self.tokenizer).text
 
     def clean_summary(self, summary: Any) -> str:
         """The summary as it enters the prompt: cut to ``max_summary_tokens``, then escaped."""

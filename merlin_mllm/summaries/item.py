@@ -16,8 +16,12 @@ Two backends write the summaries:
     paragraph from those words and the title/description. One prompt per item.
 
 Inputs per item: a title, a description, and an image given as a file path, the encoded bytes,
-or nothing. Titles and descriptions are untrusted: they are escaped
-(:func:`merlin_mllm.text.escape_untrusted`) so chat-template tokens in them stay plain text.
+or nothing. Titles and descriptions are untrusted: they are cut to their token budgets
+(:class:`merlin_mllm.text.TokenBudgets`: ``title``, ``description``; the cuts are counted in
+``SummaryReport.truncated``), then escaped (:func:`merlin_mllm.text.escape_untrusted`) so
+chat-template tokens in them stay plain text. Items are batched by prompt length (shortest
+first; ``GenerationSettings.sort_by_length``), so a short item is never padded to a long one,
+and outputs come back in the input order.
 
 What happens to awkward rows (the job never fails over one bad image):
 
@@ -30,8 +34,8 @@ What happens to awkward rows (the job never fails over one bad image):
 
 Every summary is stored in a :class:`~merlin_mllm.summaries.store.SummaryStore` under a key made
 of ``kind="item"``, the model id, :data:`PROMPT_VERSION`, the output-relevant generation
-settings and the inputs (escaped title and description, sha256 of the image bytes, backend and
-mode). A summary in the store is never generated again; new ones are written as soon as their
+settings and the inputs (cut and escaped title and description, the budgets they were cut to,
+sha256 of the image bytes, backend and mode). A summary in the store is never generated again; new ones are written as soon as their
 batch finishes, so a crash loses at most the batch in flight. Each item's current summary is
 also published as a ref (namespace ``"item"``, name ``str(item_id)``), which is how the user
 stage finds the summaries of history items.
@@ -70,7 +74,7 @@ from merlin_mllm.models import LoadedModel, load
 from merlin_mllm.models.vision import MODEL_NAME, VisionEncoder, dominant_colours
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore, open_store
-from merlin_mllm.text import escape_untrusted
+from merlin_mllm.text import TokenBudgets, escape_untrusted, truncate_tokens
 
 __all__ = [
     "PROMPT_VERSION",
@@ -182,6 +186,8 @@ class _Row:
     image_problem: Optional[str] = None  # why the image could not be used
     key: Optional[str] = None
     image: Any = None  # the decoded PIL image, only while the row's batch runs
+    text_tokens: int = 0  # tokens of the (cut) title + description: the batching order
+    truncated: int = 0  # how many of title and description were cut to their budget
 
     @property
     def has_text(self) -> bool:
@@ -406,8 +412,9 @@ class ItemSummarizer:
     device : str, optional
     image_root : str or path, optional
         Relative image paths are taken relative to this folder.
-    max_description_chars : int
-        Descriptions are cut to this many characters (bounds the prompt length).
+    budgets : TokenBudgets
+        Titles and descriptions are cut to ``budgets.title`` / ``budgets.description`` tokens
+        (keeping their start) before they are escaped; both budgets are part of every key.
     progress : bool
         Show a tqdm bar over the items to generate.
 
@@ -428,7 +435,7 @@ class ItemSummarizer:
     store: Any = None
     device: Optional[str] = None
     image_root: Optional[Union[str, os.PathLike]] = None
-    max_description_chars: int = 1500
+    budgets: TokenBudgets = field(default_factory=TokenBudgets)
     progress: bool = False
 
     def __post_init__(self):
@@ -440,6 +447,8 @@ class ItemSummarizer:
             raise ValueError(f"on_empty must be one of {ON_EMPTY}, not {self.on_empty!r}")
         if self.settings.batch_size < 1:
             raise ValueError(f"settings.batch_size must be at least 1, not {self.settings.batch_size}")
+        if not isinstance(self.budgets, TokenBudgets):
+            raise TypeError(f"budgets must be a TokenBudgets, not {type(self.budgets).__name__}")
         self._backend: Optional[_Backend] = None
 
     # -------------------------------------------------------------- pieces
@@ -467,16 +476,24 @@ class ItemSummarizer:
         def column(name):
             return frame[name].tolist() if name and name in frame.columns else [None] * n
 
+        def fitted(value, budget):
+            # Cut to the budget first (bounded cost, whatever the length), then escape.
+            cut = truncate_tokens(None if is_missing(value) else str(value).strip(), budget, tokenizer)
+            return escape_untrusted(cut.text, tokenizer).strip(), cut
+
         rows = []
         for position, (iid, raw_title, raw_desc, source) in enumerate(
             zip(column(item_id), column(title), column(description), column(image))
         ):
-            desc = "" if is_missing(raw_desc) else str(raw_desc)[: self.max_description_chars]
+            title_text, title_cut = fitted(raw_title, self.budgets.title)
+            desc_text, desc_cut = fitted(raw_desc, self.budgets.description)
             row = _Row(
                 position=position,
                 item_id=None if is_missing(iid) else (iid.item() if hasattr(iid, "item") else iid),
-                title=escape_untrusted(None if is_missing(raw_title) else str(raw_title), tokenizer).strip(),
-                description=escape_untrusted(desc, tokenizer).strip(),
+                title=title_text,
+                description=desc_text,
+                text_tokens=title_cut.tokens + desc_cut.tokens,
+                truncated=int(title_cut.truncated) + int(desc_cut.truncated),
             )
             if not is_missing(source):
                 row.image_source = self._resolve_image(source)
@@ -497,6 +514,7 @@ class ItemSummarizer:
             "title": row.title,
             "description": row.description,
             "image": row.image_token,
+            "budgets": {"title": self.budgets.title, "description": self.budgets.description},
             **({"backend_options": engine.key_extras()} if engine.key_extras() else {}),
         }
         return SummaryStore.key("item", engine.model_id, PROMPT_VERSION, self.settings.key(), inputs)
@@ -554,6 +572,7 @@ class ItemSummarizer:
         """
         report = SummaryReport()
         rows = self._rows(frame, title, description, image, item_id)
+        report.truncated += sum(row.truncated for row in rows)
         store = self._store()
         outputs = [""] * len(rows)
         usable = []
@@ -587,9 +606,11 @@ class ItemSummarizer:
         if store is not None and refs:
             store.put_refs(ITEM_REF_NAMESPACE, refs)
 
-        # Items with images first, then by text length: batches of similar prompts pad less.
-        order = sorted(pending.values(), key=lambda group: (group[0].image_token is None,
-                                                            len(group[0].title) + len(group[0].description)))
+        # By prompt length (items with images first: a batch of the mllm backend never mixes
+        # them): batches of similar prompts pad less. Outputs keep the input order.
+        order = list(pending.values())
+        if self.settings.sort_by_length:
+            order.sort(key=lambda group: (group[0].image_token is None, group[0].text_tokens))
         batch_size = self.settings.batch_size
         bar = tqdm(total=len(order), desc=f"item summaries ({self.backend})", unit="item", disable=not self.progress)
         for start in range(0, len(order), batch_size):
@@ -654,6 +675,7 @@ def summarize_items(
     progress: bool = True,
     output: Optional[Union[str, os.PathLike]] = None,
     device: Optional[str] = None,
+    budgets: TokenBudgets = TokenBudgets(),
 ) -> SummaryReport:
     """Summarise every item of a prepared dataset into the summary store.
 
@@ -671,7 +693,7 @@ def summarize_items(
         taken relative to ``data_dir``.
     summaries : str or path
         The summary store folder (created when missing).
-    backend, model, mode, settings, on_empty, device :
+    backend, model, mode, settings, on_empty, device, budgets :
         See :class:`ItemSummarizer`.
     progress : bool
         tqdm bars.
@@ -699,7 +721,7 @@ def summarize_items(
         raise ValueError(f"{items_dir} has no item_id column (columns: {list(items.columns)})")
     summarizer = ItemSummarizer(
         backend=backend, model=model, mode=mode, settings=settings, on_empty=on_empty,
-        store=summaries, device=device, image_root=data_dir, progress=progress,
+        store=summaries, device=device, image_root=data_dir, budgets=budgets, progress=progress,
     )
     texts, report = summarizer.summarize(items)
     if output is not None:

@@ -1,4 +1,4 @@
-"""What a summary run did: generated, reused, failed, skipped, LLM calls and tokens.
+"""What a summary run did: generated, reused, failed, skipped, LLM calls, tokens and truncations.
 
 Both stages return a :class:`SummaryReport`; the CLI prints it at the end of a run.
 
@@ -46,6 +46,10 @@ class SummaryReport:
         Rows (or items, or users for an update) that received an output.
     empty_histories : int
         Rows with no history before their target: given the fixed generic user summary, no LLM call.
+    truncated : int
+        Texts cut to their token budget (:class:`merlin_mllm.text.TokenBudgets`). Item stage:
+        titles and descriptions of the run's rows, generated or reused. User stage: history
+        lines (once per item), and the previous summaries and history blocks of generated steps.
     errors : list of str
         The first ``MAX_ERRORS`` error messages.
     """
@@ -61,6 +65,7 @@ class SummaryReport:
     bad_images: int = 0
     rows: int = 0
     empty_histories: int = 0
+    truncated: int = 0
     errors: List[str] = field(default_factory=list)
 
     def add_generation(self, stats) -> "SummaryReport":
@@ -104,6 +109,8 @@ class SummaryReport:
         ]
         if self.items_without_summary:
             parts.append(f"items without summary {self.items_without_summary}")
+        if self.truncated:
+            parts.append(f"truncated {self.truncated}")
         if self.missing_images or self.bad_images:
             parts.append(f"missing images {self.missing_images}, bad images {self.bad_images}")
         return ", ".join(parts)

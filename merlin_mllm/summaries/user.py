@@ -20,7 +20,13 @@ A row with an empty history gets :data:`EMPTY_HISTORY_SUMMARY` without any LLM c
 
 History lines show each item's summary from the store (published by the item stage under the
 ref namespace ``"item"``: ``{str(item_id): summary_key}``) after its title; an item without one
-is shown by title + description, and counted in ``SummaryReport.items_without_summary``. Run the
+is shown by title + description, and counted in ``SummaryReport.items_without_summary``.
+
+Token budgets (:class:`merlin_mllm.text.TokenBudgets`, in every step key): a history line's title
+is cut to ``title`` tokens and the whole line to ``history_item``; at prompt time the previous
+summary is cut to ``previous_summary`` and the numbered block of lines to ``history`` (keeping
+its most recent lines). Cuts are counted in ``SummaryReport.truncated``. The steps of one wave
+are batched by prompt length (``GenerationSettings.sort_by_length``). Run the
 item stage before the user stage: a user summary is keyed by the item texts it saw, so adding
 item summaries later gives new user summaries (the old ones stay valid for their inputs).
 
@@ -58,7 +64,7 @@ from tqdm.auto import tqdm
 
 from merlin_mllm.generation import GenerationSettings, generate_chat
 from merlin_mllm.models import embedded, load
-from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, LoadedModel
+from merlin_mllm.models.loading import EMBEDDED_LLM_ALIASES, LoadedModel, resolve_model_path
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import (
     ITEM_REF_NAMESPACE,
@@ -67,7 +73,7 @@ from merlin_mllm.summaries.store import (
     canonical_json,
     open_store,
 )
-from merlin_mllm.text import escape_untrusted
+from merlin_mllm.text import TokenBudgets, escape_untrusted, fits_by_bytes, truncate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +86,8 @@ ANSWER_LEAD_IN = "The user appears to have a preference for"
 EMPTY_HISTORY_SUMMARY = "The user has no earlier interactions, so no preference is known yet."
 MODES = ("recurrent", "direct")
 DEFAULT_BLOCK_SIZE = 3
-#: Descriptions are cut to this many characters when an item has no summary: a 3-item block of
-#: long product descriptions would otherwise crowd a small model's context.
-MAX_DESCRIPTION_CHARS = 300
+#: The budgets a user step's key records (the others belong to the item stage).
+USER_BUDGETS = ("title", "history_item", "previous_summary", "history")
 #: Ref namespace holding the configuration of the latest ``summarize_users`` run (key "latest").
 CONFIG_REF_NAMESPACE = "user_config"
 _STEP_KIND = {"recurrent": "user_step", "direct": "user_direct"}
@@ -111,37 +116,50 @@ class UserSummaryConfig:
     mode : {"recurrent", "direct"}
     settings : GenerationSettings
         Greedy by default, so summaries are deterministic.
+    budgets : TokenBudgets
+        Token budgets of the prompt's texts (see the module docstring); part of every key.
     """
 
     model_id: str
     block_size: int = DEFAULT_BLOCK_SIZE
     mode: str = "recurrent"
     settings: GenerationSettings = GenerationSettings()
+    budgets: TokenBudgets = TokenBudgets()
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if int(self.block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not isinstance(self.budgets, TokenBudgets):
+            raise TypeError(f"budgets must be a TokenBudgets, not {type(self.budgets).__name__}")
+
+    @property
+    def budget_key(self) -> dict:
+        """The budgets a step key records."""
+        return {name: getattr(self.budgets, name) for name in USER_BUDGETS}
 
     @property
     def scope(self) -> str:
         """Id of the user states kept under this configuration."""
         return SummaryStore.key("user_scope", self.model_id, PROMPT_VERSION, self.settings.key(),
-                                {"block_size": int(self.block_size), "mode": self.mode})
+                                {"block_size": int(self.block_size), "mode": self.mode, "budgets": self.budget_key})
 
     def to_dict(self) -> dict:
         return {"model_id": self.model_id, "block_size": int(self.block_size), "mode": self.mode,
-                "settings": asdict(self.settings), "prompt_version": PROMPT_VERSION}
+                "settings": asdict(self.settings), "budgets": self.budgets.to_dict(),
+                "prompt_version": PROMPT_VERSION}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "UserSummaryConfig":
-        return cls(data["model_id"], int(data["block_size"]), data["mode"], GenerationSettings(**data["settings"]))
+        return cls(data["model_id"], int(data["block_size"]), data["mode"], GenerationSettings(**data["settings"]),
+                   TokenBudgets.from_dict(data.get("budgets")))
 
 
 # --------------------------------------------------------------------------- per-process caches
 _MODELS: Dict[str, object] = {}
 _MODELS_LOCK = threading.Lock()
+_TOKENIZERS: Dict[str, object] = {}
 #: How many times this process loaded each model (the Dask test checks "once per worker").
 MODEL_LOADS: Dict[str, int] = {}
 
@@ -162,6 +180,26 @@ def get_model(model=None):
             lm = _MODELS[model_id] = load(model_id)
             MODEL_LOADS[model_id] = MODEL_LOADS.get(model_id, 0) + 1
         return lm
+
+
+def get_tokenizer(model=None):
+    """The tokenizer of ``model`` (an id/path, or a LoadedModel), without loading its weights.
+
+    Cut lines enter the summary keys, so readers that only rebuild keys need the tokenizer but
+    not the model. Loaded once per process and model id (or taken from a loaded model).
+    """
+    if isinstance(model, LoadedModel):
+        return model.tokenizer
+    model_id = model_id_of(model)
+    with _MODELS_LOCK:
+        if model_id in _MODELS:
+            return _MODELS[model_id].tokenizer
+        tokenizer = _TOKENIZERS.get(model_id)
+        if tokenizer is None:
+            from transformers import AutoTokenizer  # lazy: transformers is a heavy import
+
+            tokenizer = _TOKENIZERS[model_id] = AutoTokenizer.from_pretrained(resolve_model_path(model_id))
+        return tokenizer
 
 
 def read_parquet(path: Union[str, os.PathLike], columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
@@ -230,17 +268,31 @@ def _clean(value) -> str:
 class ItemTexts:
     """The line each history item shows in a prompt: its stored summary, else title + description.
 
-    Texts are raw (unescaped): they enter summary keys as content; prompts escape them.
+    Texts are raw (unescaped): they enter summary keys as content; prompts escape them. The
+    title is cut to ``budgets.title`` tokens and the line to ``budgets.history_item`` tokens of
+    ``model``'s tokenizer, which is loaded only when a line is long enough to need it.
     """
 
-    def __init__(self, items: pd.DataFrame, store: SummaryStore, *, on_unknown_item: str = "error"):
+    def __init__(self, items: pd.DataFrame, store: SummaryStore, *, model=None,
+                 budgets: TokenBudgets = TokenBudgets(), on_unknown_item: str = "error"):
         if on_unknown_item not in ("error", "skip"):
             raise ValueError(f"on_unknown_item must be 'error' or 'skip', not {on_unknown_item!r}")
         self.items = items
         self.store = store
+        self.model = model
+        self.budgets = budgets
         self.on_unknown_item = on_unknown_item
         self._lines: Dict[int, str] = {}
         self.without_summary: set = set()
+        #: Texts cut to their budget since the last reset (titles and lines, once per item).
+        self.truncated = 0
+
+    def _fit(self, text: str, budget: int) -> str:
+        if fits_by_bytes(text, budget):
+            return text
+        cut = truncate_tokens(text, budget, get_tokenizer(self.model))
+        self.truncated += int(cut.truncated)
+        return cut.text.strip() if cut.truncated else text
 
     def prepare(self, item_ids: Iterable[int]) -> None:
         """Look up every item needed (one pass over the store's refs)."""
@@ -250,17 +302,18 @@ class ItemTexts:
         refs = self.store.get_refs(ITEM_REF_NAMESPACE, [str(i) for i in needed])
         summaries = self.store.get_many(refs.values())
         known = self.items.index
+        budgets = self.budgets
         for item_id in needed:
             in_table = item_id in known
-            title = _clean(self.items.at[item_id, "title"]) if in_table else ""
+            title = self._fit(_clean(self.items.at[item_id, "title"]), budgets.title) if in_table else ""
             summary = summaries.get(refs.get(str(item_id), ""), None)
             if summary is not None:
-                self._lines[item_id] = f"{title}: {_clean(summary)}" if title else _clean(summary)
+                line = f"{title}: {_clean(summary)}" if title else _clean(summary)
+                self._lines[item_id] = self._fit(line, budgets.history_item)
             elif in_table:
                 self.without_summary.add(item_id)
-                description = _clean(self.items.at[item_id, "description"])[:MAX_DESCRIPTION_CHARS]
-                line = ". ".join(p for p in (title, description) if p)
-                self._lines[item_id] = line or "an item with no title or description"
+                line = ". ".join(p for p in (title, _clean(self.items.at[item_id, "description"])) if p)
+                self._lines[item_id] = self._fit(line, budgets.history_item) or "an item with no title or description"
 
     def has(self, item_id: int) -> bool:
         if int(item_id) not in self._lines:
@@ -278,9 +331,28 @@ def _numbered(lines: Sequence[str], tokenizer) -> str:
     return "\n".join(f"{i}. {escape_untrusted(line, tokenizer)}" for i, line in enumerate(lines, 1))
 
 
-def build_prompt(item_lines: Sequence[str], previous_summary: Optional[str], tokenizer, *, whole_history: bool = False) -> List[dict]:
-    """The chat messages of one summarisation step (every inserted text escaped)."""
+def build_prompt(item_lines: Sequence[str], previous_summary: Optional[str], tokenizer, *, whole_history: bool = False,
+                 budgets: Optional[TokenBudgets] = None, report: Optional[SummaryReport] = None) -> List[dict]:
+    """The chat messages of one summarisation step (every inserted text cut to its budget, then escaped).
+
+    With ``budgets``, the previous summary is cut to ``budgets.previous_summary`` tokens and the
+    numbered history block to ``budgets.history`` (keeping its end: the most recent items);
+    each cut adds one to ``report.truncated``. Lines are expected cut already (``ItemTexts``).
+    """
     items = _numbered(item_lines, tokenizer)
+    if budgets is not None:
+        block = truncate_tokens("\n".join(f"{i}. {line}" for i, line in enumerate(item_lines, 1)),
+                                budgets.history, tokenizer, keep="end")
+        if block.truncated:
+            items = escape_untrusted(block.text.strip(), tokenizer)
+        if previous_summary is not None:
+            cut = truncate_tokens(previous_summary, budgets.previous_summary, tokenizer)
+            previous_summary = cut.text.strip() if cut.truncated else previous_summary
+            block_cuts = int(block.truncated) + int(cut.truncated)
+        else:
+            block_cuts = int(block.truncated)
+        if report is not None:
+            report.truncated += block_cuts
     ask = ("Write one short paragraph about the user's tastes: the kinds of items, genres, styles "
            "or qualities they seem to like. Describe preferences only; do not list or retell the items.")
     if previous_summary is None:
@@ -333,7 +405,8 @@ class UserSummarizer:
                  model=None, progress: bool = True, on_unknown_item: str = "error"):
         self.store = store
         self.config = config
-        self.texts = ItemTexts(items, store, on_unknown_item=on_unknown_item)
+        self.texts = ItemTexts(items, store, model=model if model is not None else config.model_id,
+                               budgets=config.budgets, on_unknown_item=on_unknown_item)
         self._model = model
         self.progress = progress
 
@@ -345,7 +418,7 @@ class UserSummarizer:
     def step_key(self, previous: Optional[str], item_lines: Sequence[str]) -> str:
         c = self.config
         return SummaryStore.key(_STEP_KIND[c.mode], c.model_id, PROMPT_VERSION, c.settings.key(),
-                                {"previous": previous, "items": list(item_lines)})
+                                {"previous": previous, "items": list(item_lines), "budgets": c.budget_key})
 
     def plan(self, history: Sequence[int], previous: Optional[str] = None) -> List[_Step]:
         """The steps whose last one summarises ``history`` (``[]`` for an empty history).
@@ -402,6 +475,8 @@ class UserSummarizer:
         self.run_steps(steps, report)
         report.items_without_summary += len(self.texts.without_summary)
         self.texts.without_summary.clear()
+        report.truncated += self.texts.truncated
+        self.texts.truncated = 0
         return [plans[t][-1].key if plans[t] else t[0] for t in tasks]
 
     def run_steps(self, steps: Mapping[str, _Step], report: SummaryReport) -> None:
@@ -435,10 +510,14 @@ class UserSummarizer:
                         previous = self.store.get(s.previous)
                         if previous is None:  # the level before was generated or stored
                             raise RuntimeError(f"summary {s.previous} vanished from the store {self.store.path}")
-                    prompts.append(build_prompt(s.items, previous, lm.tokenizer, whole_history=self.config.mode == "direct"))
-                # Longest-first is not needed: generate_chat sorts each chunk by length. Chunks of
-                # one batch are stored as soon as they are done, so a crash loses one batch at most.
-                order = sorted(range(len(todo)), key=lambda i: len(prompts[i][0]["content"]))
+                    prompts.append(build_prompt(s.items, previous, lm.tokenizer, whole_history=self.config.mode == "direct",
+                                                budgets=self.config.budgets, report=report))
+                # Chunks by prompt length (generate_chat batches each chunk by length again);
+                # each is stored as soon as it is done, so a crash loses one chunk at most.
+                order = list(range(len(todo)))
+                if self.config.settings.sort_by_length:
+                    lengths = [len(lm.tokenizer.encode(p[0]["content"], add_special_tokens=False)) for p in prompts]
+                    order.sort(key=lengths.__getitem__)
                 chunk = max(1, int(self.config.settings.batch_size))
                 for start in range(0, len(order), chunk):
                     idx = order[start : start + chunk]
@@ -535,6 +614,7 @@ def summarize_users(
     settings: GenerationSettings = GenerationSettings(),
     progress: bool = True,
     on_unknown_item: str = "error",
+    budgets: TokenBudgets = TokenBudgets(),
 ) -> SummaryReport:
     """Summarise every row history of ``splits`` and every user's full history into the store.
 
@@ -560,6 +640,8 @@ def summarize_users(
         ``direct``: one prompt with the whole history per row (MLLM-MSR_R).
     settings : GenerationSettings
         Greedy by default.
+    budgets : TokenBudgets
+        Token budgets of the prompt's texts (recorded in every key).
 
     Returns
     -------
@@ -571,50 +653,85 @@ def summarize_users(
     >>> report = summarize_users("data/ml100k", "data/summaries", block_size=3)
     >>> print(report)
     """
-    data_dir, store = Path(data_dir), SummaryStore(summaries)
-    config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings)
-    items = read_items(data_dir / "items")
-    events = _read_table(data_dir / "events", ["user_id", "item_id", "position"], "events table")
-    summarizer = UserSummarizer(store, items, config, model=model, progress=progress, on_unknown_item=on_unknown_item)
-    report = SummaryReport()
+    run = UserSummaryRun(data_dir, summaries, splits=splits, model=model, block_size=block_size, mode=mode,
+                         settings=settings, progress=progress, on_unknown_item=on_unknown_item, budgets=budgets)
+    run.summarizer.summarize(run.histories, run.report, run.labels)
+    return run.finish()
 
-    histories: List[Tuple[int, ...]] = []
-    labels: List[str] = []
-    for split in splits:
-        path = data_dir / split
-        rows = _read_table(path, ["user_id"], f"{split} rows")
-        if "history_item_ids" in rows.columns:
-            lists = [list(h) if h is not None else [] for h in rows["history_item_ids"]]
-        elif "target_position" in rows.columns:
-            lists = history_lists(events, rows["user_id"], rows["target_position"])
-        else:
-            raise ValueError(f"{path}: rows need history_item_ids or target_position")
-        report.rows += len(rows)
-        report.empty_histories += sum(1 for h in lists if len(h) == 0)
-        # Rows of one group share a history: summarise each distinct (user, history) once.
-        for user, history in {(int(u), tuple(int(i) for i in h)) for u, h in zip(rows["user_id"], lists)}:
-            histories.append(history)
-            labels.append(f"{path} (user {user})")
 
-    full: Dict[int, Tuple[int, ...]] = {}
-    if mode == "recurrent":
-        ordered = events.sort_values(["user_id", "position"], kind="stable")
-        raw = {int(u): tuple(int(i) for i in g["item_id"]) for u, g in ordered.groupby("user_id", sort=True)}
-        cleaned = summarizer._clean_histories(list(raw.values()), report, [f"{data_dir / 'events'} (user {u})" for u in raw])
-        full = dict(zip(raw, cleaned))
-        for user, history in full.items():
-            # Only full blocks: a user's recorded chain ends at the last block boundary.
-            histories.append(history[: len(history) - len(history) % block_size])
-            labels.append(f"{data_dir / 'events'} (user {user})")
+class UserSummaryRun:
+    """:func:`summarize_users` in parts, so the generation can run elsewhere (a Dask cluster).
 
-    summarizer.summarize(histories, report, labels)
-    if full:
-        store.put_user_states(summarizer.boundary_state(u, h) for u, h in full.items())
-    # Both modes: readers of the store (train_ranker, evaluate_ranker, the Triton export) rebuild
-    # each row's summary key from this config. update_users refuses a direct one.
-    _record_config(store, config, items_path=data_dir / "items")
-    store.close()
-    return report
+    Making one reads the data and lists the distinct histories to summarise (``histories``,
+    with ``users`` and ``labels``): every row history of ``splits`` and, in recurrent mode,
+    each user's full history up to its last block boundary. Generate their summaries (with
+    ``summarizer.summarize`` or the ``UserPreferenceSummary`` operator under ``config``), then
+    :meth:`finish` records the users' states and the run's configuration, which the readers
+    of the store need; it generates nothing when every step is stored.
+
+    Example
+    -------
+    >>> run = UserSummaryRun("data/ml100k", "data/summaries")
+    >>> run.summarizer.summarize(run.histories, run.report, run.labels)
+    >>> report = run.finish()
+    """
+
+    def __init__(self, data_dir, summaries, *, splits: Sequence[str] = ("train", "valid", "test"), model=None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, mode: str = "recurrent",
+                 settings: GenerationSettings = GenerationSettings(), progress: bool = True,
+                 on_unknown_item: str = "error", budgets: TokenBudgets = TokenBudgets()):
+        self.data_dir = data_dir = Path(data_dir)
+        self.store = store = SummaryStore(summaries)
+        self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings, budgets)
+        items = read_items(data_dir / "items")
+        events = _read_table(data_dir / "events", ["user_id", "item_id", "position"], "events table")
+        self.summarizer = UserSummarizer(store, items, self.config, model=model, progress=progress,
+                                         on_unknown_item=on_unknown_item)
+        self.report = report = SummaryReport()
+        self.histories: List[Tuple[int, ...]] = []
+        self.users: List[int] = []
+        self.labels: List[str] = []
+        for split in splits:
+            path = data_dir / split
+            rows = _read_table(path, ["user_id"], f"{split} rows")
+            if "history_item_ids" in rows.columns:
+                lists = [list(h) if h is not None else [] for h in rows["history_item_ids"]]
+            elif "target_position" in rows.columns:
+                lists = history_lists(events, rows["user_id"], rows["target_position"])
+            else:
+                raise ValueError(f"{path}: rows need history_item_ids or target_position")
+            report.rows += len(rows)
+            report.empty_histories += sum(1 for h in lists if len(h) == 0)
+            # Rows of one group share a history: summarise each distinct (user, history) once.
+            for user, history in sorted({(int(u), tuple(int(i) for i in h)) for u, h in zip(rows["user_id"], lists)}):
+                self._add(user, history, f"{path} (user {user})")
+
+        self.full: Dict[int, Tuple[int, ...]] = {}
+        if mode == "recurrent":
+            ordered = events.sort_values(["user_id", "position"], kind="stable")
+            raw = {int(u): tuple(int(i) for i in g["item_id"]) for u, g in ordered.groupby("user_id", sort=True)}
+            cleaned = self.summarizer._clean_histories(list(raw.values()), report,
+                                                       [f"{data_dir / 'events'} (user {u})" for u in raw])
+            self.full = dict(zip(raw, cleaned))
+            for user, history in self.full.items():
+                # Only full blocks: a user's recorded chain ends at the last block boundary.
+                self._add(user, history[: len(history) - len(history) % block_size], f"{data_dir / 'events'} (user {user})")
+
+    def _add(self, user: int, history: Tuple[int, ...], label: str) -> None:
+        self.users.append(user)
+        self.histories.append(history)
+        self.labels.append(label)
+
+    def finish(self) -> SummaryReport:
+        """Record the users' states and this run's configuration; close the store; the report."""
+        if self.full:
+            self.store.refresh()
+            self.store.put_user_states(self.summarizer.boundary_state(u, h) for u, h in self.full.items())
+        # Both modes: readers of the store (train_ranker, evaluate_ranker, the Triton export) rebuild
+        # each row's summary key from this config. update_users refuses a direct one.
+        _record_config(self.store, self.config, items_path=self.data_dir / "items")
+        self.store.close()
+        return self.report
 
 
 def _record_config(store: SummaryStore, config: UserSummaryConfig, items_path: Optional[Path]) -> None:
@@ -624,7 +741,8 @@ def _record_config(store: SummaryStore, config: UserSummaryConfig, items_path: O
     store.put_refs(CONFIG_REF_NAMESPACE, {"latest": key})
 
 
-def _resolve_config(store: SummaryStore, model, block_size, settings, items, need_items: bool = True) -> Tuple[UserSummaryConfig, object]:
+def _resolve_config(store: SummaryStore, model, block_size, settings, items, need_items: bool = True,
+                    budgets: Optional[TokenBudgets] = None) -> Tuple[UserSummaryConfig, object]:
     """The configuration of the last ``summarize_users`` run, overridden by explicit arguments."""
     recorded = {}
     key = store.get_ref(CONFIG_REF_NAMESPACE, "latest")
@@ -638,7 +756,9 @@ def _resolve_config(store: SummaryStore, model, block_size, settings, items, nee
         items = recorded.get("items_path")
         if items is None and need_items:
             raise ValueError(f"the store {store.path} records no items table: pass items=")
-    return UserSummaryConfig(model_id, int(block_size), recorded.get("mode", "recurrent"), settings), items
+    if budgets is None:
+        budgets = TokenBudgets.from_dict(recorded.get("budgets"))
+    return UserSummaryConfig(model_id, int(block_size), recorded.get("mode", "recurrent"), settings, budgets), items
 
 
 def update_users(
@@ -651,6 +771,7 @@ def update_users(
     settings: Optional[GenerationSettings] = None,
     progress: bool = True,
     on_unknown_item: str = "error",
+    budgets: Optional[TokenBudgets] = None,
 ) -> SummaryReport:
     """Extend users' recurrent summaries with new events: only new full blocks are summarised.
 
@@ -668,7 +789,7 @@ def update_users(
         The summary store folder written by :func:`summarize_users`.
     items : path or DataFrame, optional
         The item table; default: the one recorded by the last ``summarize_users`` run.
-    model, block_size, settings : optional
+    model, block_size, settings, budgets : optional
         Default: those of the last ``summarize_users`` run (the state is kept per configuration).
 
     Example
@@ -677,7 +798,7 @@ def update_users(
     >>> report.llm_calls          # one per user with a newly completed block
     """
     store = SummaryStore(summaries)
-    config, items = _resolve_config(store, model, block_size, settings, items)
+    config, items = _resolve_config(store, model, block_size, settings, items, budgets=budgets)
     if config.mode != "recurrent":
         raise ValueError(
             f"the store {store.path} was last filled in {config.mode!r} mode (one prompt over the "
