@@ -1,0 +1,148 @@
+"""The hybrid ranker's tabular features for one split of a prepared folder, without leakage.
+
+For a split S, every feature of S's rows comes from :func:`merlin_mllm.baselines.training_events`
+``(data_dir, S)``: the events logged before S is scored. No target of S (or of a later split) is
+counted, and the training split's rows see fewer events than the test split's, exactly as a
+deployed pipeline would have seen at each time.
+
+* :func:`collaborative_features`: :class:`merlin_mllm.data.collaborative.CollaborativeFeatures`
+  (the NVTabular workflow of log item count, log recent-window count and log user activity)
+  fitted on those events.
+* :func:`add_retrieval_scores`: the upstream retrieval score, a compact SASRec
+  (:mod:`merlin_mllm.baselines`) trained on the same events, as a ``retrieval_score`` column.
+* :func:`fusion_feature_rows`: S's rows with all of them, what
+  :func:`merlin_mllm.pipelines.fusion.train_fusion_head` trains and scores on.
+
+Usage::
+
+    from merlin_mllm.pipelines.features import FUSION_FEATURES, fusion_feature_rows
+    train = fusion_feature_rows("data/ml100k", "train", seed=0)   # SASRec trained on train-time events
+    test = fusion_feature_rows("data/ml100k", "test", seed=0)
+    train[list(FUSION_FEATURES)].describe()
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from merlin_mllm.baselines import (
+    SequentialBaseline,
+    SequentialSettings,
+    sequential_scores,
+    split_rows,
+    train_sequential_baseline,
+    training_events,
+)
+from merlin_mllm.data.collaborative import FEATURE_COLUMNS, CollaborativeFeatures
+
+__all__ = [
+    "RETRIEVAL_COLUMN",
+    "FUSION_FEATURES",
+    "collaborative_features",
+    "add_retrieval_scores",
+    "fusion_feature_rows",
+]
+
+PathLike = Union[str, os.PathLike]
+
+RETRIEVAL_COLUMN = "retrieval_score"
+#: The non-LLM fusion's inputs: the collaborative columns plus the upstream retrieval score.
+FUSION_FEATURES = (*FEATURE_COLUMNS, RETRIEVAL_COLUMN)
+
+
+def collaborative_features(data_dir: PathLike, split: str = "test", *, recent_days: float = 30.0,
+                           work_dir: Optional[PathLike] = None) -> CollaborativeFeatures:
+    """The collaborative feature workflow fitted on the events logged before ``split`` is scored.
+
+    Parameters
+    ----------
+    data_dir : path
+        Output of ``prepare_dataset``.
+    split : str
+        ``"train"``, ``"valid"`` or ``"test"``: the split whose rows will be transformed.
+    recent_days : float
+        Width of the recent-count window, ending at the latest of those events.
+    work_dir : path, optional
+        Where the workflow keeps its statistics (default: a temporary folder).
+
+    Returns
+    -------
+    CollaborativeFeatures
+        Fitted; ``.transform(rows)`` adds the columns.
+    """
+    return CollaborativeFeatures(recent_days, work_dir=work_dir).fit(training_events(data_dir, split))
+
+
+def add_retrieval_scores(rows: pd.DataFrame, data_dir: PathLike, split: str = "test", *,
+                         baseline: Optional[SequentialBaseline] = None, kind: str = "sasrec", seed: int = 0,
+                         settings: Optional[SequentialSettings] = None,
+                         column: str = RETRIEVAL_COLUMN) -> pd.DataFrame:
+    """``rows`` of ``split`` with ``column`` = a compact sequential model's score of each row.
+
+    The model is trained on the events logged before ``split`` is scored (so, for the training
+    split, it never saw the training targets), unless ``baseline`` is given.
+
+    Parameters
+    ----------
+    rows : DataFrame
+        Rows of ``split`` (all or some), with ``group_id`` and ``item_id``.
+    data_dir : path
+    split : str
+    baseline : SequentialBaseline, optional
+        A model already trained with ``train_sequential_baseline(..., split=split)``. One trained
+        for a later split has seen this split's targets: its scores would leak them.
+    kind : {"sasrec", "gru4rec"}
+        The model to train when ``baseline`` is None.
+    seed : int
+        Its training seed.
+    settings : SequentialSettings, optional
+    column : str
+        Name of the added column.
+
+    Returns
+    -------
+    DataFrame
+        A copy of ``rows`` plus ``column`` (float64), in row order.
+    """
+    if baseline is None:
+        baseline = train_sequential_baseline(kind, data_dir, seed, split=split, settings=settings)
+    scored = sequential_scores(baseline, data_dir, split)[["group_id", "item_id", "score"]]
+    merged = rows[["group_id", "item_id"]].merge(scored, on=["group_id", "item_id"], how="left", validate="m:1")
+    unmatched = merged["score"].isna().to_numpy()
+    if unmatched.any():
+        first = rows.iloc[int(np.flatnonzero(unmatched)[0])]
+        raise ValueError(f"{int(unmatched.sum())} rows are not rows of split {split!r} in {Path(data_dir)} "
+                         f"(e.g. group {first['group_id']}, item {first['item_id']})")
+    return rows.assign(**{column: merged["score"].to_numpy(np.float64)})
+
+
+def fusion_feature_rows(data_dir: PathLike, split: str = "test", *, recent_days: float = 30.0,
+                        retrieval: bool = True, baseline: Optional[SequentialBaseline] = None, seed: int = 0,
+                        settings: Optional[SequentialSettings] = None) -> pd.DataFrame:
+    """The rows of ``split`` with :data:`FUSION_FEATURES` (or the collaborative ones only).
+
+    Parameters
+    ----------
+    data_dir : path
+    split : str
+    recent_days : float
+        See :func:`collaborative_features`.
+    retrieval : bool
+        Add ``retrieval_score`` (trains a compact SASRec on the split's training-time events
+        unless ``baseline`` is given).
+    baseline, seed, settings
+        See :func:`add_retrieval_scores`.
+
+    Returns
+    -------
+    DataFrame
+        group_id, user_id, item_id, label, target_position, history_item_ids, ... and the features.
+    """
+    rows = collaborative_features(data_dir, split, recent_days=recent_days).transform(split_rows(data_dir, split))
+    if retrieval:
+        rows = add_retrieval_scores(rows, data_dir, split, baseline=baseline, seed=seed, settings=settings)
+    return rows

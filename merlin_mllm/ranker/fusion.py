@@ -1,0 +1,214 @@
+"""The hybrid ranker's score: a small tabular head, plus the LLM's yes-minus-no logit when there is one.
+
+Issue 16's tabular fusion scores a (user, candidate) row with
+
+    logit = head(tabular features) + scale * (logit(Yes) - logit(No))
+
+where the features are the pipeline's collaborative columns (``item_log_count``,
+``item_log_recent_count``, ``user_log_count``: :mod:`merlin_mllm.data.collaborative`) and an
+upstream retrieval score. Leaving the LLM out gives the same head alone: the non-LLM control
+that says whether the LLM adds anything.
+
+Pieces (both ``merlin.models.torch`` Blocks, taking a Merlin batch's feature dict)
+--------------------------------------------------------------------------------
+:class:`TabularFusionHead`
+    Named scalar feature columns -> standardised (fixed mean/std, set from training rows by
+    :meth:`~TabularFusionHead.fit_scaling`) -> ``mm.MLPBlock(hidden)`` -> ``Linear(., 1)`` ->
+    one logit per row, shape (B,).
+:class:`HybridScore`
+    ``head(inputs)`` plus the LLM's logit, from a module (e.g.
+    :class:`merlin_mllm.ranker.block.RankerBlock`, trained jointly) or from a column of
+    precomputed logits. :meth:`~HybridScore.head_logit` and :meth:`~HybridScore.llm_logit`
+    keep each part's score available, so its share of the gain can be measured.
+
+Three properties of merlin.models.torch 23.12's ``MLPBlock`` shape the head: its layers are
+``LazyLinear`` (so the head runs one dummy row at construction, and an optimizer made right
+after sees real parameters), its dict input is concatenated in *sorted* key order (so the head
+stacks the columns itself, in ``feature_names`` order), and its batch norm is spelled
+``normalization="batchnorm"`` (the docstring's ``"batch_norm"`` raises); the head standardises
+with fixed statistics instead, so a score does not depend on the batch it came in.
+
+Usage::
+
+    import torch
+    from merlin_mllm.ranker.fusion import HybridScore, TabularFusionHead
+
+    head = TabularFusionHead(["item_log_count", "retrieval_score"], hidden=(16,))
+    head.fit_scaling(train_features)                  # (N, 2) array of the training rows
+    logits = head({"item_log_count": counts, "retrieval_score": scores})          # (B,)
+    hybrid = HybridScore(head, llm_column="llm_logit")  # or HybridScore(head, llm=ranker_block)
+    hybrid({**features, "llm_logit": llm_logits})     # head logit + LLM logit
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from merlin_mllm import merlin_compat
+
+merlin_compat.apply()
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # merlin warns about absent TensorFlow / GPU libraries
+    import merlin.models.torch as mm
+    from merlin.models.torch.batch import Batch
+
+__all__ = ["TabularFusionHead", "HybridScore"]
+
+Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
+#: A feature whose training spread is below this is only centred, not scaled (e.g. a user
+#: activity that every training user shares).
+_MIN_STD = 1e-6
+
+
+class TabularFusionHead(mm.Block):
+    """An MLP from named scalar feature columns to one logit per row.
+
+    Parameters
+    ----------
+    feature_names : sequence of str
+        The input columns, in the order the head stacks them.
+    hidden : sequence of int
+        Widths of the hidden layers (``mm.MLPBlock``); ``()`` makes the head linear.
+    dropout : float, optional
+        Dropout after each hidden layer.
+    activation : type of nn.Module
+        Activation after each hidden layer (default ReLU).
+
+    Examples
+    --------
+    >>> head = TabularFusionHead(["a", "b"], hidden=(4,))
+    >>> head({"a": torch.zeros(3), "b": torch.ones(3, 1)}).shape
+    torch.Size([3])
+    """
+
+    def __init__(self, feature_names: Sequence[str], hidden: Sequence[int] = (16,), *,
+                 dropout: Optional[float] = None, activation=nn.ReLU):
+        super().__init__()
+        if isinstance(feature_names, str) or not len(feature_names):
+            raise ValueError(f"feature_names must be a non-empty sequence of column names, got {feature_names!r}")
+        if len(set(feature_names)) != len(feature_names):
+            raise ValueError(f"feature_names repeat a column: {list(feature_names)}")
+        self.feature_names = tuple(str(name) for name in feature_names)
+        self.hidden = tuple(int(width) for width in hidden)
+        if any(width < 1 for width in self.hidden):
+            raise ValueError(f"hidden widths must be positive, got {self.hidden}")
+        width = len(self.feature_names)
+        self.register_buffer("feature_mean", torch.zeros(width))
+        self.register_buffer("feature_std", torch.ones(width))
+        self.mlp = mm.MLPBlock(list(self.hidden), activation=activation, dropout=dropout) if self.hidden else None
+        self.output_layer = nn.Linear(self.hidden[-1] if self.hidden else width, 1)
+        if self.mlp is not None:
+            with torch.no_grad():  # materialise MLPBlock's LazyLinear layers
+                self.mlp(torch.zeros(1, width))
+
+    def feature_matrix(self, inputs: Features) -> torch.Tensor:
+        """The inputs as a float (B, n_features) tensor, columns in ``feature_names`` order."""
+        if isinstance(inputs, torch.Tensor):
+            matrix = inputs.reshape(-1, 1) if inputs.dim() == 1 and len(self.feature_names) == 1 else inputs
+            if matrix.dim() != 2 or matrix.shape[1] != len(self.feature_names):
+                raise ValueError(f"expected a (B, {len(self.feature_names)}) tensor of {list(self.feature_names)}, "
+                                 f"got shape {tuple(inputs.shape)}")
+            return matrix.float()
+        missing = [name for name in self.feature_names if name not in inputs]
+        if missing:
+            raise KeyError(f"TabularFusionHead needs feature column(s) {missing}; the inputs have {sorted(inputs)}")
+        return torch.stack([inputs[name].reshape(-1).float() for name in self.feature_names], dim=1)
+
+    @torch.no_grad()
+    def fit_scaling(self, features) -> "TabularFusionHead":
+        """Standardise each column by its mean and std over ``features`` (the training rows).
+
+        Parameters
+        ----------
+        features : array-like, tensor or mapping of columns
+            (N, n_features) in ``feature_names`` order, or a DataFrame / dict with those columns.
+
+        Returns
+        -------
+        TabularFusionHead
+            ``self``.
+        """
+        if hasattr(features, "columns") or isinstance(features, dict):
+            features = np.stack([np.asarray(features[name], dtype=np.float64) for name in self.feature_names], axis=1)
+        matrix = torch.as_tensor(np.asarray(features, dtype=np.float64))
+        if matrix.dim() != 2 or matrix.shape[1] != len(self.feature_names) or matrix.shape[0] == 0:
+            raise ValueError(f"fit_scaling needs an (N, {len(self.feature_names)}) matrix, got {tuple(matrix.shape)}")
+        std = matrix.std(dim=0, unbiased=False)
+        self.feature_mean.copy_(matrix.mean(dim=0).float())
+        self.feature_std.copy_(torch.where(std < _MIN_STD, torch.ones_like(std), std).float())
+        return self
+
+    def forward(self, inputs: Features, batch: Optional[Batch] = None) -> torch.Tensor:
+        x = (self.feature_matrix(inputs).to(self.feature_mean.device) - self.feature_mean) / self.feature_std
+        if self.mlp is not None:
+            x = self.mlp(x)
+        return self.output_layer(x).squeeze(-1)
+
+
+class HybridScore(mm.Block):
+    """The head's logit plus the LLM's yes-minus-no logit (absent LLM: the head alone).
+
+    Parameters
+    ----------
+    head : TabularFusionHead
+    llm : nn.Module, optional
+        Maps the inputs (and ``batch``) to the LLM's logit(Yes) - logit(No), shape (B,): e.g. a
+        :class:`merlin_mllm.ranker.block.RankerBlock`, trained jointly with the head.
+    llm_column : str, optional
+        Instead of ``llm``: the input column holding precomputed LLM logits (a frozen ranker's).
+        When set, a batch without it raises.
+    learn_llm_scale : bool
+        Multiply the LLM logit by a trainable scalar (initialised to 1) instead of the fixed 1.
+
+    Examples
+    --------
+    >>> head = TabularFusionHead(["a"], hidden=())
+    >>> hybrid = HybridScore(head, llm_column="llm_logit")
+    >>> inputs = {"a": torch.ones(2), "llm_logit": torch.tensor([1.0, -1.0])}
+    >>> torch.allclose(hybrid(inputs), head(inputs) + inputs["llm_logit"])
+    True
+    """
+
+    def __init__(self, head: TabularFusionHead, llm: Optional[nn.Module] = None, *,
+                 llm_column: Optional[str] = None, learn_llm_scale: bool = False):
+        super().__init__()
+        if llm is not None and llm_column is not None:
+            raise ValueError("give the LLM either as a module (llm) or as a column of logits (llm_column), not both")
+        self.head = head
+        self.llm = llm
+        self.llm_column = llm_column
+        if learn_llm_scale:
+            self.llm_scale = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.register_buffer("llm_scale", torch.tensor(1.0))
+
+    @property
+    def has_llm(self) -> bool:
+        return self.llm is not None or self.llm_column is not None
+
+    def head_logit(self, inputs: Features, batch: Optional[Batch] = None) -> torch.Tensor:
+        """The tabular head's logit alone, (B,)."""
+        return self.head(inputs)
+
+    def llm_logit(self, inputs: Dict[str, torch.Tensor], batch: Optional[Batch] = None) -> Optional[torch.Tensor]:
+        """The LLM's yes-minus-no logit, (B,), unscaled; None without an LLM."""
+        if self.llm is not None:
+            return self.llm(inputs, batch=batch).reshape(-1)
+        if self.llm_column is not None:
+            if self.llm_column not in inputs:
+                raise KeyError(f"HybridScore reads the LLM logit from column {self.llm_column!r}; "
+                               f"the inputs have {sorted(inputs)}")
+            return inputs[self.llm_column].reshape(-1).float()
+        return None
+
+    def forward(self, inputs: Features, batch: Optional[Batch] = None) -> torch.Tensor:
+        logit = self.head_logit(inputs, batch)
+        llm = self.llm_logit(inputs, batch) if self.has_llm else None
+        if llm is None:
+            return logit
+        return logit + self.llm_scale * llm.to(logit.dtype)
