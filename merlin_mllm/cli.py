@@ -19,8 +19,9 @@ import typer
 from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.config import DEFAULT_RECIPE, RECIPES, TrainConfig
 from merlin_mllm.serving.tritonserver import TritonServer
+from merlin_mllm.text import TokenBudgets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MLLM-MSR ranking stage for NVIDIA Merlin.")
@@ -112,6 +113,27 @@ def _print_report(report) -> None:
     typer.echo(f"report: {report}")
 
 
+def _budget_option(name: str, help: str):
+    """A token-budget option with :class:`TokenBudgets`' default for field ``name``."""
+    return typer.Option(TokenBudgets.__dataclass_fields__[name].default, help=f"{help} (recorded in the summary keys)")
+
+
+_WORKERS_HELP = ("0: run in this process; N: an NVTabular workflow on a local Dask cluster of N worker "
+                 "processes (one store segment each)")
+_SCHEDULER_HELP = ("Address of an existing dask.distributed scheduler (tcp://host:8786) to run the workflow on; "
+                   "its workers must see --data and --summaries at the same paths")
+
+
+def _on_cluster(workers: int, scheduler: Optional[str], run_here, run_on_cluster):
+    """``run_here()`` when neither --workers nor --scheduler is given, else ``run_on_cluster(client)``."""
+    if not workers and not scheduler:
+        return run_here()
+    from merlin_mllm.pipelines.summaries import dask_client
+
+    with dask_client(workers=workers, scheduler=scheduler) as client:
+        return run_on_cluster(client)
+
+
 @summarize_app.command("items")
 def summarize_items_cmd(
     data: Path = typer.Option(..., help="Prepared data folder (holds items/)"),
@@ -124,16 +146,27 @@ def summarize_items_cmd(
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding"),
     seed: int = typer.Option(0),
     skip_empty: bool = typer.Option(True, help="Skip (and count) items with neither image nor text, instead of failing"),
+    title_tokens: int = _budget_option("title", "Titles are cut to this many tokens"),
+    description_tokens: int = _budget_option("description", "Descriptions are cut to this many tokens"),
+    workers: int = typer.Option(0, help=_WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, help=_SCHEDULER_HELP),
 ):
     """Summarise every item from its image and text into the store."""
     from merlin_mllm.summaries.item import summarize_items
 
     with user_errors():
-        report = summarize_items(
-            data, summaries, backend=backend, model=model, mode=mode,
-            settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
-            on_empty="skip" if skip_empty else "error", progress=True,
-        )
+        options = dict(backend=backend, model=model, mode=mode,
+                       settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
+                       budgets=TokenBudgets(title=title_tokens, description=description_tokens),
+                       on_empty="skip" if skip_empty else "error")
+
+        def on_cluster(client):
+            from merlin_mllm.pipelines.summaries import summarize_items_on_cluster
+
+            return summarize_items_on_cluster(data, summaries, client, **options)
+
+        report = _on_cluster(workers, scheduler, lambda: summarize_items(data, summaries, progress=True, **options),
+                             on_cluster)
     _print_report(report)
 
 
@@ -148,15 +181,29 @@ def summarize_users_cmd(
     batch_size: int = typer.Option(16),
     sample: bool = typer.Option(False, help="Sample (the paper used T=0.6, top-p 0.9) instead of greedy"),
     seed: int = typer.Option(0),
+    title_tokens: int = _budget_option("title", "A history item's title is cut to this many tokens"),
+    history_item_tokens: int = _budget_option("history_item", "Each history line (title + item summary) is cut to this"),
+    previous_summary_tokens: int = _budget_option("previous_summary", "The summary a recurrent step continues is cut to this"),
+    history_tokens: int = _budget_option("history", "A prompt's block of history lines is cut to this, keeping the most recent"),
+    workers: int = typer.Option(0, help=_WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, help=_SCHEDULER_HELP),
 ):
     """Recurrent user-preference summaries for every row's history, cached in the store."""
     from merlin_mllm.summaries.user import summarize_users
 
     with user_errors():
-        report = summarize_users(
-            data, summaries, model=model, block_size=block_size, mode=mode,
-            settings=_generation_settings(max_new_tokens, batch_size, sample, seed), progress=True,
-        )
+        options = dict(model=model, block_size=block_size, mode=mode,
+                       settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
+                       budgets=TokenBudgets(title=title_tokens, history_item=history_item_tokens,
+                                            previous_summary=previous_summary_tokens, history=history_tokens))
+
+        def on_cluster(client):
+            from merlin_mllm.pipelines.summaries import summarize_users_on_cluster
+
+            return summarize_users_on_cluster(data, summaries, client, **options)
+
+        report = _on_cluster(workers, scheduler, lambda: summarize_users(data, summaries, progress=True, **options),
+                             on_cluster)
     _print_report(report)
 
 
@@ -180,6 +227,17 @@ def _train_option(name: str):
     return typer.Option(setting.default, help=setting.metadata["help"])
 
 
+def _recipe_option(name: str):
+    """A ``train`` option whose default comes from the ``--recipe`` (``None`` here)."""
+    values = ", ".join(f"{recipe} {getattr(TrainConfig.recipe(recipe), name):g}" for recipe in RECIPES)
+    help = TrainConfig.__dataclass_fields__[name].metadata["help"]
+    return typer.Option(None, help=f"{help} (default: the recipe's: {values})", show_default=False)
+
+
+_RECIPE_HELP = ("Training settings, overridden by the options below: "
+                + "; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
+
+
 @app.command()
 def train(
     data: Path = typer.Option(..., help="Prepared data folder (train/ valid/ items/)"),
@@ -187,29 +245,37 @@ def train(
     out: Path = typer.Option(..., help="Run folder: checkpoints/ (resumed if present) and model/"),
     model: Optional[str] = typer.Option(None, help="Base MLLM id or folder; default: embedded SmolLM2 + EfficientNet-Lite0"),
     no_image: bool = typer.Option(False, "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
-    epochs: int = _train_option("epochs"),
+    recipe: str = typer.Option(DEFAULT_RECIPE, metavar="|".join(RECIPES), help=_RECIPE_HELP),
+    epochs: Optional[int] = _recipe_option("epochs"),
     max_steps: int = _train_option("max_steps"),
-    lr: float = _train_option("lr"),
+    lr: Optional[float] = _recipe_option("lr"),
     projector_lr: Optional[float] = _train_option("projector_lr"),
     lora_r: int = _train_option("lora_r"),
     lora_alpha: int = _train_option("lora_alpha"),
     lora_dropout: float = _train_option("lora_dropout"),
-    grad_accum: int = _train_option("grad_accum"),
-    batch_size: int = _train_option("batch_size"),
+    grad_accum: Optional[int] = _recipe_option("grad_accum"),
+    batch_size: Optional[int] = _recipe_option("batch_size"),
     max_length: int = _train_option("max_length"),
     seed: int = _train_option("seed"),
     devices: int = typer.Option(TrainConfig.devices, help="Processes/GPUs; >1 trains with DDP"),
 ):
-    """LoRA SFT of the Yes/No ranker through Merlin's dataloader and Lightning (loss on the answer only)."""
+    """LoRA SFT of the Yes/No ranker through Merlin's dataloader and Lightning (loss on the answer only).
+
+    Warns, with the numbers, when the run makes too few optimizer steps to move the adapter.
+    """
     from merlin_mllm.pipelines.training import train_ranker
 
     with user_errors():
-        config = TrainConfig(
-            model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, grad_accum=grad_accum,
-            max_length=max_length, batch_size=batch_size, seed=seed, devices=devices,
-            strategy="ddp" if devices > 1 else "auto",
+        chosen = {name: value for name, value in dict(epochs=epochs, lr=lr, grad_accum=grad_accum,
+                                                      batch_size=batch_size).items() if value is not None}
+        config = TrainConfig.recipe(
+            recipe, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
+            strategy="ddp" if devices > 1 else "auto", **chosen,
         )
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            typer.echo(f"recipe {recipe}: lr {config.lr:g}, micro-batches of {config.batch_size}, "
+                       f"{config.grad_accum} per optimizer step, {config.epochs} epoch(s)")
         path = train_ranker(data, summaries, out, config, progress=True)
     # Under DDP Lightning re-runs this command on every rank: only rank 0 reports.
     if os.environ.get("LOCAL_RANK", "0") == "0":

@@ -70,3 +70,68 @@ def test_a_changed_copy_is_checked_too():
 def test_importing_it_loads_no_torch():
     code = "import sys, merlin_mllm.pipelines as p; p.TrainConfig(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------- recipes and the step warning
+def test_recipes_by_name():
+    from merlin_mllm.pipelines.config import DEFAULT_RECIPE, RECIPES
+
+    assert DEFAULT_RECIPE == "small-budget" and set(RECIPES) == {"small-budget", "paper"}
+    small = TrainConfig.recipe("small-budget")
+    assert (small.lr, small.batch_size, small.grad_accum, small.epochs) == (5e-4, 8, 1, 2)  # the quickstart's
+    assert TrainConfig.recipe("paper") == TrainConfig.paper() == TrainConfig()
+    assert TrainConfig.recipe("small-budget", epochs=1, lr=1e-3).epochs == 1
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TrainConfig.recipe("fast")
+
+
+def test_optimizer_steps_count_micro_batches_accumulation_epochs_and_max_steps():
+    paper, small = TrainConfig.recipe("paper"), TrainConfig.recipe("small-budget")
+    # The 40-user quickstart folder: 64 training rows (32 users x 1 positive + 1 negative).
+    assert paper.optimizer_steps(64) == 2  # 16 micro-batches of 4, 8 per step
+    assert small.optimizer_steps(64) == 16  # 8 micro-batches of 8, 2 epochs
+    assert TrainConfig.paper(grad_accum=8).optimizer_steps(65) == 3  # a last, partial accumulation steps too
+    assert small.optimizer_steps(64, world_size=2) == 8
+    assert TrainConfig.small_budget(max_steps=5).optimizer_steps(1510) == 5
+    assert TrainConfig.small_budget().optimizer_steps(1510) == 189  # sft_vs_zero_shot.json's one epoch
+
+
+def test_too_few_steps_warns_with_the_numbers():
+    from merlin_mllm.pipelines.config import MIN_LR_STEPS
+
+    warning = TrainConfig.recipe("paper").too_few_steps(64)
+    assert warning is not None
+    for number in ("2 optimizer step(s)", "lr 2e-05", "64 training rows", "lr x steps = 4e-05", "0.005", "250 steps"):
+        assert number in warning, (number, warning)
+    assert TrainConfig.recipe("small-budget").too_few_steps(64) is None  # 16 x 5e-4 = 8e-3
+    assert TrainConfig.small_budget().too_few_steps(1510) is None
+    # At the threshold: 10 steps at 5e-4 (the smallest measured run that moved the ranker) pass.
+    assert TrainConfig.small_budget(max_steps=10).too_few_steps(1510) is None
+    assert "max_steps 9" in TrainConfig.small_budget(max_steps=9).too_few_steps(1510)
+    assert MIN_LR_STEPS == 5e-3
+
+
+def test_train_cli_takes_the_recipe_and_its_overrides(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import merlin_mllm.pipelines.training as training
+    from merlin_mllm.cli import app
+
+    seen = []
+    monkeypatch.setattr(training, "train_ranker", lambda data, summaries, out, config, progress: seen.append(config) or out)
+    base = ["train", "--data", str(tmp_path), "--summaries", str(tmp_path), "--out", str(tmp_path / "run")]
+    runner = CliRunner()
+    for extra, expected in (
+        ([], TrainConfig.recipe("small-budget")),
+        (["--recipe", "paper"], TrainConfig.recipe("paper")),
+        (["--recipe", "paper", "--lr", "1e-4", "--epochs", "3"], TrainConfig.recipe("paper", lr=1e-4, epochs=3)),
+        (["--batch-size", "4"], TrainConfig.recipe("small-budget", batch_size=4)),
+    ):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+        got = seen.pop()
+        assert (got.lr, got.batch_size, got.grad_accum, got.epochs) == \
+            (expected.lr, expected.batch_size, expected.grad_accum, expected.epochs)
+        assert f"recipe {extra[1] if extra[:1] == ['--recipe'] else 'small-budget'}:" in result.output
+    result = runner.invoke(app, base + ["--recipe", "fast"])
+    assert result.exit_code == 2 and "recipe must be one of" in result.output

@@ -12,17 +12,38 @@ Usage::
     from merlin_mllm.pipelines import TrainConfig, train_ranker
     train_ranker("data/ml100k", "data/summaries", "runs/ranker", TrainConfig(epochs=2, lr=5e-4))
     TrainConfig.small_budget(epochs=2)      # the quickstart's recipe for a few hundred steps
+    TrainConfig.recipe("paper")             # by name, as `merlin-mllm train --recipe` does
+    TrainConfig.small_budget().too_few_steps(train_rows=64)   # None, or a warning with the numbers
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["TrainConfig", "LOSSES"]
+__all__ = ["TrainConfig", "LOSSES", "RECIPES", "DEFAULT_RECIPE", "MIN_LR_STEPS"]
 
 #: ``lm``: full-vocabulary NLL of the answer token (the paper); ``binary``: CE over [No, Yes].
 LOSSES = ("lm", "binary")
+
+
+#: The named training recipes (``merlin-mllm train --recipe``).
+RECIPES = {
+    "small-budget": "the quickstart's: lr 5e-4, micro-batches of 8, one per optimizer step, 2 epochs; learns within "
+                    "tens to a few hundred steps (AUC 0.52 -> 0.69 in 189 steps on all ML-100k users)",
+    "paper": "the paper's: lr 2e-5, micro-batches of 4, 8 per optimizer step, 1 epoch; made for far more data: "
+             "on a small folder it makes a step or two and the model scores like the zero-shot one",
+}
+#: The CLI's default: the recipe that learns on the data a CPU run can afford (see RECIPES).
+DEFAULT_RECIPE = "small-budget"
+#: Adam moves each weight by about ``lr`` per optimizer step, so ``lr x steps`` is how far a run
+#: can move the adapter. 5e-3 is the smallest measured to move the ranker off its zero-shot
+#: scores: 10 steps at lr 5e-4 (benchmarks/quality/README.md, temporal protocol, 20 users: AUC
+#: 0.471 against 0.502 zero-shot). 189 steps at 5e-4 (0.0945) reach 0.691 against 0.515
+#: (benchmarks/quality/sft_vs_zero_shot.json); the paper's recipe on a small folder (one or two
+#: steps at 2e-5: 2e-5 to 4e-5) scores exactly like zero-shot (issue 17).
+MIN_LR_STEPS = 5e-3
 
 
 def _setting(default: Any, help: str, *, resume: bool = False, saved: bool = True) -> Any:
@@ -122,6 +143,51 @@ class TrainConfig:
         4 x 4) needs far more steps; over a few hundred the ranker stays at the Yes/No prior.
         """
         return cls(**{"lr": 5e-4, "batch_size": 8, "grad_accum": 1, **changes})
+
+    @classmethod
+    def paper(cls, **changes: Any) -> "TrainConfig":
+        """The paper's LoRA recipe (the field defaults: lr 2e-5, 8 micro-batches of 4 per step); then ``changes``."""
+        return cls(**changes)
+
+    @classmethod
+    def recipe(cls, name: str, **changes: Any) -> "TrainConfig":
+        """The named recipe (a key of :data:`RECIPES`), then ``changes``.
+
+        ``"small-budget"`` is what the quickstart trains with: :meth:`small_budget` for 2 epochs.
+        ``"paper"`` is :meth:`paper`.
+        """
+        if name not in RECIPES:
+            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, not {name!r}")
+        if name == "small-budget":
+            return cls.small_budget(**{"epochs": 2, **changes})
+        return cls.paper(**changes)
+
+    def optimizer_steps(self, train_rows: int, world_size: int = 1) -> int:
+        """Optimizer steps a run over ``train_rows`` rows makes (``epochs``, then ``max_steps``).
+
+        Each of ``world_size`` processes takes ``batch_size`` rows per micro-batch and steps
+        after ``grad_accum`` of them (and at the end of an epoch).
+        """
+        micro_batches = math.ceil(int(train_rows) / max(1, int(world_size)) / self.batch_size)
+        steps = math.ceil(micro_batches / self.grad_accum) * self.epochs
+        return min(steps, self.max_steps) if self.max_steps > 0 else steps
+
+    def too_few_steps(self, train_rows: int, world_size: int = 1) -> Optional[str]:
+        """A warning, with the numbers, when the run cannot move the adapter; else ``None``.
+
+        The rule: ``lr x optimizer steps`` below :data:`MIN_LR_STEPS` (see there for where the
+        threshold comes from).
+        """
+        steps = self.optimizer_steps(train_rows, world_size)
+        if self.lr * steps >= MIN_LR_STEPS:
+            return None
+        needed = math.ceil(MIN_LR_STEPS / self.lr)
+        return (f"this run makes {steps} optimizer step(s) at lr {self.lr:g} ({train_rows} training rows, "
+                f"micro-batches of {self.batch_size}, {self.grad_accum} per step, {self.epochs} epoch(s)"
+                f"{f', max_steps {self.max_steps}' if self.max_steps > 0 else ''}): lr x steps = {self.lr * steps:.2g}, "
+                f"below the {MIN_LR_STEPS:g} that measured runs needed to move the ranker off its zero-shot "
+                f"scores. At lr {self.lr:g} that takes at least {needed} steps: train more epochs, or use the "
+                f"small-budget recipe (lr 5e-4, batches of 8, no accumulation)")
 
     @classmethod
     def resume_fields(cls) -> Tuple[str, ...]:

@@ -485,3 +485,6 @@ def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, 
         "seconds": round(time.time() - started, 1),
     }
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    too_few = config.too_few_steps(len(train_rows), max(1, config.devices)) if is_launcher else None
+    if too_few:
+        log.warning(too_few)
