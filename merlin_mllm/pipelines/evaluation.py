@@ -14,6 +14,12 @@ Outputs, next to ``out_json``::
     <out>.partial.parquet scores so far while running; a re-run with the same model resumes
                           from it (deleted when done)
 
+Prompts are cut as training cut them: a prompt longer than the training run's ``max_length``
+(read from ``train_config.json`` beside the model folder; 512 without one) gets a shorter user
+summary, through the same ``TokenizePrompt.encode_row`` that training and the served workflow
+use, so evaluation, training and serving see the same tokens. (HF models that read pixels
+through their processor cannot be tokenized that way; their prompts are never cut.)
+
 Zero-shot (the paper's "without SFT" row): ``zero_shot=True`` scores the base model of
 ``model_dir`` (a saved ranker) or ``model_dir`` itself (a base model id/folder; ``None`` or
 ``"embedded"`` for SmolLM2) with no adapter. The embedded model then runs text-only, because
@@ -27,13 +33,14 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -41,25 +48,48 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
-from merlin_mllm.pipelines.training import load_rows
+from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
+from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.training import MODEL_DIR, TRAIN_CONFIG_FILE, load_rows
 from merlin_mllm.ranker.config import EMBEDDED
 from merlin_mllm.ranker.model import RankerModel
-from merlin_mllm.ranker.saved import load_ranker
+from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
 from merlin_mllm.summaries.rows import SummarySource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_ranker", "plot_evaluation"]
+__all__ = ["evaluate_ranker", "plot_evaluation", "trained_max_length"]
 
 CURVE_MAX_K = 20
 _FLUSH_EVERY_GROUPS = 25
 
 
-def _fingerprint(ranker: RankerModel, model_dir, data_dir, split: str, zero_shot: bool, max_groups) -> str:
+def trained_max_length(model_dir) -> Tuple[int, str]:
+    """The prompt cut of the run that trained ``model_dir``, and where it came from.
+
+    Training records ``max_length`` in ``train_config.json`` beside its ``model/`` folder; a
+    model folder without that record gets ``TrainConfig``'s default. Returns (max_length,
+    the record's path or ``"default"``). ``merlin_mllm.serving.export.prompt_token_limit``
+    reads the same record for the served workflow.
+    """
+    if model_dir is not None:
+        model_dir = trained_model_dir(model_dir)
+        record = model_dir.parent / TRAIN_CONFIG_FILE
+        if model_dir.name == MODEL_DIR and record.is_file():
+            try:
+                return int(json.loads(record.read_text())["max_length"]), str(record)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{record}: cannot read the training run's max_length ({exc}); "
+                                 "pass max_length explicitly") from exc
+    return TrainConfig.__dataclass_fields__["max_length"].default, "default"
+
+
+def _fingerprint(ranker: RankerModel, model_dir, data_dir, split: str, zero_shot: bool, max_groups,
+                 max_length: int) -> str:
     """Identifies (model weights, data, settings), so partial scores are reused only for the same run."""
     digest = hashlib.sha256()
     digest.update(json.dumps([str(model_dir), str(Path(data_dir).resolve()), split, zero_shot, max_groups,
-                              ranker.config.to_dict()], sort_keys=True, default=str).encode())
+                              max_length, ranker.config.to_dict()], sort_keys=True, default=str).encode())
     for name, tensor in sorted(ranker.trainable_state_dict().items()) if not zero_shot else []:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -129,6 +159,7 @@ def evaluate_ranker(
     batch_size: int = 32,
     ks=DEFAULT_KS,
     resume: bool = True,
+    max_length: Optional[int] = None,
     progress: bool = True,
 ) -> dict:
     """Score ``split`` with the ranker and write metrics, per-row scores and a plot.
@@ -140,7 +171,8 @@ def evaluate_ranker(
     summaries : path, DataFrame or callable
         User summaries (see :func:`merlin_mllm.summaries.rows.row_summaries`).
     model_dir : path or str or None
-        A trained ranker folder; with ``zero_shot=True`` also a base model id/folder or None.
+        A trained ranker folder, or the run folder ``train --out`` wrote (its ``model/`` is
+        used); with ``zero_shot=True`` also a base model id/folder or None.
     out_json : path
         The metrics file; the scores parquet and the PNG are written beside it.
     zero_shot : bool
@@ -157,6 +189,9 @@ def evaluate_ranker(
         Metric cut-offs (default 3, 5, 10).
     resume : bool
         Reuse the scores of an interrupted run of the same model on the same data.
+    max_length : int, optional
+        The longest prompt in tokens (longer ones get a shorter user summary, as in training).
+        Default: the training run's (:func:`trained_max_length`).
     progress : bool
         Show a progress bar over groups.
 
@@ -173,9 +208,19 @@ def evaluate_ranker(
     partial_path = Path(f"{stem}.partial.parquet")
     plot_path = Path(f"{stem}.png")
 
+    if model_dir is not None and trained_model_dir(model_dir) != Path(model_dir):
+        model_dir = trained_model_dir(model_dir)  # the run folder `train --out` wrote
+    if max_length is None:
+        max_length, max_length_source = trained_max_length(model_dir)
+    else:
+        max_length, max_length_source = int(max_length), "argument"
     ranker = load_ranker(model_dir, data_dir, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress)
+    # Training's cut (TokenizePrompt.encode_row), built when a prompt first needs it; prompts with
+    # processor-expanded images cannot be made from text, so they are never cut.
+    cutter = (functools.cache(lambda: TokenizePrompt.for_ranker(ranker, max_length=max_length))
+              if ranker.prompt.image_mode != "processor" else None)
     rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed)
-    fingerprint = _fingerprint(ranker, model_dir, data_dir, split, zero_shot, max_groups)
+    fingerprint = _fingerprint(ranker, model_dir, data_dir, split, zero_shot, max_groups, max_length)
 
     done: Dict[int, np.ndarray] = {}
     if resume and partial_path.exists():
@@ -192,6 +237,7 @@ def evaluate_ranker(
     pending: List[pd.DataFrame] = []
     scoring_seconds = 0.0
     scored_now = 0
+    prompts_cut = 0
     for group_id, group in tqdm(groups, desc=f"scoring {split}", unit="group", disable=not progress):
         if int(group_id) in done:
             continue
@@ -199,7 +245,9 @@ def evaluate_ranker(
         if len(texts) != 1:
             raise ValueError(f"group {group_id} has {len(texts)} different user summaries; a group is one user")
         tick = time.perf_counter()
-        scores = ranker.score(str(texts[0]), _candidates(group, ranker), batch_size=batch_size)
+        candidates = _candidates(group, ranker)
+        scores, cut = _score_group(ranker, cutter, max_length, str(texts[0]), candidates, batch_size, group_id)
+        prompts_cut += cut
         scoring_seconds += time.perf_counter() - tick
         scored_now += 1
         done[int(group_id)] = scores
@@ -234,6 +282,9 @@ def evaluate_ranker(
             "split": split,
             "data_dir": str(Path(data_dir).resolve()),
             "max_groups": max_groups,
+            "max_length": max_length,
+            "max_length_source": max_length_source,
+            "prompts_cut_now": prompts_cut,
             "device": str(ranker.device),
             "dtype": str(ranker.dtype).replace("torch.", ""),
             "groups_scored_now": scored_now,
@@ -249,6 +300,25 @@ def evaluate_ranker(
     if partial_path.exists():
         partial_path.unlink()
     return result
+
+
+def _score_group(ranker: RankerModel, cutter: Optional[Callable[[], TokenizePrompt]], max_length: int, summary: str,
+                 candidates: List[Dict[str, Any]], batch_size: int, group_id) -> Tuple[np.ndarray, int]:
+    """P(yes) of one group's candidates, with prompts cut as training cut them; and how many were cut.
+
+    A group whose prompts all fit ``max_length`` is scored from text, as always; a group with a
+    longer prompt is scored from the token ids of ``cutter().encode_row`` (the function training
+    and the served workflow use), so its scores equal the served ones.
+    """
+    if cutter is not None:
+        prompts, _, _ = ranker.encode([summary] * len(candidates), candidates)
+        cut = sum(len(p.input_ids) > max_length for p in prompts)
+        if cut:
+            operator = cutter()
+            ids = [operator.encode_row(summary, c["title"], p.has_image, row=f"group {group_id}, item {c['item_id']}").input_ids
+                   for c, p in zip(candidates, prompts)]
+            return ranker.score_token_ids(ids, [c["item_id"] for c in candidates], batch_size=batch_size), cut
+    return ranker.score(summary, candidates, batch_size=batch_size), 0
 
 
 def _append_partial(path: Path, frames: List[pd.DataFrame]) -> None:
