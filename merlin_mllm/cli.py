@@ -286,7 +286,7 @@ def train(
 def evaluate(
     data: Path = typer.Option(..., help="Prepared data folder (test/ items/)"),
     summaries: Path = typer.Option(..., help="Summary store with the user summaries"),
-    model: Optional[Path] = typer.Option(None, help="Trained ranker folder (`train` writes OUT/model)"),
+    model: Optional[Path] = typer.Option(None, help="Trained ranker: the folder `train --out` wrote, or its model/"),
     out: Path = typer.Option(..., help="Metrics JSON; scores parquet and a PNG plot are written beside it"),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Score with the base model, no SFT"),
     split: str = typer.Option("test"),
@@ -349,7 +349,7 @@ def serve(
 
 @app.command("export")
 def export_cmd(
-    model: Path = typer.Option(..., help="Trained ranker folder (train's out/model)"),
+    model: Path = typer.Option(..., help="Trained ranker: the folder `train --out` wrote, or its model/"),
     summaries: Path = typer.Option(..., help="Summary store folder (or a user-summary parquet table)"),
     data: Path = typer.Option(..., help="Prepared data folder (items/ and the splits)"),
     out: Path = typer.Option(Path("triton_repo"), help="Triton model repository to write"),
@@ -362,6 +362,11 @@ def export_cmd(
     dynamic_batching: bool = typer.Option(True, help="Triton dynamic batching on the ranker"),
     max_batch_delay_us: int = typer.Option(2000, help="Dynamic batcher queue delay (microseconds)"),
     user_summaries: str = typer.Option("last_row", help="last_row (what evaluate scored) | store_latest (live)"),
+    unknown_users: str = typer.Option("empty_summary", metavar="empty_summary|error",
+                                      help="A user with no summary: score with the empty-history summary "
+                                           "(reply known_user=false), or reject the request naming the id"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest served prompt in tokens (default: the "
+                                                    "training run's max_length, as training cut prompts; else 512)"),
     dtype: str = typer.Option("auto", help="Ranker weights on the server: auto | float32 | bfloat16 | float16"),
 ):
     """Write a Triton ensemble (features -> MLLM ranker) that `merlin-mllm serve` can serve."""
@@ -372,14 +377,17 @@ def export_cmd(
             model, summaries, data, out, gpu=gpu, gpu_instances=gpu_instances, cpu_instances=cpu_instances,
             max_candidates=max_candidates, top_k_default=top_k, max_batch_size=max_batch_size,
             dynamic_batching=dynamic_batching, max_batch_delay_us=max_batch_delay_us,
-            user_summaries=user_summaries, dtype=dtype, progress=True,
+            user_summaries=user_summaries, unknown_users=unknown_users, max_prompt_tokens=max_prompt_tokens,
+            dtype=dtype, progress=True,
         )
     ranker, features = manifest["ranker"], manifest["features"]
     typer.echo(f"wrote {out}: ensemble {manifest['ensemble']} = {' -> '.join(manifest['steps'])}")
     typer.echo(f"  ranker: {ranker['kind']} x{ranker['instances']}, dynamic batching {ranker['dynamic_batching']}, "
                f"base {ranker['base_model']}, images {ranker['use_images']}")
     typer.echo(f"  features: {features['users']} users, {features['items']} items "
-               f"({features['items_with_image']} with image), summaries {features['user_summaries']}")
+               f"({features['items_with_image']} with image), summaries {features['user_summaries']}, "
+               f"unknown users: {features['unknown_users']}")
+    typer.echo(f"  prompts cut to {features['max_prompt_tokens']} tokens ({features['max_prompt_tokens_source']})")
     typer.echo(f"  limits: {manifest['limits']}; manifest {Path(out) / MANIFEST_FILE}")
     typer.echo(f"serve it: merlin-mllm serve --model-repository {out}")
 
@@ -416,11 +424,14 @@ def query_cmd(
     if as_json:
         typer.echo(json.dumps({
             "user_id": result.user_id,
+            "known_user": result.known_user,
             "ranked": [{"item_id": i, "score": s, **({"title": names.get(i, "")} if names else {})} for i, s in result.ranked],
             "scores": {str(int(i)): float(s) for i, s in zip(result.item_ids, result.scores)},
         }, indent=2))
         return
-    typer.echo(f"user {result.user_id}: top {len(result.ranked)} of {len(result.item_ids)} candidates")
+    known = {True: "known", False: "unknown: cold start, empty-history summary", None: "known_user not reported"}
+    typer.echo(f"user {result.user_id} ({known[result.known_user]}): "
+               f"top {len(result.ranked)} of {len(result.item_ids)} candidates")
     typer.echo(f"{'rank':>4}  {'item_id':>8}  {'P(yes)':>8}" + ("  title" if names else ""))
     for position, (item_id, score) in enumerate(result.ranked, 1):
         typer.echo(f"{position:>4}  {item_id:>8}  {score:>8.5f}" + (f"  {names.get(item_id, '')}" if names else ""))

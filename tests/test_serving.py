@@ -2,11 +2,19 @@
 
 One server for the module serves the `mllm_rerank` ensemble and, from the same artefacts, the
 merlin.systems executor model of `MLLMRerank`. Checks: served scores equal `evaluate_ranker`'s
-in-process scores, top-k order, cold start, bad requests (the server stays ready), concurrent
-requests through the dynamic batcher, both protocols, the `query` CLI, and a clean shutdown.
+in-process scores, top-k order, cold start (the `known_user` flag, counted in the log), bad
+requests (the server stays ready), concurrent requests through the dynamic batcher, both
+protocols, the `query` CLI, and a clean shutdown.
+
+A second server serves a second repository, exported with very long user summaries and
+`unknown_users="error"`, over which a re-export failed partway: it must be byte-identical to
+before and still serve; its long prompts are cut as training cuts them, so served scores equal
+`evaluate_ranker`'s; an unknown user is a per-request error naming the id.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import warnings
 from pathlib import Path
@@ -17,11 +25,20 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import merlin_mllm.serving.export as export_module
 from merlin_mllm.serving.client import RerankClient, RerankError
 from merlin_mllm.serving.export import export
 from merlin_mllm.serving.tritonserver import SHM_GLOB, TritonServer
 from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
-from serving_support import IMAGE_EVERY, build_dataset, build_ranker, build_store, load_reference, titles_of
+from serving_support import (
+    IMAGE_EVERY,
+    build_dataset,
+    build_ranker,
+    build_store,
+    load_reference,
+    summary_table,
+    titles_of,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -140,12 +157,19 @@ def test_image_items_and_top_k_order(built, client, reference):
     assert len(client.rank(user, items).ranked) == 3
 
 
-def test_unknown_user_gets_the_empty_history_summary(built, client, reference):
+def test_unknown_user_gets_the_empty_history_summary(built, server, client, reference):
     items = [5, 6, 7]
     titles = titles_of(built.data)
-    result = client.rank(UNKNOWN_USER, items)
+    result = client.rank(UNKNOWN_USER + 7, items)
     expected = reference.score(EMPTY_HISTORY_SUMMARY, [{"title": titles[i], "item_id": i} for i in items])
     np.testing.assert_allclose(result.scores, expected, rtol=0, atol=1e-5)
+    assert result.known_user is False
+    known = int(pd.read_parquet(built.repo / "mllm_features" / "1" / "artifacts" / "users.parquet")["user_id"].iloc[0])
+    assert client.rank(known, items).known_user is True
+    # the features model logs each cold start with its id and the running counts
+    log = (built.root / "triton.log").read_text(errors="replace")
+    lines = [line for line in log.splitlines() if f"unknown user id(s) {UNKNOWN_USER + 7} served" in line]
+    assert len(lines) == 1 and "cold-start rows in" in lines[0], lines
 
 
 def test_http_and_grpc_agree(server, client):
@@ -156,10 +180,14 @@ def test_http_and_grpc_agree(server, client):
     assert over_http.ranked[0][0] == over_grpc.ranked[0][0]
 
 
-def test_a_request_with_two_user_rows(server, client):
+def test_a_request_with_two_user_rows(built, server, client):
+    known = int(pd.read_parquet(built.repo / "mllm_features" / "1" / "artifacts" / "users.parquet")["user_id"].iloc[0])
     answer = _raw_infer(server, [[UNKNOWN_USER], [UNKNOWN_USER + 1]], [[5, 6], [6, 5]], top_k=1)
     scores = answer.as_numpy("scores")
     assert scores.shape == (2, 2) and answer.as_numpy("ranked_item_ids").shape == (2, 1)
+    assert answer.as_numpy("known_user").tolist() == [[False], [False]]
+    mixed = _raw_infer(server, [[known], [UNKNOWN_USER]], [[5, 6], [5, 6]])
+    assert mixed.as_numpy("known_user").dtype == np.bool_ and mixed.as_numpy("known_user").tolist() == [[True], [False]]
     # both rows are cold-start users with the same summary: the same items get the same scores
     np.testing.assert_allclose(scores[1], scores[0][::-1], atol=1e-5)
     np.testing.assert_allclose(scores[0], client.rank(UNKNOWN_USER, [5, 6]).scores, atol=1e-5)
@@ -261,6 +289,7 @@ def test_merlin_systems_executor_serves_the_same_scores(server, client):
     grpc.close()
     scores, score_offsets = answer.as_numpy("scores__values"), answer.as_numpy("scores__offsets")
     np.testing.assert_array_equal(score_offsets, offsets)
+    assert answer.as_numpy("known_user").reshape(-1).tolist() == [False, False]  # both cold starts
     for row, (user, items) in enumerate(rows):
         expected = client.rank(user, items).scores
         got = scores[offsets[row]:offsets[row + 1]]
@@ -285,13 +314,119 @@ def test_query_cli_prints_ranked_items_with_titles(built, server, client):
         rank, shown_id, shown_score, *title = line.split(None, 3)
         assert int(shown_id) == item_id and float(shown_score) == pytest.approx(score, abs=1e-5)
         assert title and title[0] == titles[item_id]
+    assert f"user {UNKNOWN_USER} (unknown: cold start, empty-history summary): top 2 of 3" in out.output
+    known = int(pd.read_parquet(built.repo / "mllm_features" / "1" / "artifacts" / "users.parquet")["user_id"].iloc[0])
+    as_json = runner.invoke(app, ["query", "--url", server.grpc_url, "--user", str(known), "--items", "1,2", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    answer = json.loads(as_json.output)
+    assert answer["known_user"] is True and answer["user_id"] == known and len(answer["scores"]) == 2
     bad = runner.invoke(app, ["query", "--url", server.grpc_url, "--protocol", "grpc", "--user", "1", "--items", "1,999999"])
     assert bad.exit_code == 2 and "unknown item id(s) 999999" in bad.output
 
 
+# ---------------------------------------------------------------------------- a second repository
+def tree_hashes(folder: Path) -> dict:
+    """sha256 of every file under ``folder`` (relative path -> digest), and every folder (-> None)."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+LONG_TAIL = (" They keep coming back to slow, talky dramas about families and small towns, to films whose "
+             "endings stay open, and to anything with a memorable score.")
+
+
+@pytest.fixture(scope="module")
+def second(built, tmp_path_factory):
+    """A repository exported with very long summaries and unknown_users="error"; then a re-export
+    that fails partway (after the features and ranker models are written); then a server on it."""
+    root = tmp_path_factory.mktemp("second")
+    summaries = summary_table(built.data)
+    # Far past the 384-token summary budget, so prompts with image tokens exceed the 512-token cut.
+    summaries["user_summary"] = [f"User {u}: {text}" + LONG_TAIL * 40
+                                 for u, text in zip(summaries["user_id"], summaries["user_summary"])]
+    repo = root / "repo"
+    manifest = export(built.model, summaries, built.data, repo, max_candidates=MAX_CANDIDATES, unknown_users="error")
+    (repo / "README.md").write_text("second repository\n")
+    before = tree_hashes(repo)
+
+    def injected(*args, **kwargs):
+        raise RuntimeError("injected failure after the features and ranker models were written")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_module, "ensemble_config", injected)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            export(built.model, built.store, built.data, repo, max_candidates=2, top_k_default=1)
+    after = tree_hashes(repo)
+    beside = sorted(p.name for p in root.iterdir() if p.name != "repo")
+    triton = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=root / "triton.log")
+    triton.start(timeout=600)
+    with RerankClient(triton.grpc_url) as own:
+        yield SimpleNamespace(root=root, repo=repo, summaries=summaries, manifest=manifest, before=before, after=after,
+                              beside=beside, server=triton, client=own)
+    triton.stop(timeout=180)
+
+
+def test_a_failed_export_leaves_the_previous_repository_serving(built, second, client):
+    assert second.after == second.before  # every file byte-identical
+    assert "mllm_features/1/artifacts/users.parquet" in second.before and "README.md" in second.before
+    assert second.beside == []  # no staging folder left beside it
+    assert json.loads((second.repo / "export.json").read_text())["features"]["unknown_users"] == "error"
+    # it serves, with the previous export's limits (the failed one's max_candidates 2 and
+    # top_k_default 1 never applied)
+    user = int(pd.read_parquet(second.repo / "mllm_features" / "1" / "artifacts" / "users.parquet")["user_id"].iloc[0])
+    items = list(range(1, MAX_CANDIDATES + 1))
+    result = second.client.rank(user, items)
+    assert result.scores.shape == (MAX_CANDIDATES,) and len(result.ranked) == 10 and result.known_user is True
+
+
+def test_long_summaries_are_cut_as_training_cuts_them(built, second, tmp_path):
+    """In-process (evaluate_ranker) and served scores agree on prompts longer than training's cut."""
+    from merlin_mllm.pipelines.evaluation import evaluate_ranker
+
+    result = evaluate_ranker(built.data, second.summaries, built.model, tmp_path / "test.json", progress=False)
+    assert result["run"]["max_length"] == 512 == second.manifest["features"]["max_prompt_tokens"]
+    assert result["run"]["prompts_cut_now"] > 0  # the image items' prompts were cut
+    evaluated = pd.read_parquet(tmp_path / "test.scores.parquet")
+    for _, group in evaluated.groupby("group_id"):
+        user, items = int(group["user_id"].iloc[0]), group["item_id"].tolist()
+        served = second.client.rank(user, items, top_k=len(items)).scores
+        np.testing.assert_allclose(served, group["score"].to_numpy(), rtol=0, atol=1e-5,
+                                   err_msg=f"group {group['group_id'].iloc[0]}")
+    # and the cut matters: scored uncut, an image item of a long summary gets another score
+    reference = load_reference(built.model)
+    titles = titles_of(built.data)
+    group = evaluated[evaluated["item_id"] % IMAGE_EVERY == 0].iloc[0]
+    summary = second.summaries[second.summaries["user_id"] == group["user_id"]].sort_values("target_position")
+    uncut = reference.score(summary["user_summary"].iloc[-1], [{"title": titles[int(group["item_id"])],
+                                                                "item_id": int(group["item_id"])}])
+    assert abs(float(uncut[0]) - float(group["score"])) > 1e-4
+
+
+def test_unknown_user_is_an_error_when_exported_so(second):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as caught:
+        _raw_infer(second.server, [[UNKNOWN_USER + 3]], [[1, 2]])
+    assert f"unknown user id(s) {UNKNOWN_USER + 3}" in str(caught.value) and "unknown_users='error'" in str(caught.value)
+    assert "INVALID_ARG" in str(caught.value.status())
+    with pytest.raises(RerankError, match=f"unknown user id\\(s\\) {UNKNOWN_USER + 4}"):
+        second.client.rank(UNKNOWN_USER + 4, [1])
+    assert second.server.is_ready()
+    user = int(pd.read_parquet(second.repo / "mllm_features" / "1" / "artifacts" / "users.parquet")["user_id"].iloc[1])
+    assert second.client.rank(user, [1, 2]).known_user is True  # known users are still served
+    log = (second.root / "triton.log").read_text(errors="replace")
+    assert f"unknown user id(s) {UNKNOWN_USER + 3} rejected (unknown_users='error')" in log
+
+
 # ---------------------------------------------------------------------------- shutdown (keep last)
 def test_clean_shutdown_leaves_no_shm_regions(server):
-    assert shm_regions() - server.shm_before_test, "the python backend should hold shm regions while serving"
+    # This server's own regions (by its prefix): the second repository's server is still up.
+    own = server.shm_regions()
+    assert own and set(own) <= shm_regions() - server.shm_before_test, "the python backend should hold shm regions"
     code = server.stop(timeout=180)  # generous: a loaded 2-core CI machine unloads models slowly
     assert code == 0
-    assert shm_regions() - server.shm_before_test == set()
+    assert server.shm_regions() == [] and not any(path.exists() for path in own)
+    # unloading, the features model logs its cold-start totals
+    log = Path(server.log_file).read_text(errors="replace")
+    totals = [line for line in log.splitlines() if "with unknown users" in line]
+    assert len(totals) == 1 and "unknown_users='empty_summary'" in totals[0], totals

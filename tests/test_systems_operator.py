@@ -59,7 +59,8 @@ def test_transform_in_process_equals_ranker_scores(setup, transformed):
     rows, out = transformed
     reference = load_reference(model)
     titles = titles_of(data)
-    assert list(out.columns) == ["scores", "ranked_item_ids", "ranked_scores"] and len(out) == 2
+    assert list(out.columns) == ["scores", "ranked_item_ids", "ranked_scores", "known_user"] and len(out) == 2
+    assert out["known_user"].tolist() == [True, False]  # the second row is a cold start
     summaries_used = [expected_summary(summaries, rows[0][0]), EMPTY_HISTORY_SUMMARY]
     for row, ((_, items), summary) in enumerate(zip(rows, summaries_used)):
         assert any(i % IMAGE_EVERY == 0 for i in items)  # image prompts are part of it
@@ -125,6 +126,18 @@ def test_bad_rows_and_columns_are_clear_errors(setup):
         Ensemble(["user_id"] >> operator, SCHEMA)
 
 
+def test_unknown_users_error_policy_names_the_row(setup):
+    _, data, model, summaries, _, _ = setup
+    strict = MLLMRerank(model, summaries, data, top_k=2, device="cpu", unknown_users="error")
+    ensemble = Ensemble(["user_id", "item_ids"] >> strict, SCHEMA)
+    known = int(summaries["user_id"].iloc[0])
+    frame = pd.DataFrame({"user_id": np.array([known, UNKNOWN_USER], dtype=np.int64),
+                          "item_ids": [np.array([1, 2]), np.array([1, 2])]})
+    with pytest.raises(ValueError, match=rf"row 1 \(user {UNKNOWN_USER}\): unknown user id\(s\) {UNKNOWN_USER}"):
+        ensemble.transform(frame)
+    assert ensemble.transform(frame.iloc[:1])["known_user"].tolist() == [True]
+
+
 def test_export_is_python_backend_only(setup, tmp_path):
     _, _, _, _, operator, ensemble = setup
     # The pickle holds no model: the artefacts travel as files.
@@ -136,6 +149,8 @@ def test_export_is_python_backend_only(setup, tmp_path):
     config_text = (tmp_path / "repo" / "executor_model" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config_text and "pytorch" not in config_text
     assert executor_config.backend == "python"
+    outputs = {o.name: o.data_type for o in executor_config.output}
+    assert outputs["known_user"] == 1 and "scores__values" in outputs  # 1: TYPE_BOOL
     artifacts = tmp_path / "repo" / "executor_model" / "1" / "ensemble" / "mllm_rerank"
     assert (artifacts / "features" / "workflow" / "workflow.pkl").is_file()
     assert (artifacts / "ranker" / "ranker" / "ranker_config.json").is_file()

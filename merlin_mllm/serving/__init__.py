@@ -17,8 +17,8 @@ from __future__ import annotations
 from merlin_mllm.exports import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["MANIFEST_FILE", "export", "user_summary_table"], "export"),
-    **dict.fromkeys(["FeatureStep", "RankerStep", "ServingLimits"], "artifacts"),
+    **dict.fromkeys(["MANIFEST_FILE", "export", "prompt_token_limit", "user_summary_table"], "export"),
+    **dict.fromkeys(["FeatureStep", "RankerStep", "ServingLimits", "UnknownUserError"], "artifacts"),
     "TritonServer": "tritonserver",
     **dict.fromkeys(["RankResult", "RerankClient", "RerankError", "rank"], "client"),
     **dict.fromkeys(["MLLMRerank", "export_python_only"], "systems"),

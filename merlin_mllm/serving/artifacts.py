@@ -11,11 +11,14 @@ Feature step (``mllm_features``), folder layout::
     items.parquet     item_id int64 (sorted), title str, has_image bool
     workflow/         the fitted NVTabular workflow (Workflow.save):
                       [user_summary, title, has_image] >> TokenizePrompt, plus item_id
-    features.json     limits (max_candidates, top_k_default) and the cold-start summary
+    features.json     limits (max_candidates, top_k_default), the cold-start summary and the
+                      unknown-user policy (``unknown_users``)
 
-Request -> per user: the user's summary (an unknown user gets the generic empty-history
-summary), each candidate's title and has-image flag, then the workflow turns those rows into
-the token ids of the ranker's prompts.
+Request -> per user: the user's summary, each candidate's title and has-image flag, then the
+workflow turns those rows into the token ids of the ranker's prompts. An unknown user (no
+exported summary: a cold start) gets the generic empty-history summary, or, with
+``unknown_users="error"``, the request is rejected with an error naming the user id. Either way
+the step says which rows were known (``known_user``) and counts the cold starts.
 
 Ranker step (``mllm_ranker``), folder layout::
 
@@ -59,7 +62,9 @@ __all__ = [
     "RANKER_MODEL",
     "ARTIFACTS_DIR",
     "RequestError",
+    "UnknownUserError",
     "ServingLimits",
+    "UNKNOWN_USER_POLICIES",
     "FeatureStep",
     "RankerStep",
     "rank_scores",
@@ -83,10 +88,26 @@ RANKER_CONFIG = "ranker.json"
 #: Column names of the rows the workflow tokenizes.
 SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN, ITEM_COLUMN = "user_summary", "title", "has_image", "item_id"
 PROMPT_COLUMN = "prompt_ids"
+#: What the feature step does with a user it has no summary for (see :class:`FeatureStep`).
+UNKNOWN_USER_POLICIES = ("empty_summary", "error")
 
 
 class RequestError(ValueError):
     """A request the server rejects (bad ids, shapes or limits); the message goes to the client."""
+
+
+class UnknownUserError(RequestError):
+    """A request naming users without a summary, refused by an export with ``unknown_users="error"``.
+
+    Attributes
+    ----------
+    user_ids : list of int
+        The unknown ids, in request order.
+    """
+
+    def __init__(self, message: str, user_ids: Sequence[int]):
+        super().__init__(message)
+        self.user_ids = [int(u) for u in user_ids]
 
 
 @dataclass(frozen=True)
@@ -156,10 +177,22 @@ class FeatureStep:
     limits : ServingLimits
     empty_summary : str
         The summary of an unknown user (cold start).
+    unknown_users : {"empty_summary", "error"}
+        ``"empty_summary"`` (default): an unknown user is scored with ``empty_summary``.
+        ``"error"``: a request with an unknown user is rejected (:class:`RequestError` naming
+        the user ids), for deployments where an unknown id is a bug upstream.
+
+    Attributes
+    ----------
+    cold_start_rows, cold_start_requests, requests : int
+        Running counts since this step was built: request rows whose user was unknown (served
+        with ``empty_summary`` or rejected), requests with at least one such row, all requests.
     """
 
     def __init__(self, users: pd.DataFrame, items: pd.DataFrame, workflow, limits: ServingLimits,
-                 empty_summary: str):
+                 empty_summary: str, unknown_users: str = "empty_summary"):
+        if unknown_users not in UNKNOWN_USER_POLICIES:
+            raise ValueError(f"unknown_users must be one of {UNKNOWN_USER_POLICIES}, not {unknown_users!r}")
         for frame, needed, what in ((users, ("user_id", SUMMARY_COLUMN), "users"),
                                     (items, (ITEM_COLUMN, TITLE_COLUMN, IMAGE_COLUMN), "items")):
             missing = [c for c in needed if c not in frame.columns]
@@ -179,6 +212,8 @@ class FeatureStep:
         self.workflow = workflow
         self.limits = limits
         self.empty_summary = str(empty_summary)
+        self.unknown_users = unknown_users
+        self.cold_start_rows = self.cold_start_requests = self.requests = 0
 
     # -- files
     def save(self, folder: Union[str, os.PathLike]) -> Path:
@@ -193,7 +228,7 @@ class FeatureStep:
             warnings.simplefilter("ignore")
             self.workflow.save(str(folder / WORKFLOW_DIR))
         config = {"limits": asdict(self.limits), "empty_summary": self.empty_summary,
-                  "users": len(self.users), "items": len(self.items),
+                  "unknown_users": self.unknown_users, "users": len(self.users), "items": len(self.items),
                   "items_with_image": int(self._has_image.sum())}
         (folder / FEATURES_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
@@ -211,14 +246,41 @@ class FeatureStep:
 
             workflow = nvt.Workflow.load(str(folder / WORKFLOW_DIR))
         config = json.loads((folder / FEATURES_CONFIG).read_text(encoding="utf-8"))
+        # Exports made before the policy existed served unknown users the empty summary.
         return cls(pd.read_parquet(folder / USERS_FILE), pd.read_parquet(folder / ITEMS_FILE), workflow,
-                   ServingLimits(**config["limits"]), config["empty_summary"])
+                   ServingLimits(**config["limits"]), config["empty_summary"],
+                   config.get("unknown_users", "empty_summary"))
 
     # -- lookups
     def summary_for(self, user_id: int) -> Tuple[str, bool]:
         """(summary, known): an unknown user gets the generic empty-history summary."""
         text = self._summaries.get(int(user_id))
         return (text, True) if text is not None else (self.empty_summary, False)
+
+    def known_users(self, user_ids: Sequence[int]) -> np.ndarray:
+        """Whether each user id has an exported summary (bool array, input order)."""
+        return np.array([int(u) in self._summaries for u in np.asarray(user_ids).reshape(-1)], dtype=bool)
+
+    def admit_users(self, user_ids: Sequence[int]) -> np.ndarray:
+        """The users of one request: their known flags, with the cold starts counted.
+
+        Raises :class:`UnknownUserError` (naming the ids) for unknown users when the policy
+        is ``unknown_users="error"``.
+        """
+        user_ids = np.asarray(user_ids).reshape(-1)
+        known = self.known_users(user_ids)
+        self.requests += 1
+        if not known.all():
+            self.cold_start_rows += int((~known).sum())
+            self.cold_start_requests += 1
+            if self.unknown_users == "error":
+                unknown = list(dict.fromkeys(int(u) for u in user_ids[~known]))
+                raise UnknownUserError(
+                    f"unknown user id(s) {', '.join(map(str, unknown))}: no summary for them among the "
+                    f"{len(self._summaries)} users of this export, and it was made with unknown_users='error'",
+                    unknown,
+                )
+        return known
 
     def item_positions(self, item_ids: Sequence[int]) -> np.ndarray:
         """Rows of ``item_ids`` in the catalogue; :class:`RequestError` names unknown ids."""
@@ -295,11 +357,19 @@ class FeatureStep:
         dict
             ``prompt_ids`` int64 (batch, candidates, longest prompt), right-padded with 0;
             ``prompt_lengths`` int64 (batch, candidates); ``top_k`` int32 (batch, 1) with the
-            default filled in and capped at the number of candidates.
+            default filled in and capped at the number of candidates; ``known_user`` bool
+            (batch, 1): False for a cold start (the user got ``empty_summary``).
+
+        Raises
+        ------
+        RequestError
+            A bad request (see :meth:`check_request`); :class:`UnknownUserError` with
+            ``unknown_users="error"`` and a user without a summary (the message names the ids).
         """
         user_ids = np.asarray(user_ids).reshape(-1)
         item_ids = np.asarray(item_ids)
         resolved = self.check_request(user_ids, item_ids, top_k)
+        known = self.admit_users(user_ids)
         rows = [self.prompts(int(user), item_ids[row]) for row, user in enumerate(user_ids)]
         batch, count = item_ids.shape
         lengths = np.array([[len(p) for p in prompts] for prompts in rows], dtype=np.int64)
@@ -308,7 +378,8 @@ class FeatureStep:
             for column, ids in enumerate(prompts):
                 padded[row, column, : len(ids)] = ids
         resolved = np.minimum(resolved, count).astype(np.int32).reshape(batch, 1)
-        return {"prompt_ids": padded, "prompt_lengths": lengths, "top_k": resolved}
+        return {"prompt_ids": padded, "prompt_lengths": lengths, "top_k": resolved,
+                "known_user": known.reshape(batch, 1)}
 
 
 # ---------------------------------------------------------------------------- ranker step

@@ -12,6 +12,7 @@ Usage::
         result = client.rank(user_id=7, item_ids=[12, 40, 3], top_k=2)
     result.ranked        # [(40, 0.61), (12, 0.47)]
     result.scores        # array([0.47, 0.61, 0.22], dtype=float32), input order
+    result.known_user    # True; False: a cold start, scored with the empty-history summary
 
     # or in one call
     from merlin_mllm.serving.client import rank
@@ -50,12 +51,16 @@ class RankResult:
         P(yes) for each candidate, in the order sent.
     ranked : list of (item_id, score)
         The best ``top_k`` candidates, highest score first.
+    known_user : bool or None
+        Whether the export had a summary for this user; False is a cold start (scored with the
+        generic empty-history summary). None from an export older than the ``known_user`` output.
     """
 
     user_id: int
     item_ids: np.ndarray
     scores: np.ndarray
     ranked: List[Tuple[int, float]]
+    known_user: Optional[bool] = None
 
 
 def _as_item_ids(item_ids: Sequence) -> np.ndarray:
@@ -136,17 +141,19 @@ class RerankClient:
         ]
         if top_k is not None:
             inputs.append(self._input("top_k", np.array([[int(top_k)]], dtype=np.int32), "INT32"))
-        outputs = [self._module.InferRequestedOutput(name) for name in ("scores", "ranked_item_ids", "ranked_scores")]
         kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" and self.timeout else {}
         try:
-            answer = self._client.infer(self.model_name, inputs, outputs=outputs, **kwargs)
+            # No output list: the server returns every output, so an export older than the
+            # known_user output still answers (known_user is then None).
+            answer = self._client.infer(self.model_name, inputs, **kwargs)
         except Exception as exc:
             raise self._error(exc) from exc
         scores = answer.as_numpy("scores").reshape(-1)
         ranked_ids = answer.as_numpy("ranked_item_ids").reshape(-1)
         ranked_scores = answer.as_numpy("ranked_scores").reshape(-1)
         ranked = [(int(i), float(s)) for i, s in zip(ranked_ids, ranked_scores)]
-        return RankResult(int(user_id), items, scores, ranked)
+        known = answer.as_numpy("known_user")
+        return RankResult(int(user_id), items, scores, ranked, None if known is None else bool(known.reshape(-1)[0]))
 
     def close(self) -> None:
         try:

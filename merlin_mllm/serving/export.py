@@ -19,14 +19,23 @@ Inputs of ``mllm_rerank`` (batch dimension first; one user per row):
 =============  =====  ======  ==========================================================
 name           dtype  dims    meaning
 =============  =====  ======  ==========================================================
-user_id        INT64  [1]     the user (unknown users get the empty-history summary)
+user_id        INT64  [1]     the user (an unknown user: see ``unknown_users``)
 item_ids       INT64  [-1]    candidate item ids (1 .. max_candidates)
 top_k          INT32  [1]     optional; ranked items to return (default top_k_default)
 =============  =====  ======  ==========================================================
 
 Outputs: ``scores`` FP32 [-1] (P(yes) per candidate, in input order), ``ranked_item_ids`` INT64
 [-1] and ``ranked_scores`` FP32 [-1] (the best ``min(top_k, candidates)``, highest first; equal
-scores keep input order).
+scores keep input order), ``known_user`` BOOL [1] (False: a cold start, the user had no exported
+summary and was scored with the generic empty-history summary).
+
+An unknown user is served the empty-history summary (``unknown_users="empty_summary"``, the
+default), or rejected with an error naming the id (``unknown_users="error"``); either way the
+features model counts the cold starts in Triton's log.
+
+Prompts are cut exactly as training cut them: the same ``TokenizePrompt`` with the training run's
+``max_length`` (read from ``train_config.json`` beside the model folder; see
+:func:`prompt_token_limit`), so a long summary is served as the text the model was trained on.
 
 Everything the server needs is copied into the repository (the ranker's adapter and projector,
 the item image table, user summaries, item titles, the fitted NVTabular workflow). The base
@@ -42,15 +51,17 @@ Usage::
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -66,7 +77,7 @@ with warnings.catch_warnings():
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.ranker.config import CONFIG_FILE
-from merlin_mllm.ranker.saved import load_ranker
+from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
@@ -76,6 +87,7 @@ from merlin_mllm.serving.artifacts import (
     RANKER_MODEL,
     SUMMARY_COLUMN,
     TITLE_COLUMN,
+    UNKNOWN_USER_POLICIES,
     FeatureStep,
     RankerStep,
     ServingLimits,
@@ -97,6 +109,10 @@ __all__ = [
     "OUTPUTS",
     "MANIFEST_FILE",
     "USER_SUMMARY_SOURCES",
+    "UNKNOWN_USER_POLICIES",
+    "DEFAULT_MAX_PROMPT_TOKENS",
+    "prompt_token_limit",
+    "exchange_paths",
 ]
 
 MANIFEST_FILE = "export.json"
@@ -104,19 +120,72 @@ TRITON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 #: (name, Triton dtype, dims without the batch dimension, optional) of the ensemble's inputs.
 INPUTS = (("user_id", "TYPE_INT64", [1], False), ("item_ids", "TYPE_INT64", [-1], False),
           ("top_k", "TYPE_INT32", [1], True))
-OUTPUTS = (("scores", "TYPE_FP32", [-1]), ("ranked_item_ids", "TYPE_INT64", [-1]), ("ranked_scores", "TYPE_FP32", [-1]))
+#: (name, Triton dtype, dims) of the ranker model's outputs; the ensemble passes them through.
+RANKER_OUTPUTS = (("scores", "TYPE_FP32", [-1]), ("ranked_item_ids", "TYPE_INT64", [-1]),
+                  ("ranked_scores", "TYPE_FP32", [-1]))
+#: The ensemble's outputs: the ranker's, plus the features model's cold-start flag.
+OUTPUTS = RANKER_OUTPUTS + (("known_user", "TYPE_BOOL", [1]),)
 #: Where each user's served summary comes from (see :func:`user_summary_table`).
 USER_SUMMARY_SOURCES = ("last_row", "store_latest")
-#: Prompts are never cut in serving: the ranker's token budgets already bound their length.
-MAX_PROMPT_TOKENS = 8192
+#: The prompt cut when the training run's is unknown: ``TrainConfig.max_length``'s default (a
+#: test keeps them equal; serving never imports the pipelines).
+DEFAULT_MAX_PROMPT_TOKENS = 512
+#: The training run's settings file beside its ``model/`` folder
+#: (``merlin_mllm.pipelines.training.TRAIN_CONFIG_FILE``; a test keeps them equal).
+TRAIN_CONFIG_FILE = "train_config.json"
+#: The folders and file of ``out_dir`` that an export owns (everything else is carried over).
+OWNED = (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL, MANIFEST_FILE)
 
 
 # ---------------------------------------------------------------------------- artefacts
 def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False, device=None, dtype=None):
-    """The saved ranker with the item image table that covers ``data_dir``'s catalogue."""
-    if not (Path(model_dir) / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}); train one with train_ranker")
-    return load_ranker(model_dir, data_dir, cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
+    """The saved ranker with the item image table that covers ``data_dir``'s catalogue.
+
+    ``model_dir`` may be the saved ranker or the run folder ``train --out`` wrote
+    (:func:`~merlin_mllm.ranker.saved.trained_model_dir`).
+    """
+    resolved = trained_model_dir(model_dir)
+    if not (resolved / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}, nor model/{CONFIG_FILE}); "
+                                "train one with `merlin-mllm train`")
+    return load_ranker(resolved, data_dir, cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
+
+
+def prompt_token_limit(model_dir, max_prompt_tokens: Optional[int] = None) -> Tuple[int, str]:
+    """The longest served prompt, in tokens, and where that number came from.
+
+    Served prompts must be cut as the model's training cut them (``TokenizePrompt``'s
+    ``max_length``: a longer prompt gets a shorter user summary). So the default is the
+    training run's ``max_length``, read from ``train_config.json`` in the run folder that holds
+    ``model_dir`` (``train --out``'s ``out/model``).
+
+    Parameters
+    ----------
+    model_dir : path
+        The saved ranker, or the run folder holding it.
+    max_prompt_tokens : int, optional
+        An explicit limit (wins over the training run's).
+
+    Returns
+    -------
+    (int, str)
+        The limit, and its source: ``"argument"``, the ``train_config.json`` path, or
+        ``"default"`` (:data:`DEFAULT_MAX_PROMPT_TOKENS`: no training record beside the model).
+    """
+    if max_prompt_tokens is not None:
+        if int(max_prompt_tokens) < 16:
+            raise ValueError(f"max_prompt_tokens must be at least 16, not {max_prompt_tokens}")
+        return int(max_prompt_tokens), "argument"
+    model_dir = trained_model_dir(model_dir)
+    record = model_dir.parent / TRAIN_CONFIG_FILE
+    if model_dir.name == "model" and record.is_file():  # train_ranker's out/model (pipelines' MODEL_DIR)
+        try:
+            value = json.loads(record.read_text(encoding="utf-8"))["max_length"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{record}: cannot read the training run's max_length ({exc}); "
+                             "pass max_prompt_tokens explicitly") from exc
+        return int(value), str(record)
+    return DEFAULT_MAX_PROMPT_TOKENS, "default"
 
 
 def _latest_rows(data_dir: Path) -> pd.DataFrame:
@@ -187,11 +256,12 @@ def item_table(data_dir, ranker) -> pd.DataFrame:
     return frame
 
 
-def fit_prompt_workflow(ranker, sample_items: pd.DataFrame):
+def fit_prompt_workflow(ranker, sample_items: pd.DataFrame, max_length: int = DEFAULT_MAX_PROMPT_TOKENS):
     """The NVTabular workflow ``[user_summary, title, has_image] >> TokenizePrompt`` (+ ``item_id``), fitted.
 
-    The operator reproduces the ranker's own prompt (``TokenizePrompt.for_ranker``); no prompt
-    is ever cut, so served prompts equal the ones ``RankerModel.score`` builds.
+    The operator reproduces the ranker's own prompt (``TokenizePrompt.for_ranker``) and cuts it
+    to ``max_length`` tokens exactly as training does (the same operator, the same
+    ``encode_row``): pass the training run's ``max_length`` (:func:`prompt_token_limit`).
     """
     if ranker.prompt.image_mode == "processor":
         raise ValueError(
@@ -200,7 +270,7 @@ def fit_prompt_workflow(ranker, sample_items: pd.DataFrame):
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        operator = TokenizePrompt.for_ranker(ranker, max_length=MAX_PROMPT_TOKENS)
+        operator = TokenizePrompt.for_ranker(ranker, max_length=int(max_length))
         prompt = [SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN] >> operator
         workflow = nvt.Workflow(prompt + [ITEM_COLUMN])
         sample = sample_items.head(8)
@@ -229,12 +299,13 @@ def ensemble_config(max_batch_size: int):
         features.input_map[name] = name
     for name in ("prompt_ids", "prompt_lengths", "top_k_resolved"):
         features.output_map[name] = f"_{name}"
+    features.output_map["known_user"] = "known_user"  # straight to the ensemble's output
     ranker = config.ensemble_scheduling.step.add(model_name=RANKER_MODEL, model_version=-1)
     ranker.input_map["prompt_ids"] = "_prompt_ids"
     ranker.input_map["prompt_lengths"] = "_prompt_lengths"
     ranker.input_map["top_k_resolved"] = "_top_k_resolved"
     ranker.input_map["item_ids"] = "item_ids"
-    for name, *_ in OUTPUTS:
+    for name, *_ in RANKER_OUTPUTS:
         ranker.output_map[name] = name
     return config
 
@@ -247,6 +318,7 @@ def features_config(max_batch_size: int, instances: int):
     config.output.add(name="prompt_ids", data_type=mc.TYPE_INT64, dims=[-1, -1])
     config.output.add(name="prompt_lengths", data_type=mc.TYPE_INT64, dims=[-1])
     config.output.add(name="top_k_resolved", data_type=mc.TYPE_INT32, dims=[1])
+    config.output.add(name="known_user", data_type=mc.TYPE_BOOL, dims=[1])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     return config
 
@@ -261,7 +333,7 @@ def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_bat
     config.input.add(name="prompt_lengths", data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=True)
     config.input.add(name="item_ids", data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=True)
     config.input.add(name="top_k_resolved", data_type=mc.TYPE_INT32, dims=[1])
-    for name, dtype_name, dims in OUTPUTS:
+    for name, dtype_name, dims in RANKER_OUTPUTS:
         config.output.add(name=name, data_type=getattr(mc, dtype_name), dims=dims)
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=instances)
@@ -281,6 +353,91 @@ def _write_model(staging: Path, name: str, config, model_py: Optional[str] = Non
     return folder
 
 
+# ---------------------------------------------------------------------------- the swap
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+
+
+def exchange_paths(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, having changed nothing, where the C library, kernel or file system cannot
+    (then :func:`export` falls back to two renames); other failures raise ``OSError``.
+    """
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    rename.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if rename(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _link_or_copy(source, target) -> None:
+    # A hard link costs no space and no time; the old repository is deleted right after the swap.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _owned(name: str) -> bool:
+    # .export-*: the staging folders that versions before the atomic swap left inside out_dir.
+    return name in OWNED or name.startswith(".export-")
+
+
+def _carry_over(out_dir: Path, staging: Path) -> list:
+    """Put what ``out_dir`` holds besides an export's own entries (:data:`OWNED`) into ``staging``."""
+    carried = []
+    for entry in sorted(out_dir.iterdir()):
+        if _owned(entry.name):
+            continue
+        target = staging / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+        carried.append(entry.name)
+    return carried
+
+
+def _swap_in(staging: Path, out_dir: Path, token: str) -> None:
+    """Make the complete repository ``staging`` the one at ``out_dir``; delete the previous one.
+
+    On any failure before the swap, ``staging`` is deleted and ``out_dir`` is as it was.
+    """
+    previous = out_dir.with_name(f"{out_dir.name}.old-{token}")
+    try:
+        if not out_dir.exists():
+            os.rename(staging, out_dir)
+            return
+        if exchange_paths(staging, out_dir):
+            previous = staging  # the exchange left the previous repository under the staging name
+        else:
+            os.rename(out_dir, previous)
+            try:
+                os.rename(staging, out_dir)
+            except BaseException:
+                os.rename(previous, out_dir)  # put the previous repository back
+                raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # An entry added to the old repository while this export ran is moved over, not deleted.
+    try:
+        for entry in previous.iterdir():
+            if not _owned(entry.name) and not os.path.lexists(out_dir / entry.name):
+                os.rename(entry, out_dir / entry.name)
+    except OSError as exc:
+        log.warning("the previous repository stays at %s: moving its new entries over failed (%s)", previous, exc)
+        return
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------- export
 def export(
     model_dir: Union[str, os.PathLike],
@@ -297,6 +454,8 @@ def export(
     dynamic_batching: bool = True,
     max_batch_delay_us: int = 2000,
     user_summaries: str = "last_row",
+    unknown_users: str = "empty_summary",
+    max_prompt_tokens: Optional[int] = None,
     dtype: str = "auto",
     torch_threads: int = 0,
     scoring_batch_size: Optional[int] = None,
@@ -304,15 +463,30 @@ def export(
 ) -> Dict[str, Any]:
     """Write the Triton ensemble repository that serves ``model_dir`` (see the module docstring).
 
-    The three model folders and ``export.json`` in ``out_dir`` are replaced; anything else
-    there (e.g. a README, other models) is left alone. Each model folder is built aside and
-    moved in place, so a failed export leaves the previous one intact.
+    What is guaranteed: the new repository is written completely into a sibling folder
+    ``<out_dir>.tmp-<hex>`` and only then swapped in with one rename. So at every moment
+    ``out_dir`` holds either the whole previous repository, byte for byte, or the whole new
+    one, never a mix; an export that fails (an exception, or the process killed) leaves the
+    previous repository untouched. On Linux the swap is one ``renameat2(RENAME_EXCHANGE)``;
+    where the file system lacks it, two renames leave ``out_dir`` missing for the instant
+    between them (but never mixed). The previous repository is deleted after the swap.
+
+    What is replaced and what is kept: the export owns ``mllm_features/``, ``mllm_ranker/``,
+    ``mllm_rerank/`` and ``export.json``. Everything else in ``out_dir`` (a README, other
+    models) is carried into the new repository: hard-linked (copied where links are not
+    possible) before the swap, so it is there the moment the new repository is.
+
+    Not guaranteed: durability across a power cut (files are not fsynced), and an
+    ``out_dir`` that is itself a mount point (it cannot be renamed: export into a folder inside
+    it). A killed export leaves its ``<out_dir>.tmp-<hex>`` beside ``out_dir``; delete it.
+    ``out_dir`` is resolved first, so a symbolic link to a repository keeps pointing at it.
 
     Parameters
     ----------
     model_dir : path
-        A trained ranker (``train_ranker``'s ``out/model``: ``RankerModel.save_pretrained`` plus
-        ``item_images.safetensors`` for the embedded model with images).
+        A trained ranker: ``train_ranker``'s ``out/model`` (``RankerModel.save_pretrained``
+        plus ``item_images.safetensors`` for the embedded model with images), or the run folder
+        ``out`` itself.
     summaries : path or DataFrame
         The summary store (or a user-summary table); see :func:`user_summary_table`.
     data_dir : path
@@ -334,6 +508,14 @@ def export(
         Give the ranker Triton's dynamic batcher (queue delay ``max_batch_delay_us``).
     user_summaries : {"last_row", "store_latest"}
         See :func:`user_summary_table`.
+    unknown_users : {"empty_summary", "error"}
+        A user with no exported summary (a cold start): ``"empty_summary"`` (default) scores
+        them with the generic empty-history summary and replies ``known_user`` False;
+        ``"error"`` rejects the request (INVALID_ARGUMENT, naming the user id; the server
+        stays up). Both count cold starts in the features model's log.
+    max_prompt_tokens : int, optional
+        The longest served prompt (longer ones get a shorter user summary, as in training).
+        Default: the training run's ``max_length`` (see :func:`prompt_token_limit`).
     dtype : str
         Ranker weights on the server: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16".
     torch_threads : int
@@ -353,7 +535,8 @@ def export(
     started = time.time()
     if scoring_batch_size is None:
         scoring_batch_size = 256 if gpu else 32
-    model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
+    data_dir = Path(data_dir)
+    model_dir = trained_model_dir(model_dir)
     limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=int(top_k_default))
     for name, value in (("gpu_instances", gpu_instances), ("cpu_instances", cpu_instances),
                         ("max_batch_size", max_batch_size), ("scoring_batch_size", scoring_batch_size)):
@@ -361,17 +544,28 @@ def export(
             raise ValueError(f"{name} must be at least 1, not {value}")
     if int(max_batch_delay_us) < 0:
         raise ValueError(f"max_batch_delay_us must be 0 or more, not {max_batch_delay_us}")
+    if unknown_users not in UNKNOWN_USER_POLICIES:
+        raise ValueError(f"unknown_users must be one of {UNKNOWN_USER_POLICIES}, not {unknown_users!r}")
+    max_length, max_length_source = prompt_token_limit(model_dir, max_prompt_tokens)
     if not (data_dir / "items").exists():
         raise FileNotFoundError(f"{data_dir / 'items'} not found: {data_dir} is not a prepared dataset")
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; pick another --out")
+    if out_dir.is_dir() and os.path.ismount(out_dir):
+        raise ValueError(f"{out_dir} is a mount point, which cannot be swapped by a rename; "
+                         "export into a folder inside it and serve that folder")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staging = out_dir.with_name(f"{out_dir.name}.tmp-{token}")
+    staging.mkdir()
     try:
-        ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / "cache", progress=progress)
+        ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / ".cache", progress=progress)
         users = user_summary_table(summaries, data_dir, user_summaries)
         items = item_table(data_dir, ranker)
-        workflow = fit_prompt_workflow(ranker, items)
-        features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY)
+        workflow = fit_prompt_workflow(ranker, items, max_length)
+        features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users)
         features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances), "features.py")
         features.save(features_dir / "1" / ARTIFACTS_DIR)
         ranker_dir = _write_model(
@@ -384,6 +578,8 @@ def export(
         table = ranker.item_features if ranker.config.use_images else None
         RankerStep.write(ranker_dir / "1" / ARTIFACTS_DIR, model_dir, table, batch_size=scoring_batch_size)
         _write_model(staging, ENSEMBLE_MODEL, ensemble_config(max_batch_size))
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+        carried = _carry_over(out_dir, staging) if out_dir.is_dir() else []
 
         manifest = {
             "ensemble": ENSEMBLE_MODEL,
@@ -396,22 +592,21 @@ def export(
                        "dynamic_batching": bool(dynamic_batching), "max_batch_delay_us": int(max_batch_delay_us),
                        "dtype": dtype, "base_model": ranker.config.base_model, "use_images": bool(ranker.config.use_images)},
             "features": {"instances": int(cpu_instances), "users": len(users), "items": len(items),
-                         "items_with_image": int(items[IMAGE_COLUMN].sum()), "user_summaries": user_summaries},
+                         "items_with_image": int(items[IMAGE_COLUMN].sum()), "user_summaries": user_summaries,
+                         "unknown_users": unknown_users, "max_prompt_tokens": max_length,
+                         "max_prompt_tokens_source": max_length_source},
             "sources": {"model": str(model_dir.resolve()), "data": str(data_dir.resolve()),
                         "summaries": "DataFrame" if isinstance(summaries, pd.DataFrame) else str(Path(summaries).resolve())},
+            "carried_over": carried,
             "seconds": round(time.time() - started, 1),
         }
-        # Replace our models one by one: the previous version stays until its successor is complete.
-        for name in (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL):
-            target = out_dir / name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-        (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous repository was never touched
+        raise
+    _swap_in(staging, out_dir, token)
     others = sorted(p.name for p in out_dir.iterdir()
-                    if p.is_dir() and p.name not in (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL) and not p.name.startswith("."))
+                    if p.is_dir() and p.name not in OWNED and not p.name.startswith("."))
     if others:
         log.warning("%s also holds %s; Triton loads every model folder of a repository", out_dir, ", ".join(others))
     return manifest

@@ -7,11 +7,12 @@ ids; the output has, per row, P(yes) for every candidate in input order and the 
 ==================  ==============================  ==========================================
 column              dtype                           meaning
 ==================  ==============================  ==========================================
-``user_id``  (in)   int64                           the user (unknown: empty-history summary)
+``user_id``  (in)   int64                           the user (unknown: see ``unknown_users``)
 ``item_ids`` (in)   int64 list (ragged or fixed)    candidate item ids (1 .. max_candidates)
 ``scores``          float32 list, ragged            P(yes) per candidate, input order
 ``ranked_item_ids`` int64 list, ragged              the best ``top_k``, highest first
 ``ranked_scores``   float32 list, ragged            their scores
+``known_user``      bool                            False: a cold start (empty-history summary)
 ==================  ==============================  ==========================================
 
 In a Triton request to the exported executor model, ragged lists travel as
@@ -58,6 +59,7 @@ with warnings.catch_warnings():
     from merlin.table import TensorColumn
 
 from merlin_mllm.models.loading import default_device
+from merlin_mllm.ranker.saved import trained_model_dir
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
@@ -71,12 +73,18 @@ from merlin_mllm.serving.artifacts import (
     rank_scores,
     resolve_dtype,
 )
-from merlin_mllm.serving.export import fit_prompt_workflow, item_table, load_export_ranker, user_summary_table
+from merlin_mllm.serving.export import (
+    fit_prompt_workflow,
+    item_table,
+    load_export_ranker,
+    prompt_token_limit,
+    user_summary_table,
+)
 from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
 
 __all__ = ["MLLMRerank", "PythonOnlyRuntime", "export_python_only"]
 
-OUTPUT_COLUMNS = ("scores", "ranked_item_ids", "ranked_scores")
+OUTPUT_COLUMNS = ("scores", "ranked_item_ids", "ranked_scores", "known_user")
 
 
 class PythonOnlyRuntime(TritonExecutorRuntime):
@@ -118,6 +126,12 @@ class MLLMRerank(BaseOperator):
         The most candidates per row; more raise an error naming the row.
     user_summaries : {"last_row", "store_latest"}
         See :func:`merlin_mllm.serving.export.user_summary_table`.
+    unknown_users : {"empty_summary", "error"}
+        A user without a summary is scored with the empty-history summary (``known_user``
+        False), or (``"error"``) the transform raises a ValueError naming the row and user.
+    max_prompt_tokens : int, optional
+        The prompt cut; default the training run's (see
+        :func:`merlin_mllm.serving.export.prompt_token_limit`).
     device, dtype : optional
         Where the ranker runs (default: CUDA when available) and its weights' dtype ("auto").
     name : str
@@ -139,6 +153,8 @@ class MLLMRerank(BaseOperator):
         top_k: int = 10,
         max_candidates: int = 100,
         user_summaries: str = "last_row",
+        unknown_users: str = "empty_summary",
+        max_prompt_tokens: Optional[int] = None,
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         scoring_batch_size: int = 32,
@@ -169,9 +185,10 @@ class MLLMRerank(BaseOperator):
         items = item_table(data_dir, ranker)
         users = user_summary_table(summaries, data_dir, user_summaries)
         limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=self.top_k)
-        self._features = FeatureStep(users, items, fit_prompt_workflow(ranker, items), limits, EMPTY_HISTORY_SUMMARY)
+        workflow = fit_prompt_workflow(ranker, items, prompt_token_limit(model_dir, max_prompt_tokens)[0])
+        self._features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users)
         self._ranker = RankerStep(ranker, batch_size=scoring_batch_size)
-        self._model_dir = Path(model_dir).resolve()
+        self._model_dir = trained_model_dir(model_dir).resolve()
 
     @classmethod
     def from_export(cls, repository: Union[str, os.PathLike], *, device=None, dtype=None, **options) -> "MLLMRerank":
@@ -257,6 +274,7 @@ class MLLMRerank(BaseOperator):
             ColumnSchema("scores", dtype=md.float32, is_list=True, is_ragged=True, tags=[Tags.CONTINUOUS]),
             ColumnSchema("ranked_item_ids", dtype=md.int64, is_list=True, is_ragged=True, tags=[Tags.ITEM_ID]),
             ColumnSchema("ranked_scores", dtype=md.float32, is_list=True, is_ragged=True, tags=[Tags.CONTINUOUS]),
+            ColumnSchema("known_user", dtype=md.boolean),
         ])
 
     def column_mapping(self, col_selector):
@@ -282,22 +300,23 @@ class MLLMRerank(BaseOperator):
         )
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        """Score every row's candidates; returns ``scores``, ``ranked_item_ids``, ``ranked_scores``."""
+        """Score every row's candidates; returns ``scores``, ``ranked_item_ids``, ``ranked_scores``, ``known_user``."""
         self._require_loaded()
         users_column = np.asarray(transformable[self.user_column].values).reshape(-1)
         lists = self._candidate_lists(transformable[self.items_column])
         if len(lists) != len(users_column):
             raise ValueError(f"MLLMRerank: {len(users_column)} users but {len(lists)} candidate lists")
-        users = []
+        users, known = [], []
         for row, (user, items) in enumerate(zip(users_column, lists)):
             items = np.asarray(items, dtype=np.int64)
             try:
                 self._features.check_request(np.array([user]), items.reshape(1, -1), None)
+                known.append(bool(self._features.admit_users([user])[0]))
                 users.append((self._features.prompts(int(user), items), items))
             except RequestError as err:
                 raise ValueError(f"MLLMRerank, row {row} (user {int(user)}): {err}") from err
         # All rows together: each user's prefix once, candidates of all users in shared passes.
-        outputs = {name: [] for name in OUTPUT_COLUMNS}
+        outputs = {name: [] for name in OUTPUT_COLUMNS if name != "known_user"}
         for (_, items), scores in zip(users, self._ranker.score_users(users)):
             ranked_ids, ranked_scores = rank_scores(items, scores, self.top_k)
             outputs["scores"].append(scores.astype(np.float32))
@@ -310,4 +329,5 @@ class MLLMRerank(BaseOperator):
             dtype = np.int64 if name == "ranked_item_ids" else np.float32
             values = np.concatenate(rows).astype(dtype) if rows else np.zeros(0, dtype)
             columns[name] = TensorColumn(values, offsets=offsets)
+        columns["known_user"] = TensorColumn(np.array(known, dtype=bool))
         return type(transformable)(columns)

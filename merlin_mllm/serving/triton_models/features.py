@@ -6,17 +6,22 @@ summaries, item titles and image flags, the fitted NVTabular workflow) sit besid
 Python must import ``merlin_mllm`` (``merlin-mllm serve`` puts this project's venv first on PATH).
 
 Inputs (batch dimension first):  user_id INT64 [1], item_ids INT64 [-1], top_k INT32 [1] (optional)
-Outputs: prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1], top_k_resolved INT32 [1]
+Outputs: prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1], top_k_resolved INT32 [1],
+known_user BOOL [1] (False: a cold start, scored with the empty-history summary)
 
-A bad request (unknown item id, empty or too long candidate list, bad top_k) gets an error
-response naming the problem; the model and the server stay up.
+A bad request (unknown item id, empty or too long candidate list, bad top_k; an unknown user
+when the export was made with ``unknown_users="error"``) gets an error response naming the
+problem; the model and the server stay up.
+
+Cold starts are counted: each request with unknown users logs (INFO) their ids and the running
+counts, and unloading the model logs the totals.
 """
 import json
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FeatureStep, RequestError
+from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FeatureStep, RequestError, UnknownUserError
 
 
 def _version_dir(args) -> Path:
@@ -52,9 +57,15 @@ class TritonPythonModel:
                     pb_utils.Tensor("prompt_ids", prepared["prompt_ids"].astype(self.output_dtypes["prompt_ids"])),
                     pb_utils.Tensor("prompt_lengths", prepared["prompt_lengths"].astype(self.output_dtypes["prompt_lengths"])),
                     pb_utils.Tensor("top_k_resolved", prepared["top_k"].astype(self.output_dtypes["top_k_resolved"])),
+                    pb_utils.Tensor("known_user", prepared["known_user"].astype(bool)),
                 ]
+                if not prepared["known_user"].all():
+                    unknown = user_ids.reshape(-1)[~prepared["known_user"].reshape(-1)]
+                    self._log_cold_start(unknown, "served the empty-history summary")
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except RequestError as err:
+                if isinstance(err, UnknownUserError):
+                    self._log_cold_start(err.user_ids, "rejected (unknown_users='error')")
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), pb_utils.TritonError.INVALID_ARG)))
             except Exception as err:  # a bug must fail this request only, never the server
                 self.logger.log_error(f"{self.model_name}: {type(err).__name__}: {err}")
@@ -62,5 +73,19 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
         return responses
 
+    def _log_cold_start(self, unknown, what):
+        step = self.step
+        unknown = list(dict.fromkeys(int(u) for u in unknown))
+        self.logger.log_info(
+            f"{self.model_name}: cold start: unknown user id(s) {', '.join(map(str, unknown))} {what}; "
+            f"{step.cold_start_rows} cold-start rows in {step.cold_start_requests} of {step.requests} requests so far"
+        )
+
     def finalize(self):
+        step = self.step
+        if step is not None:
+            self.logger.log_info(
+                f"{self.model_name}: {step.requests} requests, {step.cold_start_requests} with unknown users "
+                f"({step.cold_start_rows} cold-start rows, unknown_users={step.unknown_users!r})"
+            )
         self.step = None
