@@ -5,7 +5,7 @@ minutes apart), read from its JSON in ``benchmarks/speed/`` (committed, so every
 table can be traced to the run that made it). Absolute times on a shared 2-core CPU are noisy;
 the ratios are what the table reports.
 
-Regenerate everything (about 20 minutes on a quiet 2-core CPU; nothing else may run meanwhile)::
+Regenerate everything (about 15 minutes on a quiet 2-core CPU; nothing else may run meanwhile)::
 
     .venv/bin/python benchmarks/speed_table.py --run
 
@@ -29,12 +29,14 @@ HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
 
-#: (script, JSON it writes) in run order. Each script's defaults are the measured settings.
+#: (script, JSON it writes, arguments) in run order: the settings of the committed JSON, the
+#: smallest that still give every row of the table (batch sizes 1 and 32 only; no
+#: forward-per-candidate timing, which the table does not show).
 BENCHMARKS = (
-    ("bench_batched_summaries.py", "batched_summaries.json"),
-    ("bench_incremental.py", "incremental.json"),
-    ("bench_scoring.py", "scoring.json"),
-    ("bench_serving.py", "serving.json"),
+    ("bench_batched_summaries.py", "batched_summaries.json", ["--items", "32", "--batch-sizes", "1,32"]),
+    ("bench_incremental.py", "incremental.json", []),
+    ("bench_scoring.py", "scoring.json", ["--skip-forward-per-candidate"]),
+    ("bench_serving.py", "serving.json", []),
 )
 
 
@@ -110,9 +112,9 @@ def main(argv=None) -> None:
     parser.add_argument("--run", action="store_true", help="run every benchmark first (sequentially)")
     args = parser.parse_args(argv)
     if args.run:
-        for script, _ in BENCHMARKS:
-            print(f"== {script}", flush=True)
-            subprocess.run([sys.executable, str(HERE / script)], check=True)
+        for script, _, arguments in BENCHMARKS:
+            print(f"== {script} {' '.join(arguments)}", flush=True)
+            subprocess.run([sys.executable, str(HERE / script), *arguments], check=True)
     table = render(rows())
     write_readme(table)
     print(table)
