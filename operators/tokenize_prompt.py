@@ -60,7 +60,13 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from nvtabular.ops.operator import ColumnSelector, Operator
 from transformers import AutoTokenizer
 
-from merlin_mllm.ranker.prompt import RankerPrompt, add_image_token, embedded_tokenizer
+from merlin_mllm.ranker.prompt import (
+    PROMPT_VERSION,
+    RankerPrompt,
+    add_image_token,
+    check_prompt_version,
+    embedded_tokenizer,
+)
 
 __all__ = ["TokenizePrompt"]
 
@@ -111,6 +117,8 @@ class TokenizePrompt(Operator):
         The placeholder token (``"placeholder"`` mode).
     system : str or None
         The system message; ``"default"`` keeps RankerPrompt's, ``None`` leaves it out.
+    prompt_version : str, default "1"
+        The ranker prompt's layout (``merlin_mllm.ranker.prompt.PROMPT_VERSIONS``).
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class TokenizePrompt(Operator):
         output_column: str = "prompt_ids",
         image_token: str = "<image>",
         system: Any = "default",
+        prompt_version: str = PROMPT_VERSION,
     ):
         super().__init__()
         if image_mode not in ("placeholder", "none"):
@@ -149,6 +158,7 @@ class TokenizePrompt(Operator):
         self.output_column = output_column
         self.image_token = image_token
         self.system = system
+        self.prompt_version = check_prompt_version(prompt_version)
         base = output_column[: -len("_ids")] if output_column.endswith("_ids") else output_column
         self.prefix_column = f"{base}_prefix_length"
         self._prompts: Dict[int, Any] = {}
@@ -177,6 +187,7 @@ class TokenizePrompt(Operator):
             max_length=max_length,
             max_summary_tokens=prompt.max_summary_tokens,
             max_title_tokens=prompt.max_title_tokens,
+            prompt_version=prompt.version,
             **columns,
         )
         probe = ("A user who likes films.", "A film", prompt.image_mode == "placeholder")
@@ -195,6 +206,7 @@ class TokenizePrompt(Operator):
         # Workflows saved before output_name/prefix_name were renamed load too.
         renamed = {"output_name": "output_column", "prefix_name": "prefix_column"}
         self.__dict__.update({renamed.get(key, key): value for key, value in state.items()})
+        self.__dict__.setdefault("prompt_version", PROMPT_VERSION)  # pickled before prompt versions
 
     def _prompt(self, summary_budget: int):
         prompt = self._prompts.get(summary_budget)
@@ -207,6 +219,7 @@ class TokenizePrompt(Operator):
                 image_token=self.image_token,
                 max_summary_tokens=summary_budget,
                 max_title_tokens=self.max_title_tokens,
+                version=self.prompt_version,
                 **extra,
             )
             self._prompts[summary_budget] = prompt

@@ -28,11 +28,11 @@ def test_small_budget():
 
 def test_resume_and_saved_fields():
     assert TrainConfig.resume_fields() == ("model", "image", "lora_r", "lora_alpha", "lora_dropout", "max_length",
-                                           "seed", "loss")
+                                           "seed", "loss", "batching", "prompt_version")
     saved = TrainConfig().saved_fields()
     assert list(saved) == ["model", "image", "lora_r", "lora_alpha", "lora_dropout", "lr", "projector_lr", "epochs",
-                           "max_steps", "grad_accum", "max_length", "batch_size", "seed", "loss", "devices", "strategy",
-                           "max_groups"]
+                           "max_steps", "grad_accum", "max_length", "batch_size", "seed", "loss", "batching",
+                           "prompt_version", "devices", "strategy", "max_groups"]
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -22,10 +22,17 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["TrainConfig", "LOSSES", "RECIPES", "DEFAULT_RECIPE", "MIN_LR_STEPS"]
+__all__ = ["TrainConfig", "LOSSES", "RECIPES", "DEFAULT_RECIPE", "MIN_LR_STEPS", "BATCHINGS"]
 
-#: ``lm``: full-vocabulary NLL of the answer token (the paper); ``binary``: CE over [No, Yes].
-LOSSES = ("lm", "binary")
+#: ``lm``: full-vocabulary NLL of the answer token (the paper); ``binary``: CE over [No, Yes];
+#: ``listwise``: softmax over each group's yes-minus-no logits (groups only). The same names as
+#: ``merlin_mllm.ranker.losses.LOSSES`` (not imported: this module stays free of torch).
+LOSSES = ("lm", "binary", "listwise")
+#: ``groups``: each micro-batch holds whole groups (one user's positive and its negatives at one
+#: target), run as one packed pass per group; ``rows``: candidate rows shuffled one by one.
+BATCHINGS = ("groups", "rows")
+#: ``merlin_mllm.ranker.prompt.PROMPT_VERSIONS``' keys (not imported: no torch here).
+PROMPT_VERSIONS = ("1", "2")
 
 
 #: The named training recipes (``merlin-mllm train --recipe``).
@@ -81,8 +88,14 @@ class TrainConfig:
     batch_size: int = _setting(4, "Rows per micro-batch (per process)")
     seed: int = _setting(42, "Seeds LoRA/projector initialisation, shuffling, the DDP shards and max_groups' choice",
                          resume=True)
-    loss: str = _setting("lm", "lm: full-vocabulary NLL of the answer token (the paper); binary: CE over [No, Yes]",
+    loss: str = _setting("lm", "lm: full-vocabulary NLL of the answer token (the paper); binary: CE over [No, Yes]; "
+                         "listwise: softmax over each group's yes-minus-no logits (batching='groups' only)",
                          resume=True)
+    batching: str = _setting("rows", "groups: micro-batches of whole groups (a user's positive and its K negatives, K "
+                             "set by `data prepare --train-negatives`), each run as one packed pass; rows: "
+                             "candidate rows shuffled one by one", resume=True)
+    prompt_version: str = _setting("1", "Ranker prompt layout: '1' (candidate, then the question) or '2' (the question "
+                                   "in the part a user's candidates share, which packs groups well)", resume=True)
     devices: int = _setting(1, "Lightning devices (processes/GPUs; -1: all); >1 trains with DDP")
     strategy: Any = _setting(
         "auto", "Lightning strategy: 'auto', 'ddp' (Lightning re-runs the launching script on every rank: guard "
@@ -120,6 +133,12 @@ class TrainConfig:
         _check_int("seed", self.seed, low=0)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, not {self.batching!r}")
+        if self.loss == "listwise" and self.batching != "groups":
+            raise ValueError("loss='listwise' compares the candidates of one group: it needs batching='groups'")
+        if self.prompt_version not in PROMPT_VERSIONS:
+            raise ValueError(f"prompt_version must be one of {PROMPT_VERSIONS}, not {self.prompt_version!r}")
         _check_int("devices", self.devices, low=-1)
         if self.devices == 0:
             raise ValueError("devices must be -1 (all) or at least 1, not 0")

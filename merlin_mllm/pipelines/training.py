@@ -9,6 +9,16 @@ Pipeline (every step on the Merlin stack)::
         -> RankerMerlinModel = mm.Model(RankerBlock(ranker), YesNoOutput(label))
         -> pytorch_lightning.Trainer (checkpoints, resume, gradient accumulation, DDP)
 
+Batching (``TrainConfig.batching``): ``"rows"`` shuffles candidate rows one by one, and each
+row runs its whole prompt. ``"groups"`` keeps each group (``group_id``: one user's positive
+and its K negatives at one target; K is the data's ``--train-negatives``) together: micro-
+batches hold whole groups, in a seeded order reshuffled every epoch (:class:`RankerDataModule`),
+and the block runs each group as one packed sequence, the user's prefix once and every candidate
+after it (``RankerModel.forward_groups``). The loss (``TrainConfig.loss``) is then ``lm``,
+``binary`` or ``listwise`` over the group's candidates (:mod:`merlin_mllm.ranker.losses`).
+Training rows of a folder prepared with ``--train-targets every`` read their user summaries with
+``partial_block="titles"`` (:func:`merlin_mllm.summaries.rows.partial_block_rule`).
+
 Outputs under ``out_dir``::
 
     model/                 the trained ranker (RankerModel.save_pretrained) + item_images.safetensors
@@ -65,7 +75,7 @@ from merlin_mllm.ranker.config import EMBEDDED, ITEM_IMAGES_FILE
 from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import item_image_table
-from merlin_mllm.summaries.rows import SummarySource, row_summaries
+from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, row_summaries
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,8 @@ __all__ = [
     "load_rows",
     "tokenize_rows",
     "RankerDataModule",
+    "group_size",
+    "shuffle_groups",
     "MODEL_DIR",
     "TRAIN_CONFIG_FILE",
 ]
@@ -155,7 +167,7 @@ def load_rows(
     frame = frame.drop(columns="_merge")
     if "image_path" not in frame.columns:
         frame["image_path"] = None
-    frame["user_summary"] = row_summaries(summaries, data_dir, frame)
+    frame["user_summary"] = row_summaries(summaries, data_dir, frame, partial_block=partial_block_rule(data_dir, split))
     return frame
 
 
@@ -193,27 +205,50 @@ class RankerDataModule(pl.LightningDataModule):
     Equal shards give every rank the same number of batches, which DDP needs (a rank with one
     batch more would wait forever for the others' gradients).
 
+    With ``groups=True`` every micro-batch holds whole groups (``group_id``: one user's positive
+    and its negatives at one target, rows in file order): the groups are shuffled as units
+    (seeded, reshuffled every epoch: the trainer reloads the loader each epoch), the loader reads
+    them in that order without shuffling rows, and its batch size is ``batch_size`` rounded down
+    to whole groups (at least one). Every group must then have the same size (what
+    ``prepare_dataset`` writes: 1 + K), so no batch cuts a group.
+
     Parameters
     ----------
     train : merlin.io.Dataset
         Output of :func:`tokenize_rows`.
     valid : merlin.io.Dataset, optional
     batch_size : int
+        Rows per micro-batch.
     seed : int
-        Seeds the assignment of rows to ranks.
+        Seeds the assignment of rows to ranks (and with ``groups``, the order of the groups).
+    groups : bool
+        Micro-batches of whole groups (see above).
     """
 
     def __init__(self, train: merlin.io.Dataset, valid: Optional[merlin.io.Dataset] = None, *,
-                 batch_size: int = 4, seed: int = 0):
+                 batch_size: int = 4, seed: int = 0, groups: bool = False):
         super().__init__()
         self.schema = train.schema
         self.train_frame = train.to_ddf().compute().reset_index(drop=True)
         self.valid_frame = valid.to_ddf().compute().reset_index(drop=True) if valid is not None else None
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.groups = bool(groups)
+        self.group_size = {}
+        if self.groups:
+            self.group_size = {"train": group_size(self.train_frame, "train")}
+            if self.valid_frame is not None:
+                self.group_size["valid"] = group_size(self.valid_frame, "valid")
         if valid is None:
             # Lightning looks for the hook by name: without validation data there is none.
             self.val_dataloader = None  # type: ignore[assignment]
+
+    def rows_per_batch(self, split: str) -> int:
+        """The loader's batch size: ``batch_size`` rows, or with ``groups`` that many rows of whole groups."""
+        if not self.groups:
+            return self.batch_size
+        size = self.group_size[split]
+        return max(1, self.batch_size // size) * size
 
     def _world(self) -> Tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -231,6 +266,9 @@ class RankerDataModule(pl.LightningDataModule):
         if world == 1:
             return frame
         per_rank = len(frame) // world
+        if self.groups:  # whole groups per rank
+            size = int(frame.groupby("group_id", sort=False).size().iloc[0])
+            per_rank -= per_rank % size
         if per_rank == 0:
             raise ValueError(f"{len(frame)} rows cannot be shared by {world} processes")
         groups = frame["group_id"].to_numpy()
@@ -241,15 +279,52 @@ class RankerDataModule(pl.LightningDataModule):
         mine = order[rank * per_rank:(rank + 1) * per_rank]
         return frame.iloc[mine].reset_index(drop=True)
 
-    def _loader(self, frame: pd.DataFrame, shuffle: bool) -> Loader:
-        dataset = merlin.io.Dataset(self.shard(frame), schema=self.schema, cpu=True)
-        return Loader(dataset, batch_size=self.batch_size, shuffle=shuffle)
+    def _loader(self, frame: pd.DataFrame, shuffle: bool, split: str = "train") -> Loader:
+        frame = self.shard(frame)
+        if self.groups:
+            if shuffle:
+                frame = shuffle_groups(frame, self.seed + 1 + self._epoch())
+            shuffle = False  # rows stay with their group; the groups were shuffled above
+        dataset = merlin.io.Dataset(frame, schema=self.schema, cpu=True)
+        return Loader(dataset, batch_size=self.rows_per_batch(split), shuffle=shuffle)
+
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
 
     def train_dataloader(self) -> Loader:
         return self._loader(self.train_frame, shuffle=True)
 
     def val_dataloader(self) -> Loader:  # noqa: F811 - replaced by None when there is no valid set
-        return self._loader(self.valid_frame, shuffle=False)
+        return self._loader(self.valid_frame, shuffle=False, split="valid")
+
+
+def group_size(frame: pd.DataFrame, what: str = "rows") -> int:
+    """The common size of the groups of ``frame`` (rows of one ``group_id`` must be contiguous);
+    a ValueError naming the sizes when they differ, or when a group's rows are scattered."""
+    groups = frame["group_id"].to_numpy()
+    if groups.size == 0:
+        raise ValueError(f"{what}: no rows")
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    if len(starts) != len(np.unique(groups)):
+        raise ValueError(f"{what}: the rows of a group are not contiguous; training on groups reads them in file order")
+    sizes = np.diff(np.r_[starts, groups.size])
+    if (sizes != sizes[0]).any():
+        counts = pd.Series(sizes).value_counts().sort_index().to_dict()
+        raise ValueError(
+            f"{what}: training on groups needs groups of one size (1 positive + K negatives), got sizes {counts} "
+            f"(size: groups); prepare the data with one --train-negatives K, or train with batching='rows'"
+        )
+    return int(sizes[0])
+
+
+def shuffle_groups(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """``frame`` with its groups in a seeded random order, each group's rows kept in order."""
+    groups = frame["group_id"].to_numpy()
+    unique = np.unique(groups)
+    place = np.argsort(np.random.default_rng(seed).permutation(unique.size))
+    order = np.lexsort((np.arange(len(frame)), place[np.searchsorted(unique, groups)]))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 class LastCheckpoint(pl.callbacks.ModelCheckpoint):
@@ -300,6 +375,8 @@ class TrainingRecord(pl.Callback):
             groups = features["group_id"].reshape(-1)
             self.rows_seen += int(groups.numel())
             self.groups_seen.update(int(g) for g in groups.tolist())
+            self.steps[-1]["group_ids"] = sorted({int(g) for g in groups.tolist()})
+            self.steps[-1]["rows"] = int(groups.numel())
 
     def on_train_end(self, trainer, pl_module):
         digest = hashlib.sha256()
@@ -406,7 +483,9 @@ def train_ranker(
     ranker = RankerModel.build(
         settings["model"], use_images=config.image, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
+        prompt_version=config.prompt_version,
     )
+    groups = config.batching == "groups"
     table = None
     if ranker.config.use_images and ranker.prompt.image_mode == "placeholder":
         table = item_image_table(data_dir, out_dir / ITEM_IMAGES_FILE, progress=progress and is_launcher)
@@ -419,15 +498,19 @@ def train_ranker(
         )
 
     train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed)
+    too_few = config.too_few_steps(len(train_rows), max(1, config.devices)) if is_launcher else None
+    if too_few:
+        log.warning(too_few)
     valid_rows = None
     if config.validate and (data_dir / "valid").exists():
         valid_rows = load_rows(data_dir, "valid", summaries, max_groups=config.max_groups, seed=config.seed)
     train_data = tokenize_rows(train_rows, ranker, max_length=config.max_length, item_features=table)
     valid_data = (tokenize_rows(valid_rows, ranker, max_length=config.max_length, item_features=table)
                   if valid_rows is not None else None)
-    datamodule = RankerDataModule(train_data, valid_data, batch_size=config.batch_size, seed=config.seed)
+    datamodule = RankerDataModule(train_data, valid_data, batch_size=config.batch_size, seed=config.seed, groups=groups)
 
-    merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=config.lr, projector_lr=config.projector_lr)
+    merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=config.lr, projector_lr=config.projector_lr,
+                                     groups=groups)
     if is_launcher:
         (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     record = TrainingRecord(out_dir)
@@ -441,6 +524,8 @@ def train_ranker(
         callbacks=[checkpointing, record], logger=CSVLogger(str(out_dir), name="logs"),
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, deterministic=False,
+        # Groups are reshuffled (as units) when the loader is made: make it again every epoch.
+        reload_dataloaders_every_n_epochs=1 if groups else 0,
     )
     with merlin_compat.quiet_known_warnings():
         trainer.fit(merlin_model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
@@ -478,6 +563,7 @@ def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, 
         "world_size": int(rank0["world_size"]),
         "train_rows": int(len(train_rows)),
         "train_groups": int(train_rows["group_id"].nunique()),
+        "rows_seen": sum(int(s.get("rows", 0)) for s in steps),
         "valid_rows": int(len(valid_rows)) if valid_rows is not None else 0,
         "epoch_mean_loss": {str(e): float(np.mean(v)) for e, v in sorted(per_epoch.items())},
         "micro_batch_losses": steps,
@@ -485,6 +571,3 @@ def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, 
         "seconds": round(time.time() - started, 1),
     }
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    too_few = config.too_few_steps(len(train_rows), max(1, config.devices)) if is_launcher else None
-    if too_few:
-        log.warning(too_few)

@@ -7,7 +7,9 @@ Pieces
     (``prompt_ids__values`` / ``prompt_ids__offsets``, made by
     :class:`~merlin_mllm.operators.tokenize_prompt.TokenizePrompt`) is right-padded, ``item_id``
     keys the item image table, and the block returns the answer-position logit difference
-    ``logit(Yes) - logit(No)``, shape (B,).
+    ``logit(Yes) - logit(No)``, shape (B,). With ``groups=True`` the batch holds whole groups
+    (contiguous rows of one ``group_id``: a user's positive and its negatives) and each group
+    runs as one packed sequence (:meth:`RankerModel.forward_groups`), its loss computed there.
 :class:`YesNoOutput` (an ``mm.BinaryOutput``)
     A sigmoid of that difference, i.e. P(yes) = softmax([logit_No, logit_Yes])[1], with no
     extra linear layer (the stock ``BinaryOutput`` adds a randomly initialised one, which would
@@ -62,7 +64,10 @@ with warnings.catch_warnings():
     from merlin.schema import ColumnSchema, Schema
 
 from merlin_mllm.ranker.batches import batch_from_ragged
+from merlin_mllm.ranker.groups import GroupOutput
 from merlin_mllm.ranker.model import RankerModel, RankerOutput
+from merlin_mllm.ranker.packing import CandidateGroup
+from merlin_mllm.ranker.prompt import EncodedPrompt
 
 __all__ = ["RankerBlock", "YesNoOutput", "AnswerTokenLoss", "RankerMerlinModel"]
 
@@ -81,13 +86,25 @@ class RankerBlock(mm.Block):
         The token-id list column (default ``"prompt_ids"``).
     item_column : str
         The item id column that keys the item image table (default ``"item_id"``).
+    groups : bool
+        The batch holds whole groups, each run as one packed sequence (see the module docstring);
+        it then also reads ``group_column`` and the prompt's prefix length column
+        (``<prompt_column minus _ids>_prefix_length``, as ``TokenizePrompt`` names it), and the
+        labels from the batch's target.
+    group_column : str
+        The group id column (default ``"group_id"``).
     """
 
-    def __init__(self, ranker: RankerModel, *, prompt_column: str = "prompt_ids", item_column: str = "item_id"):
+    def __init__(self, ranker: RankerModel, *, prompt_column: str = "prompt_ids", item_column: str = "item_id",
+                 groups: bool = False, group_column: str = "group_id"):
         super().__init__()
         self.ranker = ranker
         self.prompt_column = prompt_column
         self.item_column = item_column
+        self.groups = bool(groups)
+        self.group_column = group_column
+        base = prompt_column[: -len("_ids")] if prompt_column.endswith("_ids") else prompt_column
+        self.prefix_column = f"{base}_prefix_length"
         object.__setattr__(self, "_last_output", None)
 
     def forward(self, inputs: Dict[str, torch.Tensor], batch: Optional[Batch] = None) -> torch.Tensor:
@@ -98,6 +115,8 @@ class RankerBlock(mm.Block):
                 f"({values_key}, {offsets_key}); the batch has {sorted(inputs)}. Tokenize the text "
                 "with merlin_mllm.operators.tokenize_prompt.TokenizePrompt"
             )
+        if self.groups:
+            return self._forward_groups(inputs, batch)
         ids, mask = batch_from_ragged(inputs[values_key], inputs[offsets_key], self.ranker.pad_token_id)
         item_ids = None
         if self.ranker.backend.uses_item_images(self.ranker.config):
@@ -109,7 +128,46 @@ class RankerBlock(mm.Block):
         object.__setattr__(self, "_last_output", output)
         return output.logits[:, 1] - output.logits[:, 0]
 
-    def pop_output(self) -> Optional[RankerOutput]:
+    def _forward_groups(self, inputs: Dict[str, torch.Tensor], batch: Optional[Batch]) -> torch.Tensor:
+        """The batch's groups, each one packed sequence; rows of a group must be contiguous."""
+        for column in (self.group_column, self.prefix_column):
+            if column not in inputs:
+                raise KeyError(f"RankerBlock(groups=True) needs the column {column!r}; the batch has {sorted(inputs)}")
+        values = inputs[f"{self.prompt_column}__values"].reshape(-1).tolist()
+        offsets = inputs[f"{self.prompt_column}__offsets"].reshape(-1).tolist()
+        prompt_ids = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        prefix = inputs[self.prefix_column].reshape(-1).tolist()
+        group_ids = inputs[self.group_column].reshape(-1).tolist()
+        items = None
+        if self.ranker.backend.uses_item_images(self.ranker.config) and self.item_column in inputs:
+            items = inputs[self.item_column].reshape(-1).tolist()
+        labels = None
+        if batch is not None and len(batch.targets) == 1:
+            labels = next(iter(batch.targets.values())).reshape(-1).round().long().tolist()
+        image_token = self.ranker.image_token_id
+        candidate_groups, seen, start = [], set(), 0
+        for stop in range(1, len(prompt_ids) + 1):
+            if stop < len(prompt_ids) and group_ids[stop] == group_ids[start]:
+                continue
+            if group_ids[start] in seen:
+                raise ValueError(f"the rows of group {group_ids[start]} are not contiguous in the batch")
+            seen.add(group_ids[start])
+            rows = range(start, stop)
+            prompts = [EncodedPrompt(prompt_ids[r], int(prefix[r]), image_token is not None and image_token in prompt_ids[r])
+                       for r in rows]
+            group_labels = [labels[r] for r in rows] if labels is not None else None
+            if group_labels is not None and self.ranker.config.loss == "listwise" and sum(group_labels) != 1:
+                group_labels = None  # no listwise loss without one positive (a one-row schema probe)
+            candidate_groups.append(CandidateGroup.from_prompts(
+                prompts, image_token, item_ids=[items[r] for r in rows] if items is not None else None,
+                labels=group_labels))
+            start = stop
+        output = self.ranker.forward_groups(candidate_groups)
+        # Kept for AnswerTokenLoss: the groups' loss (lm, binary or listwise) was computed above.
+        object.__setattr__(self, "_last_output", output)
+        return output.logits[:, 1] - output.logits[:, 0]
+
+    def pop_output(self) -> Optional[Union[RankerOutput, GroupOutput]]:
         """The ranker output of the last forward pass, forgotten once read."""
         output = self._last_output
         object.__setattr__(self, "_last_output", None)
@@ -137,6 +195,11 @@ class AnswerTokenLoss(nn.Module):
                 "AnswerTokenLoss must be computed right after its RankerBlock's forward pass on the same batch"
             )
         labels = targets.reshape(-1).round().long()
+        if isinstance(output, GroupOutput):
+            if output.loss is None or output.labels is None or not torch.equal(output.labels.cpu(), labels.cpu()):
+                raise RuntimeError("the groups' loss needs every group's labels (one positive each for 'listwise'), "
+                                   "in the batch's row order")
+            return output.loss
         return self._block.ranker.compute_loss(output, labels)
 
 
@@ -188,6 +251,8 @@ class RankerMerlinModel(mm.Model):
     weight_decay : float
     prompt_column, item_column : str
         Passed to :class:`RankerBlock`.
+    groups : bool
+        Batches of whole groups, each one packed sequence (passed to :class:`RankerBlock`).
     """
 
     def __init__(
@@ -200,10 +265,11 @@ class RankerMerlinModel(mm.Model):
         weight_decay: float = 0.0,
         prompt_column: str = "prompt_ids",
         item_column: str = "item_id",
+        groups: bool = False,
     ):
         if isinstance(target, str):
             target = ColumnSchema(target)
-        block = RankerBlock(ranker, prompt_column=prompt_column, item_column=item_column)
+        block = RankerBlock(ranker, prompt_column=prompt_column, item_column=item_column, groups=groups)
         super().__init__(block, YesNoOutput(target, block))
         self.lr = float(lr)
         self.projector_lr = None if projector_lr is None else float(projector_lr)
@@ -214,6 +280,14 @@ class RankerMerlinModel(mm.Model):
     @property
     def ranker(self) -> RankerModel:
         return self.first().ranker
+
+    def validation_step(self, batch, batch_idx):
+        # merlin.models.torch 23.12's _val_step wraps a tensor target as {"default": t}, which
+        # compute_loss then looks up under the output's name, misses, and replaces by zeros: the
+        # validation loss was the loss against all-"No" labels. Name the target as training does.
+        if isinstance(batch, (tuple, list)) and isinstance(batch[1], torch.Tensor):
+            batch = (batch[0], {self.last().output_schema.first.name: batch[1]})
+        return super().validation_step(batch, batch_idx)
 
     def configure_optimizers(self):
         groups = self.ranker.parameter_groups(self.lr, self.projector_lr, self.weight_decay)
