@@ -1,0 +1,627 @@
+"""Hybrid-ranker table (issue 16) on all MovieLens-100k users, both protocols.
+
+Rows, every one scored on the same test groups of one prepared folder per protocol (the
+all-users folders of ``run_quality.py``: ``prepare_dataset("ml-100k", protocol, ...,
+max_history=12, seed=42, n_negatives_test=20)``; 943 temporal test groups, 94 paper ones):
+
+* non-LLM, computed here: popularity; SASRec (compact); GRU4Rec (compact); the **non-LLM
+  fusion** (``TabularFusionHead`` over the collaborative features and the SASRec score, trained
+  on the training split's groups, early-stopped on valid); the late fusion of
+  [log(1 + popularity), SASRec score] by a logistic regression fitted on valid (a check against
+  STACK.md's 0.7227).
+* LLM rows, read from score files made elsewhere (``--llm-scores``): LLM only; the late fusion
+  of [log(1 + popularity), SASRec score, LLM logit] fitted on valid (computed here once the LLM
+  only row has valid scores); hybrid with tabular fusion; hybrid with collaborative tokens.
+
+No leakage: the features and SASRec scores of split S come from the events logged before S is
+scored (``merlin_mllm.baselines.training_events``), so the training split's rows are scored by
+a SASRec that never saw their targets. Nothing is tuned on test groups.
+
+Every stage is cached under ``--work`` (default ``benchmarks/results/hybrid/``, git-ignored): the
+prepared data, each split's features, each (model, split, seed)'s scores with its wall and CPU
+time, each fusion's scores and fit. A re-run reuses them and only recomputes the tables. It
+also writes, per protocol and seed, ``<work>/<protocol>_all/hybrid_inputs/<split>_s<seed>.parquet``:
+each split's rows with the four fusion features, what the hybrid ranker trains and is scored on.
+
+Outputs (committed): ``--out``/hybrid_rows.json and hybrid_rows.md (every row, both protocols,
+the cold-start slice, paired bootstrap intervals), and hybrid_summary.json (issue 16's summary;
+its hybrid comparisons stay null until hybrid rows exist).
+
+Usage::
+
+    python benchmarks/quality/run_hybrid.py                     # the non-LLM rows, both protocols
+    python benchmarks/quality/run_hybrid.py --users 30 --seeds 0 --work /tmp/h --out /tmp/h   # smoke run
+    # with LLM rows (evaluate_ranker's <out>.scores.parquet, score = P(yes)):
+    python benchmarks/quality/run_hybrid.py \\
+        --llm-scores temporal llm_only runs/llm/test.scores.parquet runs/llm/valid.scores.parquet \\
+        --llm-scores temporal hybrid_tabular runs/hybrid/test.scores.parquet
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py
+
+from common import write_json  # noqa: E402
+
+from merlin_mllm import baselines  # noqa: E402
+from merlin_mllm.data.collaborative import FEATURE_COLUMNS  # noqa: E402
+from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
+from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
+from merlin_mllm.pipelines.features import (  # noqa: E402
+    FUSION_FEATURES,
+    RETRIEVAL_COLUMN,
+    add_retrieval_scores,
+    collaborative_features,
+)
+from merlin_mllm.pipelines.fusion import FusionSettings, fusion_scores, train_fusion_head  # noqa: E402
+
+PROTOCOLS = ("temporal", "paper")
+SPLITS = ("train", "valid", "test")
+MAX_HISTORY = 12
+DATA_SEED = 42
+N_NEGATIVES_TEST = 20
+#: A test group is cold-start when its positive had at most this many training-time interactions.
+COLD_START_MAX_INTERACTIONS = 5
+RECENT_DAYS = 30.0
+METRICS = ("auc", "hr@5", "ndcg@5")
+SCORE_COLUMNS = ["group_id", "user_id", "item_id", "label", "score"]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    key: str
+    label: str
+    kind: str  # "non_llm", "llm" or "hybrid"
+    what: str
+
+
+ROWS = (
+    RowSpec("popularity", "Popularity", "non_llm",
+            "the candidate's count in the training-time events of the test split"),
+    RowSpec("sasrec", "SASRec (compact)", "non_llm",
+            "merlin_mllm.baselines compact SASRec, trained on the test split's training-time events"),
+    RowSpec("gru4rec", "GRU4Rec (compact)", "non_llm", "the compact GRU4Rec, same events"),
+    RowSpec("fusion", "Non-LLM fusion", "non_llm",
+            "TabularFusionHead(hidden=(16,)) over item_log_count, item_log_recent_count, user_log_count and "
+            "the SASRec score; trained on the training split's groups with each split's own training-time "
+            "features and SASRec, the epoch chosen by valid AUC"),
+    RowSpec("late_fusion", "Late fusion [log(1+pop), SASRec]", "non_llm",
+            "logistic regression over [log(1 + popularity), SASRec score], fitted on the valid split"),
+    RowSpec("llm_only", "LLM only", "llm", "the ranker's P(yes) (its yes-minus-no logit), read from --llm-scores"),
+    RowSpec("late_fusion_llm", "Late fusion [log(1+pop), SASRec, LLM]", "llm",
+            "logistic regression over [log(1 + popularity), SASRec score, LLM logit], fitted on valid"),
+    RowSpec("hybrid_tabular", "Hybrid, tabular fusion", "hybrid",
+            "HybridScore: the LLM logit plus the tabular head, trained jointly; read from --llm-scores"),
+    RowSpec("hybrid_tokens", "Hybrid, collaborative tokens", "hybrid",
+            "LLaRA-style SASRec embedding tokens in the prompt; read from --llm-scores"),
+)
+ROW_BY_KEY = {row.key: row for row in ROWS}
+#: Rows whose scores come from files (``--llm-scores``); late_fusion_llm is computed from llm_only's.
+EXTERNAL_ROWS = ("llm_only", "hybrid_tabular", "hybrid_tokens")
+#: Paired intervals reported whenever both rows exist: (a, b) means AUC(a) - AUC(b).
+INTERVALS = (
+    ("fusion", "popularity"), ("fusion", "sasrec"), ("fusion", "late_fusion"), ("late_fusion", "popularity"),
+    ("llm_only", "popularity"), ("late_fusion_llm", "late_fusion"),
+    ("hybrid_tabular", "fusion"), ("hybrid_tokens", "fusion"),
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def logit_of_probability(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+# ----------------------------------------------------------------------------- cached stages
+class ProtocolStages:
+    """The cached stages of one protocol's folder (see the module docstring)."""
+
+    def __init__(self, protocol: str, work: Path, users: int, recent_days: float,
+                 sequential: baselines.SequentialSettings, fusion: FusionSettings):
+        self.protocol = protocol
+        self.root = work / (f"{protocol}_all" if not users else f"{protocol}_u{users}")
+        self.data = self.root / "data"
+        self.cache = self.root / "cache"
+        self.users = users
+        self.recent_days = recent_days
+        self.sequential_settings = sequential
+        self.fusion_settings = fusion
+        self.times: Dict[str, dict] = {}
+
+    # -- generic cache
+    def cached_frame(self, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        """The parquet ``cache/<name>.parquet``, or ``compute()`` written there with its timing."""
+        path, timing = self.cache / f"{name}.parquet", self.cache / f"{name}.timing.json"
+        if path.is_file() and timing.is_file():
+            self.times[name] = json.loads(timing.read_text())
+            return pd.read_parquet(path)
+        wall, cpu = time.time(), time.process_time()
+        frame = compute()
+        self.times[name] = {"wall_seconds": round(time.time() - wall, 2), "cpu_seconds": round(time.process_time() - cpu, 2)}
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        atomic_write(timing, lambda tmp: tmp.write_text(json.dumps(self.times[name]) + "\n"))
+        log(f"  {self.protocol}: {name} ({self.times[name]['wall_seconds']:.0f} s)")
+        return frame
+
+    def seconds(self, names: Sequence[str]) -> dict:
+        """Summed wall and CPU time of the cached stages ``names`` (as measured when each was computed)."""
+        for name in names:
+            if name not in self.times:
+                self.times[name] = json.loads((self.cache / f"{name}.timing.json").read_text())
+        return {kind: round(sum(self.times[n][kind] for n in names), 1) for kind in ("wall_seconds", "cpu_seconds")}
+
+    # -- data
+    def prepare(self) -> dict:
+        if not (self.data / "report.json").is_file():
+            log(f"prepare ml-100k {self.protocol}, max_users={self.users or 'all'}")
+            prepare_dataset("ml-100k", self.protocol, self.data, max_users=self.users, max_history=MAX_HISTORY,
+                            seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
+        return json.loads((self.data / "report.json").read_text())
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return baselines.split_rows(self.data, split).drop(columns=["history_item_ids"])
+
+    def test_fingerprint(self) -> str:
+        """sha256 of the test rows (group, user, item, label): the same value means the same test groups."""
+        rows = self.rows("test")[["group_id", "user_id", "item_id", "label"]].to_numpy(np.int64)
+        return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+
+    def cold_start_groups(self) -> np.ndarray:
+        """Test groups whose positive occurs at most COLD_START_MAX_INTERACTIONS times in the test split's
+        training-time events."""
+        counts = baselines.training_events(self.data, "test")["item_id"].value_counts()
+        test = self.rows("test")
+        positives = test[test["label"] == 1]
+        seen = positives["item_id"].map(counts).fillna(0).to_numpy()
+        return np.sort(positives["group_id"].to_numpy()[seen <= COLD_START_MAX_INTERACTIONS])
+
+    # -- non-LLM scores
+    def popularity(self, split: str) -> pd.DataFrame:
+        return self.cached_frame(f"popularity_{split}", lambda: baselines.popularity_scores(self.data, split)
+                                 [SCORE_COLUMNS])
+
+    def sequential(self, kind: str, split: str, seed: int) -> pd.DataFrame:
+        """``kind`` trained on ``split``'s training-time events, scoring ``split``'s rows (SCORE_COLUMNS)."""
+        def compute() -> pd.DataFrame:
+            model = baselines.train_sequential_baseline(kind, self.data, seed, split=split, settings=self.sequential_settings)
+            scored = add_retrieval_scores(self.rows(split), self.data, split, baseline=model, column="score")
+            return scored[SCORE_COLUMNS]
+        return self.cached_frame(f"{kind}_{split}_s{seed}", compute)
+
+    def features(self, split: str) -> pd.DataFrame:
+        return self.cached_frame(f"features_{split}", lambda: collaborative_features(
+            self.data, split, recent_days=self.recent_days).transform(self.rows(split)))
+
+    def hybrid_inputs(self, split: str, seed: int) -> pd.DataFrame:
+        """``split``'s rows with FUSION_FEATURES (SASRec seed ``seed``), also written for the hybrid runs."""
+        sasrec = self.sequential("sasrec", split, seed)[["group_id", "item_id", "score"]]
+        frame = self.features(split).merge(sasrec.rename(columns={"score": RETRIEVAL_COLUMN}),
+                                           on=["group_id", "item_id"], how="left", validate="1:1")
+        if frame[RETRIEVAL_COLUMN].isna().any():
+            raise RuntimeError(f"{self.protocol} {split}: SASRec scored different rows than the features")
+        path = self.root / "hybrid_inputs" / f"{split}_s{seed}.parquet"
+        if not path.is_file():
+            atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        return frame
+
+    def fusion(self, seed: int) -> pd.DataFrame:
+        # The inputs are their own cached stages, made first so that this stage's time is the head's alone.
+        inputs = {split: self.hybrid_inputs(split, seed) for split in SPLITS}
+
+        def compute() -> pd.DataFrame:
+            import torch  # the head trains in torch; one thread (the CPU is shared)
+
+            torch.set_num_threads(1)
+            fit = train_fusion_head(inputs["train"], inputs["valid"], FUSION_FEATURES, seed=seed,
+                                    settings=self.fusion_settings)
+            torch.save(fit.head.state_dict(), self.cache / f"fusion_s{seed}.head.pt")
+            (self.cache / f"fusion_s{seed}.fit.json").write_text(json.dumps(fit.summary(), indent=1) + "\n")
+            return fusion_scores(fit.head, inputs["test"])[SCORE_COLUMNS]
+        return self.cached_frame(f"fusion_s{seed}", compute)
+
+    def stage_seconds_total(self) -> dict:
+        """Wall and CPU time of every cached stage of this protocol, as measured when computed."""
+        timings = [json.loads(path.read_text()) for path in sorted(self.cache.glob("*.timing.json"))]
+        return {kind: round(sum(t[kind] for t in timings), 1) for kind in ("wall_seconds", "cpu_seconds")}
+
+    def feature_valid_auc(self, seed: int) -> dict:
+        """Each fusion feature alone, scored by its pooled AUC on the valid rows (what the head can build on)."""
+        valid = self.hybrid_inputs("valid", seed)
+        return {column: round(ranking_metrics(valid["label"].to_numpy(), valid[column].to_numpy(),
+                                              valid["group_id"].to_numpy(), ks=(5,))["auc"], 4)
+                for column in FUSION_FEATURES}
+
+    def fusion_fit(self, seed: int) -> dict:
+        return json.loads((self.cache / f"fusion_s{seed}.fit.json").read_text())
+
+    def late_fusion(self, seed: int, llm: Optional[Dict[str, pd.DataFrame]] = None) -> Tuple[pd.DataFrame, dict]:
+        """Logistic regression over [log(1 + popularity), SASRec score(, LLM logit)], fitted on valid.
+
+        ``llm`` maps "valid" and "test" to the LLM-only row's scores as logits. Not cached (seconds).
+        """
+        from sklearn.linear_model import LogisticRegression  # benchmark-only dependency
+        from sklearn.preprocessing import StandardScaler
+
+        def design(split: str) -> Tuple[pd.DataFrame, np.ndarray]:
+            rows = self.popularity(split).rename(columns={"score": "popularity"})
+            sasrec = self.sequential("sasrec", split, seed)[["group_id", "item_id", "score"]]
+            rows = rows.merge(sasrec.rename(columns={"score": "sasrec"}), on=["group_id", "item_id"], validate="1:1")
+            columns = [np.log1p(rows["popularity"].to_numpy()), rows["sasrec"].to_numpy()]
+            if llm is not None:
+                scores = llm[split][["group_id", "item_id", "score"]]
+                rows = rows.merge(scores.rename(columns={"score": "llm"}), on=["group_id", "item_id"], validate="1:1")
+                columns.append(rows["llm"].to_numpy())
+            if len(rows) != len(self.rows(split)):
+                raise RuntimeError(f"{self.protocol} {split}: the late fusion's inputs scored different rows")
+            return rows, np.stack(columns, axis=1)
+
+        started = time.time()
+        valid, x_valid = design("valid")
+        test, x_test = design("test")
+        scaler = StandardScaler().fit(x_valid)
+        model = LogisticRegression(max_iter=1000).fit(scaler.transform(x_valid), valid["label"].to_numpy())
+        scored = test.assign(score=model.decision_function(scaler.transform(x_test)))[SCORE_COLUMNS]
+        names = ["log1p_popularity", "sasrec"] + (["llm_logit"] if llm is not None else [])
+        fit = {"coefficients_standardised": dict(zip(names, np.round(model.coef_[0], 4).tolist())),
+               "fit_seconds": round(time.time() - started, 2)}
+        return scored, fit
+
+
+# ----------------------------------------------------------------------------- rows and intervals
+def metrics_of(scores: pd.DataFrame, groups: Optional[np.ndarray] = None) -> dict:
+    if groups is not None:
+        scores = scores[scores["group_id"].isin(groups)]
+    result = ranking_metrics(scores["label"].to_numpy(), scores["score"].to_numpy(), scores["group_id"].to_numpy(), ks=(5,))
+    return {**{m: result[m] for m in METRICS}, "n_groups": result["n_groups"]}
+
+
+def summarise(per_seed: List[dict], part: str) -> dict:
+    out = {"n_groups": per_seed[0][part]["n_groups"]}
+    for metric in METRICS:
+        values = np.array([record[part][metric] for record in per_seed], dtype=float)
+        out[metric] = round(float(values.mean()), 4)
+        out[metric + "_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else None
+    return out
+
+
+def measured_row(spec: RowSpec, scored: List[Tuple[Optional[int], pd.DataFrame, dict]], cold: np.ndarray,
+                 extra: Optional[dict] = None) -> dict:
+    """A row of the table from its per-seed (seed, scores, timing) triples."""
+    per_seed = [{"seed": seed, "all": metrics_of(scores), "cold_start": metrics_of(scores, cold), **timing}
+                for seed, scores, timing in scored]
+    row = {"key": spec.key, "label": spec.label, "kind": spec.kind, "what": spec.what, "status": "measured",
+           "seeds": [s for s, _, _ in scored], "all": summarise(per_seed, "all"),
+           "cold_start": summarise(per_seed, "cold_start"),
+           "wall_seconds_per_seed": round(float(np.mean([r["wall_seconds"] for r in per_seed])), 1)
+           if all(r.get("wall_seconds") is not None for r in per_seed) else None,
+           "cpu_seconds_per_seed": round(float(np.mean([r["cpu_seconds"] for r in per_seed])), 1)
+           if all(r.get("cpu_seconds") is not None for r in per_seed) else None,
+           "per_seed": per_seed}
+    if extra:
+        row.update(extra)
+    return row
+
+
+def pending_row(spec: RowSpec, note: str) -> dict:
+    return {"key": spec.key, "label": spec.label, "kind": spec.kind, "what": spec.what, "status": "pending",
+            "note": note, "seeds": [], "all": None, "cold_start": None}
+
+
+def paired_difference(a: List[pd.DataFrame], b: List[pd.DataFrame], groups: Optional[np.ndarray], resamples: int,
+                      where: str) -> dict:
+    """AUC(a) - AUC(b) with a paired bootstrap over test groups; seeds are strata.
+
+    Equal seed counts pair seed i with seed i; a single-seed side is repeated beside every seed
+    of the other (popularity, an LLM row).
+    """
+    n = max(len(a), len(b))
+    if len(a) not in (1, n) or len(b) not in (1, n):
+        raise ValueError(f"{where}: cannot pair {len(a)} seeds with {len(b)}")
+    frames = []
+    for stratum in range(n):
+        paired = paired_scores(a[stratum if len(a) > 1 else 0], b[stratum if len(b) > 1 else 0], ("a", "b"), where)
+        if groups is not None:
+            paired = paired[paired["group_id"].isin(groups)]
+        frames.append(paired.assign(stratum=stratum))
+    paired = pd.concat(frames, ignore_index=True)
+    result = auc_difference_interval(paired["label"], paired["score_a"], paired["score_b"], paired["group_id"],
+                                     strata=paired["stratum"], resamples=resamples)
+    return {"diff": round(result["difference"], 4), "low": round(result["low"], 4), "high": round(result["high"], 4),
+            "groups": result["groups"], "strata": n, "resamples": result["resamples"]}
+
+
+def read_external(path: Path, reference: pd.DataFrame, score_kind: str, where: str) -> Tuple[pd.DataFrame, dict]:
+    """An LLM row's scores (evaluate_ranker's parquet), checked to be exactly ``reference``'s rows."""
+    scores = pd.read_parquet(path)
+    paired_scores(scores, reference, ("external", "reference"), where)  # raises unless the same rows and labels
+    if score_kind == "probability":
+        scores = scores.assign(score=logit_of_probability(scores["score"].to_numpy()))
+    info = {"scores": str(path)}
+    metrics_json = path.with_name(path.name.replace(".scores.parquet", ".json"))
+    if metrics_json.is_file():
+        run = json.loads(metrics_json.read_text()).get("run", {})
+        info.update(run_seconds=run.get("seconds"), run_seed=run.get("seed"))
+    return scores[SCORE_COLUMNS], info
+
+
+# ----------------------------------------------------------------------------- one protocol
+def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, List[Path]], score_kind: str,
+                 resamples: int) -> dict:
+    report = stages.prepare()
+    cold = stages.cold_start_groups()
+    test_rows = stages.rows("test")
+    scores: Dict[str, List[pd.DataFrame]] = {}
+    rows: Dict[str, dict] = {}
+
+    popularity = stages.popularity("test")
+    scores["popularity"] = [popularity]
+    rows["popularity"] = measured_row(ROW_BY_KEY["popularity"], [(None, popularity, stages.seconds(["popularity_test"]))], cold)
+    for kind in ("sasrec", "gru4rec"):
+        triples = []
+        for seed in seeds:
+            triples.append((seed, stages.sequential(kind, "test", seed), stages.seconds([f"{kind}_test_s{seed}"])))
+        scores[kind] = [t[1] for t in triples]
+        rows[kind] = measured_row(ROW_BY_KEY[kind], triples, cold)
+        log(f"  {stages.protocol}: {kind} AUC {rows[kind]['all']['auc']:.4f}")
+
+    triples, fits = [], []
+    for seed in seeds:
+        scored = stages.fusion(seed)
+        names = [f"features_{s}" for s in SPLITS] + [f"sasrec_{s}_s{seed}" for s in SPLITS] + [f"fusion_s{seed}"]
+        triples.append((seed, scored, stages.seconds(names)))
+        fit = stages.fusion_fit(seed)
+        fits.append({k: fit[k] for k in ("seed", "best_epoch", "best_valid_auc", "epochs_run", "seconds")})
+    scores["fusion"] = [t[1] for t in triples]
+    rows["fusion"] = measured_row(ROW_BY_KEY["fusion"], triples, cold, {
+        "features": list(FUSION_FEATURES), "fits": fits,
+        "wall_time_covers": "the three splits' features and SASRec models, and the head's training"})
+    log(f"  {stages.protocol}: non-LLM fusion AUC {rows['fusion']['all']['auc']:.4f}")
+
+    triples, fits = [], []
+    for seed in seeds:
+        scored, fit = stages.late_fusion(seed)
+        timing = stages.seconds(["popularity_valid", "popularity_test", f"sasrec_valid_s{seed}", f"sasrec_test_s{seed}"])
+        triples.append((seed, scored, timing))
+        fits.append(fit)
+    scores["late_fusion"] = [t[1] for t in triples]
+    rows["late_fusion"] = measured_row(ROW_BY_KEY["late_fusion"], triples, cold, {
+        "fits": fits, "wall_time_covers": "popularity and the valid- and test-time SASRec models"})
+    log(f"  {stages.protocol}: late fusion [pop, SASRec] AUC {rows['late_fusion']['all']['auc']:.4f}")
+
+    # LLM rows: from score files when given, else pending.
+    llm_valid = None
+    for key in EXTERNAL_ROWS:
+        paths = external.get(key)
+        if not paths:
+            rows[key] = pending_row(ROW_BY_KEY[key], "not run yet: pass its score files with --llm-scores")
+            continue
+        test, info = read_external(paths[0], popularity, score_kind, f"{stages.protocol} {key} test")
+        scores[key] = [test]
+        rows[key] = measured_row(ROW_BY_KEY[key], [(info.get("run_seed"), test, {
+            "wall_seconds": info.get("run_seconds"), "cpu_seconds": None})], cold, {"source": info})
+        if key == "llm_only" and len(paths) > 1:
+            llm_valid, _ = read_external(paths[1], stages.popularity("valid"), score_kind, f"{stages.protocol} {key} valid")
+    if llm_valid is not None:
+        triples, fits = [], []
+        for seed in seeds:
+            scored, fit = stages.late_fusion(seed, {"valid": llm_valid, "test": scores["llm_only"][0]})
+            triples.append((seed, scored, {"wall_seconds": None, "cpu_seconds": None}))
+            fits.append(fit)
+        scores["late_fusion_llm"] = [t[1] for t in triples]
+        rows["late_fusion_llm"] = measured_row(ROW_BY_KEY["late_fusion_llm"], triples, cold, {"fits": fits})
+    else:
+        rows["late_fusion_llm"] = pending_row(ROW_BY_KEY["late_fusion_llm"],
+                                              "needs the LLM-only row's valid and test scores (--llm-scores)")
+
+    intervals = {}
+    for a, b in INTERVALS:
+        if a in scores and b in scores:
+            name = f"{a}_minus_{b}"
+            intervals[name] = {part: paired_difference(scores[a], scores[b], groups, resamples, f"{stages.protocol} {name}")
+                               for part, groups in (("all", None), ("cold_start", cold))}
+    summary = hybrid_summary(rows, scores, resamples, stages.protocol)
+    return {
+        "data": {"folder": str(stages.data), "users": report["kept"]["users"], "items": report["kept"]["items"],
+                 "events": report["kept"]["events"], "groups_per_split": {s: int(stages.rows(s)["group_id"].nunique())
+                                                                          for s in SPLITS},
+                 "test_candidates_per_group": int(len(test_rows) // test_rows["group_id"].nunique()),
+                 "test_rows_sha256_16": stages.test_fingerprint()},
+        "cold_start": {"definition": f"test groups whose positive had at most {COLD_START_MAX_INTERACTIONS} "
+                                     "interactions in the test split's training-time events",
+                       "groups": int(len(cold))},
+        "feature_valid_auc": {"seed": seeds[0], **stages.feature_valid_auc(seeds[0])},
+        "rows": [rows[spec.key] for spec in ROWS],
+        "intervals": intervals,
+        "stage_seconds_total": stages.stage_seconds_total(),
+        "summary": summary,
+    }
+
+
+def hybrid_summary(rows: Dict[str, dict], scores: Dict[str, List[pd.DataFrame]], resamples: int, protocol: str) -> dict:
+    """Issue 16's hybrid_summary.json entry for one protocol."""
+    measured = {k: r for k, r in rows.items() if r["status"] == "measured"}
+    table = {k: {m: r["all"][m] for m in (*METRICS, "n_groups")} for k, r in measured.items()}
+    non_llm = [k for k, r in measured.items() if r["kind"] == "non_llm"]
+    hybrids = [k for k, r in measured.items() if r["kind"] == "hybrid"]
+    best_non_llm = max(non_llm, key=lambda k: measured[k]["all"]["auc"])
+    out = {"rows": table, "best_non_llm": best_non_llm, "best_hybrid": None,
+           "best_hybrid_minus_best_non_llm": None, "best_hybrid_minus_fusion": None,
+           "best_hybrid_minus_late_fusion": None}
+    if not hybrids:
+        out["note"] = ("no hybrid row measured yet (LLM rows pending): the three differences are null until "
+                       "run_hybrid.py gets the hybrid rows' score files (--llm-scores)")
+        return out
+    best = max(hybrids, key=lambda k: measured[k]["all"]["auc"])
+    out["best_hybrid"] = best
+    for name, other in (("best_hybrid_minus_best_non_llm", best_non_llm), ("best_hybrid_minus_fusion", "fusion"),
+                        ("best_hybrid_minus_late_fusion", "late_fusion_llm")):
+        if other in scores:
+            diff = paired_difference(scores[best], scores[other], None, resamples, f"{protocol} {name}")
+            out[name] = {"diff": diff["diff"], "low": diff["low"], "high": diff["high"], "versus": other}
+        else:
+            out[name + "_note"] = f"{other} not measured"
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+def cell(part: Optional[dict], metric: str) -> str:
+    if part is None:
+        return "-"
+    std = part.get(metric + "_std")
+    return f"{part[metric]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def markdown(results: dict) -> str:
+    features = results["features"]
+    lines = [
+        "<!-- written by benchmarks/quality/run_hybrid.py from hybrid_rows.json; edit the script, not this file -->",
+        "# Hybrid ranker (issue 16): the rows on MovieLens-100k", "",
+        f"Made by `{results['command'].strip()}`. Every stage is cached under `benchmarks/results/hybrid/` "
+        "(git-ignored); a re-run reuses it. The LLM rows are read from score files: "
+        "`--llm-scores PROTOCOL ROW TEST_SCORES [VALID_SCORES]` (ROW: " + ", ".join(EXTERNAL_ROWS) + "; the LLM-only "
+        "row's valid scores add the late fusion with the LLM logit).", "",
+        f"- Data: `prepare_dataset(\"ml-100k\", protocol, max_history={results['max_history']}, "
+        f"seed={results['data_seed']}, n_negatives_test={results['n_negatives_test']})`, the all-users folders of "
+        "`run_quality.py` (same test groups as its committed tables).",
+        f"- Features of the non-LLM fusion: {', '.join(f'`{c}`' for c in features['columns'])}. {features['counted']}. "
+        f"Recent window: {features['recent_window']} ({features['recent_days']:g} days).",
+        f"- Seeds {', '.join(map(str, results['seeds']))}: each trains its own SASRec (per split), GRU4Rec and fusion "
+        "head; popularity has none. ± is the sample std over seeds.",
+        "- Times per seed are those of the row's stages when they were computed on the shared 2-core CPU: the "
+        "fusion's cover its features, its three SASRec models (train, valid and test time) and the head; the late "
+        "fusion's its valid- and test-time SASRec models.",
+        f"- {results['metrics']}.", "",
+    ]
+    for protocol, block in results["protocols"].items():
+        data, cold = block["data"], block["cold_start"]
+        users = f"all {data['users']}" if results["users"] == "all" else f"{data['users']} random"
+        lines += [f"### {protocol} protocol, {users} users: {data['groups_per_split']['test']} test groups of "
+                  f"1 + {data['test_candidates_per_group'] - 1}", "",
+                  f"Cold-start slice: {cold['groups']} test groups ({cold['definition']}).",
+                  "Each fusion feature alone on the valid rows (AUC, SASRec seed "
+                  f"{block['feature_valid_auc']['seed']}): "
+                  + ", ".join(f"`{k}` {v:.3f}" for k, v in block["feature_valid_auc"].items() if k != "seed") + ".",
+                  f"All stages of this protocol took {block['stage_seconds_total']['wall_seconds']:.0f} s wall, "
+                  f"{block['stage_seconds_total']['cpu_seconds']:.0f} s CPU.", "",
+                  "| row | AUC | HR@5 | NDCG@5 | cold AUC | cold HR@5 | cold NDCG@5 | seeds | wall s / seed | CPU s / seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in block["rows"]:
+            if row["status"] != "measured":
+                lines.append(f"| {row['label']} | pending | | | | | | | | |")
+                continue
+            seeds = ", ".join("-" if s is None else str(s) for s in row["seeds"])
+            wall = "-" if row.get("wall_seconds_per_seed") is None else f"{row['wall_seconds_per_seed']:.0f}"
+            cpu = "-" if row.get("cpu_seconds_per_seed") is None else f"{row['cpu_seconds_per_seed']:.0f}"
+            lines.append(f"| {row['label']} | " + " | ".join(cell(row["all"], m) for m in METRICS) + " | "
+                         + " | ".join(cell(row["cold_start"], m) for m in METRICS) + f" | {seeds} | {wall} | {cpu} |")
+        if block["intervals"]:
+            lines += ["", "| paired AUC difference (95% bootstrap over test users, seeds as strata) | all groups | cold-start |",
+                      "|---|---|---|"]
+            for name, parts in block["intervals"].items():
+                texts = [f"{p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]" for p in (parts["all"], parts["cold_start"])]
+                lines.append(f"| {name.replace('_minus_', ' − ')} | {texts[0]} | {texts[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_external(specs: List[List[str]], protocols: Sequence[str]) -> Dict[str, Dict[str, List[Path]]]:
+    out: Dict[str, Dict[str, List[Path]]] = {p: {} for p in protocols}
+    for spec in specs or []:
+        if len(spec) not in (3, 4):
+            raise SystemExit(f"--llm-scores takes PROTOCOL ROW TEST [VALID], got {spec}")
+        protocol, key, *paths = spec
+        if protocol not in out:
+            raise SystemExit(f"--llm-scores: protocol {protocol!r} is not among --protocols {list(protocols)}")
+        if key not in EXTERNAL_ROWS:
+            raise SystemExit(f"--llm-scores: row must be one of {EXTERNAL_ROWS}, got {key!r}")
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise SystemExit(f"--llm-scores: no such file {missing[0]}")
+        out[protocol][key] = [Path(p) for p in paths]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="seeds of SASRec, GRU4Rec and the fusion head (each seed trains its own models)")
+    parser.add_argument("--users", type=int, default=0, help="0 = all users (the committed table); else a random subset")
+    parser.add_argument("--recent-days", type=float, default=RECENT_DAYS, help="the recent-count window, in days")
+    parser.add_argument("--sequential-epochs", type=int, default=None,
+                        help="epochs of the compact SASRec/GRU4Rec (default: SequentialSettings', 40)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval")
+    parser.add_argument("--llm-scores", nargs="+", action="append", metavar="ARG",
+                        help="PROTOCOL ROW TEST_SCORES [VALID_SCORES]: an LLM row's evaluate_ranker scores parquet; "
+                             f"ROW is one of {', '.join(EXTERNAL_ROWS)} (llm_only's VALID_SCORES enable late_fusion_llm)")
+    parser.add_argument("--llm-score-kind", choices=("probability", "logit"), default="probability",
+                        help="what the score column of --llm-scores files holds (evaluate_ranker writes P(yes))")
+    parser.add_argument("--work", type=Path, default=HERE.parent / "results" / "hybrid")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    external = parse_external(args.llm_scores, args.protocols)
+    sequential = baselines.SequentialSettings()
+    if args.sequential_epochs is not None:
+        sequential.epochs = args.sequential_epochs
+    fusion = FusionSettings()
+    started_wall, started_cpu = time.time(), time.process_time()
+    protocols = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Initializing an NVTabular Dataset in CPU mode")
+        for protocol in args.protocols:
+            log(f"{protocol} protocol")
+            stages = ProtocolStages(protocol, args.work, args.users, args.recent_days, sequential, fusion)
+            protocols[protocol] = run_protocol(stages, args.seeds, external[protocol], args.llm_score_kind, args.resamples)
+    results = {
+        "what": "issue 16's rows on MovieLens-100k: the non-LLM rows measured here, the LLM rows read from score files",
+        "dataset": "ml-100k", "users": args.users or "all", "max_history": MAX_HISTORY, "data_seed": DATA_SEED,
+        "n_negatives_test": N_NEGATIVES_TEST, "seeds": args.seeds,
+        "features": {"columns": list(FUSION_FEATURES), "recent_days": args.recent_days,
+                     "counted": "Counted, for each split's rows, in that split's training-time events "
+                                "(merlin_mllm.baselines.training_events); SASRec likewise trained per split",
+                     "recent_window": "interactions with timestamp >= the latest training-time event minus recent_days"},
+        "fusion_settings": fusion.to_dict(), "sequential_settings": vars(sequential),
+        "metrics": "AUC pooled over all test rows; HR@5 and NDCG@5 per group (ties at their expected value); "
+                   "± is the sample std over seeds",
+        "protocols": {p: {k: v for k, v in block.items() if k != "summary"} for p, block in protocols.items()},
+        "command": "python benchmarks/quality/run_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "this_run": {"wall_seconds": round(time.time() - started_wall, 1),
+                     "cpu_seconds_main_process": round(time.process_time() - started_cpu, 1),
+                     "note": "cached stages are reused and not timed again; each row's own times are its stages'"},
+    }
+    summary = {"what": "issue 16's hybrid summary (benchmarks/quality/run_hybrid.py)",
+               "protocols": {p: block["summary"] for p, block in protocols.items()}}
+    write_json(args.out / "hybrid_rows.json", results)
+    write_json(args.out / "hybrid_summary.json", summary)
+    (args.out / "hybrid_rows.md").write_text(markdown(results), encoding="utf-8")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
