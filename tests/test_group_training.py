@@ -199,3 +199,16 @@ def test_group_training_with_the_row_losses_runs_and_validates(prepared, tmp_pat
     assert summary["rows_seen"] == 24 and summary["global_step"] == 3 and summary["val_loss"] is not None
     assert all(len(s["group_ids"]) == 2 and s["rows"] == 8 for s in summary["micro_batch_losses"])
     assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_the_defaults_are_what_the_committed_measurement_chose():
+    from pathlib import Path
+
+    measured = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "group_training_quality.json").read_text())
+    decision, runs = measured["decision"], measured["runs"]
+    config = TrainConfig()
+    assert (config.batching, config.loss) == (decision["default_batching"], decision["default_loss"])
+    assert config.prompt_version == runs[decision["best_group_run"]]["prompt_version"]
+    # Every run saw the same candidate rows; groups reached the rows' valid AUC.
+    assert len({r["rows_seen"] for r in runs.values()}) == 1 and decision["groups_reach_rows_valid_auc"]
+    assert max(r["valid"]["auc"] for r in runs.values() if r["batching"] == "groups") >= runs["rows-lm"]["valid"]["auc"]

@@ -62,7 +62,11 @@ class TrainConfig:
     """How :func:`~merlin_mllm.pipelines.training.train_ranker` fine-tunes the ranker.
 
     Every field has a default (the paper's LoRA recipe: r=8, lr 2e-5, 8 micro-batches of 4 per
-    step); see each field's ``metadata["help"]``, or the list below.
+    step); see each field's ``metadata["help"]``, or the list below. Training runs on groups
+    (``batching="groups"``: one packed pass per user group) with the ``listwise`` loss and prompt
+    version 2 unless told otherwise; ``batching="rows"`` is the paper's row-wise training (then
+    ``lm`` and prompt version 1 by default). ``loss`` and ``prompt_version`` left at ``None``
+    are resolved from ``batching`` when the config is made.
 
     Raises
     ------
@@ -85,17 +89,22 @@ class TrainConfig:
     max_steps: int = _setting(-1, "Stop after this many optimizer steps (-1: no step limit)")
     grad_accum: int = _setting(8, "Micro-batches per optimizer step")
     max_length: int = _setting(512, "Longest prompt in tokens; longer ones get a shorter user summary", resume=True)
-    batch_size: int = _setting(4, "Rows per micro-batch (per process)")
+    batch_size: int = _setting(4, "Candidate rows per micro-batch (per process); batching='groups': whole groups of "
+                                  "up to this many rows (at least one group)")
     seed: int = _setting(42, "Seeds LoRA/projector initialisation, shuffling, the DDP shards and max_groups' choice",
                          resume=True)
-    loss: str = _setting("lm", "lm: full-vocabulary NLL of the answer token (the paper); binary: CE over [No, Yes]; "
-                         "listwise: softmax over each group's yes-minus-no logits (batching='groups' only)",
-                         resume=True)
-    batching: str = _setting("rows", "groups: micro-batches of whole groups (a user's positive and its K negatives, K "
-                             "set by `data prepare --train-negatives`), each run as one packed pass; rows: "
-                             "candidate rows shuffled one by one", resume=True)
-    prompt_version: str = _setting("1", "Ranker prompt layout: '1' (candidate, then the question) or '2' (the question "
-                                   "in the part a user's candidates share, which packs groups well)", resume=True)
+    loss: Optional[str] = _setting(
+        None, "lm: full-vocabulary NLL of the answer token (the paper); binary: CE over [No, Yes]; listwise: softmax "
+        "over each group's yes-minus-no logits (batching='groups' only). Default: listwise with groups (it ranked "
+        "best on held-out groups, benchmarks/group_training_quality.json), lm with rows", resume=True)
+    batching: str = _setting(
+        "groups", "groups (default): micro-batches of whole groups (a user's positive and its K negatives, K set by "
+        "`data prepare --train-negatives`), each run as one packed pass, 4x the rows per CPU-second and at least "
+        "the rows' held-out AUC (benchmarks/group_training_quality.json); rows: candidate rows shuffled one by one, "
+        "each its whole prompt (the reference scores')", resume=True)
+    prompt_version: Optional[str] = _setting(
+        None, "Ranker prompt layout: '1' (candidate, then the question) or '2' (the question in the part a user's "
+        "candidates share, which packs well). Default: '2' with groups, '1' with rows", resume=True)
     devices: int = _setting(1, "Lightning devices (processes/GPUs; -1: all); >1 trains with DDP")
     strategy: Any = _setting(
         "auto", "Lightning strategy: 'auto', 'ddp' (Lightning re-runs the launching script on every rank: guard "
@@ -131,12 +140,18 @@ class TrainConfig:
         _check_int("max_length", self.max_length, low=1)
         _check_int("batch_size", self.batch_size, low=1)
         _check_int("seed", self.seed, low=0)
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching must be one of {BATCHINGS}, not {self.batching!r}")
-        if self.loss == "listwise" and self.batching != "groups":
-            raise ValueError("loss='listwise' compares the candidates of one group: it needs batching='groups'")
+        groups = self.batching == "groups"
+        if self.loss is None:
+            self.loss = "listwise" if groups else "lm"
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+        if self.loss == "listwise" and not groups:
+            raise ValueError("loss='listwise' compares the candidates of one group: it needs batching='groups' "
+                             "(with batching='rows' use loss='lm' or 'binary')")
+        if self.prompt_version is None:
+            self.prompt_version = "2" if groups else "1"
         if self.prompt_version not in PROMPT_VERSIONS:
             raise ValueError(f"prompt_version must be one of {PROMPT_VERSIONS}, not {self.prompt_version!r}")
         _check_int("devices", self.devices, low=-1)
