@@ -284,7 +284,7 @@ class LLMStages:
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
         train_data = self.prefix_data() if kind == "full_prefixes" else self.data
-        train_ranker(train_data, store, run_dir, TrainConfig(image=kind != "text_only", seed=self.seed, validate=False,
+        train_ranker(train_data, store, run_dir, TrainConfig(image=kind != "text_only", seed=self.seed, validate=False, batching="rows",
                      **llm_train_settings(epochs)), progress=True)
         train_seconds = time.time() - started
         result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)

@@ -65,7 +65,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     run = work / "ranker"
     train_ranker(data, summaries, run, TrainConfig(lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum,
-                 batch_size=args.batch_size, loss=args.loss, seed=args.seed, validate=False), progress=True)
+                 batch_size=args.batch_size, loss=args.loss, seed=args.seed, validate=False,
+                 batching="rows"), progress=True)
     training = json.loads((run / "training.json").read_text())
     losses = [step["loss"] for step in training["micro_batch_losses"]]
     seconds["train"] = time.perf_counter() - started

@@ -200,7 +200,7 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
         data_dir, args.cache / f"store_{arm}", out, TrainConfig(image=(arm == "image"), lr=args.lr,
         projector_lr=args.projector_lr, epochs=args.epochs, grad_accum=args.grad_accum,
         batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-        validate=False), progress=args.progress,
+        validate=False, batching="rows"), progress=args.progress,
     )
 
 
