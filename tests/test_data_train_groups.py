@@ -206,8 +206,8 @@ def test_more_negatives_than_unseen_items_names_the_user(tmp_path, sampling):
                         train_negative_sampling=sampling, **small)
     assert not (tmp_path / "out").exists()
     text = str(err.value)
-    assert f"cannot draw {n_items - 19} negatives for user '" in text and "ask for fewer negatives" in text
-    user_key = text.split("for user '")[1].split("'")[0]
+    assert f"cannot draw {n_items - 19} negatives: only " in text and "ask for fewer negatives" in text
+    user_key = text.split("unseen by user '")[1].split("'")[0]
     # The named user really has fewer unseen items than asked for.
     frame = pd.read_csv(ML100K / "ml-100k.inter", sep="\t", dtype=str)
     frame.columns = [name.split(":")[0] for name in frame.columns]
@@ -215,7 +215,7 @@ def test_more_negatives_than_unseen_items_names_the_user(tmp_path, sampling):
     seen = set(frame.loc[frame["user_id"] == user_key, "item_id"]) & items
     assert n_items - len(seen) < n_items - 19
     # Asking too many test negatives names the user too (and writes nothing).
-    with pytest.raises(ValueError, match=r"test groups: cannot draw \d+ negatives for user '"):
+    with pytest.raises(ValueError, match=r"test groups: cannot draw \d+ negatives: only \d+ of \d+ items of the catalogue are unseen by user '"):
         prepare_dataset("ml-100k", "paper", tmp_path / "out", **{**small, "n_negatives_test": n_items - 19})
 
 

@@ -249,8 +249,8 @@ def check_negatives(targets: "Targets", n_negatives: int, n_items: int, user_his
             name = f"user {user}" if user_names is None else f"user {user_names[user]!r} (id {user})"
             pool = "items" if weights is None else "items with a training-time interaction"
             raise ValueError(
-                f"{what}: cannot draw {n_negatives} negatives for {name}: only {available} of the catalogue's "
-                f"{n_items} {pool} are unseen by this user; ask for fewer negatives"
+                f"{what}: cannot draw {n_negatives} negatives: only {available} of {n_items} {pool} of the "
+                f"catalogue are unseen by {name}; ask for fewer negatives"
             )
 
 
