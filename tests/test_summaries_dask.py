@@ -134,3 +134,19 @@ def test_tokenize_prompt_on_two_workers_matches_single_process():
     assert distributed == single
     assert single[2] == list(range(24)) and all(len(ids) > 20 for ids in single[0])
     assert list(ran.values()) == [True, True]
+
+
+def test_summarize_cli_refuses_workers_with_a_scheduler_and_negative_workers(tmp_path):
+    from typer.testing import CliRunner
+
+    from merlin_mllm.cli import app
+
+    runner = CliRunner()
+    base = ["summarize", "items", "--data", str(tmp_path), "--summaries", str(tmp_path / "s")]
+    result = runner.invoke(app, base + ["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    assert result.exit_code == 2 and "either workers" in result.output
+    result = runner.invoke(app, ["summarize", "users", "--data", str(tmp_path), "--summaries", str(tmp_path / "s"),
+                                 "--workers", "-1"])
+    assert result.exit_code == 2 and "workers must be at least 1" in result.output
+    result = runner.invoke(app, base + ["--description-tokens", "0"])
+    assert result.exit_code == 2 and "TokenBudgets.description" in result.output
