@@ -31,11 +31,13 @@ def test_small_budget():
 
 def test_resume_and_saved_fields():
     assert TrainConfig.resume_fields() == ("model", "image", "lora_r", "lora_alpha", "lora_dropout", "max_length",
-                                           "seed", "loss", "batching", "prompt_version")
+                                           "seed", "loss", "batching", "prompt_version", "fusion_features",
+                                           "fusion_hidden", "fusion_warm_start")
     saved = TrainConfig().saved_fields()
     assert list(saved) == ["model", "image", "lora_r", "lora_alpha", "lora_dropout", "lr", "projector_lr", "epochs",
                            "max_steps", "grad_accum", "max_length", "batch_size", "seed", "loss", "batching",
-                           "prompt_version", "devices", "strategy", "max_groups"]
+                           "prompt_version", "fusion_features", "fusion_hidden", "fusion_lr", "fusion_warm_start",
+                           "devices", "strategy", "max_groups"]
 
 
 @pytest.mark.parametrize("changes, field", [

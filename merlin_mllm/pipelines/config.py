@@ -107,6 +107,16 @@ class TrainConfig:
     prompt_version: Optional[str] = _setting(
         None, "Ranker prompt layout: '1' (candidate, then the question) or '2' (the question in the part a user's "
         "candidates share, which packs well). Default: '2' with groups, '1' with rows", resume=True)
+    fusion_features: Optional[Tuple[str, ...]] = _setting(
+        None, "Train a hybrid: these tabular feature columns (e.g. merlin_mllm.pipelines.features.FUSION_FEATURES) "
+        "feed a TabularFusionHead whose logit is added to the LLM's yes-minus-no logit, trained jointly (loss binary "
+        "or listwise). train_ranker then needs features=<rows with these columns>. None: the LLM alone", resume=True)
+    fusion_hidden: Tuple[int, ...] = _setting((16,), "Hidden widths of the hybrid's head (() makes it linear)",
+                                              resume=True)
+    fusion_lr: Optional[float] = _setting(None, "Learning rate of the hybrid's head during joint training (default: lr)")
+    fusion_warm_start: bool = _setting(
+        True, "Fit the hybrid's head on the training rows alone before joint training, so the LLM learns what the "
+        "tabular features miss rather than relearning item popularity", resume=True)
     devices: int = _setting(1, "Lightning devices (processes/GPUs; -1: all); >1 trains with DDP")
     strategy: Any = _setting(
         "auto", "Lightning strategy: 'auto', 'ddp' (Lightning re-runs the launching script on every rank: guard "
@@ -156,6 +166,24 @@ class TrainConfig:
             self.prompt_version = "2" if groups else "1"
         if self.prompt_version not in PROMPT_VERSIONS:
             raise ValueError(f"prompt_version must be one of {PROMPT_VERSIONS}, not {self.prompt_version!r}")
+        if self.fusion_features is not None:
+            if isinstance(self.fusion_features, str) or not len(self.fusion_features) \
+                    or not all(isinstance(c, str) and c for c in self.fusion_features):
+                raise ValueError(f"fusion_features must be None or a non-empty sequence of column names, "
+                                 f"not {self.fusion_features!r}")
+            self.fusion_features = tuple(self.fusion_features)
+            if len(set(self.fusion_features)) != len(self.fusion_features):
+                raise ValueError(f"fusion_features repeat a column: {list(self.fusion_features)}")
+            if self.loss == "lm":
+                raise ValueError("a hybrid (fusion_features) trains with loss='binary' or 'listwise': 'lm' is a loss "
+                                 "over the LLM's vocabulary, which the tabular head has no part in")
+        if isinstance(self.fusion_hidden, (str, bytes)) or not all(
+                isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in self.fusion_hidden):
+            raise ValueError(f"fusion_hidden must be a sequence of positive integers, not {self.fusion_hidden!r}")
+        self.fusion_hidden = tuple(int(w) for w in self.fusion_hidden)
+        if self.fusion_lr is not None:
+            _check_number("fusion_lr", self.fusion_lr, positive=True)
+        _check_bool("fusion_warm_start", self.fusion_warm_start)
         _check_int("devices", self.devices, low=-1)
         if self.devices == 0:
             raise ValueError("devices must be -1 (all) or at least 1, not 0")
@@ -232,7 +260,9 @@ class TrainConfig:
 
     def saved_fields(self) -> Dict[str, Any]:
         """The fields ``train_config.json`` records (``metadata["saved"]``), in field order."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["saved"]}
+        # Tuples as lists: what json gives back, so a resume compares equal values.
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(self) if f.metadata["saved"] for v in [getattr(self, f.name)]}
 
 
 def _check_bool(name: str, value: Any) -> None:

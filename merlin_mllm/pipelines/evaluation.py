@@ -44,14 +44,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.features import attach_features
 from merlin_mllm.pipelines.training import MODEL_DIR, TRAIN_CONFIG_FILE, load_rows
-from merlin_mllm.ranker.config import EMBEDDED
+from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE
+from merlin_mllm.ranker.fusion import TabularFusionHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
 from merlin_mllm.summaries.rows import SummarySource
@@ -160,6 +163,7 @@ def evaluate_ranker(
     ks=DEFAULT_KS,
     resume: bool = True,
     max_length: Optional[int] = None,
+    features=None,
     progress: bool = True,
 ) -> dict:
     """Score ``split`` with the ranker and write metrics, per-row scores and a plot.
@@ -192,6 +196,11 @@ def evaluate_ranker(
     max_length : int, optional
         The longest prompt in tokens (longer ones get a shorter user summary, as in training).
         Default: the training run's (:func:`trained_max_length`).
+    features : path or DataFrame, optional
+        For a hybrid ranker (its folder holds ``fusion_head.safetensors``): ``split``'s rows with
+        the head's feature columns, matched on (group_id, item_id). The score is then
+        sigmoid(head logit + LLM logit), and the scores file also keeps ``llm_logit`` and
+        ``head_logit``, so each part's share can be measured.
     progress : bool
         Show a progress bar over groups.
 
@@ -220,6 +229,16 @@ def evaluate_ranker(
     cutter = (functools.cache(lambda: TokenizePrompt.for_ranker(ranker, max_length=max_length))
               if ranker.prompt.image_mode != "processor" else None)
     rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed)
+    head = None
+    if not zero_shot and model_dir is not None and (Path(model_dir) / FUSION_HEAD_FILE).exists():
+        head = TabularFusionHead.load(Path(model_dir) / FUSION_HEAD_FILE)
+        if features is None:
+            raise ValueError(f"{model_dir} is a hybrid ranker (it has {FUSION_HEAD_FILE}): pass features=<{split} rows "
+                             f"with {list(head.feature_names)}>")
+        # Checked before any scoring: a missing feature fails now, not after the LLM pass.
+        rows = attach_features(rows, features, head.feature_names, what=f"{split} rows")
+    elif features is not None:
+        raise ValueError(f"features were given, but {model_dir} has no fusion head ({FUSION_HEAD_FILE}): it is not a hybrid")
     fingerprint = _fingerprint(ranker, model_dir, data_dir, split, zero_shot, max_groups, max_length)
 
     done: Dict[int, np.ndarray] = {}
@@ -266,7 +285,11 @@ def evaluate_ranker(
     table = rows.merge(scored, on=["group_id", "position"], how="left", validate="one_to_one")
     if table["score"].isna().any():  # a partial file from another row set would leave holes
         raise RuntimeError(f"{int(table['score'].isna().sum())} rows were not scored; delete {partial_path} and re-run")
-    table = table[["group_id", "user_id", "item_id", "label", "score"]]
+    columns = ["group_id", "user_id", "item_id", "label", "score"]
+    if head is not None:
+        table = _hybrid_scores(table, head)
+        columns += ["llm_logit", "head_logit"]
+    table = table[columns]
     table.to_parquet(scores_path, index=False)
 
     metrics = ranking_metrics(table["label"].to_numpy(), table["score"].to_numpy(), table["group_id"].to_numpy(), ks=ks)
@@ -279,6 +302,7 @@ def evaluate_ranker(
             "base_model": ranker.config.base_model,
             "zero_shot": bool(zero_shot),
             "use_images": bool(ranker.config.use_images),
+            "fusion_features": list(head.feature_names) if head is not None else None,
             "split": split,
             "data_dir": str(Path(data_dir).resolve()),
             "max_groups": max_groups,
@@ -319,6 +343,16 @@ def _score_group(ranker: RankerModel, cutter: Optional[Callable[[], TokenizeProm
                    for c, p in zip(candidates, prompts)]
             return ranker.score_token_ids(ids, [c["item_id"] for c in candidates], batch_size=batch_size), cut
     return ranker.score(summary, candidates, batch_size=batch_size), 0
+
+
+def _hybrid_scores(table: pd.DataFrame, head: TabularFusionHead) -> pd.DataFrame:
+    """``table`` with the LLM's P(yes) turned into the hybrid's: ``llm_logit`` = logit(P(yes)),
+    ``head_logit`` = the head's, ``score`` = sigmoid(their sum)."""
+    p = table["score"].to_numpy(np.float64)
+    llm_logit = np.log(p) - np.log1p(-p)
+    with torch.no_grad():
+        head_logit = head(torch.as_tensor(table[list(head.feature_names)].to_numpy(np.float32))).double().numpy()
+    return table.assign(llm_logit=llm_logit, head_logit=head_logit, score=1.0 / (1.0 + np.exp(-(llm_logit + head_logit))))
 
 
 def _append_partial(path: Path, frames: List[pd.DataFrame]) -> None:

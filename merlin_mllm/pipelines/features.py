@@ -45,6 +45,7 @@ __all__ = [
     "collaborative_features",
     "add_retrieval_scores",
     "fusion_feature_rows",
+    "attach_features",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -146,3 +147,36 @@ def fusion_feature_rows(data_dir: PathLike, split: str = "test", *, recent_days:
     if retrieval:
         rows = add_retrieval_scores(rows, data_dir, split, baseline=baseline, seed=seed, settings=settings)
     return rows
+
+
+def attach_features(rows: pd.DataFrame, features: Union[PathLike, pd.DataFrame], names, *,
+                    what: str = "rows") -> pd.DataFrame:
+    """``rows`` with the feature columns ``names`` taken from ``features``, matched on (group_id, item_id).
+
+    What a hybrid ranker trains and is scored on: ``features`` is e.g. the output of
+    :func:`fusion_feature_rows` for the same split (a DataFrame or a parquet file/folder).
+
+    Raises
+    ------
+    ValueError
+        Naming the first row without features, or the columns ``features`` lacks, or a
+        non-finite value.
+    """
+    if not isinstance(features, pd.DataFrame):
+        features = pd.read_parquet(features)
+    names = list(names)
+    missing = [c for c in ("group_id", "item_id", *names) if c not in features.columns]
+    if missing:
+        raise ValueError(f"the feature rows lack column(s) {missing}; they have {sorted(features.columns)}")
+    table = features[["group_id", "item_id", *names]].drop_duplicates(["group_id", "item_id"])
+    merged = rows.drop(columns=[c for c in names if c in rows.columns]).merge(
+        table, on=["group_id", "item_id"], how="left", validate="m:1")
+    values = merged[names].to_numpy(np.float64)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        first = merged.iloc[int(np.flatnonzero(bad)[0])]
+        raise ValueError(f"{int(bad.sum())} of {len(merged)} {what} have no (or a non-finite) {names} value, e.g. "
+                         f"group {int(first['group_id'])}, item {int(first['item_id'])}: the feature rows must be "
+                         "those of the same split")
+    merged[names] = values.astype(np.float32)
+    return merged

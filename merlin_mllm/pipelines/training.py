@@ -47,7 +47,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -70,9 +70,12 @@ from merlin_mllm.data.prepare import ROW_TAGS
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.features import attach_features
+from merlin_mllm.pipelines.fusion import FusionSettings, train_fusion_head
 from merlin_mllm.ranker.block import RankerMerlinModel
-from merlin_mllm.ranker.config import EMBEDDED, ITEM_IMAGES_FILE
+from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE, ITEM_IMAGES_FILE
 from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
+from merlin_mllm.ranker.fusion import TabularFusionHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import item_image_table
 from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, row_summaries
@@ -87,6 +90,7 @@ __all__ = [
     "RankerDataModule",
     "group_size",
     "shuffle_groups",
+    "fusion_head_for",
     "MODEL_DIR",
     "TRAIN_CONFIG_FILE",
 ]
@@ -100,6 +104,10 @@ TRAIN_CONFIG_FILE = "train_config.json"
 #: projector shape, refused here by name rather than by a size mismatch deep inside Lightning.
 RESUME_KEYS = TrainConfig.resume_fields() + ("image_encoder",)
 PASSTHROUGH_COLUMNS = ("item_id", "user_id", "group_id", "label")
+#: Full-batch epochs of the hybrid head's warm start (no validation rows here to stop on): the
+#: non-LLM fusion's fits early-stopped on ML-100k's valid splits (benchmarks/quality/run_hybrid.py,
+#: both protocols, seeds 0-2) peaked at epochs 35 to 184, median 57.
+WARM_START_EPOCHS = 60
 
 
 def saved_settings(config: TrainConfig, data_dir: Union[str, os.PathLike]) -> Dict:
@@ -172,14 +180,16 @@ def load_rows(
 
 
 def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int = 512,
-                  item_features: Optional[ItemImageFeatures] = None) -> merlin.io.Dataset:
+                  item_features: Optional[ItemImageFeatures] = None,
+                  extra_columns: Sequence[str] = ()) -> merlin.io.Dataset:
     """Rows with text -> a Merlin dataset of token ids, through an NVTabular workflow.
 
     The prompt is the ranker's own (same tokenizer, chat template, image tokens and budgets).
     ``has_image`` comes from ``item_features`` (an item whose picture is missing or unreadable
-    gets a text-only prompt).
+    gets a text-only prompt). ``extra_columns`` (e.g. a hybrid's feature columns) pass through.
     """
-    data = frame[["user_summary", "title"] + list(PASSTHROUGH_COLUMNS)].copy()
+    passthrough = list(PASSTHROUGH_COLUMNS) + [c for c in extra_columns if c not in PASSTHROUGH_COLUMNS]
+    data = frame[["user_summary", "title"] + passthrough].copy()
     if ranker.config.use_images and ranker.prompt.image_mode == "placeholder" and item_features is not None:
         data["has_image"] = item_features.has_image_for(torch.as_tensor(data["item_id"].to_numpy())).numpy()
     else:
@@ -192,7 +202,7 @@ def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int =
             schema[name] = schema[name].with_tags(ROW_TAGS[name])
     dataset.schema = schema
     prompt = ["user_summary", "title", "has_image"] >> TokenizePrompt.for_ranker(ranker, max_length=max_length)
-    workflow = nvt.Workflow(prompt + list(PASSTHROUGH_COLUMNS))
+    workflow = nvt.Workflow(prompt + passthrough)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return workflow.fit_transform(dataset)
@@ -439,6 +449,7 @@ def train_ranker(
     out_dir: Union[str, os.PathLike],
     config: Optional[TrainConfig] = None,
     *,
+    features=None,
     progress: bool = True,
 ) -> Path:
     """Fine-tune the ranker with LoRA (answer-token loss) and save it under ``out_dir/model``.
@@ -460,6 +471,10 @@ def train_ranker(
         saved one. With ``strategy="ddp"`` Lightning starts the other processes by re-running
         the launching script, so code after this call runs in every process (guard it with
         ``os.environ.get("LOCAL_RANK", "0") == "0"``).
+    features : path or DataFrame, optional
+        With ``config.fusion_features`` (a hybrid): the training split's rows with those columns,
+        matched on (group_id, item_id), e.g. ``fusion_feature_rows(data_dir, "train")``. The
+        head is saved beside the ranker (``model/fusion_head.safetensors``).
     progress : bool
         Progress bars.
 
@@ -498,19 +513,28 @@ def train_ranker(
         )
 
     train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed)
+    head, fusion_columns = None, list(config.fusion_features or ())
+    if fusion_columns:
+        if features is None:
+            raise ValueError(f"fusion_features {fusion_columns} need features=<the training rows with those columns>")
+        train_rows = attach_features(train_rows, features, fusion_columns, what="training rows")
+        head = fusion_head_for(config, train_rows)
+    elif features is not None:
+        raise ValueError("features were given but config.fusion_features is None: name the columns the head reads")
     too_few = config.too_few_steps(len(train_rows), max(1, config.devices)) if is_launcher else None
     if too_few:
         log.warning(too_few)
     valid_rows = None
-    if config.validate and (data_dir / "valid").exists():
+    if config.validate and (data_dir / "valid").exists() and head is None:  # a hybrid has no valid features here
         valid_rows = load_rows(data_dir, "valid", summaries, max_groups=config.max_groups, seed=config.seed)
-    train_data = tokenize_rows(train_rows, ranker, max_length=config.max_length, item_features=table)
+    train_data = tokenize_rows(train_rows, ranker, max_length=config.max_length, item_features=table,
+                               extra_columns=fusion_columns)
     valid_data = (tokenize_rows(valid_rows, ranker, max_length=config.max_length, item_features=table)
                   if valid_rows is not None else None)
     datamodule = RankerDataModule(train_data, valid_data, batch_size=config.batch_size, seed=config.seed, groups=groups)
 
     merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=config.lr, projector_lr=config.projector_lr,
-                                     groups=groups)
+                                     groups=groups, fusion_head=head, fusion_lr=config.fusion_lr)
     if is_launcher:
         (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     record = TrainingRecord(out_dir)
@@ -535,10 +559,30 @@ def train_ranker(
         ranker.save_pretrained(model_dir)
         if table is not None:
             table.save(model_dir / ITEM_IMAGES_FILE)
+        if head is not None:
+            merlin_model.fusion_head.save(model_dir / FUSION_HEAD_FILE)
         _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, checkpoint, started)
     if trainer.world_size > 1:
         trainer.strategy.barrier("ranker-saved")
     return model_dir
+
+
+def fusion_head_for(config: TrainConfig, train_rows: pd.DataFrame) -> TabularFusionHead:
+    """The hybrid's head as joint training starts, deterministic given ``config.seed``.
+
+    Its scaling is set from the training rows. With ``fusion_warm_start`` it is first fitted on
+    them alone (the non-LLM fusion's recipe), so that joint training starts from the
+    collaborative score and the LLM's gradient is what that score gets wrong.
+    """
+    columns = list(config.fusion_features)
+    if config.fusion_warm_start:
+        fit = train_fusion_head(train_rows, None, columns, seed=config.seed,
+                                settings=FusionSettings(hidden=config.fusion_hidden, epochs=WARM_START_EPOCHS))
+        log.info("fusion head warm start: %d full-batch epochs on %d training rows, final loss %.4f",
+                 len(fit.train_loss), len(train_rows), fit.train_loss[-1])
+        return fit.head
+    torch.manual_seed(config.seed)
+    return TabularFusionHead(columns, config.fusion_hidden).fit_scaling(train_rows[columns])
 
 
 def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, checkpoint, started):

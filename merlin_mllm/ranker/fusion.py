@@ -38,10 +38,15 @@ Usage::
     logits = head({"item_log_count": counts, "retrieval_score": scores})          # (B,)
     hybrid = HybridScore(head, llm_column="llm_logit")  # or HybridScore(head, llm=ranker_block)
     hybrid({**features, "llm_logit": llm_logits})     # head logit + LLM logit
+    head.save("runs/ranker/model/fusion_head.safetensors")   # beside the ranker it was trained with
+    TabularFusionHead.load("runs/ranker/model/fusion_head.safetensors")
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
@@ -49,6 +54,7 @@ import torch
 from torch import nn
 
 from merlin_mllm import merlin_compat
+from merlin_mllm.ranker.losses import group_loss
 
 merlin_compat.apply()
 
@@ -57,7 +63,7 @@ with warnings.catch_warnings():
     import merlin.models.torch as mm
     from merlin.models.torch.batch import Batch
 
-__all__ = ["TabularFusionHead", "HybridScore"]
+__all__ = ["TabularFusionHead", "HybridScore", "hybrid_loss"]
 
 Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 #: A feature whose training spread is below this is only centred, not scaled (e.g. a user
@@ -149,6 +155,33 @@ class TabularFusionHead(mm.Block):
             x = self.mlp(x)
         return self.output_layer(x).squeeze(-1)
 
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the head (weights, scaling, feature names, widths) to one safetensors file."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in self.state_dict().items()}
+        meta = {"feature_names": json.dumps(list(self.feature_names)), "hidden": json.dumps(list(self.hidden))}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # a reader never sees half a head
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "TabularFusionHead":
+        """A head written by :meth:`save`, in eval mode."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if "feature_names" not in meta or "hidden" not in meta:
+            raise ValueError(f"{path} is not a TabularFusionHead file (no feature_names/hidden metadata)")
+        head = cls(json.loads(meta["feature_names"]), json.loads(meta["hidden"]))
+        head.load_state_dict(load_file(str(path)))
+        return head.eval()
+
 
 class HybridScore(mm.Block):
     """The head's logit plus the LLM's yes-minus-no logit (absent LLM: the head alone).
@@ -209,6 +242,29 @@ class HybridScore(mm.Block):
     def forward(self, inputs: Features, batch: Optional[Batch] = None) -> torch.Tensor:
         logit = self.head_logit(inputs, batch)
         llm = self.llm_logit(inputs, batch) if self.has_llm else None
-        if llm is None:
-            return logit
-        return logit + self.llm_scale * llm.to(logit.dtype)
+        if llm is not None:
+            logit = logit + self.llm_scale * llm.to(logit.dtype)
+        # Kept for the training loss, which Merlin calls with P = sigmoid(logit) only.
+        object.__setattr__(self, "_last_logit", logit)
+        return logit
+
+    def pop_logit(self) -> Optional[torch.Tensor]:
+        """The logit of the last forward pass, forgotten once read."""
+        logit = getattr(self, "_last_logit", None)
+        object.__setattr__(self, "_last_logit", None)
+        return logit
+
+
+def hybrid_loss(name: str, logit: torch.Tensor, labels, group_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ranker's ``binary`` or ``listwise`` loss (:mod:`merlin_mllm.ranker.losses`) on hybrid logits.
+
+    The hybrid logit plays the part of ``logit(Yes) - logit(No)``: ``binary`` is then the
+    cross-entropy of sigmoid(logit), ``listwise`` the softmax over each group's logits. ``lm``
+    has no meaning here (the head adds no vocabulary logits) and is refused.
+    """
+    if name == "lm":
+        raise ValueError("a hybrid (fusion features) trains with loss='binary' or 'listwise'; "
+                         "'lm' is a loss over the LLM's vocabulary, which the tabular head has no part in")
+    logit = logit.reshape(-1).float()
+    pair = torch.stack([torch.zeros_like(logit), logit], dim=1)  # [No, Yes] with Yes - No = logit
+    return group_loss(name, logits=pair, labels=labels, group_index=group_index)

@@ -193,7 +193,8 @@ def _prefix_cache(ranker: "RankerModel", prefix_ids: List[int], caches: PrefixCa
 def _answer_probs(ranker: "RankerModel", hidden: torch.Tensor, cand_mask: torch.Tensor) -> np.ndarray:
     """P(yes) from the hidden states at each row's last candidate token."""
     logits = ranker.backend.answer_logits(last_rows(hidden, cand_mask))[:, ranker.answer_token_ids]
-    return torch.softmax(logits, dim=-1)[:, 1].double().cpu().numpy()
+    # In float64: P(yes) keeps the yes-minus-no logit recoverable (a hybrid adds it to its head's).
+    return torch.softmax(logits.double(), dim=-1)[:, 1].cpu().numpy()
 
 
 def _score_shared_prefix(ranker: "RankerModel", prompts: List[EncodedPrompt], prefix_len: int, grids,

@@ -1,0 +1,95 @@
+"""Train and score the LLM rows of issue 16's hybrid table, on the all-users folders of ``run_hybrid.py``.
+
+Each stage is skipped when its output exists, and training and scoring resume from their own
+checkpoints (``train_ranker``'s ``last.ckpt``, ``evaluate_ranker``'s partial scores), so a stop
+loses at most a few minutes. Run one at a time: two torch jobs thrash the 2-core CPU.
+
+Rows (per protocol, one seed, the same recipe):
+
+* ``llm_only``: the ranker alone, recent-titles user context, groups / listwise / prompt v2,
+  ``TrainConfig.small_budget(epochs=1, image=False)``; scored on valid (for the late fusion) and test.
+* ``hybrid_tabular``: the same ranker trained jointly with a ``TabularFusionHead`` over
+  ``run_hybrid.py``'s fusion features (``hybrid_inputs/<split>_s0.parquet``); scored on test.
+
+Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
+``run_hybrid.py --llm-scores``; each stage's wall time goes to ``<row>/stages.json``.
+
+Usage::
+
+    python benchmarks/quality/train_llm_rows.py --stages temporal:llm_only:train temporal:llm_only:valid
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE.parent / "results" / "hybrid"
+SEED = 42
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def record_stage(row_dir: Path, stage: str, seconds: float, cpu_seconds: float) -> None:
+    path = row_dir / "stages.json"
+    stages = json.loads(path.read_text()) if path.exists() else {}
+    stages[stage] = {"wall_s": round(seconds, 1), "cpu_s": round(cpu_seconds, 1), "torch_threads": torch.get_num_threads()}
+    path.write_text(json.dumps(stages, indent=2) + "\n")
+
+
+def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
+    from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
+    from merlin_mllm.summaries.rows import recent_titles_summaries
+
+    data_dir = work / f"{protocol}_all" / "data"
+    row_dir = work / f"{protocol}_all" / row
+    summaries = recent_titles_summaries(data_dir)
+    started, cpu = time.time(), time.process_time()
+    if stage == "train":
+        if (row_dir / "model").exists():
+            log(f"{protocol}/{row}: trained already")
+            return
+        config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED)
+        if row == "hybrid_tabular":
+            from merlin_mllm.pipelines.features import FUSION_FEATURES
+            config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED,
+                                              fusion_features=FUSION_FEATURES)
+            features = work / f"{protocol}_all" / "hybrid_inputs"
+            train_ranker(data_dir, summaries, row_dir, config, features=features / "train_s0.parquet")
+        else:
+            train_ranker(data_dir, summaries, row_dir, config)
+    else:
+        out = row_dir / f"{stage}.json"
+        if out.exists():
+            log(f"{protocol}/{row}: {stage} scored already")
+            return
+        kwargs = {}
+        if row == "hybrid_tabular":
+            kwargs["features"] = work / f"{protocol}_all" / "hybrid_inputs" / f"{stage}_s0.parquet"
+        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, **kwargs)
+        log(f"{protocol}/{row}: {stage} AUC {result['auc']:.4f}")
+    record_stage(row_dir, stage, time.time() - started, time.process_time() - cpu)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--stages", nargs="+", required=True, help="protocol:row:stage (stage: train, valid, test)")
+    args = parser.parse_args(argv)
+    for spec in args.stages:
+        protocol, row, stage = spec.split(":")
+        log(f"stage {spec}")
+        run_stage(args.work, protocol, row, stage)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
