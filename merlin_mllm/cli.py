@@ -19,7 +19,7 @@ import typer
 from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
-from merlin_mllm.pipelines.config import DEFAULT_RECIPE, RECIPES, TrainConfig
+from merlin_mllm.pipelines.config import BATCHINGS, DEFAULT_RECIPE, LOSSES, RECIPES, TrainConfig
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.text import TokenBudgets
 
@@ -234,6 +234,47 @@ def _recipe_option(name: str):
     return typer.Option(None, help=f"{help} (default: the recipe's: {values})", show_default=False)
 
 
+_HYBRID_HELP = ("Train a hybrid: the LLM's yes-minus-no logit plus a tabular head over collaborative features "
+                "(NVTabular counts of the candidate and the user, and a SASRec retrieval score, all from the events "
+                "logged before the split), trained jointly")
+_FEATURES_HELP = ("Parquet of {split} rows (group_id, item_id and the hybrid's feature columns), e.g. with your "
+                  "pipeline's retrieval scores; default: computed from the prepared folder (written beside the output)")
+
+
+def _fusion_columns(hybrid: bool, fusion_features: Optional[str]):
+    """The hybrid's feature columns from ``--hybrid`` / ``--fusion-features`` (None: the LLM alone)."""
+    if not hybrid:
+        return None
+    if fusion_features is None:
+        from merlin_mllm.pipelines.features import FUSION_FEATURES
+
+        return tuple(FUSION_FEATURES)
+    columns = tuple(c.strip() for c in fusion_features.split(",") if c.strip())
+    if not columns:
+        raise ValueError(f"--fusion-features names no column: {fusion_features!r}")
+    return columns
+
+
+def _split_features(data: Path, split: str, columns, features: Optional[Path], out_dir: Path) -> Path:
+    """The parquet of ``split``'s rows with ``columns``: ``features`` when given, else computed
+    from the prepared folder (collaborative workflow + SASRec, events before ``split``) into
+    ``out_dir/features_<split>.parquet``, reused when present."""
+    from merlin_mllm.pipelines.features import RETRIEVAL_COLUMN, fusion_feature_rows
+
+    if features is not None:
+        return features
+    path = Path(out_dir) / f"features_{split}.parquet"
+    if not path.exists():
+        typer.echo(f"computing the {split} rows' features ({', '.join(columns)}) from {data}")
+        rows = fusion_feature_rows(data, split, retrieval=RETRIEVAL_COLUMN in columns)
+        missing = [c for c in columns if c not in rows.columns]
+        if missing:
+            raise ValueError(f"the prepared folder gives no feature {missing}: pass them with --features")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.drop(columns=["history_item_ids"], errors="ignore").to_parquet(path, index=False)
+    return path
+
+
 _RECIPE_HELP = ("Training settings, overridden by the options below: "
                 + "; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
 
@@ -257,26 +298,45 @@ def train(
     batch_size: Optional[int] = _recipe_option("batch_size"),
     max_length: int = _train_option("max_length"),
     seed: int = _train_option("seed"),
+    batching: str = typer.Option(TrainConfig.batching, metavar="|".join(BATCHINGS),
+                                 help=TrainConfig.__dataclass_fields__["batching"].metadata["help"]),
+    loss: Optional[str] = typer.Option(None, metavar="|".join(LOSSES),
+                                       help=TrainConfig.__dataclass_fields__["loss"].metadata["help"]),
+    prompt_version: Optional[str] = typer.Option(
+        None, help=TrainConfig.__dataclass_fields__["prompt_version"].metadata["help"]),
+    hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
+    fusion_features: Optional[str] = typer.Option(
+        None, help="Comma-separated feature columns of the hybrid's head (default with --hybrid: item_log_count, "
+                   "item_log_recent_count, user_log_count, retrieval_score)"),
+    features: Optional[Path] = typer.Option(None, help=_FEATURES_HELP.format(split="train")),
     devices: int = typer.Option(TrainConfig.devices, help="Processes/GPUs; >1 trains with DDP"),
 ):
     """LoRA SFT of the Yes/No ranker through Merlin's dataloader and Lightning (loss on the answer only).
 
-    Warns, with the numbers, when the run makes too few optimizer steps to move the adapter.
+    With --hybrid the ranker is trained jointly with a tabular head over collaborative features
+    (the score adds the head's logit to the LLM's). Warns, with the numbers, when the run makes
+    too few optimizer steps to move the adapter.
     """
     from merlin_mllm.pipelines.training import train_ranker
 
     with user_errors():
         chosen = {name: value for name, value in dict(epochs=epochs, lr=lr, grad_accum=grad_accum,
                                                       batch_size=batch_size).items() if value is not None}
+        columns = _fusion_columns(hybrid or fusion_features is not None or features is not None, fusion_features)
         config = TrainConfig.recipe(
             recipe, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
-            strategy="ddp" if devices > 1 else "auto", **chosen,
+            strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss, prompt_version=prompt_version,
+            fusion_features=columns, **chosen,
         )
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
+        if rank0:
             typer.echo(f"recipe {recipe}: lr {config.lr:g}, micro-batches of {config.batch_size}, "
-                       f"{config.grad_accum} per optimizer step, {config.epochs} epoch(s)")
-        path = train_ranker(data, summaries, out, config, progress=True)
+                       f"{config.grad_accum} per optimizer step, {config.epochs} epoch(s); {config.batching} "
+                       f"batching, {config.loss} loss, prompt v{config.prompt_version}"
+                       + (f"; hybrid over {', '.join(columns)}" if columns else ""))
+        table = _split_features(data, "train", columns, features, out) if columns else None
+        path = train_ranker(data, summaries, out, config, features=table, progress=True)
     # Under DDP Lightning re-runs this command on every rank: only rank 0 reports.
     if os.environ.get("LOCAL_RANK", "0") == "0":
         typer.echo(f"model: {path}")
@@ -291,16 +351,32 @@ def evaluate(
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Score with the base model, no SFT"),
     split: str = typer.Option("test"),
     max_groups: Optional[int] = typer.Option(None, help="Evaluate a seeded subset of groups"),
+    features: Optional[Path] = typer.Option(None, help=_FEATURES_HELP.format(split="the split's")),
 ):
-    """AUC and HR/MRR/NDCG@3/5/10 per group of 1 positive + N negatives, from P(yes)."""
+    """AUC and HR/MRR/NDCG@3/5/10 per group of 1 positive + N negatives, from P(yes).
+
+    A hybrid ranker (trained with --hybrid) is scored with its head: features from --features, or
+    computed here from the prepared folder.
+    """
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
+    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
+    from merlin_mllm.ranker.saved import trained_model_dir
 
     if model is None and not zero_shot:
         typer.echo("error: give --model, or --zero-shot to score the base model", err=True)
         raise typer.Exit(2)
     with user_errors():
+        table = None
+        head_file = trained_model_dir(model) / FUSION_HEAD_FILE if model is not None else None
+        if not zero_shot and head_file is not None and head_file.exists():
+            from merlin_mllm.ranker.fusion import TabularFusionHead
+
+            columns = TabularFusionHead.load(head_file).feature_names
+            table = _split_features(data, split, columns, features, Path(out).parent)
+        elif features is not None:
+            raise ValueError(f"--features was given, but {model} is not a hybrid ranker (no {FUSION_HEAD_FILE})")
         result = evaluate_ranker(data, summaries, model, out, zero_shot=zero_shot, split=split,
-                                 max_groups=max_groups, progress=True)
+                                 max_groups=max_groups, features=table, progress=True)
     keys = ["auc"] + [f"{m}@{k}" for m in ("hr", "mrr", "ndcg") for k in (3, 5, 10)]
     typer.echo("  ".join(f"{k}={result[k]:.4f}" for k in keys if k in result))
     typer.echo(f"written: {out}")

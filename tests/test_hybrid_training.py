@@ -138,3 +138,34 @@ def test_hybrid_settings_and_inputs_are_checked(prepared, tmp_path):
                  progress=False)
     with pytest.raises(ValueError, match="is a hybrid ranker"):
         evaluate_ranker(data, summaries, run, tmp_path / "e.json", progress=False)
+
+
+def test_cli_trains_and_evaluates_a_hybrid(prepared, tmp_path):
+    """`merlin-mllm train --hybrid` computes the training rows' features from the prepared folder
+    (the NVTabular workflow), and `evaluate` scores the hybrid with the test rows' own."""
+    import subprocess
+    import sys
+
+    data, summaries, features = prepared
+    table = tmp_path / "summaries.parquet"
+    summaries.to_parquet(table, index=False)
+    columns = ",".join(FEATURE_COLUMNS)
+    run = tmp_path / "run"
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "merlin_mllm.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    out = cli("train", "--data", data, "--summaries", table, "--out", run, "--no-image", "--max-steps", "1",
+              "--batch-size", "4", "--hybrid", "--fusion-features", columns)
+    assert f"hybrid over {', '.join(FEATURE_COLUMNS)}" in out and "listwise loss, prompt v2" in out
+    written = pd.read_parquet(run / "features_train.parquet")
+    pd.testing.assert_frame_equal(written[["group_id", "item_id", *FEATURE_COLUMNS]].reset_index(drop=True),
+                                  features["train"][["group_id", "item_id", *FEATURE_COLUMNS]].reset_index(drop=True),
+                                  check_dtype=False)
+    cli("evaluate", "--data", data, "--summaries", table, "--model", run, "--out", tmp_path / "eval" / "test.json")
+    scores = pd.read_parquet(tmp_path / "eval" / "test.scores.parquet")
+    assert {"llm_logit", "head_logit"} <= set(scores.columns) and (tmp_path / "eval" / "features_test.parquet").exists()
+    np.testing.assert_allclose(scores["score"], 1 / (1 + np.exp(-(scores["llm_logit"] + scores["head_logit"]))))

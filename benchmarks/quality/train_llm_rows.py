@@ -10,6 +10,8 @@ Rows (per protocol, one seed, the same recipe):
   ``TrainConfig.small_budget(epochs=1, image=False)``; scored on valid (for the late fusion) and test.
 * ``hybrid_tabular``: the same ranker trained jointly with a ``TabularFusionHead`` over
   ``run_hybrid.py``'s fusion features (``hybrid_inputs/<split>_s0.parquet``); scored on test.
+* ``<row>_k<K>``: the same, trained on a folder prepared with ``train_negatives=K`` (``data_k<K>/``,
+  same valid and test rows; its training rows' features in ``hybrid_inputs_k<K>/``).
 
 Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
 ``run_hybrid.py --llm-scores``; each stage's wall time goes to ``<row>/stages.json``.
@@ -44,36 +46,60 @@ def record_stage(row_dir: Path, stage: str, seconds: float, cpu_seconds: float) 
     path.write_text(json.dumps(stages, indent=2) + "\n")
 
 
+def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
+    """The protocol's folder again with ``negatives`` training negatives per target, and its training
+    rows' fusion features. Valid and test are drawn from their own seeded streams, so they are the
+    same rows as the base folder's (checked), and reuse its ``hybrid_inputs``."""
+    from merlin_mllm.data.prepare import prepare_dataset
+    from merlin_mllm.data.tables import read_table
+    from merlin_mllm.pipelines.features import fusion_feature_rows
+
+    root = work / f"{protocol}_all"
+    data_dir = root / f"data_k{negatives}"
+    if not (data_dir / "report.json").is_file():
+        prepare_dataset("ml-100k", protocol, data_dir, max_history=12, seed=42, n_negatives_test=20,
+                        train_negatives=negatives)
+    for split in ("valid", "test"):
+        base, variant = read_table(root / "data" / split), read_table(data_dir / split)
+        columns = ["group_id", "user_id", "item_id", "label", "target_position"]
+        if not base[columns].equals(variant[columns]):
+            raise RuntimeError(f"{data_dir}/{split} differs from {root / 'data' / split}")
+    features = root / f"hybrid_inputs_k{negatives}" / "train_s0.parquet"
+    if not features.is_file():
+        features.parent.mkdir(parents=True, exist_ok=True)
+        fusion_feature_rows(data_dir, "train", seed=0).drop(columns=["history_item_ids"]).to_parquet(features, index=False)
+    return data_dir
+
+
 def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
+    from merlin_mllm.pipelines.features import FUSION_FEATURES
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
-    data_dir = work / f"{protocol}_all" / "data"
-    row_dir = work / f"{protocol}_all" / row
+    # row: llm_only | hybrid_tabular, optionally _k<K> (trained on K negatives per training target)
+    kind, _, variant = row.partition("_k")
+    negatives = int(variant) if variant else None
+    root = work / f"{protocol}_all"
+    data_dir = prepare_variant(work, protocol, negatives) if negatives else root / "data"
+    row_dir = root / row
     summaries = recent_titles_summaries(data_dir)
+    hybrid = kind == "hybrid_tabular"
     started, cpu = time.time(), time.process_time()
     if stage == "train":
         if (row_dir / "model").exists():
             log(f"{protocol}/{row}: trained already")
             return
-        config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED)
-        if row == "hybrid_tabular":
-            from merlin_mllm.pipelines.features import FUSION_FEATURES
-            config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED,
-                                              fusion_features=FUSION_FEATURES)
-            features = work / f"{protocol}_all" / "hybrid_inputs"
-            train_ranker(data_dir, summaries, row_dir, config, features=features / "train_s0.parquet")
-        else:
-            train_ranker(data_dir, summaries, row_dir, config)
+        config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED,
+                                          fusion_features=FUSION_FEATURES if hybrid else None)
+        features = root / (f"hybrid_inputs_k{negatives}" if negatives else "hybrid_inputs") / "train_s0.parquet"
+        train_ranker(data_dir, summaries, row_dir, config, features=features if hybrid else None)
     else:
         out = row_dir / f"{stage}.json"
         if out.exists():
             log(f"{protocol}/{row}: {stage} scored already")
             return
-        kwargs = {}
-        if row == "hybrid_tabular":
-            kwargs["features"] = work / f"{protocol}_all" / "hybrid_inputs" / f"{stage}_s0.parquet"
-        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, **kwargs)
+        features = root / "hybrid_inputs" / f"{stage}_s0.parquet" if hybrid else None
+        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, features=features)
         log(f"{protocol}/{row}: {stage} AUC {result['auc']:.4f}")
     record_stage(row_dir, stage, time.time() - started, time.process_time() - cpu)
 
