@@ -106,6 +106,9 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
         expected_head = saved_head(torch.as_tensor(test[list(FEATURE_COLUMNS)].to_numpy(np.float32))).double().numpy()
     np.testing.assert_allclose(scores["head_logit"], expected_head, atol=1e-6)
     ranker = load_ranker(run / "model", data)
+    # Its "without SFT" baseline asks the trained ranker's question (prompt v2), without adapter.
+    zero_shot = load_ranker(run / "model", data, zero_shot=True)
+    assert zero_shot.config.prompt_version == ranker.config.prompt_version == "2"
     first = scores[scores["group_id"] == scores["group_id"].iloc[0]]
     test_rows = load_rows(data, "test", summaries)
     group = test_rows[test_rows["group_id"] == first["group_id"].iloc[0]]

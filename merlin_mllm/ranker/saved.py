@@ -63,18 +63,21 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
             # A catalogue with items the training table did not see: extend it.
             ranker.set_item_features(item_image_table(data_dir, Path(cache_dir or ".") / ITEM_IMAGES_FILE, progress=progress))
         return ranker
+    prompt = {}
     if is_saved_ranker(model_dir):
         config = RankerConfig.read(model_dir)
         base, use_images = config.base_model, config.use_images
+        # The "without SFT" baseline of a trained ranker asks its question the same way.
+        prompt = {"prompt_version": config.prompt_version}
     else:
         base, use_images = (model_dir or EMBEDDED), True
     if not backend_class_for_model(base).images_without_training:
         use_images = False  # no trained projector: images would enter as noise
     try:
-        return RankerModel.build(str(base), zero_shot=True, use_images=use_images)
+        return RankerModel.build(str(base), zero_shot=True, use_images=use_images, **prompt)
     except ValueError as exc:
         if use_images and "text-only" in str(exc):
-            return RankerModel.build(str(base), zero_shot=True, use_images=False)
+            return RankerModel.build(str(base), zero_shot=True, use_images=False, **prompt)
         raise
 
 
