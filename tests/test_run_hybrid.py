@@ -65,7 +65,10 @@ def test_llm_score_files_fill_the_hybrid_summary(first_run):
         # A fake ranker that knows the label a little: P(yes) = sigmoid(label + noise).
         logit = rows["label"].to_numpy() * (2.0 if name.startswith("hybrid") else 1.0) + rng.normal(0, 1, len(rows))
         files[name] = work / f"{name}.scores.parquet"
-        rows.assign(score=1 / (1 + np.exp(-logit))).to_parquet(files[name], index=False)
+        frame = rows.assign(score=1 / (1 + np.exp(-logit)))
+        if name.startswith("hybrid"):  # evaluate_ranker keeps a hybrid's two parts
+            frame = frame.assign(llm_logit=logit, head_logit=rng.normal(0, 1, len(rows)))
+        frame.to_parquet(files[name], index=False)
     out = work / "with_llm"
     assert run_hybrid.main([*FAST, "--work", str(work), "--out", str(out),
                             "--llm-scores", "temporal", "llm_only", str(files["llm_test"]), str(files["llm_valid"]),
@@ -85,6 +88,12 @@ def test_llm_score_files_fill_the_hybrid_summary(first_run):
         assert set(entry) >= {"diff", "low", "high"} and entry["low"] <= entry["diff"] <= entry["high"]
     assert summary["best_hybrid_minus_fusion"]["diff"] > 0  # the fake hybrid knows the labels
     assert "hybrid_tabular_minus_fusion" in results["protocols"]["temporal"]["intervals"]
+    # The hybrid's parts, each ranked alone: the LLM part is the score itself, the head part noise.
+    parts = rows["hybrid_tabular"]["parts"]
+    assert parts["llm_logit"]["all"]["auc"] == pytest.approx(rows["hybrid_tabular"]["all"]["auc"], abs=1e-4)  # rounded
+    assert abs(parts["head_logit"]["all"]["auc"] - 0.5) < 0.1
+    assert rows["llm_only"]["parts"] is None
+    assert "↳ its LLM logit alone" in (out / "hybrid_rows.md").read_text()
 
 
 def test_score_files_of_other_rows_are_refused(first_run, tmp_path):

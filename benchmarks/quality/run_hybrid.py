@@ -116,8 +116,11 @@ EXTERNAL_ROWS = ("llm_only", "hybrid_tabular", "hybrid_tokens")
 INTERVALS = (
     ("fusion", "popularity"), ("fusion", "sasrec"), ("fusion", "late_fusion"), ("late_fusion", "popularity"),
     ("llm_only", "popularity"), ("late_fusion_llm", "late_fusion"),
-    ("hybrid_tabular", "fusion"), ("hybrid_tokens", "fusion"),
+    ("hybrid_tabular", "fusion"), ("hybrid_tokens", "fusion"), ("hybrid_tabular", "late_fusion_llm"),
+    ("hybrid_tabular", "llm_only"), ("hybrid_tabular", "popularity"),
 )
+#: A hybrid's score file also holds its parts (evaluate_ranker with features): each ranked alone.
+HYBRID_PARTS = {"llm_logit": "its LLM logit alone", "head_logit": "its tabular head alone"}
 
 
 def log(message: str) -> None:
@@ -326,6 +329,15 @@ def measured_row(spec: RowSpec, scored: List[Tuple[Optional[int], pd.DataFrame, 
     return row
 
 
+def hybrid_parts(path: Path, cold: np.ndarray) -> Optional[dict]:
+    """Metrics of a hybrid's parts (``HYBRID_PARTS`` columns of its score file), or None."""
+    frame = pd.read_parquet(path)
+    if not set(HYBRID_PARTS) <= set(frame.columns):
+        return None
+    return {column: {"all": metrics_of(frame.assign(score=frame[column])),
+                     "cold_start": metrics_of(frame.assign(score=frame[column]), cold)} for column in HYBRID_PARTS}
+
+
 def pending_row(spec: RowSpec, note: str) -> dict:
     return {"key": spec.key, "label": spec.label, "kind": spec.kind, "what": spec.what, "status": "pending",
             "note": note, "seeds": [], "all": None, "cold_start": None}
@@ -422,7 +434,8 @@ def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, L
         test, info = read_external(paths[0], popularity, score_kind, f"{stages.protocol} {key} test")
         scores[key] = [test]
         rows[key] = measured_row(ROW_BY_KEY[key], [(info.get("run_seed"), test, {
-            "wall_seconds": info.get("run_seconds"), "cpu_seconds": None})], cold, {"source": info})
+            "wall_seconds": info.get("run_seconds"), "cpu_seconds": None})], cold,
+            {"source": info, "parts": hybrid_parts(paths[0], cold)})
         if key == "llm_only" and len(paths) > 1:
             llm_valid, _ = read_external(paths[1], stages.popularity("valid"), score_kind, f"{stages.protocol} {key} valid")
     if llm_valid is not None:
@@ -538,6 +551,10 @@ def markdown(results: dict) -> str:
             cpu = "-" if row.get("cpu_seconds_per_seed") is None else f"{row['cpu_seconds_per_seed']:.0f}"
             lines.append(f"| {row['label']} | " + " | ".join(cell(row["all"], m) for m in METRICS) + " | "
                          + " | ".join(cell(row["cold_start"], m) for m in METRICS) + f" | {seeds} | {wall} | {cpu} |")
+            for column, label in HYBRID_PARTS.items() if row.get("parts") else ():
+                part = row["parts"][column]
+                lines.append(f"| &nbsp;&nbsp;↳ {label} | " + " | ".join(f"{part['all'][m]:.4f}" for m in METRICS) + " | "
+                             + " | ".join(f"{part['cold_start'][m]:.4f}" for m in METRICS) + " | | | |")
         if block["intervals"]:
             lines += ["", "| paired AUC difference (95% bootstrap over test users, seeds as strata) | all groups | cold-start |",
                       "|---|---|---|"]
