@@ -86,7 +86,8 @@ def test_repository_is_a_two_step_ensemble(built):
     # the ranker consumes what the features step produces (but the cold-start flag), plus the item ids
     assert set(ranker_step.input_map.values()) == set(features_step.output_map.values()) - {"known_user"} | {"item_ids"}
     assert {i.name: (mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in ensemble.input} == {
-        "user_id": ("TYPE_INT64", [1], False), "item_ids": ("TYPE_INT64", [-1], False), "top_k": ("TYPE_INT32", [1], True)}
+        "user_id": ("TYPE_INT64", [1], False), "item_ids": ("TYPE_INT64", [-1], False), "top_k": ("TYPE_INT32", [1], True),
+        "retrieval_scores": ("TYPE_FP32", [-1], True)}
     assert {o.name: mc.DataType.Name(o.data_type) for o in ensemble.output} == {
         "scores": "TYPE_FP32", "ranked_item_ids": "TYPE_INT64", "ranked_scores": "TYPE_FP32", "known_user": "TYPE_BOOL"}
     # known_user comes straight from the features step; the scores from the ranker
@@ -112,6 +113,11 @@ def test_repository_is_a_two_step_ensemble(built):
     # no train_config.json beside this model folder: training's default cut
     assert (manifest["features"]["max_prompt_tokens"], manifest["features"]["max_prompt_tokens_source"]) == (512, "default")
     assert manifest["carried_over"] == ["README.md"]
+    # not a hybrid: no head features computed, none wired between the steps (retrieval_scores unused)
+    assert manifest["hybrid"] is None
+    assert not (repo / "mllm_features" / "1" / ARTIFACTS_DIR / "head_features").exists()
+    assert "fusion_features" not in {o.name for o in features.output} | {i.name for i in ranker.input}
+    assert "fusion_features" not in dict(features_step.output_map)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +227,13 @@ def test_request_validation_and_ranking_rules(built):
         step.check_request(np.array([[1], [2]]), np.ones((1, 3), dtype=np.int64), None)
     with pytest.raises(RequestError, match="same top_k"):
         step.check_request(np.array([[1], [2]]), np.ones((2, 3), dtype=np.int64), np.array([[1], [2]]))
+    # retrieval_scores: unused by a ranker that is no hybrid, but checked against item_ids
+    with pytest.raises(RequestError, match=r"retrieval_scores has shape \[1, 2\] but item_ids \[1, 3\]"):
+        step.prepare(one, np.array([[1, 2, 3]]), None, np.zeros((1, 2), dtype=np.float32))
+    plain = step.prepare(one, np.array([[1, 2]]))
+    with_scores = step.prepare(one, np.array([[1, 2]]), None, np.array([[0.5, -1.0]], dtype=np.float32))
+    assert "fusion_features" not in with_scores and with_scores.keys() == plain.keys()
+    assert with_scores["prompt_ids"].tolist() == plain["prompt_ids"].tolist()
     ids, scores = rank_scores([7, 8, 9, 10], [0.2, 0.5, 0.2, 0.9], top_k=3)
     assert ids.tolist() == [10, 8, 7] and scores.dtype == np.float32  # ties keep input order (7 before 9)
     with pytest.raises(ValueError, match="max_candidates"):

@@ -13,6 +13,10 @@ Feature step (``mllm_features``), folder layout::
                       [user_summary, title, has_image] >> TokenizePrompt, plus item_id
     features.json     limits (max_candidates, top_k_default), the cold-start summary and the
                       unknown-user policy (``unknown_users``)
+    head_features/    only for a hybrid ranker (:class:`HeadFeatures`): head_features.json (the
+                      head's input columns, in its order) and collaborative/, the fitted
+                      ``CollaborativeFeatures`` workflow (Workflow.save, with its JoinGroupby
+                      statistics) when the head reads a collaborative column
 
 Request -> per user: the user's summary, each candidate's title and has-image flag, then the
 workflow turns those rows into the token ids of the ranker's prompts. An unknown user (no
@@ -20,14 +24,24 @@ exported summary: a cold start) gets the generic empty-history summary, or, with
 ``unknown_users="error"``, the request is rejected with an error naming the user id. Either way
 the step says which rows were known (``known_user``) and counts the cold starts.
 
+For a hybrid ranker the step also computes the head's tabular features of every (user,
+candidate): ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the fitted
+:class:`merlin_mllm.data.collaborative.CollaborativeFeatures` workflow (the events logged before
+serving), and ``retrieval_score`` from the request's ``retrieval_scores`` (the upstream
+retrieval stage's score of each candidate). A hybrid whose head reads ``retrieval_score`` rejects
+a request without ``retrieval_scores``, naming the input.
+
 Ranker step (``mllm_ranker``), folder layout::
 
-    ranker/                    RankerModel.save_pretrained (config, LoRA adapter, projector)
+    ranker/                    RankerModel.save_pretrained (config, LoRA adapter, projector), and
+                               fusion_head.safetensors for a hybrid (TabularFusionHead)
     item_images.safetensors    ItemImageFeatures, looked up by item id (embedded model with images)
     ranker.json                scoring settings (candidates per forward pass)
 
 Per user it calls :meth:`RankerModel.score_token_ids`, which runs the shared user prefix once
-and reuses its KV cache for every candidate.
+and reuses its KV cache for every candidate. A hybrid's score is sigmoid(head logit + LLM
+logit), the LLM logit being logit(P(yes)) = logit(Yes) - logit(No), as
+``evaluate_ranker(..., features=...)`` scores it.
 
 Usage::
 
@@ -35,12 +49,14 @@ Usage::
 
     features = FeatureStep.load("triton_repo/mllm_features/1/artifacts")
     ranker = RankerStep.load("triton_repo/mllm_ranker/1/artifacts")
-    batch = features.prepare(np.array([[7]]), np.array([[12, 40, 3]]))
-    scores = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([[12, 40, 3]]))
+    batch = features.prepare(np.array([[7]]), np.array([[12, 40, 3]]))   # hybrid: retrieval_scores=...
+    scores = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([[12, 40, 3]]),
+                               batch.get("fusion_features"))
     ranked_ids, ranked_scores = rank_scores([12, 40, 3], scores[0], top_k=2)
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -61,11 +77,15 @@ __all__ = [
     "FEATURES_MODEL",
     "RANKER_MODEL",
     "ARTIFACTS_DIR",
+    "RETRIEVAL_INPUT",
+    "RETRIEVAL_FEATURE",
+    "FUSION_INPUT",
     "RequestError",
     "UnknownUserError",
     "ServingLimits",
     "UNKNOWN_USER_POLICIES",
     "FeatureStep",
+    "HeadFeatures",
     "RankerStep",
     "rank_scores",
     "resolve_dtype",
@@ -84,6 +104,17 @@ WORKFLOW_DIR = "workflow"
 FEATURES_CONFIG = "features.json"
 RANKER_DIR = "ranker"
 RANKER_CONFIG = "ranker.json"
+HEAD_FEATURES_DIR = "head_features"
+HEAD_FEATURES_CONFIG = "head_features.json"
+COLLABORATIVE_DIR = "collaborative"
+
+#: The ensemble's optional input carrying the retrieval stage's score of each candidate.
+RETRIEVAL_INPUT = "retrieval_scores"
+#: The head feature it fills (``merlin_mllm.pipelines.features.RETRIEVAL_COLUMN``; a test keeps
+#: them equal: serving never imports the pipelines).
+RETRIEVAL_FEATURE = "retrieval_score"
+#: The tensor from the feature step to the ranker step of a hybrid: (candidates, head features).
+FUSION_INPUT = "fusion_features"
 
 #: Column names of the rows the workflow tokenizes.
 SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN, ITEM_COLUMN = "user_summary", "title", "has_image", "item_id"
@@ -161,6 +192,159 @@ def resolve_dtype(name: Optional[str], device):
     return table[name]
 
 
+# ---------------------------------------------------------------------------- head features
+class HeadFeatures:
+    """Request -> a hybrid head's input columns for every (user, candidate).
+
+    The columns are those the head was trained on (``TabularFusionHead.feature_names``, in its
+    order). Each is one of:
+
+    * ``item_log_count``, ``item_log_recent_count``, ``user_log_count``: computed by
+      ``collaborative`` (:class:`merlin_mllm.data.collaborative.CollaborativeFeatures`), the
+      NVTabular workflow fitted on the events logged before serving: its own ``transform``, on
+      its own fitted statistics.
+    * ``retrieval_score``: the request's ``retrieval_scores``, the upstream retrieval stage's
+      score of each candidate.
+
+    Parameters
+    ----------
+    feature_names : sequence of str
+        The head's input columns.
+    collaborative : CollaborativeFeatures, optional
+        Fitted. Needed when ``feature_names`` holds a collaborative column.
+
+    Raises
+    ------
+    ValueError
+        A column the step cannot compute at request time (naming it), or a collaborative column
+        without a fitted ``collaborative``.
+    """
+
+    def __init__(self, feature_names: Sequence[str], collaborative=None):
+        self.feature_names = tuple(str(name) for name in feature_names)
+        self.collaborative_names = self.collaborative_columns(self.feature_names)
+        if self.collaborative_names and (collaborative is None or getattr(collaborative, "workflow", None) is None):
+            raise ValueError(f"the fusion head reads {list(self.collaborative_names)}: give a fitted CollaborativeFeatures")
+        self.collaborative = collaborative if self.collaborative_names else None
+
+    @staticmethod
+    def collaborative_columns(feature_names: Sequence[str]) -> Tuple[str, ...]:
+        """The collaborative columns among a head's ``feature_names``; a column that cannot be served raises."""
+        from merlin_mllm.data.collaborative import FEATURE_COLUMNS
+
+        if not len(feature_names):
+            raise ValueError("a fusion head reads at least one feature column")
+        unknown = [name for name in feature_names if name not in (*FEATURE_COLUMNS, RETRIEVAL_FEATURE)]
+        if unknown:
+            raise ValueError(f"the fusion head reads column(s) {unknown}, which the served features model cannot "
+                             f"compute at request time: it computes {list(FEATURE_COLUMNS)} from the events logged "
+                             f"before serving and {RETRIEVAL_FEATURE!r} from the request's {RETRIEVAL_INPUT!r}")
+        return tuple(name for name in feature_names if name in FEATURE_COLUMNS)
+
+    @property
+    def needs_retrieval(self) -> bool:
+        """Whether the head reads ``retrieval_score`` (then every request must send ``retrieval_scores``)."""
+        return RETRIEVAL_FEATURE in self.feature_names
+
+    def save(self, folder: Union[str, os.PathLike]) -> Path:
+        """Write ``head_features.json`` and, with collaborative columns, the fitted workflow (``collaborative/``)."""
+        folder = Path(folder)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        config = {"feature_names": list(self.feature_names), "retrieval_input": RETRIEVAL_INPUT}
+        if self.collaborative is not None:
+            collaborative = self.collaborative
+            # Workflow.save points its statistics at the saved folder: save a copy, so the live
+            # object keeps reading its own.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                copy.deepcopy(collaborative.workflow).save(str(folder / COLLABORATIVE_DIR))
+            config["collaborative"] = {
+                "recent_days": collaborative.recent_days, "recent_since": collaborative.recent_since,
+                "n_events": int(collaborative.n_events), "user_column": collaborative.user_column,
+                "item_column": collaborative.item_column, "time_column": collaborative.time_column,
+            }
+        (folder / HEAD_FEATURES_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Union[str, os.PathLike]) -> "HeadFeatures":
+        """Read a folder written by :meth:`save`."""
+        folder = Path(folder)
+        if not (folder / HEAD_FEATURES_CONFIG).is_file():
+            raise FileNotFoundError(f"{folder / HEAD_FEATURES_CONFIG} not found: {folder} is not a saved HeadFeatures")
+        config = json.loads((folder / HEAD_FEATURES_CONFIG).read_text(encoding="utf-8"))
+        collaborative = None
+        if "collaborative" in config:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import nvtabular as nvt
+
+                from merlin_mllm.data.collaborative import CollaborativeFeatures
+
+                settings = config["collaborative"]
+                collaborative = CollaborativeFeatures(
+                    settings["recent_days"], user_column=settings["user_column"], item_column=settings["item_column"],
+                    time_column=settings["time_column"], work_dir=folder / COLLABORATIVE_DIR)
+                # The fitted statistics, as CollaborativeFeatures.fit left them (Workflow.load
+                # points JoinGroupby at the saved parquet files).
+                collaborative.workflow = nvt.Workflow.load(str(folder / COLLABORATIVE_DIR))
+                collaborative.recent_since = settings["recent_since"]
+                collaborative.n_events = settings["n_events"]
+        return cls(config["feature_names"], collaborative)
+
+    def compute(self, user_ids: Sequence[int], item_ids: Sequence[int],
+                retrieval_scores: Optional[Sequence[float]] = None) -> np.ndarray:
+        """The head's features of candidate rows, float32 (rows, len(feature_names)).
+
+        Parameters
+        ----------
+        user_ids, item_ids : sequence of int
+            One entry per candidate row (a user's id repeated over their candidates).
+        retrieval_scores : sequence of float, optional
+            The retrieval stage's score of each row; required when the head reads
+            ``retrieval_score`` (:attr:`needs_retrieval`).
+
+        Raises
+        ------
+        RequestError
+            ``retrieval_scores`` missing while the head needs it (naming the input), of another
+            length than the rows, or not finite (naming the item).
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        if user_ids.shape != item_ids.shape:
+            raise ValueError(f"{user_ids.size} user ids for {item_ids.size} candidate rows")
+        columns: Dict[str, np.ndarray] = {}
+        if self.needs_retrieval:
+            if retrieval_scores is None:
+                raise RequestError(
+                    f"this export's ranker is a hybrid whose head reads {RETRIEVAL_FEATURE!r}: send the input "
+                    f"{RETRIEVAL_INPUT!r} (FP32, the retrieval stage's score of each entry of item_ids)")
+            scores = np.asarray(retrieval_scores, dtype=np.float64).reshape(-1)
+            if scores.size != item_ids.size:
+                raise RequestError(f"{RETRIEVAL_INPUT} has {scores.size} scores for {item_ids.size} candidate "
+                                   "item ids: send one score per entry of item_ids")
+            bad = ~np.isfinite(scores)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise RequestError(f"{RETRIEVAL_INPUT}: the score of item {int(item_ids[row])} (user "
+                                   f"{int(user_ids[row])}) is {scores[row]!r}, not a finite number")
+            columns[RETRIEVAL_FEATURE] = scores.astype(np.float32)
+        if self.collaborative is not None:
+            rows = pd.DataFrame({self.collaborative.user_column: user_ids, self.collaborative.item_column: item_ids})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                counted = self.collaborative.transform(rows)
+            for name in self.collaborative_names:
+                columns[name] = counted[name].to_numpy(np.float32)
+        matrix = np.zeros((item_ids.size, len(self.feature_names)), dtype=np.float32)
+        for position, name in enumerate(self.feature_names):
+            matrix[:, position] = columns[name]
+        return matrix
+
+
 # ---------------------------------------------------------------------------- feature step
 class FeatureStep:
     """Request -> token-id prompts: user summary, item titles and image flags, NVTabular workflow.
@@ -181,6 +365,9 @@ class FeatureStep:
         ``"empty_summary"`` (default): an unknown user is scored with ``empty_summary``.
         ``"error"``: a request with an unknown user is rejected (:class:`RequestError` naming
         the user ids), for deployments where an unknown id is a bug upstream.
+    head_features : HeadFeatures, optional
+        For a hybrid ranker: the head's tabular features, added to each request's tensors as
+        ``fusion_features``.
 
     Attributes
     ----------
@@ -190,7 +377,7 @@ class FeatureStep:
     """
 
     def __init__(self, users: pd.DataFrame, items: pd.DataFrame, workflow, limits: ServingLimits,
-                 empty_summary: str, unknown_users: str = "empty_summary"):
+                 empty_summary: str, unknown_users: str = "empty_summary", head_features: Optional[HeadFeatures] = None):
         if unknown_users not in UNKNOWN_USER_POLICIES:
             raise ValueError(f"unknown_users must be one of {UNKNOWN_USER_POLICIES}, not {unknown_users!r}")
         for frame, needed, what in ((users, ("user_id", SUMMARY_COLUMN), "users"),
@@ -213,6 +400,7 @@ class FeatureStep:
         self.limits = limits
         self.empty_summary = str(empty_summary)
         self.unknown_users = unknown_users
+        self.head_features = head_features
         self.cold_start_rows = self.cold_start_requests = self.requests = 0
 
     # -- files
@@ -229,7 +417,12 @@ class FeatureStep:
             self.workflow.save(str(folder / WORKFLOW_DIR))
         config = {"limits": asdict(self.limits), "empty_summary": self.empty_summary,
                   "unknown_users": self.unknown_users, "users": len(self.users), "items": len(self.items),
-                  "items_with_image": int(self._has_image.sum())}
+                  "items_with_image": int(self._has_image.sum()),
+                  "head_features": list(self.head_features.feature_names) if self.head_features else None}
+        if self.head_features is not None:
+            self.head_features.save(folder / HEAD_FEATURES_DIR)
+        elif (folder / HEAD_FEATURES_DIR).exists():
+            shutil.rmtree(folder / HEAD_FEATURES_DIR)
         (folder / FEATURES_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
 
@@ -246,10 +439,11 @@ class FeatureStep:
 
             workflow = nvt.Workflow.load(str(folder / WORKFLOW_DIR))
         config = json.loads((folder / FEATURES_CONFIG).read_text(encoding="utf-8"))
+        head_features = HeadFeatures.load(folder / HEAD_FEATURES_DIR) if (folder / HEAD_FEATURES_DIR).is_dir() else None
         # Exports made before the policy existed served unknown users the empty summary.
         return cls(pd.read_parquet(folder / USERS_FILE), pd.read_parquet(folder / ITEMS_FILE), workflow,
                    ServingLimits(**config["limits"]), config["empty_summary"],
-                   config.get("unknown_users", "empty_summary"))
+                   config.get("unknown_users", "empty_summary"), head_features)
 
     # -- lookups
     def summary_for(self, user_id: int) -> Tuple[str, bool]:
@@ -316,6 +510,38 @@ class FeatureStep:
         """Tokenize one probe request, so the first client does not pay for loading the tokenizer."""
         if len(self._item_ids):
             self.prompts(-1, self._item_ids[:2])
+            if self.head_features is not None:
+                probe = self._item_ids[:2]
+                self.head_features.compute(np.full(len(probe), -1), probe, np.zeros(len(probe)))
+
+    def fusion_features(self, user_ids: Sequence[int], item_lists: Sequence[Sequence[int]],
+                        retrieval_lists: Optional[Sequence[Sequence[float]]] = None) -> Optional[List[np.ndarray]]:
+        """Per user row, the hybrid head's features of its candidates, float32 (candidates, features).
+
+        None when the ranker is not a hybrid (``retrieval_lists`` is then not needed). The
+        rows are computed together, in one workflow pass.
+
+        Raises
+        ------
+        RequestError
+            From :meth:`HeadFeatures.compute`: ``retrieval_scores`` missing while the head reads
+            ``retrieval_score``, misaligned with ``item_ids``, or not finite.
+        """
+        if self.head_features is None:
+            return None
+        lengths = [len(np.asarray(items).reshape(-1)) for items in item_lists]
+        if retrieval_lists is not None:
+            for row, (scores, count) in enumerate(zip(retrieval_lists, lengths)):
+                if np.asarray(scores).size != count:
+                    raise RequestError(f"{RETRIEVAL_INPUT} row {row} has {np.asarray(scores).size} scores for "
+                                       f"{count} candidate item ids: send one score per entry of item_ids")
+            retrieval = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for s in retrieval_lists])
+        else:
+            retrieval = None
+        users = np.repeat(np.asarray(user_ids, dtype=np.int64).reshape(-1), lengths)
+        items = np.concatenate([np.asarray(i, dtype=np.int64).reshape(-1) for i in item_lists])
+        matrix = self.head_features.compute(users, items, retrieval)
+        return np.split(matrix, np.cumsum(lengths)[:-1])
 
     # -- one request
     def check_request(self, user_ids: np.ndarray, item_ids: np.ndarray, top_k: Optional[np.ndarray]) -> np.ndarray:
@@ -343,7 +569,7 @@ class FeatureStep:
             raise RequestError("every row of one request must ask for the same top_k")
         return top_k.astype(np.int32)
 
-    def prepare(self, user_ids, item_ids, top_k=None) -> Dict[str, np.ndarray]:
+    def prepare(self, user_ids, item_ids, top_k=None, retrieval_scores=None) -> Dict[str, np.ndarray]:
         """Tensors for the ranker step from one request.
 
         Parameters
@@ -351,6 +577,9 @@ class FeatureStep:
         user_ids : array (batch, 1) or (batch,) of int64
         item_ids : array (batch, candidates) of int64
         top_k : array (batch, 1) of int, optional
+        retrieval_scores : array (batch, candidates) of float, optional
+            The retrieval stage's score of each candidate: the ``retrieval_score`` feature of a
+            hybrid whose head reads it (required then); otherwise unused (but checked).
 
         Returns
         -------
@@ -358,17 +587,28 @@ class FeatureStep:
             ``prompt_ids`` int64 (batch, candidates, longest prompt), right-padded with 0;
             ``prompt_lengths`` int64 (batch, candidates); ``top_k`` int32 (batch, 1) with the
             default filled in and capped at the number of candidates; ``known_user`` bool
-            (batch, 1): False for a cold start (the user got ``empty_summary``).
+            (batch, 1): False for a cold start (the user got ``empty_summary``); for a hybrid
+            also ``fusion_features`` float32 (batch, candidates, head features).
 
         Raises
         ------
         RequestError
             A bad request (see :meth:`check_request`); :class:`UnknownUserError` with
-            ``unknown_users="error"`` and a user without a summary (the message names the ids).
+            ``unknown_users="error"`` and a user without a summary (the message names the ids);
+            a hybrid that reads ``retrieval_score`` asked without ``retrieval_scores``, or
+            ``retrieval_scores`` not shaped like ``item_ids`` (the messages name the input).
         """
         user_ids = np.asarray(user_ids).reshape(-1)
         item_ids = np.asarray(item_ids)
         resolved = self.check_request(user_ids, item_ids, top_k)
+        if retrieval_scores is not None:
+            retrieval_scores = np.asarray(retrieval_scores)
+            if retrieval_scores.shape != item_ids.shape:
+                raise RequestError(f"{RETRIEVAL_INPUT} has shape {list(retrieval_scores.shape)} but item_ids "
+                                   f"{list(item_ids.shape)}: send one score per candidate item id")
+        # Checked before the users are counted: a request refused for its features is no cold start.
+        fusion = self.fusion_features(user_ids, list(item_ids),
+                                      None if retrieval_scores is None else list(retrieval_scores))
         known = self.admit_users(user_ids)
         rows = [self.prompts(int(user), item_ids[row]) for row, user in enumerate(user_ids)]
         batch, count = item_ids.shape
@@ -378,8 +618,10 @@ class FeatureStep:
             for column, ids in enumerate(prompts):
                 padded[row, column, : len(ids)] = ids
         resolved = np.minimum(resolved, count).astype(np.int32).reshape(batch, 1)
-        return {"prompt_ids": padded, "prompt_lengths": lengths, "top_k": resolved,
-                "known_user": known.reshape(batch, 1)}
+        out = {"prompt_ids": padded, "prompt_lengths": lengths, "top_k": resolved, "known_user": known.reshape(batch, 1)}
+        if fusion is not None:
+            out[FUSION_INPUT] = np.stack(fusion).astype(np.float32)
+        return out
 
 
 # ---------------------------------------------------------------------------- ranker step
@@ -392,26 +634,29 @@ class RankerStep:
         With its item image table attached (embedded model with images).
     batch_size : int
         Candidates per forward pass.
+    head : TabularFusionHead, optional
+        A hybrid's head: the score is then sigmoid(head(features) + logit(P(yes))).
     """
 
-    def __init__(self, ranker, batch_size: int = 32):
+    def __init__(self, ranker, batch_size: int = 32, head=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         self.ranker = ranker
         self.batch_size = int(batch_size)
+        self.head = head.eval() if head is not None else None
 
     @staticmethod
     def write(folder: Union[str, os.PathLike], model_dir: Union[str, os.PathLike], item_features=None,
               batch_size: int = 32) -> Path:
-        """Copy a saved ranker (and its item image table) into a step folder."""
-        from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
+        """Copy a saved ranker (its hybrid head too, and its item image table) into a step folder."""
+        from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, FUSION_HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
 
         folder, model_dir = Path(folder), Path(model_dir)
         target = folder / RANKER_DIR
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
-        for name in (CONFIG_FILE, ADAPTER_DIR, PROJECTOR_FILE):
+        for name in (CONFIG_FILE, ADAPTER_DIR, PROJECTOR_FILE, FUSION_HEAD_FILE):
             source = model_dir / name
             if source.is_dir():
                 shutil.copytree(source, target / name)
@@ -432,8 +677,9 @@ class RankerStep:
         import torch
 
         from merlin_mllm.models.loading import default_device
-        from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
+        from merlin_mllm.ranker.config import FUSION_HEAD_FILE, ITEM_IMAGES_FILE
         from merlin_mllm.ranker.features import ItemImageFeatures
+        from merlin_mllm.ranker.fusion import TabularFusionHead
         from merlin_mllm.ranker.model import RankerModel
 
         folder = Path(folder)
@@ -444,19 +690,57 @@ class RankerStep:
         ranker = RankerModel.from_pretrained(folder / RANKER_DIR, item_features=table, device=device,
                                              dtype=resolve_dtype(dtype, device))
         settings = json.loads((folder / RANKER_CONFIG).read_text()) if (folder / RANKER_CONFIG).exists() else {}
-        return cls(ranker, batch_size=batch_size or settings.get("batch_size", 32))
+        # The head stays on the CPU in float32: a few hundred weights, scored as evaluation scores them.
+        head_path = folder / RANKER_DIR / FUSION_HEAD_FILE
+        head = TabularFusionHead.load(head_path) if head_path.is_file() else None
+        return cls(ranker, batch_size=batch_size or settings.get("batch_size", 32), head=head)
+
+    def hybrid_parts(self, p_yes: np.ndarray, features: np.ndarray) -> Dict[str, np.ndarray]:
+        """A hybrid's score of one user's candidates from the LLM's P(yes) and the head's features.
+
+        Exactly what ``evaluate_ranker(..., features=...)`` computes: ``llm_logit`` =
+        log(P) - log(1 - P) (= logit(Yes) - logit(No)), ``head_logit`` = the head on the
+        float32 features, ``score`` = sigmoid(their sum), all float64.
+        """
+        import torch
+
+        if self.head is None:
+            raise ValueError("this ranker has no fusion head: it is not a hybrid")
+        p_yes = np.asarray(p_yes, dtype=np.float64).reshape(-1)
+        features = np.asarray(features, dtype=np.float32).reshape(len(p_yes), -1)
+        llm_logit = np.log(p_yes) - np.log1p(-p_yes)
+        with torch.no_grad():
+            head_logit = self.head(torch.as_tensor(features)).double().numpy()
+        return {"llm_logit": llm_logit, "head_logit": head_logit,
+                "score": 1.0 / (1.0 + np.exp(-(llm_logit + head_logit)))}
 
     def warm_up(self) -> None:
         """Score two probe prompts, so the first client does not pay for first-call set-up."""
         probe = self.ranker.prompt.encode("A user.", "An item", has_image=False).input_ids
         self.ranker.score_token_ids([probe, probe[:-1] + probe[-1:]], None, batch_size=self.batch_size)
 
-    def score(self, prompts: Sequence[Sequence[int]], item_ids: Sequence[int]) -> np.ndarray:
-        """P(yes) (float64) of one user's candidates, in input order."""
-        return self.ranker.score_token_ids([list(map(int, p)) for p in prompts],
-                                           [int(i) for i in item_ids], batch_size=self.batch_size)
+    def score(self, prompts: Sequence[Sequence[int]], item_ids: Sequence[int],
+              features: Optional[np.ndarray] = None) -> np.ndarray:
+        """P(yes) (float64) of one user's candidates, in input order; a hybrid's score with ``features``."""
+        p_yes = self.ranker.score_token_ids([list(map(int, p)) for p in prompts],
+                                            [int(i) for i in item_ids], batch_size=self.batch_size)
+        return self._finish([p_yes], None if features is None else [features])[0]
 
-    def score_users(self, users: Sequence[Tuple[Sequence[Sequence[int]], Sequence[int]]]) -> List[np.ndarray]:
+    def _finish(self, p_yes: List[np.ndarray], features: Optional[Sequence[np.ndarray]]) -> List[np.ndarray]:
+        # The LLM's P(yes) as it is, or a hybrid's score: a hybrid needs the head's features.
+        if self.head is None:
+            if features is not None:
+                raise ValueError("fusion features were given, but this ranker has no fusion head (not a hybrid)")
+            return p_yes
+        if features is None:
+            raise ValueError(f"this ranker is a hybrid: it needs the head's features {list(self.head.feature_names)} "
+                             "of every candidate (the feature step's fusion_features)")
+        if len(features) != len(p_yes):
+            raise ValueError(f"fusion features for {len(features)} users, but {len(p_yes)} users were scored")
+        return [self.hybrid_parts(p, f)["score"] for p, f in zip(p_yes, features)]
+
+    def score_users(self, users: Sequence[Tuple[Sequence[Sequence[int]], Sequence[int]]],
+                    features: Optional[Sequence[np.ndarray]] = None) -> List[np.ndarray]:
         """P(yes) for several users' candidates at once (what a dynamic batch of requests holds).
 
         Each user's prompt prefix is computed once, as in :meth:`score`; then the candidates of
@@ -470,12 +754,15 @@ class RankerStep:
         ----------
         users : list of (prompts, item_ids)
             Per user: the candidates' full prompt token ids and their item ids.
+        features : list of np.ndarray, optional
+            A hybrid's head features per user, (candidates, head features) each; required for
+            a hybrid (see :meth:`hybrid_parts`), refused otherwise.
 
         Returns
         -------
-        list of np.ndarray (float64), one per user, in input order.
+        list of np.ndarray (float64), one per user, in input order: P(yes), or the hybrid's score.
         """
-        return self.ranker.score_users_token_ids(users, batch_size=self.batch_size)
+        return self._finish(self.ranker.score_users_token_ids(users, batch_size=self.batch_size), features)
 
     @staticmethod
     def unpad(prompt_ids: np.ndarray, prompt_lengths: np.ndarray, item_ids: np.ndarray) -> List[Tuple[list, np.ndarray]]:
@@ -486,6 +773,11 @@ class RankerStep:
         return [([prompt_ids[row, c, : int(prompt_lengths[row, c])] for c in range(prompt_ids.shape[1])], item_ids[row])
                 for row in range(prompt_ids.shape[0])]
 
-    def score_rows(self, prompt_ids: np.ndarray, prompt_lengths: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        """Scores (batch, candidates) from the feature step's padded tensors, one user per row."""
-        return np.stack(self.score_users(self.unpad(prompt_ids, prompt_lengths, item_ids)))
+    def score_rows(self, prompt_ids: np.ndarray, prompt_lengths: np.ndarray, item_ids: np.ndarray,
+                   fusion_features: Optional[np.ndarray] = None) -> np.ndarray:
+        """Scores (batch, candidates) from the feature step's padded tensors, one user per row.
+
+        ``fusion_features`` (batch, candidates, head features): a hybrid's, from the feature step.
+        """
+        features = None if fusion_features is None else list(np.asarray(fusion_features))
+        return np.stack(self.score_users(self.unpad(prompt_ids, prompt_lengths, item_ids), features))

@@ -14,6 +14,9 @@ Usage::
     result.scores        # array([0.47, 0.61, 0.22], dtype=float32), input order
     result.known_user    # True; False: a cold start, scored with the empty-history summary
 
+    # a hybrid export: the retrieval stage's score of each candidate travels with it
+    client.rank(user_id=7, item_ids=[12, 40, 3], retrieval_scores=[2.1, 0.4, -1.3])
+
     # or in one call
     from merlin_mllm.serving.client import rank
     rank(7, [12, 40, 3], top_k=2).ranked
@@ -26,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from merlin_mllm.serving.artifacts import ENSEMBLE_MODEL
+from merlin_mllm.serving.artifacts import ENSEMBLE_MODEL, RETRIEVAL_INPUT
 
 __all__ = ["RerankClient", "RankResult", "RerankError", "rank", "DEFAULT_URLS", "PROTOCOLS"]
 
@@ -61,6 +64,19 @@ class RankResult:
     scores: np.ndarray
     ranked: List[Tuple[int, float]]
     known_user: Optional[bool] = None
+
+
+def _as_retrieval_scores(scores: Sequence, items: np.ndarray) -> np.ndarray:
+    values = list(scores)
+    if len(values) != len(items):
+        raise RerankError(f"retrieval_scores has {len(values)} scores for {len(items)} item ids: "
+                          "send one score per candidate, in the order of item_ids")
+    for position, value in enumerate(values):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(float(value)):
+            raise RerankError(f"retrieval score at position {position} (item {int(items[position])}) is {value!r}, "
+                              "not a finite number")
+    return np.asarray(values, dtype=np.float32)
 
 
 def _as_item_ids(item_ids: Sequence) -> np.ndarray:
@@ -132,8 +148,14 @@ class RerankClient:
         tensor.set_data_from_numpy(array)
         return tensor
 
-    def rank(self, user_id: int, item_ids: Sequence[int], top_k: Optional[int] = None) -> RankResult:
-        """Score ``item_ids`` for ``user_id``; the server's default top_k applies when None."""
+    def rank(self, user_id: int, item_ids: Sequence[int], top_k: Optional[int] = None,
+             retrieval_scores: Optional[Sequence[float]] = None) -> RankResult:
+        """Score ``item_ids`` for ``user_id``; the server's default top_k applies when None.
+
+        ``retrieval_scores``: the retrieval stage's score of each candidate (in the order of
+        ``item_ids``), which a hybrid export's head reads as ``retrieval_score``; a hybrid that
+        needs them rejects a request without them.
+        """
         items = _as_item_ids(item_ids)
         inputs = [
             self._input("user_id", np.array([[int(user_id)]], dtype=np.int64), "INT64"),
@@ -141,6 +163,9 @@ class RerankClient:
         ]
         if top_k is not None:
             inputs.append(self._input("top_k", np.array([[int(top_k)]], dtype=np.int32), "INT32"))
+        if retrieval_scores is not None:
+            scores = _as_retrieval_scores(retrieval_scores, items)
+            inputs.append(self._input(RETRIEVAL_INPUT, scores.reshape(1, -1), "FP32"))
         kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" and self.timeout else {}
         try:
             # No output list: the server returns every output, so an export older than the
@@ -169,7 +194,8 @@ class RerankClient:
 
 
 def rank(user_id: int, item_ids: Sequence[int], top_k: Optional[int] = None, *, url: Optional[str] = None,
-         protocol: str = "grpc", model_name: str = ENSEMBLE_MODEL, timeout: Optional[float] = None) -> RankResult:
+         protocol: str = "grpc", model_name: str = ENSEMBLE_MODEL, timeout: Optional[float] = None,
+         retrieval_scores: Optional[Sequence[float]] = None) -> RankResult:
     """One request with a short-lived :class:`RerankClient` (see its parameters)."""
     with RerankClient(url, protocol=protocol, model_name=model_name, timeout=timeout) as client:
-        return client.rank(user_id, item_ids, top_k)
+        return client.rank(user_id, item_ids, top_k, retrieval_scores=retrieval_scores)

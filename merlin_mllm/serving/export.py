@@ -9,25 +9,43 @@ executor model, so it deploys wherever plain Triton ensembles do::
       mllm_rerank/1/                   (empty: ensembles have no files, but Triton wants the folder)
       mllm_features/config.pbtxt       python backend, KIND_CPU
       mllm_features/1/model.py         copied from merlin_mllm/serving/triton_models/features.py
-      mllm_features/1/artifacts/       users.parquet, items.parquet, workflow/, features.json
+      mllm_features/1/artifacts/       users.parquet, items.parquet, workflow/, features.json,
+                                       head_features/ (a hybrid: the head's columns, the fitted
+                                       CollaborativeFeatures workflow)
       mllm_ranker/config.pbtxt         python backend, KIND_GPU (--gpu) or KIND_CPU; dynamic batching
       mllm_ranker/1/model.py           copied from merlin_mllm/serving/triton_models/ranker.py
-      mllm_ranker/1/artifacts/         ranker/ (adapter, projector, config), item_images.safetensors
+      mllm_ranker/1/artifacts/         ranker/ (adapter, projector, config; a hybrid's
+                                       fusion_head.safetensors), item_images.safetensors
 
 Inputs of ``mllm_rerank`` (batch dimension first; one user per row):
 
-=============  =====  ======  ==========================================================
-name           dtype  dims    meaning
-=============  =====  ======  ==========================================================
-user_id        INT64  [1]     the user (an unknown user: see ``unknown_users``)
-item_ids       INT64  [-1]    candidate item ids (1 .. max_candidates)
-top_k          INT32  [1]     optional; ranked items to return (default top_k_default)
-=============  =====  ======  ==========================================================
+================  =====  ======  ==========================================================
+name              dtype  dims    meaning
+================  =====  ======  ==========================================================
+user_id           INT64  [1]     the user (an unknown user: see ``unknown_users``)
+item_ids          INT64  [-1]    candidate item ids (1 .. max_candidates)
+top_k             INT32  [1]     optional; ranked items to return (default top_k_default)
+retrieval_scores  FP32   [-1]    optional; the retrieval stage's score of each candidate,
+                                 aligned with item_ids: a hybrid's ``retrieval_score``
+                                 feature (required by a hybrid whose head reads it; else unused)
+================  =====  ======  ==========================================================
 
-Outputs: ``scores`` FP32 [-1] (P(yes) per candidate, in input order), ``ranked_item_ids`` INT64
-[-1] and ``ranked_scores`` FP32 [-1] (the best ``min(top_k, candidates)``, highest first; equal
-scores keep input order), ``known_user`` BOOL [1] (False: a cold start, the user had no exported
-summary and was scored with the generic empty-history summary).
+Outputs: ``scores`` FP32 [-1] (P(yes) per candidate, in input order; for a hybrid
+sigmoid(head logit + LLM logit)), ``ranked_item_ids`` INT64 [-1] and ``ranked_scores`` FP32 [-1]
+(the best ``min(top_k, candidates)``, highest first; equal scores keep input order),
+``known_user`` BOOL [1] (False: a cold start, the user had no exported summary and was scored
+with the generic empty-history summary).
+
+A hybrid ranker (its folder holds ``fusion_head.safetensors``: ``TrainConfig.fusion_features``)
+is served with its head. The features model computes the head's columns per (user, candidate)
+at request time: ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the
+:class:`~merlin_mllm.data.collaborative.CollaborativeFeatures` workflow fitted, at export, on the
+events logged before serving (``events``; default :func:`events_before_serving`, the prepared
+folder's events before each user's test target), and ``retrieval_score`` from the request's
+``retrieval_scores``. A request to a hybrid that reads ``retrieval_score`` without
+``retrieval_scores`` fails (INVALID_ARGUMENT, naming the input). The ranker model adds the
+head's logit to the LLM's, exactly as ``evaluate_ranker(..., features=...)`` does. A non-hybrid
+export is unchanged: no head features, and ``retrieval_scores``, if sent, is not used.
 
 An unknown user is served the empty-history summary (``unknown_users="empty_summary"``, the
 default), or rejected with an error naming the id (``unknown_users="error"``); either way the
@@ -74,21 +92,26 @@ with warnings.catch_warnings():
     import nvtabular as nvt
     import tritonclient.grpc.model_config_pb2 as mc
 
+from merlin_mllm.data.collaborative import CollaborativeFeatures
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.ranker.config import CONFIG_FILE
+from merlin_mllm.ranker.config import CONFIG_FILE, FUSION_HEAD_FILE
+from merlin_mllm.ranker.fusion import TabularFusionHead
 from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
     FEATURES_MODEL,
+    FUSION_INPUT,
     IMAGE_COLUMN,
     ITEM_COLUMN,
     RANKER_MODEL,
     SUMMARY_COLUMN,
     TITLE_COLUMN,
     UNKNOWN_USER_POLICIES,
+    RETRIEVAL_INPUT,
     FeatureStep,
+    HeadFeatures,
     RankerStep,
     ServingLimits,
 )
@@ -104,6 +127,9 @@ __all__ = [
     "item_table",
     "fit_prompt_workflow",
     "load_export_ranker",
+    "fusion_head",
+    "events_before_serving",
+    "head_features_for",
     "config_text",
     "INPUTS",
     "OUTPUTS",
@@ -119,7 +145,7 @@ MANIFEST_FILE = "export.json"
 TRITON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
 #: (name, Triton dtype, dims without the batch dimension, optional) of the ensemble's inputs.
 INPUTS = (("user_id", "TYPE_INT64", [1], False), ("item_ids", "TYPE_INT64", [-1], False),
-          ("top_k", "TYPE_INT32", [1], True))
+          ("top_k", "TYPE_INT32", [1], True), (RETRIEVAL_INPUT, "TYPE_FP32", [-1], True))
 #: (name, Triton dtype, dims) of the ranker model's outputs; the ensemble passes them through.
 RANKER_OUTPUTS = (("scores", "TYPE_FP32", [-1]), ("ranked_item_ids", "TYPE_INT64", [-1]),
                   ("ranked_scores", "TYPE_FP32", [-1]))
@@ -135,6 +161,9 @@ DEFAULT_MAX_PROMPT_TOKENS = 512
 TRAIN_CONFIG_FILE = "train_config.json"
 #: The folders and file of ``out_dir`` that an export owns (everything else is carried over).
 OWNED = (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL, MANIFEST_FILE)
+#: The collaborative features' recent window when the caller names none:
+#: ``merlin_mllm.pipelines.features.fusion_feature_rows``'s default (a test keeps them equal).
+DEFAULT_RECENT_DAYS = 30.0
 
 
 # ---------------------------------------------------------------------------- artefacts
@@ -186,6 +215,78 @@ def prompt_token_limit(model_dir, max_prompt_tokens: Optional[int] = None) -> Tu
                              "pass max_prompt_tokens explicitly") from exc
         return int(value), str(record)
     return DEFAULT_MAX_PROMPT_TOKENS, "default"
+
+
+def fusion_head(model_dir) -> Optional[TabularFusionHead]:
+    """The hybrid's tabular head saved beside the ranker (``fusion_head.safetensors``), or None."""
+    path = trained_model_dir(model_dir) / FUSION_HEAD_FILE
+    return TabularFusionHead.load(path) if path.is_file() else None
+
+
+def events_before_serving(data_dir) -> pd.DataFrame:
+    """The events a deployment of a prepared folder has logged: all but each user's test target and later.
+
+    For every user with test rows, the events at a ``position`` before the smallest test
+    ``target_position``; every event of a user without test rows. This is
+    ``merlin_mllm.baselines.training_events(data_dir, "test")``, the events the test split's
+    features are computed from (a test keeps the two equal: serving never imports the
+    pipelines), so served features equal the test rows' features. A folder without ``test/``
+    keeps every event.
+
+    Returns
+    -------
+    DataFrame
+        The kept rows of ``events/`` (user_id, item_id, timestamp, position, ...), by user and position.
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / "events").exists():
+        raise FileNotFoundError(f"{data_dir / 'events'} not found: {data_dir} is not a prepared dataset")
+    events = read_table(data_dir / "events")
+    missing = [c for c in ("user_id", "item_id", "position") if c not in events.columns]
+    if missing:
+        raise ValueError(f"{data_dir / 'events'}: events lack column(s) {missing}")
+    if (data_dir / "test").exists():
+        test = read_table(data_dir / "test")
+        if "target_position" not in test.columns:
+            raise ValueError(f"{data_dir / 'test'}: rows lack target_position")
+        cutoff = test.groupby("user_id")["target_position"].min()
+        limit = events["user_id"].map(cutoff)
+        keep = limit.isna().to_numpy() | (events["position"].to_numpy() < limit.fillna(0).to_numpy())
+        events = events[keep]
+    return events.sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
+
+
+def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
+                      recent_days: Optional[float] = None) -> Optional[HeadFeatures]:
+    """What the features model needs to compute ``head``'s columns at request time (None: no head).
+
+    Parameters
+    ----------
+    head : TabularFusionHead or None
+        The hybrid's head (:func:`fusion_head`).
+    data_dir : path
+        The prepared dataset.
+    events : DataFrame or path, optional
+        The events logged before serving (``user_id``, ``item_id``, ``timestamp``), to fit the
+        collaborative columns on. Default: :func:`events_before_serving`.
+    recent_days : float, optional
+        The recent-count window (default :data:`DEFAULT_RECENT_DAYS`, the pipelines' default):
+        it must be the one the training features used.
+    """
+    if head is None:
+        if events is not None or recent_days is not None:
+            raise ValueError("events / recent_days were given, but the ranker has no fusion head "
+                             f"({FUSION_HEAD_FILE}): it is not a hybrid")
+        return None
+    collaborative = None
+    if HeadFeatures.collaborative_columns(head.feature_names):  # names checked before any fitting
+        if events is None:
+            events = events_before_serving(data_dir)
+        elif not isinstance(events, pd.DataFrame):
+            events = read_table(events) if Path(events).is_dir() else pd.read_parquet(events)
+        collaborative = CollaborativeFeatures(DEFAULT_RECENT_DAYS if recent_days is None else float(recent_days))
+        collaborative.fit(events)
+    return HeadFeatures(head.feature_names, collaborative)
 
 
 def _latest_rows(data_dir: Path) -> pd.DataFrame:
@@ -287,8 +388,8 @@ def config_text(config) -> str:
     return text_format.MessageToString(config)
 
 
-def ensemble_config(max_batch_size: int):
-    """The ``mllm_rerank`` ensemble config (a ModelConfig protobuf)."""
+def ensemble_config(max_batch_size: int, n_head_features: int = 0):
+    """The ``mllm_rerank`` ensemble config (a ModelConfig protobuf); a hybrid's with ``n_head_features``."""
     config = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=max_batch_size)
     for name, dtype, dims, optional in INPUTS:
         config.input.add(name=name, data_type=getattr(mc, dtype), dims=dims, optional=optional)
@@ -305,13 +406,16 @@ def ensemble_config(max_batch_size: int):
     ranker.input_map["prompt_lengths"] = "_prompt_lengths"
     ranker.input_map["top_k_resolved"] = "_top_k_resolved"
     ranker.input_map["item_ids"] = "item_ids"
+    if n_head_features:
+        features.output_map[FUSION_INPUT] = f"_{FUSION_INPUT}"
+        ranker.input_map[FUSION_INPUT] = f"_{FUSION_INPUT}"
     for name, *_ in RANKER_OUTPUTS:
         ranker.output_map[name] = name
     return config
 
 
-def features_config(max_batch_size: int, instances: int):
-    """The ``mllm_features`` python-backend config (CPU instances)."""
+def features_config(max_batch_size: int, instances: int, n_head_features: int = 0):
+    """The ``mllm_features`` python-backend config (CPU instances); a hybrid's with ``n_head_features``."""
     config = mc.ModelConfig(name=FEATURES_MODEL, backend="python", max_batch_size=max_batch_size)
     for name, dtype, dims, optional in INPUTS:
         config.input.add(name=name, data_type=getattr(mc, dtype), dims=dims, optional=optional)
@@ -319,13 +423,16 @@ def features_config(max_batch_size: int, instances: int):
     config.output.add(name="prompt_lengths", data_type=mc.TYPE_INT64, dims=[-1])
     config.output.add(name="top_k_resolved", data_type=mc.TYPE_INT32, dims=[1])
     config.output.add(name="known_user", data_type=mc.TYPE_BOOL, dims=[1])
+    if n_head_features:
+        config.output.add(name=FUSION_INPUT, data_type=mc.TYPE_FP32, dims=[-1, int(n_head_features)])
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     return config
 
 
 def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_batching: bool,
-                  max_batch_delay_us: int, dtype: str, torch_threads: int):
-    """The ``mllm_ranker`` python-backend config (GPU or CPU instances, dynamic batching)."""
+                  max_batch_delay_us: int, dtype: str, torch_threads: int, n_head_features: int = 0):
+    """The ``mllm_ranker`` python-backend config (GPU or CPU instances, dynamic batching); a hybrid's
+    (``n_head_features``) also reads the head's features of every candidate."""
     config = mc.ModelConfig(name=RANKER_MODEL, backend="python", max_batch_size=max_batch_size)
     # Ragged: requests with different candidate counts and prompt lengths may share a batch; the
     # python backend hands them over as separate requests anyway.
@@ -333,6 +440,9 @@ def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_bat
     config.input.add(name="prompt_lengths", data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=True)
     config.input.add(name="item_ids", data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=True)
     config.input.add(name="top_k_resolved", data_type=mc.TYPE_INT32, dims=[1])
+    if n_head_features:
+        config.input.add(name=FUSION_INPUT, data_type=mc.TYPE_FP32, dims=[-1, int(n_head_features)],
+                         allow_ragged_batch=True)
     for name, dtype_name, dims in RANKER_OUTPUTS:
         config.output.add(name=name, data_type=getattr(mc, dtype_name), dims=dims)
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
@@ -438,6 +548,21 @@ def _swap_in(staging: Path, out_dir: Path, token: str) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _hybrid_manifest(head_features: Optional[HeadFeatures], events) -> Optional[dict]:
+    """The manifest's record of a hybrid's served head features (None: not a hybrid)."""
+    if head_features is None:
+        return None
+    collaborative = head_features.collaborative
+    record = {"feature_names": list(head_features.feature_names),
+              "retrieval_input": RETRIEVAL_INPUT if head_features.needs_retrieval else None}
+    if collaborative is not None:
+        record.update(recent_days=collaborative.recent_days, recent_since=collaborative.recent_since,
+                      events=int(collaborative.n_events),
+                      events_source="before each user's test target (events_before_serving)" if events is None
+                      else ("DataFrame" if isinstance(events, pd.DataFrame) else str(Path(events).resolve())))
+    return record
+
+
 # ---------------------------------------------------------------------------- export
 def export(
     model_dir: Union[str, os.PathLike],
@@ -459,6 +584,8 @@ def export(
     dtype: str = "auto",
     torch_threads: int = 0,
     scoring_batch_size: Optional[int] = None,
+    events: Union[None, str, os.PathLike, pd.DataFrame] = None,
+    recent_days: Optional[float] = None,
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Write the Triton ensemble repository that serves ``model_dir`` (see the module docstring).
@@ -524,6 +651,14 @@ def export(
         Candidate rows per forward pass. Default: 32 on CPU; on GPU 256, so one dynamic batch of
         users goes through in one pass (measured on an H200: 8 users x 21 candidates in one pass
         took 0.58x the time of scoring user by user, while 32-row passes took 1.18x).
+    events : DataFrame or path, optional
+        Only for a hybrid ranker (``fusion_head.safetensors`` in ``model_dir``): the events
+        logged before serving (``user_id``, ``item_id``, ``timestamp``), on which the
+        collaborative features are fitted. Default: :func:`events_before_serving`, i.e.
+        ``training_events(data_dir, "test")``, what the test rows' features were computed from.
+    recent_days : float, optional
+        Only for a hybrid: the collaborative features' recent window; the training features'
+        (default 30, ``fusion_feature_rows``' default).
     progress : bool
         Show progress bars (item image encoding, when the model folder lacks the table).
 
@@ -561,23 +696,27 @@ def export(
     staging = out_dir.with_name(f"{out_dir.name}.tmp-{token}")
     staging.mkdir()
     try:
+        head = fusion_head(model_dir)
+        head_features = head_features_for(head, data_dir, events, recent_days)
+        n_head = len(head.feature_names) if head is not None else 0
         ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / ".cache", progress=progress)
         users = user_summary_table(summaries, data_dir, user_summaries)
         items = item_table(data_dir, ranker)
         workflow = fit_prompt_workflow(ranker, items, max_length)
-        features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users)
-        features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances), "features.py")
+        features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
+        features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances, n_head),
+                                    "features.py")
         features.save(features_dir / "1" / ARTIFACTS_DIR)
         ranker_dir = _write_model(
             staging, RANKER_MODEL,
             ranker_config(max_batch_size, gpu=gpu, instances=gpu_instances if gpu else cpu_instances,
                           dynamic_batching=dynamic_batching, max_batch_delay_us=max_batch_delay_us,
-                          dtype=dtype, torch_threads=torch_threads),
+                          dtype=dtype, torch_threads=torch_threads, n_head_features=n_head),
             "ranker.py",
         )
         table = ranker.item_features if ranker.config.use_images else None
         RankerStep.write(ranker_dir / "1" / ARTIFACTS_DIR, model_dir, table, batch_size=scoring_batch_size)
-        _write_model(staging, ENSEMBLE_MODEL, ensemble_config(max_batch_size))
+        _write_model(staging, ENSEMBLE_MODEL, ensemble_config(max_batch_size, n_head))
         shutil.rmtree(staging / ".cache", ignore_errors=True)
         carried = _carry_over(out_dir, staging) if out_dir.is_dir() else []
 
@@ -597,6 +736,7 @@ def export(
                          "max_prompt_tokens_source": max_length_source},
             "sources": {"model": str(model_dir.resolve()), "data": str(data_dir.resolve()),
                         "summaries": "DataFrame" if isinstance(summaries, pd.DataFrame) else str(Path(summaries).resolve())},
+            "hybrid": _hybrid_manifest(head_features, events),
             "carried_over": carried,
             "seconds": round(time.time() - started, 1),
         }

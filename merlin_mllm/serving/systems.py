@@ -4,16 +4,26 @@ The operator runs the same feature and ranker steps as the Triton ensemble
 (:mod:`merlin_mllm.serving.artifacts`): each input row is one user with a list of candidate item
 ids; the output has, per row, P(yes) for every candidate in input order and the top-k.
 
-==================  ==============================  ==========================================
-column              dtype                           meaning
-==================  ==============================  ==========================================
-``user_id``  (in)   int64                           the user (unknown: see ``unknown_users``)
-``item_ids`` (in)   int64 list (ragged or fixed)    candidate item ids (1 .. max_candidates)
-``scores``          float32 list, ragged            P(yes) per candidate, input order
-``ranked_item_ids`` int64 list, ragged              the best ``top_k``, highest first
-``ranked_scores``   float32 list, ragged            their scores
-``known_user``      bool                            False: a cold start (empty-history summary)
-==================  ==============================  ==========================================
+==========================  ============================  ==========================================
+column                      dtype                         meaning
+==========================  ============================  ==========================================
+``user_id``  (in)           int64                         the user (unknown: see ``unknown_users``)
+``item_ids`` (in)           int64 list (ragged or fixed)  candidate item ids (1 .. max_candidates)
+``retrieval_scores`` (in)   float32 list, optional        the retrieval stage's score of each
+                                                          candidate (aligned with ``item_ids``): a
+                                                          hybrid's ``retrieval_score`` feature
+``scores``                  float32 list, ragged          P(yes) per candidate, input order (a
+                                                          hybrid: sigmoid(head + LLM logit))
+``ranked_item_ids``         int64 list, ragged            the best ``top_k``, highest first
+``ranked_scores``           float32 list, ragged          their scores
+``known_user``              bool                          False: a cold start (empty-history summary)
+==========================  ============================  ==========================================
+
+A hybrid ranker (``fusion_head.safetensors`` beside it) is served as the Triton export serves
+it: the head's collaborative features come from the ``CollaborativeFeatures`` workflow fitted on
+the events logged before serving, its ``retrieval_score`` from the retrieval column, which a
+head that reads it requires (the error names the column). Put the retrieval stage's scores in
+the selector: ``["user_id", "item_ids", "retrieval_scores"] >> MLLMRerank(...)``.
 
 In a Triton request to the exported executor model, ragged lists travel as
 ``<name>__values`` + ``<name>__offsets`` (merlin.systems' convention).
@@ -33,6 +43,7 @@ Usage::
     schema = Schema([ColumnSchema("user_id", dtype="int64"),
                      ColumnSchema("item_ids", dtype="int64", is_list=True, is_ragged=True)])
     rerank = ["user_id", "item_ids"] >> MLLMRerank("runs/ranker/model", "data/summaries", "data/ml100k")
+    # a hybrid ranker: ["user_id", "item_ids", "retrieval_scores"] >> MLLMRerank(...)
     ensemble = Ensemble(rerank, schema)
     out = ensemble.transform(pandas_frame)        # in-process
     export_python_only(ensemble, "triton_repo")   # Triton: executor_model (python backend)
@@ -63,6 +74,7 @@ from merlin_mllm.ranker.saved import trained_model_dir
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
+    RETRIEVAL_INPUT,
     FEATURES_CONFIG,
     FEATURES_MODEL,
     RANKER_MODEL,
@@ -75,6 +87,8 @@ from merlin_mllm.serving.artifacts import (
 )
 from merlin_mllm.serving.export import (
     fit_prompt_workflow,
+    fusion_head,
+    head_features_for,
     item_table,
     load_export_ranker,
     prompt_token_limit,
@@ -120,6 +134,10 @@ class MLLMRerank(BaseOperator):
         The prepared dataset (catalogue, titles, users).
     user_column, items_column : str
         Input column names.
+    retrieval_column : str
+        The optional input column of retrieval-stage scores, a list aligned with
+        ``items_column`` (default ``"retrieval_scores"``): a hybrid's ``retrieval_score``
+        feature, used when the operator's selector includes it.
     top_k : int
         Ranked items per row.
     max_candidates : int
@@ -132,6 +150,11 @@ class MLLMRerank(BaseOperator):
     max_prompt_tokens : int, optional
         The prompt cut; default the training run's (see
         :func:`merlin_mllm.serving.export.prompt_token_limit`).
+    events : DataFrame or path, optional
+        A hybrid only: the events logged before serving, to fit its collaborative features on
+        (default: :func:`merlin_mllm.serving.export.events_before_serving` of ``data_dir``).
+    recent_days : float, optional
+        A hybrid only: the collaborative features' recent window (default 30, the pipelines').
     device, dtype : optional
         Where the ranker runs (default: CUDA when available) and its weights' dtype ("auto").
     name : str
@@ -150,11 +173,14 @@ class MLLMRerank(BaseOperator):
         *,
         user_column: str = "user_id",
         items_column: str = "item_ids",
+        retrieval_column: str = RETRIEVAL_INPUT,
         top_k: int = 10,
         max_candidates: int = 100,
         user_summaries: str = "last_row",
         unknown_users: str = "empty_summary",
         max_prompt_tokens: Optional[int] = None,
+        events=None,
+        recent_days: Optional[float] = None,
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         scoring_batch_size: int = 32,
@@ -166,6 +192,7 @@ class MLLMRerank(BaseOperator):
             raise ValueError(f"top_k must be at least 1, not {top_k}")
         self.user_column = user_column
         self.items_column = items_column
+        self.retrieval_column = retrieval_column
         self.top_k = int(top_k)
         self.device = device
         self.dtype = dtype
@@ -178,6 +205,8 @@ class MLLMRerank(BaseOperator):
             return
         if model_dir is None or summaries is None or data_dir is None:
             raise ValueError("MLLMRerank needs model_dir, summaries and data_dir (or use MLLMRerank.from_export)")
+        head = fusion_head(model_dir)
+        head_features = head_features_for(head, data_dir, events, recent_days)
         target = torch.device(device) if device is not None else default_device()
         with tempfile.TemporaryDirectory() as cache:
             ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache), device=target,
@@ -186,8 +215,8 @@ class MLLMRerank(BaseOperator):
         users = user_summary_table(summaries, data_dir, user_summaries)
         limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=self.top_k)
         workflow = fit_prompt_workflow(ranker, items, prompt_token_limit(model_dir, max_prompt_tokens)[0])
-        self._features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users)
-        self._ranker = RankerStep(ranker, batch_size=scoring_batch_size)
+        self._features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
+        self._ranker = RankerStep(ranker, batch_size=scoring_batch_size, head=head)
         self._model_dir = trained_model_dir(model_dir).resolve()
 
     @classmethod
@@ -207,11 +236,12 @@ class MLLMRerank(BaseOperator):
         return cls(device=device, dtype=dtype, _steps=(None, None, ranker / "ranker", (features, ranker)), **options)
 
     def renamed(self, *, user_column: Optional[str] = None, items_column: Optional[str] = None,
-                top_k: Optional[int] = None) -> "MLLMRerank":
+                retrieval_column: Optional[str] = None, top_k: Optional[int] = None) -> "MLLMRerank":
         """Another operator over the same loaded ranker, reading other columns (no second model in memory)."""
         self._require_loaded()
         return MLLMRerank(
             user_column=user_column or self.user_column, items_column=items_column or self.items_column,
+            retrieval_column=retrieval_column or self.retrieval_column,
             top_k=top_k or self.top_k, device=self.device, dtype=self.dtype, name=self.name,
             _steps=(self._features, self._ranker, self._model_dir, self._folders),
         )
@@ -279,6 +309,8 @@ class MLLMRerank(BaseOperator):
 
     def column_mapping(self, col_selector):
         inputs = [self.user_column, self.items_column]
+        if col_selector and self.retrieval_column in col_selector.names:
+            inputs.append(self.retrieval_column)
         return {name: inputs for name in OUTPUT_COLUMNS}
 
     @property
@@ -286,7 +318,7 @@ class MLLMRerank(BaseOperator):
         return DataFormats.NUMPY_TENSOR_TABLE
 
     # -- transform
-    def _candidate_lists(self, column):
+    def _candidate_lists(self, column, name: Optional[str] = None):
         values = np.asarray(column.values)
         offsets = column.offsets
         if offsets is not None:
@@ -295,29 +327,50 @@ class MLLMRerank(BaseOperator):
         if values.ndim == 2:
             return [row for row in values]
         raise ValueError(
-            f"MLLMRerank: column {self.items_column!r} must be a list of candidate item ids per row "
-            f"(shape {list(values.shape)} given)"
+            f"MLLMRerank: column {name or self.items_column!r} must be a list per row, aligned with the "
+            f"candidate item ids (shape {list(values.shape)} given)"
         )
 
     def transform(self, col_selector: ColumnSelector, transformable):
-        """Score every row's candidates; returns ``scores``, ``ranked_item_ids``, ``ranked_scores``, ``known_user``."""
+        """Score every row's candidates; returns ``scores``, ``ranked_item_ids``, ``ranked_scores``, ``known_user``.
+
+        A hybrid whose head reads ``retrieval_score`` needs the ``retrieval_column`` (the
+        ValueError names it); each row's scores must align with its candidates.
+        """
         self._require_loaded()
         users_column = np.asarray(transformable[self.user_column].values).reshape(-1)
         lists = self._candidate_lists(transformable[self.items_column])
         if len(lists) != len(users_column):
             raise ValueError(f"MLLMRerank: {len(users_column)} users but {len(lists)} candidate lists")
-        users, known = [], []
+        retrieval = None
+        if self.retrieval_column in transformable.columns:
+            retrieval = self._candidate_lists(transformable[self.retrieval_column], self.retrieval_column)
+        head = self._features.head_features
+        if head is not None and head.needs_retrieval and retrieval is None:
+            raise ValueError(
+                f"MLLMRerank: this ranker is a hybrid whose head reads 'retrieval_score': give the operator the "
+                f"retrieval stage's scores as column {self.retrieval_column!r} (a list per row aligned with "
+                f"{self.items_column!r}); it has {list(transformable.columns)}")
+        lists = [np.asarray(items, dtype=np.int64).reshape(-1) for items in lists]
         for row, (user, items) in enumerate(zip(users_column, lists)):
-            items = np.asarray(items, dtype=np.int64)
             try:
                 self._features.check_request(np.array([user]), items.reshape(1, -1), None)
+            except RequestError as err:
+                raise ValueError(f"MLLMRerank, row {row} (user {int(user)}): {err}") from err
+        try:  # a hybrid's head features, all rows in one workflow pass (None otherwise)
+            features = self._features.fusion_features(users_column, lists, retrieval)
+        except RequestError as err:
+            raise ValueError(f"MLLMRerank: {err}") from err
+        users, known = [], []
+        for row, (user, items) in enumerate(zip(users_column, lists)):
+            try:
                 known.append(bool(self._features.admit_users([user])[0]))
                 users.append((self._features.prompts(int(user), items), items))
             except RequestError as err:
                 raise ValueError(f"MLLMRerank, row {row} (user {int(user)}): {err}") from err
         # All rows together: each user's prefix once, candidates of all users in shared passes.
         outputs = {name: [] for name in OUTPUT_COLUMNS if name != "known_user"}
-        for (_, items), scores in zip(users, self._ranker.score_users(users)):
+        for (_, items), scores in zip(users, self._ranker.score_users(users, features)):
             ranked_ids, ranked_scores = rank_scores(items, scores, self.top_k)
             outputs["scores"].append(scores.astype(np.float32))
             outputs["ranked_item_ids"].append(ranked_ids)

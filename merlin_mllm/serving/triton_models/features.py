@@ -5,13 +5,17 @@ summaries, item titles and image flags, the fitted NVTabular workflow) sit besid
 ``1/artifacts/``; the logic is :class:`merlin_mllm.serving.artifacts.FeatureStep`, so the server's
 Python must import ``merlin_mllm`` (``merlin-mllm serve`` puts this project's venv first on PATH).
 
-Inputs (batch dimension first):  user_id INT64 [1], item_ids INT64 [-1], top_k INT32 [1] (optional)
+Inputs (batch dimension first):  user_id INT64 [1], item_ids INT64 [-1], top_k INT32 [1] (optional),
+retrieval_scores FP32 [-1] (optional: the retrieval stage's score of each candidate)
 Outputs: prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1], top_k_resolved INT32 [1],
-known_user BOOL [1] (False: a cold start, scored with the empty-history summary)
+known_user BOOL [1] (False: a cold start, scored with the empty-history summary), and for a
+hybrid ranker fusion_features FP32 [-1, F] (the head's F tabular features of each candidate:
+the fitted CollaborativeFeatures workflow's counts, and retrieval_score from retrieval_scores)
 
 A bad request (unknown item id, empty or too long candidate list, bad top_k; an unknown user
-when the export was made with ``unknown_users="error"``) gets an error response naming the
-problem; the model and the server stay up.
+when the export was made with ``unknown_users="error"``; a hybrid whose head reads
+retrieval_score asked without retrieval_scores) gets an error response naming the problem; the
+model and the server stay up.
 
 Cold starts are counted: each request with unknown users logs (INFO) their ids and the running
 counts, and unloading the model logs the totals.
@@ -21,7 +25,14 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FeatureStep, RequestError, UnknownUserError
+from merlin_mllm.serving.artifacts import (
+    ARTIFACTS_DIR,
+    FUSION_INPUT,
+    RETRIEVAL_INPUT,
+    FeatureStep,
+    RequestError,
+    UnknownUserError,
+)
 
 
 def _version_dir(args) -> Path:
@@ -52,13 +63,17 @@ class TritonPythonModel:
                 user_ids = pb_utils.get_input_tensor_by_name(request, "user_id").as_numpy()
                 item_ids = pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy()
                 top_k = pb_utils.get_input_tensor_by_name(request, "top_k")
-                prepared = self.step.prepare(user_ids, item_ids, None if top_k is None else top_k.as_numpy())
+                retrieval = pb_utils.get_input_tensor_by_name(request, RETRIEVAL_INPUT)
+                prepared = self.step.prepare(user_ids, item_ids, None if top_k is None else top_k.as_numpy(),
+                                             None if retrieval is None else retrieval.as_numpy())
                 tensors = [
                     pb_utils.Tensor("prompt_ids", prepared["prompt_ids"].astype(self.output_dtypes["prompt_ids"])),
                     pb_utils.Tensor("prompt_lengths", prepared["prompt_lengths"].astype(self.output_dtypes["prompt_lengths"])),
                     pb_utils.Tensor("top_k_resolved", prepared["top_k"].astype(self.output_dtypes["top_k_resolved"])),
                     pb_utils.Tensor("known_user", prepared["known_user"].astype(bool)),
                 ]
+                if FUSION_INPUT in prepared:  # a hybrid ranker: its head's features
+                    tensors.append(pb_utils.Tensor(FUSION_INPUT, prepared[FUSION_INPUT].astype(self.output_dtypes[FUSION_INPUT])))
                 if not prepared["known_user"].all():
                     unknown = user_ids.reshape(-1)[~prepared["known_user"].reshape(-1)]
                     self._log_cold_start(unknown, "served the empty-history summary")

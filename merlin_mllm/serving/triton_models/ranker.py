@@ -10,8 +10,10 @@ weights' dtype there ("auto": bf16 on CUDA, fp32 on CPU). ``torch_threads`` (0: 
 sets the CPU threads of this process.
 
 Inputs (batch dimension first): prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1],
-item_ids INT64 [-1], top_k_resolved INT32 [1]
-Outputs: scores FP32 [-1] (input order), ranked_item_ids INT64 [-1], ranked_scores FP32 [-1]
+item_ids INT64 [-1], top_k_resolved INT32 [1], and for a hybrid ranker fusion_features FP32
+[-1, F] (its head's features of each candidate, from mllm_features)
+Outputs: scores FP32 [-1] (input order; a hybrid's: sigmoid(head logit + LLM logit)),
+ranked_item_ids INT64 [-1], ranked_scores FP32 [-1]
 
 The requests of one dynamic batch are scored together (``RankerStep.score_users``): every
 user's prefix once, then the candidates of all users in shared forward passes.
@@ -23,7 +25,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # Importing merlin_mllm (before torch) pins MKL's reproducible mode: see merlin_mllm/__init__.py.
-from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RankerStep, RequestError, rank_scores
+from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FUSION_INPUT, RankerStep, RequestError, rank_scores
 
 
 def _version_dir(args) -> Path:
@@ -57,8 +59,9 @@ class TritonPythonModel:
         self.step = RankerStep.load(_version_dir(args) / ARTIFACTS_DIR, device=device,
                                     dtype=parameters.get("dtype") or "auto")
         self.step.warm_up()
+        hybrid = f", hybrid head over {list(self.step.head.feature_names)}" if self.step.head is not None else ""
         self.logger.log_info(f"{self.model_name}: ranker on {device}, {self.step.ranker.dtype}, "
-                             f"{torch.get_num_threads()} CPU threads")
+                             f"{torch.get_num_threads()} CPU threads{hybrid}")
 
     def execute(self, requests):
         # Dynamic batching hands over several requests at once. Their user rows are scored
@@ -73,22 +76,27 @@ class TritonPythonModel:
                     pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy(),
                 )
                 top_k = int(pb_utils.get_input_tensor_by_name(request, "top_k_resolved").as_numpy().reshape(-1)[0])
-                parsed.append((index, rows, top_k))
+                fusion = pb_utils.get_input_tensor_by_name(request, FUSION_INPUT)  # a hybrid's head features
+                features = None if fusion is None else list(fusion.as_numpy())
+                parsed.append((index, rows, top_k, features))
             except Exception as err:
                 responses[index] = self._error(err)
         try:
-            scores = self.step.score_users([row for _, rows, _ in parsed for row in rows])
+            per_request = [features for *_, features in parsed]
+            features = ([f for request_features in per_request for f in request_features]
+                        if per_request and all(f is not None for f in per_request) else None)
+            scores = self.step.score_users([row for _, rows, *_ in parsed for row in rows], features)
         except Exception as err:  # score one request at a time, so only a faulty one fails
             self.logger.log_warn(f"{self.model_name}: batched scoring failed ({type(err).__name__}: {err}); "
                                  "scoring requests one by one")
             scores = None
         offset = 0
-        for index, rows, top_k in parsed:
+        for index, rows, top_k, features in parsed:
             try:
                 if scores is not None:
                     mine = scores[offset:offset + len(rows)]
                 else:
-                    mine = self.step.score_users(rows)
+                    mine = self.step.score_users(rows, features)
                 offset += len(rows)
                 responses[index] = self._response(rows, np.stack(mine), top_k)
             except Exception as err:

@@ -1,0 +1,234 @@
+"""The hybrid ranker served (issue 16): a real hybrid (LLM + tabular head, trained one step on a
+temporal ML-100k folder), exported and served by the bundled tritonserver.
+
+Checks: the export carries the head and the fitted CollaborativeFeatures workflow; the features
+model computes exactly the test rows' features (item/user counts from the events logged before
+serving, retrieval_score from the request's ``retrieval_scores``); the served scores, the
+in-process steps and the merlin.systems operator all equal ``evaluate_ranker(..., features=...)``;
+a hybrid request without ``retrieval_scores`` is a clear per-request error naming the input.
+"""
+from __future__ import annotations
+
+import filecmp
+import inspect
+import shutil
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.features import FUSION_FEATURES
+from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RETRIEVAL_FEATURE, FeatureStep, RankerStep, RequestError
+from merlin_mllm.serving.client import RerankClient, RerankError
+from merlin_mllm.serving.export import DEFAULT_RECENT_DAYS, events_before_serving, export
+from merlin_mllm.serving.tritonserver import TritonServer
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", image=False, lora_dropout=0.0,
+              batch_size=4, validate=False, fusion_features=FUSION_FEATURES, fusion_hidden=(4,))
+UNKNOWN_USER = 10**9
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """A temporal 20-user folder, each split's fusion features (SASRec retrieval score included),
+    a hybrid trained one step, its evaluation, and its Triton export (default events)."""
+    from merlin_mllm.data.prepare import prepare_dataset
+    from merlin_mllm.pipelines.evaluation import evaluate_ranker
+    from merlin_mllm.pipelines.features import fusion_feature_rows
+    from merlin_mllm.pipelines.training import train_ranker
+    from merlin_mllm.summaries.rows import recent_titles_summaries
+
+    root = tmp_path_factory.mktemp("hybrid_serving")
+    data = root / "data"
+    prepare_dataset("ml-100k", "temporal", data, max_users=20, max_history=9, seed=1, train_negatives=3,
+                    n_negatives_test=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        features = {split: fusion_feature_rows(data, split, seed=0) for split in ("train", "test")}
+    summaries = recent_titles_summaries(data, last=3)
+    run = root / "run"
+    train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=1, **CONFIG), features=features["train"],
+                 progress=False)
+    result = evaluate_ranker(data, summaries, run, root / "eval" / "test.json", features=features["test"],
+                             progress=False)
+    evaluated = pd.read_parquet(result["run"]["scores"]).merge(
+        features["test"][["group_id", "item_id", *FUSION_FEATURES]], on=["group_id", "item_id"], validate="1:1")
+    repo = root / "repo"
+    manifest = export(run, summaries, data, repo, max_candidates=12)
+    return SimpleNamespace(root=root, data=data, features=features, summaries=summaries, run=run,
+                           evaluated=evaluated, repo=repo, manifest=manifest)
+
+
+def groups(evaluated: pd.DataFrame):
+    """(user_id, item ids, retrieval scores, evaluate's scores) per test group."""
+    for _, group in evaluated.groupby("group_id", sort=True):
+        yield (int(group["user_id"].iloc[0]), group["item_id"].astype(int).tolist(),
+               group[RETRIEVAL_FEATURE].to_numpy(np.float32), group["score"].to_numpy())
+
+
+# ---------------------------------------------------------------------------- the export
+def test_export_carries_the_head_and_the_fitted_features(hybrid):
+    from google.protobuf import text_format
+
+    from merlin_mllm.baselines import training_events
+    from merlin_mllm.pipelines.features import RETRIEVAL_COLUMN, fusion_feature_rows
+    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import tritonclient.grpc.model_config_pb2 as mc
+
+    record = hybrid.manifest["hybrid"]
+    assert record["feature_names"] == list(FUSION_FEATURES) and record["retrieval_input"] == "retrieval_scores"
+    events = training_events(hybrid.data, "test")
+    assert record["events"] == len(events) and record["recent_days"] == DEFAULT_RECENT_DAYS
+    # serving never imports the pipelines: its copies of their rule and constants are kept equal here
+    pd.testing.assert_frame_equal(events_before_serving(hybrid.data), events)
+    assert RETRIEVAL_FEATURE == RETRIEVAL_COLUMN
+    assert DEFAULT_RECENT_DAYS == inspect.signature(fusion_feature_rows).parameters["recent_days"].default
+    # the head travels with the ranker, byte for byte
+    assert filecmp.cmp(hybrid.run / "model" / FUSION_HEAD_FILE,
+                       hybrid.repo / "mllm_ranker" / "1" / ARTIFACTS_DIR / "ranker" / FUSION_HEAD_FILE, shallow=False)
+    assert (hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR / "head_features" / "collaborative" / "workflow.pkl").is_file()
+    # the head's features flow from the features model to the ranker
+    configs = {name: text_format.Parse((hybrid.repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
+               for name in ("mllm_rerank", "mllm_features", "mllm_ranker")}
+    features_out = {o.name: list(o.dims) for o in configs["mllm_features"].output}
+    ranker_in = {i.name: list(i.dims) for i in configs["mllm_ranker"].input}
+    assert features_out["fusion_features"] == ranker_in["fusion_features"] == [-1, len(FUSION_FEATURES)]
+    steps = configs["mllm_rerank"].ensemble_scheduling.step
+    assert dict(steps[0].output_map)["fusion_features"] == dict(steps[1].input_map)["fusion_features"]
+    assert dict(steps[0].input_map)["retrieval_scores"] == "retrieval_scores"
+    retrieval = next(i for i in configs["mllm_rerank"].input if i.name == "retrieval_scores")
+    assert retrieval.optional and retrieval.data_type == mc.TYPE_FP32 and list(retrieval.dims) == [-1]
+
+
+def test_features_model_computes_the_test_rows_features(hybrid):
+    step = FeatureStep.load(hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR)
+    test = hybrid.features["test"]
+    got = step.head_features.compute(test["user_id"], test["item_id"], test[RETRIEVAL_FEATURE])
+    np.testing.assert_array_equal(got, test[list(FUSION_FEATURES)].to_numpy(np.float32))
+    # a user and an item the events never saw count 0 (log 1 = 0)
+    unseen = step.head_features.compute([UNKNOWN_USER], [int(test["item_id"].iloc[0])], [0.0])
+    assert unseen[0, list(FUSION_FEATURES).index("user_log_count")] == 0.0
+
+
+def test_in_process_steps_equal_evaluate(hybrid):
+    features = FeatureStep.load(hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR)
+    ranker = RankerStep.load(hybrid.repo / "mllm_ranker" / "1" / ARTIFACTS_DIR, device="cpu")
+    assert ranker.head is not None and ranker.head.feature_names == tuple(FUSION_FEATURES)
+    for user, items, retrieval, expected in list(groups(hybrid.evaluated))[:4]:
+        batch = features.prepare(np.array([[user]]), np.array([items]), None, retrieval.reshape(1, -1))
+        assert batch["fusion_features"].shape == (1, len(items), len(FUSION_FEATURES))
+        scores = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([items]),
+                                   batch["fusion_features"])
+        np.testing.assert_allclose(scores[0], expected, rtol=0, atol=1e-5)
+    # each part, as evaluate_ranker keeps it
+    group = hybrid.evaluated[hybrid.evaluated["group_id"] == hybrid.evaluated["group_id"].iloc[0]]
+    parts = ranker.hybrid_parts(1 / (1 + np.exp(-group["llm_logit"].to_numpy())), group[list(FUSION_FEATURES)])
+    np.testing.assert_allclose(parts["head_logit"], group["head_logit"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(parts["score"], group["score"], rtol=0, atol=1e-9)
+    with pytest.raises(RequestError, match="send the input 'retrieval_scores'"):
+        features.prepare(np.array([[user]]), np.array([items]))
+    with pytest.raises(ValueError, match="this ranker is a hybrid"):
+        ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([items]))
+
+
+def test_merlin_systems_operator_passes_retrieval_scores(hybrid):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from merlin.schema import ColumnSchema, Schema
+        from merlin.systems.dag import Ensemble
+
+        from merlin_mllm.serving.systems import MLLMRerank
+
+    schema = Schema([ColumnSchema("user_id", dtype="int64"),
+                     ColumnSchema("item_ids", dtype="int64", is_list=True, is_ragged=True),
+                     ColumnSchema("retrieval_scores", dtype="float32", is_list=True, is_ragged=True)])
+    operator = MLLMRerank(hybrid.run, hybrid.summaries, hybrid.data, top_k=3, device="cpu")
+    rows = list(groups(hybrid.evaluated))[:2]
+    frame = pd.DataFrame({"user_id": np.array([u for u, *_ in rows], dtype=np.int64),
+                          "item_ids": [np.array(items, dtype=np.int64) for _, items, *_ in rows],
+                          "retrieval_scores": [retrieval for _, _, retrieval, _ in rows]})
+    out = Ensemble(["user_id", "item_ids", "retrieval_scores"] >> operator, schema).transform(frame)
+    for row, (*_, expected) in enumerate(rows):
+        np.testing.assert_allclose(np.asarray(out["scores"].iloc[row]), expected, rtol=0, atol=1e-5)
+    # a hybrid that reads retrieval_score, given no retrieval column: the error names it
+    without = Ensemble(["user_id", "item_ids"] >> operator.renamed(), schema)
+    with pytest.raises(ValueError, match="as column 'retrieval_scores'"):
+        without.transform(frame[["user_id", "item_ids"]])
+
+
+def test_unservable_head_columns_and_stray_events_are_refused(hybrid, tmp_path):
+    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
+    from merlin_mllm.ranker.fusion import TabularFusionHead
+
+    model = tmp_path / "model"
+    shutil.copytree(hybrid.run / "model", model)
+    TabularFusionHead(["item_log_count", "genre_match"], hidden=()).save(model / FUSION_HEAD_FILE)
+    with pytest.raises(ValueError, match=r"reads column\(s\) \['genre_match'\], which the served features model cannot"):
+        export(model, hybrid.summaries, hybrid.data, tmp_path / "repo")
+    (model / FUSION_HEAD_FILE).unlink()
+    with pytest.raises(ValueError, match="no fusion head .* not a hybrid"):
+        export(model, hybrid.summaries, hybrid.data, tmp_path / "repo", events=events_before_serving(hybrid.data))
+    assert not (tmp_path / "repo").exists()
+
+
+# ---------------------------------------------------------------------------- served for real
+@pytest.fixture(scope="module")
+def server(hybrid):
+    triton = TritonServer(hybrid.repo, http_port=0, grpc_port=0, metrics_port=0, log_file=hybrid.root / "triton.log")
+    triton.start(timeout=600)
+    yield triton
+    triton.stop(timeout=180)
+
+
+def test_served_hybrid_scores_equal_evaluate(hybrid, server):
+    evaluated = hybrid.evaluated
+    llm_only = 1 / (1 + np.exp(-evaluated["llm_logit"].to_numpy()))
+    assert np.abs(evaluated["score"].to_numpy() - llm_only).max() > 1e-3  # the head moves the scores
+    with RerankClient(server.grpc_url) as client:
+        for user, items, retrieval, expected in groups(evaluated):
+            result = client.rank(user, items, top_k=len(items), retrieval_scores=retrieval)
+            np.testing.assert_allclose(result.scores, expected, rtol=0, atol=1e-5,
+                                       err_msg=f"user {user}: max diff {np.abs(result.scores - expected).max():.2e}")
+            assert result.known_user is True
+            assert [i for i, _ in result.ranked] == [items[j] for j in np.argsort(-result.scores, kind="stable")]
+
+
+def test_hybrid_request_without_retrieval_scores_fails_clearly(hybrid, server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    user, items, retrieval, _ = next(groups(hybrid.evaluated))
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        inputs = []
+        for name, array, dtype in (("user_id", np.array([[user]], dtype=np.int64), "INT64"),
+                                   ("item_ids", np.array([items], dtype=np.int64), "INT64")):
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        with pytest.raises(InferenceServerException) as caught:
+            raw.infer("mllm_rerank", inputs)
+        assert "send the input 'retrieval_scores'" in str(caught.value)
+        assert "INVALID_ARG" in str(caught.value.status())
+        # scores not aligned with the candidates: refused by the server too
+        short = grpcclient.InferInput("retrieval_scores", [1, len(items) - 1], "FP32")
+        short.set_data_from_numpy(retrieval[:-1].reshape(1, -1))
+        with pytest.raises(InferenceServerException, match=r"retrieval_scores has shape"):
+            raw.infer("mllm_rerank", inputs + [short])
+    finally:
+        raw.close()
+    with RerankClient(server.grpc_url) as client:
+        with pytest.raises(RerankError, match="retrieval_scores"):
+            client.rank(user, items)
+        with pytest.raises(RerankError, match=r"retrieval_scores has 2 scores for"):
+            client.rank(user, items, retrieval_scores=[0.0, 1.0])
+        assert server.is_ready()
+        assert client.rank(user, items, retrieval_scores=retrieval).scores.shape == (len(items),)
