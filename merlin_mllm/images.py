@@ -34,9 +34,11 @@ Usage::
     image = load_image("data/items/42.jpg")        # PIL.Image.Image, mode "RGB"
     image = load_image(row["image_bytes"])         # same, from encoded bytes
     assert load_image(None) is None                # missing: the caller counts it
+    image_sha256("data/items/42.jpg")              # "sha256:..." of the file, within max_bytes
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -49,7 +51,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
-    "ImageLoadError", "load_image", "is_missing", "resolve_image_path", "image_limits",
+    "ImageLoadError", "load_image", "is_missing", "resolve_image_path", "image_limits", "image_sha256",
     "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES",
 ]
 
@@ -62,6 +64,9 @@ DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS_ENV = "MERLIN_MLLM_MAX_IMAGE_PIXELS"
 MAX_BYTES_ENV = "MERLIN_MLLM_MAX_IMAGE_BYTES"
 ALLOW_ABSOLUTE_ENV = "MERLIN_MLLM_ALLOW_ABSOLUTE_IMAGE_PATHS"
+
+#: Block size for hashing image files: they are read in blocks, never whole.
+_HASH_BLOCK = 1 << 20
 
 # Colour behind transparent pixels: product photos with an alpha channel are drawn on white,
 # and converting them straight to RGB would show whatever colour hides under alpha=0.
@@ -274,6 +279,75 @@ def _open_image_file(path: str, max_bytes: int):
     except BaseException:
         os.close(fd)
         raise
+
+
+def image_sha256(source: Any, *, max_bytes: Optional[int] = None) -> str:
+    """``"sha256:<hex>"`` of an image's encoded bytes, within the file-size limit.
+
+    A file's size is checked before any of it is read (a huge file is refused, not read to be
+    hashed), and it is then hashed in 1 MiB blocks, never held whole. Nothing is decoded: a
+    corrupt image hashes fine and fails later, in :func:`load_image`.
+
+    Parameters
+    ----------
+    source : str, pathlib.Path, bytes, bytearray or memoryview
+        A file path (used as given: resolve it first with :func:`resolve_image_path` to confine
+        it to an image root) or the encoded bytes.
+    max_bytes : int, optional
+        Largest encoded size. Default: ``MERLIN_MLLM_MAX_IMAGE_BYTES``, else 64 MiB.
+
+    Returns
+    -------
+    str
+        ``"sha256:"`` followed by 64 hex digits.
+
+    Raises
+    ------
+    ImageLoadError
+        The file is missing, unreadable, not a regular file, or over ``max_bytes`` (also when it
+        grows past the limit while being read). The message names the path.
+    TypeError
+        ``source`` is neither a path nor bytes.
+
+    Examples
+    --------
+    >>> image_sha256(b"abc")[:15]
+    'sha256:ba7816bf'
+    """
+    _, max_bytes = image_limits(max_bytes=max_bytes)
+    digest = hashlib.sha256()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        _check_bytes(memoryview(source).nbytes, describe_source(source), max_bytes)
+        digest.update(source)
+        return "sha256:" + digest.hexdigest()
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"cannot hash an image from a {type(source).__name__}; pass a path or bytes")
+    path = os.fspath(source)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    try:
+        handle = _open_image_file(path, max_bytes)
+    except FileNotFoundError as exc:
+        raise ImageLoadError(path, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError(path, "is a directory, not an image file") from exc
+    except PermissionError as exc:
+        raise ImageLoadError(path, "permission denied") from exc
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+    seen = 0
+    with handle:
+        while True:
+            try:
+                block = handle.read(_HASH_BLOCK)
+            except OSError as exc:
+                raise ImageLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+            if not block:
+                break
+            seen += len(block)
+            _check_bytes(seen, path, max_bytes)  # a file that grows while it is read
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def _decode(opener, name: str, max_pixels: int) -> Image.Image:

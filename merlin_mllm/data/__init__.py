@@ -2,7 +2,8 @@
 
 * :func:`merlin_mllm.data.prepare.prepare_dataset` (the datasets of
   :data:`merlin_mllm.data.registry.DATASETS`; paper or temporal protocol);
-* :func:`merlin_mllm.data.images.fetch_images` (cached, retried image downloads);
+* :func:`merlin_mllm.data.images.fetch_images` (cached, retried image downloads) and
+  :func:`~merlin_mllm.data.images.dataset_image_root` (where item image paths are confined);
 * :func:`merlin_mllm.data.tables.read_table` / ``read_schema`` to read the outputs back.
 
 Names are imported lazily, so ``import merlin_mllm.data.images`` does not load Merlin.
@@ -13,7 +14,7 @@ from merlin_mllm.exports import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["DATASETS", "DatasetEntry", "dataset_entry"], "registry"),
-    "fetch_images": "images",
+    **dict.fromkeys(["dataset_image_root", "fetch_images"], "images"),
     "prepare_dataset": "prepare",
     **dict.fromkeys(["read_schema", "read_table"], "tables"),
 }

@@ -1,4 +1,10 @@
-"""Item images on disk: finding ``<item_key>.<ext>`` files, and downloading them once.
+"""Item images on disk: finding ``<item_key>.<ext>`` files, a dataset's image root, and
+downloading images once.
+
+:func:`dataset_image_root` says where a prepared dataset's ``items/`` ``image_path`` values are
+confined: ``data prepare`` records the images folder as ``image_root`` in ``report.json`` and
+writes the paths relative to it, and every reader resolves them through
+:meth:`ImageRoot.resolve` (a ``..`` escape, or an absolute path outside the root, is refused).
 
 :func:`fetch_images` downloads item images (for example the Amazon 2023 ``image_url`` column of
 a prepared ``items/`` table) into a folder laid out the way :func:`image_index` reads it. It
@@ -13,15 +19,17 @@ chunks and dropped as soon as it passes the cap; it counts as a failure naming t
 
 Usage::
 
-    from merlin_mllm.data.images import fetch_images
+    from merlin_mllm.data.images import dataset_image_root, fetch_images
     report = fetch_images({"B00ABC": "https://example.com/b00abc.jpg"}, "images/")
     report["downloaded"], report["failed"]
+    path = dataset_image_root("data/amazon").resolve("B00ABC.jpg")   # ImageLoadError if it escapes
 """
 from __future__ import annotations
 
 import functools
 import http.client
 import io
+import json
 import logging
 import os
 import re
@@ -31,13 +39,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Tuple, Union
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from merlin_mllm.images import image_limits
+from merlin_mllm.images import image_limits, resolve_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +70,11 @@ def image_index(folder: Path | str) -> dict[str, Path]:
     """Map ``stem -> file`` for every image file in ``folder`` (not recursive).
 
     When one stem has several files, the extension earliest in :data:`IMAGE_EXTENSIONS` wins.
-    Hidden and temporary files (starting with ``.``) are ignored.
+    Hidden and temporary files (starting with ``.``) are ignored. The files are absolute paths
+    *inside* ``folder`` (``folder/<name>``): a symlink in the folder is named as the link, not
+    followed, so the path stays under the folder as an image root.
     """
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     index: dict[str, Path] = {}
@@ -77,9 +88,109 @@ def image_index(folder: Path | str) -> dict[str, Path]:
             continue
         order = IMAGE_EXTENSIONS.index(ext)
         if stem not in index or order < rank[stem]:
-            index[stem] = Path(entry.path).resolve()
+            index[stem] = folder / entry.name
             rank[stem] = order
     return index
+
+
+#: The prepared dataset's report, and its key that records the image root.
+REPORT_FILE = "report.json"
+IMAGE_ROOT_KEY = "image_root"
+
+
+@dataclass(frozen=True)
+class ImageRoot:
+    """Where a dataset's item image paths are confined, and how to resolve one.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The image root: relative ``image_path`` values are taken relative to it, and may not
+        leave it.
+    allow_absolute : bool or None
+        Whether an absolute path outside ``path`` is read. ``None``: the default of
+        :func:`merlin_mllm.images.resolve_image_path` (refused unless
+        ``MERLIN_MLLM_ALLOW_ABSOLUTE_IMAGE_PATHS`` is set); ``True`` for folders with no recorded
+        root (prepared before roots were recorded), whose absolute paths are read as before.
+    recorded : bool
+        True when the root comes from the dataset's ``report.json``.
+    """
+
+    path: Path
+    allow_absolute: Optional[bool] = None
+    recorded: bool = False
+
+    def resolve(self, image_path: Union[str, os.PathLike], *, allow_absolute: Optional[bool] = None) -> Path:
+        """The file an ``image_path`` value names, confined to the root.
+
+        Parameters
+        ----------
+        image_path : str or path
+        allow_absolute : bool, optional
+            Overrides :attr:`allow_absolute` for this call.
+
+        Raises
+        ------
+        merlin_mllm.images.ImageLoadError
+            The path climbs out of the root with ``..``, or is absolute and outside it while
+            absolute paths are not allowed; the message names the path, the root and the flag.
+        """
+        flag = self.allow_absolute if allow_absolute is None else allow_absolute
+        return resolve_image_path(image_path, self.path, allow_absolute=flag)
+
+
+def record_image_root(images: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> str:
+    """How ``data prepare`` records the images folder in ``out/report.json``.
+
+    Relative to ``out`` (e.g. ``"images"``) when the folder lies inside it, so that the dataset
+    folder can move with its images; otherwise the absolute path (symlinks not followed).
+    """
+    root = os.path.normpath(os.path.abspath(images))
+    base = os.path.normpath(os.path.abspath(out))
+    if os.path.commonpath([root, base]) == base:
+        return os.path.relpath(root, base)
+    return root
+
+
+def dataset_image_root(data_dir: Union[str, os.PathLike]) -> ImageRoot:
+    """The image root of a prepared dataset (or of any folder given as an image root).
+
+    Parameters
+    ----------
+    data_dir : str or path
+        A folder written by ``data prepare``, or any other folder.
+
+    Returns
+    -------
+    ImageRoot
+        * ``data_dir/report.json`` records ``image_root``: that folder (a relative value is
+          taken relative to ``data_dir``), with absolute paths outside it refused unless
+          ``MERLIN_MLLM_ALLOW_ABSOLUTE_IMAGE_PATHS`` is set. A recorded ``null`` (prepared
+          without images): ``data_dir`` itself, under the same rule.
+        * no recorded root (no ``report.json``, one written before roots were recorded, or one
+          that cannot be read): ``data_dir``, with absolute paths read as they are, as before;
+          only a relative path that climbs out of ``data_dir`` with ``..`` is refused. Prepare
+          the dataset again to confine its absolute paths too.
+    """
+    data_dir = Path(os.path.abspath(data_dir))
+    report_path = data_dir / REPORT_FILE
+    report = None
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            logger.warning("%s cannot be read (%s): its image root is taken to be %s", report_path, exc, data_dir)
+    if not isinstance(report, dict) or IMAGE_ROOT_KEY not in report:
+        logger.info("%s records no image root: relative image paths are read inside %s and absolute "
+                    "ones as they are (prepare it again to confine them)", data_dir, data_dir)
+        return ImageRoot(data_dir, allow_absolute=True, recorded=False)
+    recorded = report[IMAGE_ROOT_KEY]
+    if recorded is None:
+        return ImageRoot(data_dir, recorded=True)
+    if not isinstance(recorded, str) or not recorded.strip():
+        raise ValueError(f"{report_path}: {IMAGE_ROOT_KEY} must be a folder path or null, not {recorded!r}")
+    root = Path(os.path.normpath(data_dir / recorded))  # an absolute value replaces data_dir
+    return ImageRoot(root, recorded=True)
 
 
 def _check_key(key) -> str:
