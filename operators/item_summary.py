@@ -95,7 +95,10 @@ class ItemSummary(Operator):
         The input column playing each role.
     output_column : str, default "item_summary"
     image_root : str or path, optional
-        Relative image paths are read relative to this folder.
+        The image root: relative image paths are read inside it and may not leave it. A
+        prepared dataset folder works too (its ``report.json`` names the images folder; see
+        :func:`merlin_mllm.data.images.dataset_image_root`). A path outside the root is not
+        read: the item is summarised from its text and counted in ``bad_images``.
     device : str, optional
         Default: CUDA when available, else CPU.
     progress : bool, default False

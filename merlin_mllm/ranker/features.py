@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from merlin_mllm.images import ImageLoadError, is_missing, load_image
+from merlin_mllm.images import ImageLoadError, is_missing, load_image, resolve_image_path
 from merlin_mllm.models.vision import VisionEncoder
 
 __all__ = ["ItemImageFeatures", "FEATURES_FORMAT"]
@@ -51,6 +51,14 @@ FEATURES_VERSION = "1"
 #: Names what made the grids; a table made otherwise (e.g. the earlier 1280-feature grids without
 #: cell colours) is refused at load, and ``saved.item_image_table`` rebuilds such a cache.
 ENCODER_NAME = "efficientnet-lite0-grid+cell-colour"
+
+
+def _is_path(source: Any) -> bool:
+    """A file path (not bytes, an image or a URL, which load_image handles or refuses itself)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    text = os.fspath(source)
+    return not (isinstance(text, str) and text.startswith(("http://", "https://")))
 
 
 class ItemImageFeatures:
@@ -105,6 +113,8 @@ class ItemImageFeatures:
         batch_size: int = 32,
         dtype: torch.dtype = torch.float16,
         progress: bool = True,
+        root: Optional[Union[str, os.PathLike]] = None,
+        allow_absolute: Optional[bool] = None,
     ) -> "ItemImageFeatures":
         """Encode every item's picture once with EfficientNet-Lite0.
 
@@ -123,6 +133,14 @@ class ItemImageFeatures:
             Storage type; float16 halves the size (about 125 KB per item) at no ranking cost.
         progress : bool
             Show a tqdm bar.
+        root : str or path, optional
+            The image root of path sources (see :func:`merlin_mllm.images.resolve_image_path`):
+            relative paths are read inside it; a path that leaves it (``..``, or an absolute path
+            outside it unless ``allow_absolute``) is not read: the item is skipped, named in
+            ``skipped`` and counted in the warning. ``None``: paths are used as given.
+        allow_absolute : bool, optional
+            With a ``root``, read absolute paths outside it. Default:
+            ``MERLIN_MLLM_ALLOW_ABSOLUTE_IMAGE_PATHS``, else refused.
         """
         item_ids = [int(i) for i in item_ids]
         if len(item_ids) != len(images):
@@ -130,6 +148,7 @@ class ItemImageFeatures:
         encoder = encoder or VisionEncoder.load()
         has_image = np.zeros(len(item_ids), dtype=bool)
         skipped: Dict[int, str] = {}
+        outside_root: list = []  # item ids whose path leaves the image root
         chunks = []
         pending: list = []
         pending_index: list = []
@@ -148,6 +167,13 @@ class ItemImageFeatures:
         ):
             if is_missing(source):
                 continue
+            if root is not None and _is_path(source):
+                try:
+                    source = resolve_image_path(source, root, allow_absolute=allow_absolute)
+                except ImageLoadError as exc:
+                    skipped[item_id] = str(exc)
+                    outside_root.append(item_id)
+                    continue
             try:
                 picture = load_image(source)
             except ImageLoadError as exc:
@@ -158,6 +184,10 @@ class ItemImageFeatures:
             if len(pending) >= batch_size:
                 flush()
         flush()
+        if outside_root:
+            logger.warning("%d item image paths leave the image root %s and were not read; those items "
+                           "have no image (first: item %s: %s)", len(outside_root), root, outside_root[0],
+                           skipped[outside_root[0]])
         if skipped:
             logger.warning("%d item pictures could not be read and were skipped (e.g. item %s: %s)",
                            len(skipped), next(iter(skipped)), next(iter(skipped.values())))

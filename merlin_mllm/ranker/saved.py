@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from merlin_mllm.data.images import dataset_image_root
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
 from merlin_mllm.ranker.config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
@@ -81,10 +82,27 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
         raise
 
 
-def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.PathLike], *, progress: bool = True) -> ItemImageFeatures:
+def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.PathLike], *, progress: bool = True,
+                     allow_absolute: Optional[bool] = None) -> ItemImageFeatures:
     """The item-keyed image grids of every item in ``data_dir/items``, computed once into ``path``.
 
     An existing file is reused when it covers every item; otherwise it is rebuilt.
+
+    Parameters
+    ----------
+    data_dir : str or path
+        A prepared dataset. Its ``image_path`` values are read inside its image root
+        (:func:`merlin_mllm.data.images.dataset_image_root`: the ``image_root`` that
+        ``report.json`` records; a folder prepared before roots were recorded reads relative
+        paths inside ``data_dir`` and absolute ones as they are). An item whose path leaves the
+        root is not read: it gets no image, and is named in the table's ``skipped`` and in the
+        logged count, like an unreadable picture.
+    path : str or path
+        The cache file (safetensors).
+    progress : bool
+        Show a tqdm bar while encoding.
+    allow_absolute : bool, optional
+        Read absolute paths outside the image root; default: the root's own rule.
     """
     items = read_table(Path(data_dir) / "items")
     item_ids = items["item_id"].to_numpy(np.int64)
@@ -99,7 +117,9 @@ def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.Path
                 return table
             log.info("%s does not cover every item; rebuilding it", path)
     images = items["image_path"].tolist() if "image_path" in items.columns else [None] * len(items)
-    table = ItemImageFeatures.from_images(item_ids, images, progress=progress)
+    root = dataset_image_root(data_dir)
+    flag = root.allow_absolute if allow_absolute is None else allow_absolute
+    table = ItemImageFeatures.from_images(item_ids, images, progress=progress, root=root.path, allow_absolute=flag)
     if int(table.has_image.sum()) == 0:
         log.warning("no item of %s has a readable image: the image slots stay empty (text-only in effect)", data_dir)
     table.save(path)

@@ -27,6 +27,11 @@ What happens to awkward rows (the job never fails over one bad image):
 
 - no image, or an image that cannot be read or decoded: the item is summarised from its text
   alone and counted in ``SummaryReport.missing_images`` / ``bad_images``;
+- an image path that leaves the image root (``image_root``: a ``..`` escape, or an absolute
+  path outside it): not read at all, counted in ``bad_images`` like an unreadable image, and
+  logged with the count and the first item it concerns;
+- an image file over the size limit (:func:`merlin_mllm.images.image_limits`): refused from its
+  size, before a byte of it is read or hashed, and counted in ``bad_images``;
 - neither a usable image nor any text: ``on_empty="skip"`` counts it in ``skipped`` and
   outputs ``""``; ``on_empty="error"`` raises ``ValueError`` naming the item;
 - the model returns an empty answer: counted in ``failed`` (with a message), output ``""``,
@@ -57,7 +62,6 @@ Usage::
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -69,7 +73,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from merlin_mllm.generation import GenerationSettings, GenerationStats, generate_chat, generate_multimodal
-from merlin_mllm.images import ImageLoadError, is_missing, load_image
+from merlin_mllm.data.images import ImageRoot, dataset_image_root
+from merlin_mllm.images import ImageLoadError, image_sha256, is_missing, load_image
 from merlin_mllm.models import LoadedModel, load
 from merlin_mllm.models.vision import MODEL_NAME, VisionEncoder, dominant_colours
 from merlin_mllm.summaries.report import SummaryReport
@@ -199,15 +204,19 @@ class _Row:
 
 
 def _sha256_of_image(source: Any) -> str:
-    """sha256 of an image's encoded bytes (a file is read in blocks, never kept)."""
-    digest = hashlib.sha256()
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        digest.update(bytes(source))
-    else:
-        with open(source, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    """sha256 of an image's encoded bytes, as ``"sha256:<hex>"``.
+
+    The size is checked against the loader's byte limit (:func:`merlin_mllm.images.image_limits`)
+    before anything is read; a file is then hashed in blocks, never held whole.
+
+    Raises
+    ------
+    merlin_mllm.images.ImageLoadError
+        The file is missing, unreadable, not a regular file or over the byte limit.
+    TypeError
+        ``source`` is neither a path nor bytes.
+    """
+    return image_sha256(source)
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -411,12 +420,23 @@ class ItemSummarizer:
         Where summaries are kept and looked up. ``None``: nothing is stored, all is generated.
     device : str, optional
     image_root : str or path, optional
-        Relative image paths are taken relative to this folder.
+        The image root that path values are confined to: a prepared dataset folder (its
+        ``report.json`` names the root; see :func:`merlin_mllm.data.images.dataset_image_root`)
+        or a plain folder. Relative paths are taken relative to the root and may not leave it
+        (``..``); absolute paths outside it are refused unless ``allow_absolute``, except in a
+        folder with no recorded root (hand-made, or prepared before roots were recorded), whose
+        absolute paths are read as they are, as before. A refused path is not read: the item
+        is summarised from its text, counted in ``bad_images`` and named in a warning.
+        ``None``: paths are used as given.
     budgets : TokenBudgets
         Titles and descriptions are cut to ``budgets.title`` / ``budgets.description`` tokens
         (keeping their start) before they are escaped; both budgets are part of every key.
     progress : bool
         Show a tqdm bar over the items to generate.
+    allow_absolute : bool, optional
+        With an ``image_root``, read absolute paths outside it (``True``) or refuse them
+        (``False``). ``None``: the root's own rule (``MERLIN_MLLM_ALLOW_ABSOLUTE_IMAGE_PATHS``,
+        else refused; read for a folder with no recorded root).
 
     Examples
     --------
@@ -437,6 +457,7 @@ class ItemSummarizer:
     image_root: Optional[Union[str, os.PathLike]] = None
     budgets: TokenBudgets = field(default_factory=TokenBudgets)
     progress: bool = False
+    allow_absolute: Optional[bool] = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -450,6 +471,9 @@ class ItemSummarizer:
         if not isinstance(self.budgets, TokenBudgets):
             raise TypeError(f"budgets must be a TokenBudgets, not {type(self.budgets).__name__}")
         self._backend: Optional[_Backend] = None
+        self._image_root: Optional[ImageRoot] = (
+            dataset_image_root(self.image_root) if self.image_root is not None else None
+        )
 
     # -------------------------------------------------------------- pieces
     @property
@@ -463,10 +487,15 @@ class ItemSummarizer:
         return open_store(self.store) if self.store is not None else None
 
     def _resolve_image(self, source: Any) -> Any:
-        if isinstance(source, (str, os.PathLike)) and self.image_root is not None:
-            path = Path(source)
-            if not path.is_absolute():
-                return Path(self.image_root) / path
+        """The file a path value names, inside the image root (bytes pass through).
+
+        Raises
+        ------
+        merlin_mllm.images.ImageLoadError
+            The path leaves the image root.
+        """
+        if isinstance(source, (str, os.PathLike)) and self._image_root is not None:
+            return self._image_root.resolve(source, allow_absolute=self.allow_absolute)
         return source
 
     def _rows(self, frame: pd.DataFrame, title: str, description: str, image: str, item_id: str) -> List[_Row]:
@@ -482,6 +511,7 @@ class ItemSummarizer:
             return escape_untrusted(cut.text, tokenizer).strip(), cut
 
         rows = []
+        outside_root: List[_Row] = []
         for position, (iid, raw_title, raw_desc, source) in enumerate(
             zip(column(item_id), column(title), column(description), column(image))
         ):
@@ -496,14 +526,31 @@ class ItemSummarizer:
                 truncated=int(title_cut.truncated) + int(desc_cut.truncated),
             )
             if not is_missing(source):
-                row.image_source = self._resolve_image(source)
+                try:
+                    row.image_source = self._resolve_image(source)
+                except ImageLoadError as exc:
+                    # Outside the image root: never opened, not even to hash it.
+                    row.image_source = source
+                    row.image_token, row.image_problem = "unreadable", str(exc)
+                    outside_root.append(row)
+                    rows.append(row)
+                    continue
                 try:
                     row.image_token = _sha256_of_image(row.image_source)
                 except TypeError:
                     row.image_token, row.image_problem = "unreadable", f"unsupported image value {type(source).__name__}"
+                except ImageLoadError as exc:
+                    row.image_token, row.image_problem = "unreadable", str(exc)
                 except OSError as exc:
                     row.image_token, row.image_problem = "unreadable", f"cannot read {row.image_source}: {exc.strerror or exc}"
             rows.append(row)
+        if outside_root:
+            first = outside_root[0]
+            logger.warning(
+                "%d item image paths leave the image root %s and are not read; those items have no image "
+                "(first: %s: %s)", len(outside_root), self._image_root.path, first.label,
+                first.image_problem,
+            )
         return rows
 
     def _key(self, row: _Row) -> str:
@@ -689,8 +736,10 @@ def summarize_items(
     ----------
     data_dir : str or path
         The output of ``merlin-mllm data prepare``: ``items/`` holds ``item_id``, ``title``,
-        ``description`` and ``image_path`` (see README "Data contract"). Relative image paths are
-        taken relative to ``data_dir``.
+        ``description`` and ``image_path`` (see README "Data contract"). Image paths are read
+        inside the image root ``report.json`` records (relative to it; folders prepared before
+        roots were recorded: relative to ``data_dir``, absolute paths as they are); a path that
+        leaves the root is not read (the item counts in ``bad_images``).
     summaries : str or path
         The summary store folder (created when missing).
     backend, model, mode, settings, on_empty, device, budgets :
