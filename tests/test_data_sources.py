@@ -125,8 +125,9 @@ def test_amazon_items_text_and_images(amazon):
     assert report["missing_image_files"] == 1 and report["missing_image_examples"] == ["B000000007"]
     assert report["items_with_image"] == 9 and report["items_without_image"] == 1
     assert pd.isna(items.loc["B000000007", "image_path"])
-    assert items.loc["B000000003", "image_path"].endswith("B000000003.png")
-    assert Path(items.loc["B000000001", "image_path"]).read_bytes()[:2] == b"\xff\xd8"
+    assert items.loc["B000000003", "image_path"] == "B000000003.png"  # relative to the image root
+    assert report["image_root"] == str((AMAZON / "images").absolute())
+    assert (Path(report["image_root"]) / items.loc["B000000001", "image_path"]).read_bytes()[:2] == b"\xff\xd8"
     schema = read_schema(out / "items")
     assert set(schema.select_by_tag(Tags.TEXT).column_names) == {"title", "description"}
 
@@ -186,7 +187,10 @@ def test_microlens_temporal(tmp_path):
     assert report["missing_image_files"] == 1 and report["missing_image_examples"] == ["105"]
     items = tables["items"].set_index("item_key")
     assert items.loc["103", "title"] == "cats, dogs, and more cats"  # unquoted commas kept
-    assert items.loc["101", "image_path"].endswith("MicroLens-100k_covers/101.jpg")
+    # Paths are relative to the image root, which report.json records (here the covers folder).
+    assert items.loc["101", "image_path"] == "101.jpg"
+    assert report["image_root"].endswith("MicroLens-100k_covers")
+    assert (Path(report["image_root"]) / items.loc["101", "image_path"]).is_file()
     assert "rating" not in tables["events"].columns
     events = _keyed_events(tables)
     raw = pd.read_csv(MICROLENS / "MicroLens-100k_pairs.csv", dtype=str)

