@@ -78,12 +78,12 @@ def synthetic_items(n: int, folder: Path) -> pd.DataFrame:
 
 
 def prepared_items(data_dir: Path, n: int) -> pd.DataFrame:
+    from merlin_mllm.data.images import dataset_image_root
     from merlin_mllm.data.tables import read_table
 
     items = read_table(data_dir / "items").head(n).copy()
-    items["image_path"] = [
-        str(data_dir / p) if isinstance(p, str) and p and not os.path.isabs(p) else p for p in items["image_path"]
-    ]
+    root = dataset_image_root(data_dir)  # image_path is relative to the root report.json records
+    items["image_path"] = [str(root.resolve(p)) if isinstance(p, str) and p else p for p in items["image_path"]]
     return items
 
 

@@ -48,6 +48,8 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from merlin_mllm.data.images import dataset_image_root
+from merlin_mllm.images import ImageLoadError
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.config import TrainConfig
@@ -108,6 +110,23 @@ def _candidates(group: pd.DataFrame, ranker: RankerModel) -> List[Dict[str, Any]
             candidate["image"] = row.image_path
         out.append(candidate)
     return out
+
+
+def _confined_image_paths(paths: pd.Series, data_dir) -> List[Optional[str]]:
+    """``image_path`` values resolved inside the dataset's image root; a path that leaves it
+    becomes None (no image), counted and named in one warning."""
+    root = dataset_image_root(data_dir)
+    resolved, refused = {}, []
+    for raw in paths.dropna().unique():
+        try:
+            resolved[raw] = str(root.resolve(raw))
+        except ImageLoadError as exc:
+            resolved[raw] = None
+            refused.append(str(exc))
+    if refused:
+        log.warning("%d image paths leave the image root %s and are scored without their image, e.g. %s",
+                    len(refused), root.path, refused[0])
+    return [resolved.get(p) if isinstance(p, str) else None for p in paths]
 
 
 def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: str = "") -> Path:
@@ -251,6 +270,8 @@ def evaluate_ranker(
             partial_path.unlink()
 
     rows = rows.reset_index(drop=True)
+    if ranker.config.use_images and ranker.config.backend != EMBEDDED:  # the prompt opens the files itself
+        rows["image_path"] = _confined_image_paths(rows["image_path"], data_dir)
     rows["position"] = rows.groupby("group_id").cumcount()
     groups = list(rows.groupby("group_id", sort=True))
     pending: List[pd.DataFrame] = []
