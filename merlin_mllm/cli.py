@@ -282,7 +282,8 @@ _RECIPE_HELP = ("Training settings, overridden by the options below: "
 @app.command()
 def train(
     data: Path = typer.Option(..., help="Prepared data folder (train/ valid/ items/)"),
-    summaries: Path = typer.Option(..., help="Summary store with the user summaries (`summarize users`)"),
+    summaries: Optional[Path] = typer.Option(None, help="Summary store with the user summaries (`summarize users`); "
+                                                       "not needed with --user-context titles"),
     out: Path = typer.Option(..., help="Run folder: checkpoints/ (resumed if present) and model/"),
     model: Optional[str] = typer.Option(None, help="Base MLLM id or folder; default: embedded SmolLM2 + EfficientNet-Lite0"),
     no_image: bool = typer.Option(False, "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
@@ -304,6 +305,9 @@ def train(
                                        help=TrainConfig.__dataclass_fields__["loss"].metadata["help"]),
     prompt_version: Optional[str] = typer.Option(
         None, help=TrainConfig.__dataclass_fields__["prompt_version"].metadata["help"]),
+    user_context: str = typer.Option("summary", metavar="summary|titles|both",
+                                     help=TrainConfig.__dataclass_fields__["user_context"].metadata["help"]),
+    context_titles: int = _train_option("context_titles"),
     hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
     fusion_features: Optional[str] = typer.Option(
         None, help="Comma-separated feature columns of the hybrid's head (default with --hybrid: item_log_count, "
@@ -327,8 +331,10 @@ def train(
             recipe, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
             strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss, prompt_version=prompt_version,
-            fusion_features=columns, **chosen,
+            user_context=user_context, context_titles=context_titles, fusion_features=columns, **chosen,
         )
+        if summaries is None and config.user_context != "titles":
+            raise ValueError(f"--summaries is needed with --user-context {config.user_context} (only 'titles' reads none)")
         rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
         if rank0:
             typer.echo(f"recipe {recipe}: lr {config.lr:g}, micro-batches of {config.batch_size}, "
@@ -345,7 +351,8 @@ def train(
 @app.command()
 def evaluate(
     data: Path = typer.Option(..., help="Prepared data folder (test/ items/)"),
-    summaries: Path = typer.Option(..., help="Summary store with the user summaries"),
+    summaries: Optional[Path] = typer.Option(None, help="Summary store with the user summaries (not needed for a "
+                                                       "ranker trained with --user-context titles)"),
     model: Optional[Path] = typer.Option(None, help="Trained ranker: the folder `train --out` wrote, or its model/"),
     out: Path = typer.Option(..., help="Metrics JSON; scores parquet and a PNG plot are written beside it"),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="Score with the base model, no SFT"),

@@ -31,12 +31,13 @@ def test_small_budget():
 
 def test_resume_and_saved_fields():
     assert TrainConfig.resume_fields() == ("model", "image", "lora_r", "lora_alpha", "lora_dropout", "max_length",
-                                           "seed", "loss", "batching", "prompt_version", "fusion_features",
+                                           "seed", "loss", "batching", "prompt_version", "user_context",
+                                           "context_titles", "fusion_features",
                                            "fusion_hidden", "fusion_warm_start")
     saved = TrainConfig().saved_fields()
     assert list(saved) == ["model", "image", "lora_r", "lora_alpha", "lora_dropout", "lr", "projector_lr", "epochs",
                            "max_steps", "grad_accum", "max_length", "batch_size", "seed", "loss", "batching",
-                           "prompt_version", "fusion_features", "fusion_hidden", "fusion_lr", "fusion_warm_start",
+                           "prompt_version", "user_context", "context_titles", "fusion_features", "fusion_hidden", "fusion_lr", "fusion_warm_start",
                            "devices", "strategy", "max_groups"]
 
 
@@ -123,7 +124,7 @@ def test_train_cli_takes_the_recipe_and_its_overrides(monkeypatch, tmp_path):
     from merlin_mllm.cli import app
 
     seen = []
-    monkeypatch.setattr(training, "train_ranker", lambda data, summaries, out, config, progress: seen.append(config) or out)
+    monkeypatch.setattr(training, "train_ranker", lambda data, summaries, out, config, features, progress: seen.append(config) or out)
     base = ["train", "--data", str(tmp_path), "--summaries", str(tmp_path), "--out", str(tmp_path / "run")]
     runner = CliRunner()
     for extra, expected in (

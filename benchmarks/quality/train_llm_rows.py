@@ -89,8 +89,10 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
         if (row_dir / "model").exists():
             log(f"{protocol}/{row}: trained already")
             return
+        # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
+        context = {"user_context": "titles"} if hybrid else {}
         config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED,
-                                          fusion_features=FUSION_FEATURES if hybrid else None)
+                                          fusion_features=FUSION_FEATURES if hybrid else None, **context)
         features = root / (f"hybrid_inputs_k{negatives}" if negatives else "hybrid_inputs") / "train_s0.parquet"
         train_ranker(data_dir, summaries, row_dir, config, features=features if hybrid else None)
     else:

@@ -35,6 +35,8 @@ BATCHINGS = ("groups", "rows")
 PROMPT_VERSIONS = ("1", "2")
 
 
+#: ``merlin_mllm.summaries.rows.USER_CONTEXTS`` (not imported: no torch here).
+USER_CONTEXTS = ("summary", "titles", "both")
 #: The named training recipes (``merlin-mllm train --recipe``).
 RECIPES = {
     "small-budget": "the quickstart's: lr 5e-4, micro-batches of 8, one per optimizer step, 2 epochs; learns within "
@@ -107,6 +109,10 @@ class TrainConfig:
     prompt_version: Optional[str] = _setting(
         None, "Ranker prompt layout: '1' (candidate, then the question) or '2' (the question in the part a user's "
         "candidates share, which packs well). Default: '2' with groups, '1' with rows", resume=True)
+    user_context: str = _setting(
+        "summary", "What the prompt's user part holds: summary (the user summary, the paper's), titles (the last "
+        "context_titles titles of the history: no user summaries needed) or both", resume=True)
+    context_titles: int = _setting(5, "Titles in the user part with user_context titles or both", resume=True)
     fusion_features: Optional[Tuple[str, ...]] = _setting(
         None, "Train a hybrid: these tabular feature columns (e.g. merlin_mllm.pipelines.features.FUSION_FEATURES) "
         "feed a TabularFusionHead whose logit is added to the LLM's yes-minus-no logit, trained jointly (loss binary "
@@ -166,6 +172,9 @@ class TrainConfig:
             self.prompt_version = "2" if groups else "1"
         if self.prompt_version not in PROMPT_VERSIONS:
             raise ValueError(f"prompt_version must be one of {PROMPT_VERSIONS}, not {self.prompt_version!r}")
+        if self.user_context not in USER_CONTEXTS:
+            raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
+        _check_int("context_titles", self.context_titles, low=1)
         if self.fusion_features is not None:
             if isinstance(self.fusion_features, str) or not len(self.fusion_features) \
                     or not all(isinstance(c, str) and c for c in self.fusion_features):

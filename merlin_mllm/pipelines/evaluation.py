@@ -170,7 +170,7 @@ def plot_evaluation(scores: pd.DataFrame, path: Union[str, os.PathLike], title: 
 
 def evaluate_ranker(
     data_dir: Union[str, os.PathLike],
-    summaries: SummarySource,
+    summaries: Optional[SummarySource],
     model_dir: Union[str, os.PathLike, None],
     out_json: Union[str, os.PathLike],
     *,
@@ -192,7 +192,8 @@ def evaluate_ranker(
     data_dir : path
         Output of ``prepare_dataset``.
     summaries : path, DataFrame or callable
-        User summaries (see :func:`merlin_mllm.summaries.rows.row_summaries`).
+        User summaries (see :func:`merlin_mllm.summaries.rows.row_summaries`); None for a ranker
+        trained with ``user_context="titles"``, which reads none.
     model_dir : path or str or None
         A trained ranker folder, or the run folder ``train --out`` wrote (its ``model/`` is
         used); with ``zero_shot=True`` also a base model id/folder or None.
@@ -247,7 +248,8 @@ def evaluate_ranker(
     # processor-expanded images cannot be made from text, so they are never cut.
     cutter = (functools.cache(lambda: TokenizePrompt.for_ranker(ranker, max_length=max_length))
               if ranker.prompt.image_mode != "processor" else None)
-    rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed)
+    rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed,
+                     user_context=ranker.config.user_context, context_titles=ranker.config.context_titles)
     head = None
     if not zero_shot and model_dir is not None and (Path(model_dir) / FUSION_HEAD_FILE).exists():
         head = TabularFusionHead.load(Path(model_dir) / FUSION_HEAD_FILE)

@@ -78,7 +78,7 @@ from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.fusion import TabularFusionHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import item_image_table
-from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, row_summaries
+from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, user_context_texts
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,12 @@ def saved_settings(config: TrainConfig, data_dir: Union[str, os.PathLike]) -> Di
 def load_rows(
     data_dir: Union[str, os.PathLike],
     split: str,
-    summaries: SummarySource,
+    summaries: Optional[SummarySource],
     *,
     max_groups: Optional[int] = None,
     seed: int = 0,
+    user_context: str = "summary",
+    context_titles: int = 5,
 ) -> pd.DataFrame:
     """One split's rows with the text the prompt needs: ``user_summary`` and ``title``.
 
@@ -144,6 +146,9 @@ def load_rows(
     max_groups : int, optional
         Keep this many groups (a seeded random choice), for quick runs.
     seed : int
+    user_context, context_titles :
+        What ``user_summary`` holds (the ranker's ``user_context``): see
+        :func:`merlin_mllm.summaries.rows.user_context_texts`. With "titles", ``summaries`` may be None.
 
     Returns
     -------
@@ -175,7 +180,8 @@ def load_rows(
     frame = frame.drop(columns="_merge")
     if "image_path" not in frame.columns:
         frame["image_path"] = None
-    frame["user_summary"] = row_summaries(summaries, data_dir, frame, partial_block=partial_block_rule(data_dir, split))
+    frame["user_summary"] = user_context_texts(summaries, data_dir, frame, context=user_context, titles=context_titles,
+                                               partial_block=partial_block_rule(data_dir, split))
     return frame
 
 
@@ -445,7 +451,7 @@ def _local_rank() -> int:
 
 def train_ranker(
     data_dir: Union[str, os.PathLike],
-    summaries: SummarySource,
+    summaries: Optional[SummarySource],
     out_dir: Union[str, os.PathLike],
     config: Optional[TrainConfig] = None,
     *,
@@ -459,8 +465,9 @@ def train_ranker(
     data_dir : path
         Output of ``prepare_dataset`` (``train/``, ``valid/``, ``items/``; ``events/`` when rows
         lack ``history_item_ids``).
-    summaries : path, DataFrame or callable
-        User summaries: see :func:`merlin_mllm.summaries.rows.row_summaries`. With
+    summaries : path, DataFrame, callable or None
+        User summaries: see :func:`merlin_mllm.summaries.rows.row_summaries` (None with
+        ``config.user_context="titles"``, which reads none). With
         ``strategy="ddp_spawn"`` it must be picklable.
     out_dir : path
         Run folder (see the module docstring); created when missing.
@@ -498,7 +505,7 @@ def train_ranker(
     ranker = RankerModel.build(
         settings["model"], use_images=config.image, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
-        prompt_version=config.prompt_version,
+        prompt_version=config.prompt_version, user_context=config.user_context, context_titles=config.context_titles,
     )
     groups = config.batching == "groups"
     table = None
@@ -512,7 +519,8 @@ def train_ranker(
             "embedded model for images"
         )
 
-    train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed)
+    context = dict(user_context=config.user_context, context_titles=config.context_titles)
+    train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed, **context)
     head, fusion_columns = None, list(config.fusion_features or ())
     if fusion_columns:
         if features is None:
@@ -526,7 +534,7 @@ def train_ranker(
         log.warning(too_few)
     valid_rows = None
     if config.validate and (data_dir / "valid").exists() and head is None:  # a hybrid has no valid features here
-        valid_rows = load_rows(data_dir, "valid", summaries, max_groups=config.max_groups, seed=config.seed)
+        valid_rows = load_rows(data_dir, "valid", summaries, max_groups=config.max_groups, seed=config.seed, **context)
     train_data = tokenize_rows(train_rows, ranker, max_length=config.max_length, item_features=table,
                                extra_columns=fusion_columns)
     valid_data = (tokenize_rows(valid_rows, ranker, max_length=config.max_length, item_features=table)

@@ -23,6 +23,7 @@ from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker.features import ItemImageFeatures
 from merlin_mllm.ranker.losses import check_loss_name
 from merlin_mllm.ranker.prompt import IMAGE_TOKEN, PROMPT_VERSION, check_prompt_version
+from merlin_mllm.summaries.rows import USER_CONTEXTS
 
 __all__ = [
     "RankerConfig",
@@ -78,6 +79,13 @@ class RankerConfig:
         The prompt layout (:data:`merlin_mllm.ranker.prompt.PROMPT_VERSIONS`): "1" (the default;
         configs saved before versions were selectable hold it) or "2" (question first, for
         packed groups).
+    user_context : {"summary", "titles", "both"}
+        What the prompt's user part holds (made by
+        :func:`merlin_mllm.summaries.rows.user_context_texts` in training, evaluation and the
+        export): the user summary (the paper's; configs saved before this setting hold it), the
+        last ``context_titles`` titles of the history, or both.
+    context_titles : int
+        Titles in the user part with ``user_context`` "titles" or "both".
     """
 
     base_model: str = EMBEDDED
@@ -92,6 +100,8 @@ class RankerConfig:
     seed: int = 0
     max_summary_tokens: int = 384
     max_title_tokens: int = 64
+    user_context: str = "summary"
+    context_titles: int = 5
     # Filled in when the model is built:
     prompt_version: str = PROMPT_VERSION
     yes_token_id: Optional[int] = None
@@ -142,6 +152,10 @@ class RankerConfig:
         :func:`merlin_mllm.ranker.backends.backend_class`)."""
         check_loss_name(self.loss)
         check_prompt_version(self.prompt_version)
+        if self.user_context not in USER_CONTEXTS:
+            raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
+        if isinstance(self.context_titles, bool) or not isinstance(self.context_titles, int) or self.context_titles < 1:
+            raise ValueError(f"context_titles must be a positive integer, not {self.context_titles!r}")
         if not self.zero_shot and self.lora_r < 1:
             raise ValueError(f"lora_r must be at least 1, not {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -228,6 +228,8 @@ class RankerModel(nn.Module):
         max_summary_tokens: int = 384,
         max_title_tokens: int = 64,
         prompt_version: str = PROMPT_VERSION,
+        user_context: str = "summary",
+        context_titles: int = 5,
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
@@ -245,7 +247,8 @@ class RankerModel(nn.Module):
             No LoRA and nothing trainable: the base model as is. (For the embedded backend, the
             projector is then an untrained random map: use ``use_images=False`` for a fair
             zero-shot baseline.)
-        lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens, prompt_version :
+        lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens, prompt_version,
+        user_context, context_titles :
             See :class:`RankerConfig`.
         item_features : ItemImageFeatures, optional
             The embedded backend's item image table (can be set later).
@@ -262,7 +265,7 @@ class RankerModel(nn.Module):
             use_images=use_images, zero_shot=zero_shot, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_init=lora_init, loss=loss, seed=seed,
             max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
-            prompt_version=prompt_version,
+            prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
         )
         return cls._assemble(config, device=device, dtype=dtype, item_features=item_features)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -45,8 +45,9 @@ from merlin_mllm.summaries.user import (
     stored_summary_texts,
 )
 
-__all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "is_store", "row_histories", "row_summaries",
-           "partial_block_rule", "recent_titles_summaries"]
+__all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "USER_CONTEXTS", "RECENT_TITLES", "is_store",
+           "row_histories", "row_summaries", "user_context_texts", "recent_titles_text", "partial_block_rule",
+           "recent_titles_summaries"]
 
 #: Where user summaries come from: a store folder, a summary table (path or DataFrame) or a callable.
 SummarySource = Union[str, os.PathLike, pd.DataFrame, Callable[[pd.DataFrame], Sequence[str]]]
@@ -55,6 +56,11 @@ SummarySource = Union[str, os.PathLike, pd.DataFrame, Callable[[pd.DataFrame], S
 PARTIAL_BLOCKS = ("summary", "titles")
 #: Joins a boundary summary and the titles of the items after it (``partial_block="titles"``).
 SINCE_BOUNDARY = "Since then, the user interacted with: "
+#: What the prompt's user part holds (:func:`user_context_texts`): the user summary (the paper's),
+#: the titles of the last N items of the history, or the summary followed by those titles.
+USER_CONTEXTS = ("summary", "titles", "both")
+#: Opens the recent-titles text ("Recently watched: A; B; C.").
+RECENT_TITLES = "Recently watched: "
 
 
 def is_store(path: Union[str, os.PathLike]) -> bool:
@@ -148,6 +154,48 @@ def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> Lis
     return merged["user_summary"].astype(str).tolist()
 
 
+def recent_titles_text(history: Sequence[int], titles, last: int = 5) -> str:
+    """``"Recently watched: A; B; C."``: the titles of the last ``last`` items of ``history``
+    (most recent last; ``titles`` maps item id -> title). An empty history gives ``""``."""
+    chosen = [str(titles[int(i)]) for i in list(history)[-int(last):]] if last > 0 else []
+    return RECENT_TITLES + "; ".join(chosen) + "." if chosen else ""
+
+
+def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, os.PathLike], rows: pd.DataFrame, *,
+                       context: str = "summary", titles: int = 5, partial_block: str = "summary") -> List[str]:
+    """The text of each row's user part of the prompt, for the ranker's ``user_context``.
+
+    Parameters
+    ----------
+    summaries : path, DataFrame, callable or None
+        See :func:`row_summaries`; not read (may be None) with ``context="titles"``.
+    data_dir : path
+        The prepared dataset (``items/`` titles, ``events/`` when rows lack ``history_item_ids``).
+    rows : DataFrame
+        Rows with ``user_id`` and ``target_position`` (and ``history_item_ids`` when present).
+    context : {"summary", "titles", "both"}
+        ``summary``: :func:`row_summaries` (the paper's). ``titles``: :func:`recent_titles_text`
+        of the row's own history (items before its target: no leakage, no LLM). ``both``: the
+        summary, a blank line, then the titles.
+    titles : int
+        Titles per row for ``titles`` and ``both``.
+    partial_block : {"summary", "titles"}
+        Passed to :func:`row_summaries`.
+    """
+    if context not in USER_CONTEXTS:
+        raise ValueError(f"user context must be one of {USER_CONTEXTS}, not {context!r}")
+    if context != "titles" and summaries is None:
+        raise ValueError(f"user context {context!r} reads user summaries: give a summary store or table")
+    summary = row_summaries(summaries, data_dir, rows, partial_block=partial_block) if context != "titles" else None
+    if context == "summary":
+        return summary
+    items = read_table(Path(data_dir) / "items").set_index("item_id")["title"]
+    recent = [recent_titles_text(history, items, titles) for history in row_histories(data_dir, rows)]
+    if context == "titles":
+        return recent
+    return [f"{s}\n\n{t}" if t else s for s, t in zip(summary, recent)]
+
+
 def recent_titles_summaries(data_dir: Union[str, os.PathLike], last: int = 5) -> pd.DataFrame:
     """Placeholder user summaries without an LLM: "Recently watched: A; B; C." per row.
 
@@ -172,7 +220,7 @@ def recent_titles_summaries(data_dir: Union[str, os.PathLike], last: int = 5) ->
     frames = []
     for split in ("train", "valid", "test"):
         rows = read_table(data_dir / split).drop_duplicates(["user_id", "target_position"])
-        texts = ["Recently watched: " + "; ".join(str(titles[int(i)]) for i in list(history)[-last:]) + "."
+        texts = [recent_titles_text(history, titles, last) or RECENT_TITLES + "."
                  for history in rows["history_item_ids"]]
         frames.append(pd.DataFrame({"user_id": rows["user_id"].to_numpy(),
                                     "target_position": rows["target_position"].to_numpy(), "user_summary": texts}))
