@@ -71,3 +71,17 @@ def test_titles_context_trains_without_summaries_and_evaluates_the_same_texts(pr
     a = pd.read_parquet(titles_run["run"]["scores"])["score"]
     b = pd.read_parquet(summary_run["run"]["scores"])["score"]
     pd.testing.assert_series_equal(a, b)
+
+
+def test_export_serves_each_user_the_text_evaluation_scored_the_last_group_with(prepared):
+    from merlin_mllm.pipelines.training import load_rows
+    from merlin_mllm.serving.export import user_summary_table
+
+    served = user_summary_table(None, prepared, context="titles", titles=3).set_index("user_id")["user_summary"]
+    test = load_rows(prepared, "test", None, user_context="titles", context_titles=3)
+    expected = test.drop_duplicates("user_id").set_index("user_id")["user_summary"]
+    pd.testing.assert_series_equal(served.sort_index(), expected.sort_index(), check_names=False)
+    # Live serving ("store_latest") shows the titles of the whole known history: the test item too.
+    latest = user_summary_table(None, prepared, "store_latest", context="titles", titles=3)
+    assert (latest["user_summary"].str.startswith("Recently watched: ")).all() and len(latest) == len(expected)
+    assert (latest.set_index("user_id")["user_summary"].sort_index() != expected.sort_index()).all()

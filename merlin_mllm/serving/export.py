@@ -115,7 +115,7 @@ from merlin_mllm.serving.artifacts import (
     RankerStep,
     ServingLimits,
 )
-from merlin_mllm.summaries.rows import row_summaries
+from merlin_mllm.summaries.rows import recent_titles_text, user_context_texts
 from merlin_mllm.summaries.store import open_store
 from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY, latest_user_summary
 
@@ -306,8 +306,9 @@ def _latest_rows(data_dir: Path) -> pd.DataFrame:
     return rows.drop_duplicates("user_id", keep="last").reset_index(drop=True)
 
 
-def user_summary_table(summaries, data_dir, source: str = "last_row") -> pd.DataFrame:
-    """One served summary per user: ``user_id``, ``user_summary``.
+def user_summary_table(summaries, data_dir, source: str = "last_row", *, context: str = "summary",
+                       titles: int = 5) -> pd.DataFrame:
+    """One served summary per user: ``user_id``, ``user_summary`` (the prompt's user part).
 
     Parameters
     ----------
@@ -322,14 +323,25 @@ def user_summary_table(summaries, data_dir, source: str = "last_row") -> pd.Data
         so served scores equal evaluation scores. ``"store_latest"``: the store's latest
         boundary summary over all the user's known events (``latest_user_summary``, kept
         current by ``merlin-mllm summarize update``): what live serving wants.
+    context, titles :
+        The ranker's ``user_context`` and ``context_titles`` (its ``RankerConfig``): with
+        "titles" or "both" the text holds the last ``titles`` titles of the same history
+        (:func:`merlin_mllm.summaries.rows.user_context_texts`), as in training.
     """
     data_dir = Path(data_dir)
     if source not in USER_SUMMARY_SOURCES:
         raise ValueError(f"user summary source must be one of {USER_SUMMARY_SOURCES}, not {source!r}")
     if source == "last_row":
         rows = _latest_rows(data_dir)
-        texts = row_summaries(summaries, data_dir, rows)
+        texts = user_context_texts(summaries, data_dir, rows, context=context, titles=titles)
         return pd.DataFrame({"user_id": rows["user_id"].astype(np.int64), SUMMARY_COLUMN: texts})
+    if context == "titles":  # the titles of each user's whole known history; no store needed
+        events = read_table(data_dir / "events").sort_values(["user_id", "position"], kind="stable")
+        names = read_table(data_dir / "items").set_index("item_id")["title"]
+        found = [(int(u), recent_titles_text(g["item_id"].tolist(), names, titles))
+                 for u, g in events.groupby("user_id", sort=True)]
+        return pd.DataFrame({"user_id": np.array([u for u, _ in found], dtype=np.int64),
+                             SUMMARY_COLUMN: [t for _, t in found]})
     if isinstance(summaries, pd.DataFrame) or not Path(summaries).is_dir():
         raise ValueError(f"user summary source 'store_latest' needs a summary store folder, not {summaries!r}")
     store = open_store(summaries)
@@ -337,8 +349,15 @@ def user_summary_table(summaries, data_dir, source: str = "last_row") -> pd.Data
     if not user_ids:
         raise ValueError(f"{summaries}: the store records no user states; run `merlin-mllm summarize users` first")
     found = [(user, latest_user_summary(store, user)) for user in user_ids]
-    return pd.DataFrame({"user_id": np.array([u for u, t in found if t is not None], dtype=np.int64),
-                         SUMMARY_COLUMN: [t for _, t in found if t is not None]})
+    table = pd.DataFrame({"user_id": np.array([u for u, t in found if t is not None], dtype=np.int64),
+                          SUMMARY_COLUMN: [t for _, t in found if t is not None]})
+    if context == "both":
+        recent = user_summary_table(None, data_dir, "store_latest", context="titles", titles=titles)
+        table = table.merge(recent.rename(columns={SUMMARY_COLUMN: "recent"}), on="user_id", how="left")
+        table[SUMMARY_COLUMN] = [f"{s}\n\n{r}" if isinstance(r, str) and r else s
+                                 for s, r in zip(table[SUMMARY_COLUMN], table["recent"])]
+        table = table.drop(columns="recent")
+    return table
 
 
 def item_table(data_dir, ranker) -> pd.DataFrame:
@@ -700,7 +719,8 @@ def export(
         head_features = head_features_for(head, data_dir, events, recent_days)
         n_head = len(head.feature_names) if head is not None else 0
         ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / ".cache", progress=progress)
-        users = user_summary_table(summaries, data_dir, user_summaries)
+        users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
+                                   titles=ranker.config.context_titles)
         items = item_table(data_dir, ranker)
         workflow = fit_prompt_workflow(ranker, items, max_length)
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)

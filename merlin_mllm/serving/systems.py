@@ -212,7 +212,8 @@ class MLLMRerank(BaseOperator):
             ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache), device=target,
                                         dtype=resolve_dtype(dtype, target))
         items = item_table(data_dir, ranker)
-        users = user_summary_table(summaries, data_dir, user_summaries)
+        users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
+                                   titles=ranker.config.context_titles)
         limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=self.top_k)
         workflow = fit_prompt_workflow(ranker, items, prompt_token_limit(model_dir, max_prompt_tokens)[0])
         self._features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
