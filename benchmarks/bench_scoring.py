@@ -124,6 +124,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=0, help="candidates per forward (0: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--prompt-version", default="2",
+                        help="ranker prompt layout: '2' (what train's default, groups, uses) or '1'")
     parser.add_argument("--skip-forward-per-candidate", action="store_true")
     parser.add_argument("--out", default=str(SPEED_RESULTS / "scoring.json"))
     args = parser.parse_args(argv)
@@ -140,10 +142,11 @@ def main(argv=None) -> dict:
     titles = [TITLES[i % len(TITLES)] for i in range(count)]
     if args.model == "embedded":
         table = ItemImageFeatures.from_images(list(range(count)), images, progress=False)
-        ranker = RankerModel.build("embedded", item_features=table, device=device, dtype=dtype)
+        ranker = RankerModel.build("embedded", item_features=table, device=device, dtype=dtype,
+                                   prompt_version=args.prompt_version)
         candidates = [Candidate(title, item_id=i) for i, title in enumerate(titles)]
     else:
-        ranker = RankerModel.build(args.model, device=device, dtype=dtype)
+        ranker = RankerModel.build(args.model, device=device, dtype=dtype, prompt_version=args.prompt_version)
         candidates = [Candidate(title, image=image) for title, image in zip(titles, images)]
     batch_size = args.batch_size or count
 
@@ -192,7 +195,8 @@ def main(argv=None) -> dict:
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         },
         "setup": {
-            "model": args.model, "candidates": count, "prefix_tokens": prefix_tokens,
+            "model": args.model, "prompt_version": args.prompt_version, "candidates": count,
+            "prefix_tokens": prefix_tokens,
             "candidate_tokens_mean": float(np.mean(candidate_tokens)),
             "image_tokens_per_candidate": image_tokens[:1] and image_tokens[0],
             "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "repeats": args.repeats,
