@@ -377,6 +377,15 @@ def read_external(path: Path, reference: pd.DataFrame, score_kind: str, where: s
     if metrics_json.is_file():
         run = json.loads(metrics_json.read_text()).get("run", {})
         info.update(run_seconds=run.get("seconds"), run_seed=run.get("seed"))
+    # A run folder of train_llm_rows.py: the training seed, and every stage's time (training included).
+    stages, settings = path.parent / "stages.json", path.parent / "train_config.json"
+    if settings.is_file():
+        info["run_seed"] = json.loads(settings.read_text()).get("seed")
+    if stages.is_file():
+        times = json.loads(stages.read_text())
+        info["stages"] = times
+        info["run_seconds"] = round(sum(t["wall_s"] for t in times.values()), 1)
+        info["run_cpu_seconds"] = round(sum(t["cpu_s"] for t in times.values()), 1)
     return scores[SCORE_COLUMNS], info
 
 
@@ -434,7 +443,7 @@ def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, L
         test, info = read_external(paths[0], popularity, score_kind, f"{stages.protocol} {key} test")
         scores[key] = [test]
         rows[key] = measured_row(ROW_BY_KEY[key], [(info.get("run_seed"), test, {
-            "wall_seconds": info.get("run_seconds"), "cpu_seconds": None})], cold,
+            "wall_seconds": info.get("run_seconds"), "cpu_seconds": info.get("run_cpu_seconds")})], cold,
             {"source": info, "parts": hybrid_parts(paths[0], cold)})
         if key == "llm_only" and len(paths) > 1:
             llm_valid, _ = read_external(paths[1], stages.popularity("valid"), score_kind, f"{stages.protocol} {key} valid")
