@@ -1,41 +1,55 @@
 """``merlin-mllm quickstart``: the whole MLLM-MSR pipeline on the embedded defaults, end to end.
 
+The ranker is the hybrid of issue 16: the LoRA-tuned LLM's yes-minus-no logit plus a tabular
+head over the pipeline's collaborative features (NVTabular ``CollaborativeFeatures`` counts and
+a SASRec retrieval score), trained jointly on the temporal protocol (every user is a test
+group). The report puts it beside popularity, SASRec and its own LLM part alone, each AUC with
+a bootstrap interval over the test users; the hybrid is then exported and served by Triton.
+
 Each stage prints one summary line and caches its output under ``--out``, so a second run
-reuses every finished stage.
+reuses every finished stage. A ``--out`` whose data was prepared with other settings (e.g. by
+an older quickstart, on the paper protocol) is rebuilt stage by stage; its summary store is
+kept (it is keyed by content, so nothing in it goes stale).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List
 
+import numpy as np
 import pandas as pd
 import typer
 
-from merlin_mllm.baselines import evaluate_popularity
+from merlin_mllm.baselines import evaluate_popularity, evaluate_scores
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.pipelines.config import TrainConfig
 from merlin_mllm.pipelines.evaluation import evaluate_ranker
+from merlin_mllm.pipelines.features import FUSION_FEATURES, RETRIEVAL_COLUMN, fusion_feature_rows
 from merlin_mllm.pipelines.training import train_ranker
+from merlin_mllm.ranker.config import FUSION_HEAD_FILE
 from merlin_mllm.reporting import write_quickstart_report
 from merlin_mllm.serving.client import RerankClient
 from merlin_mllm.serving.export import MANIFEST_FILE, export
 from merlin_mllm.serving.tritonserver import TritonServer
-from merlin_mllm.summaries.item import summarize_items
+from merlin_mllm.summaries.item import ItemSummarizer
 from merlin_mllm.summaries.user import summarize_users
 
 
 @dataclass
 class QuickstartSettings:
     out: Path = Path("runs/quickstart")
-    # Sized for ~15 minutes on a 2-core CPU: item summaries dominate (~1 s of SmolLM2 per item,
-    # and each user brings ~7 items: 9 history items, negatives, candidates).
+    # Sized for 15 minutes on a 2-core CPU: the summaries dominate (SmolLM2; only the items of
+    # the users' events are summarised, ~7 per user, and 5 recurrent steps per user).
     max_users: int = 40
     max_history: int = 9
+    # Temporal: every user's last item is a test target, so each of the users is a test group.
+    protocol: str = "temporal"
     seed: int = 42
     # Summaries are short on this CPU default: the ranker reads them, nobody has to.
     max_new_tokens: int = 40
@@ -49,6 +63,24 @@ class StageResult:
     seconds: float
     summary: str
     cached: bool = False
+
+
+#: The report's rows (:attr:`Quickstart.results` maps each to its metrics JSON).
+HYBRID = "MLLM-MSR hybrid (LLM + tabular head)"
+LLM_PART = "hybrid's LLM part alone (llm_logit)"
+SASREC = "SASRec (retrieval score)"
+POPULARITY = "popularity"
+#: How long the Triton server may take to load the ensemble.
+TRITON_START_SECONDS = 600
+#: The folders under ``--out`` made from the prepared data (rebuilt when the data settings change).
+DATA_STAGE_FOLDERS = ("data", "features", "ranker", "eval", "triton_repo")
+
+
+def _newer(path: Path, *sources: Path) -> bool:
+    """``path`` exists and was written after every existing ``source``."""
+    if not path.is_file():
+        return False
+    return all(path.stat().st_mtime >= source.stat().st_mtime for source in sources if source.exists())
 
 
 @dataclass
@@ -69,21 +101,43 @@ class Quickstart:
         typer.echo(f"[{name}] {'(cached) ' if cached else ''}{summary}  ({result.seconds:.1f} s)")
 
     # -- stages ---------------------------------------------------------------------------
+    def _data_settings_match(self, report: dict) -> bool:
+        s, kept = self.settings, report.get("settings", {})
+        return (report.get("protocol") == s.protocol and report.get("seed") == s.seed
+                and kept.get("max_users") == s.max_users and kept.get("max_history") == s.max_history)
+
     def prepare_data(self) -> None:
         report_path = self.data_dir / "report.json"
 
         def describe() -> str:
             r = json.loads(report_path.read_text())
             rows = r["rows_per_split"]
-            return (f"MovieLens-100k, paper protocol: {r['kept']['users']} users, {r['kept']['items']} items; "
-                    f"rows train/valid/test = {rows['train']}/{rows['valid']}/{rows['test']}")
+            groups = read_table(self.data_dir / "test")["group_id"].nunique()
+            return (f"MovieLens-100k, {r['protocol']} protocol: {r['kept']['users']} users, {r['kept']['items']} items; "
+                    f"rows train/valid/test = {rows['train']}/{rows['valid']}/{rows['test']}; {groups} test groups of "
+                    f"1 + {r['settings']['n_negatives_test']}")
 
         def run() -> str:
             s = self.settings
-            prepare_dataset("ml-100k", "paper", self.data_dir, max_users=s.max_users, max_history=s.max_history, seed=s.seed)
+            prepare_dataset("ml-100k", s.protocol, self.data_dir, max_users=s.max_users, max_history=s.max_history,
+                            seed=s.seed)
             return describe()
 
-        self.stage("data", report_path.is_file, run, describe)
+        def done() -> bool:
+            if not report_path.is_file():
+                return False
+            report = json.loads(report_path.read_text())
+            if self._data_settings_match(report):
+                return True
+            stale = [name for name in DATA_STAGE_FOLDERS if (self.settings.out / name).exists()]
+            typer.echo(f"[data] {self.settings.out} holds a run on other data ({report.get('protocol')} protocol, "
+                       f"{report.get('settings', {}).get('max_users')} users, seed {report.get('seed')}): rebuilding "
+                       f"{', '.join(stale)} (the summary store is kept)")
+            for name in stale:
+                shutil.rmtree(self.settings.out / name)
+            return False
+
+        self.stage("data", done, run, describe)
 
     @property
     def summaries(self) -> Path:
@@ -94,10 +148,19 @@ class Quickstart:
         return GenerationSettings(max_new_tokens=self.settings.max_new_tokens, batch_size=self.settings.batch_size)
 
     def summarize_items(self) -> None:
+        # Only the items the user summaries read: those of the users' events (their histories,
+        # and the last items, which the recorded user states cover too). The ranker sees its
+        # candidates by title, so summaries of the other catalogue items would be read by nobody;
+        # with the temporal protocol's 1 + 20 candidates per user they are two thirds of it.
         # The store makes this stage idempotent: a re-run finds every summary and generates none.
         def run() -> str:
-            report = summarize_items(self.data_dir, self.summaries, settings=self._generation(), progress=True)
-            return f"item summaries (EfficientNet textualizer + SmolLM2): {report}"
+            items = read_table(self.data_dir / "items")
+            history = items[items["item_id"].isin(read_table(self.data_dir / "events")["item_id"])]
+            summarizer = ItemSummarizer(settings=self._generation(), store=self.summaries, image_root=self.data_dir,
+                                        progress=True)
+            _, report = summarizer.summarize(history)
+            return (f"item summaries (EfficientNet textualizer + SmolLM2) of the {len(history)} items of the users' "
+                    f"events (of {len(items)}; candidates reach the ranker by title): {report}")
 
         self.stage("item summaries", lambda: False, run, run)
 
@@ -109,40 +172,78 @@ class Quickstart:
         self.stage("user summaries", lambda: False, run, run)
 
     @property
+    def features_dir(self) -> Path:
+        return self.settings.out / "features"
+
+    def features_path(self, split: str) -> Path:
+        """The ``split`` rows with the hybrid's feature columns (parquet)."""
+        return self.features_dir / f"{split}.parquet"
+
+    def features(self) -> None:
+        """The hybrid's tabular features of the train and test rows, each from the events before its split."""
+        paths = [self.features_path(split) for split in ("train", "test")]
+
+        def describe() -> str:
+            counts = "; ".join(f"{p.stem} {len(pd.read_parquet(p, columns=['group_id']))} rows" for p in paths)
+            return (f"hybrid features {', '.join(FUSION_FEATURES)} (NVTabular CollaborativeFeatures counts and a "
+                    f"SASRec score, each from the events before its split): {counts}")
+
+        def run() -> str:
+            self.features_dir.mkdir(parents=True, exist_ok=True)
+            for split, path in zip(("train", "test"), paths):
+                rows = fusion_feature_rows(self.data_dir, split, seed=self.settings.seed)
+                rows.drop(columns=["history_item_ids"], errors="ignore").to_parquet(path, index=False)
+            return describe()
+
+        self.stage("features", lambda: all(_newer(p, self.data_dir / "report.json") for p in paths), run, describe)
+
+    @property
     def run_dir(self) -> Path:
         return self.settings.out / "ranker"
 
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
     def train(self) -> None:
-        model_dir = self.run_dir / "model"
+        model_dir = self.model_dir
 
         def describe() -> str:
-            return f"ranker at {model_dir}"
+            return f"hybrid ranker at {model_dir} (head: {FUSION_HEAD_FILE})"
 
         def run() -> str:
             # A small run has few steps, so LoRA learns faster than with the paper's lr 2e-5.
-            config = TrainConfig.small_budget(epochs=self.settings.epochs, seed=self.settings.seed)
-            train_ranker(self.data_dir, self.summaries, self.run_dir, config, progress=True)
+            config = TrainConfig.small_budget(epochs=self.settings.epochs, seed=self.settings.seed,
+                                              fusion_features=FUSION_FEATURES)
+            train_ranker(self.data_dir, self.summaries, self.run_dir, config,
+                         features=pd.read_parquet(self.features_path("train")), progress=True)
             log = json.loads((self.run_dir / "training.json").read_text())
             epochs = log["epoch_mean_loss"]
             trend = " -> ".join(f"{float(v):.3f}" for _, v in sorted(epochs.items(), key=lambda kv: int(kv[0])))
-            trend = f"; mean loss per epoch {trend}"
-            return f"LoRA SFT of SmolLM2 (+EfficientNet projector){trend}; {describe()}"
+            trend = f"; mean {config.loss} loss per epoch {trend}"
+            return (f"joint training of the LoRA SmolLM2 (+EfficientNet projector) and the tabular head over "
+                    f"{len(FUSION_FEATURES)} features{trend}; {describe()}")
 
-        self.stage("train", lambda: (model_dir / "ranker_config.json").is_file(), run, describe)
+        def done() -> bool:
+            return (model_dir / "ranker_config.json").is_file() and (model_dir / FUSION_HEAD_FILE).is_file()
+
+        self.stage("train", done, run, describe)
 
     @property
     def eval_dir(self) -> Path:
         return self.settings.out / "eval"
 
     @property
-    def results(self) -> dict:
+    def results(self) -> Dict[str, Path]:
         """Rows of the metrics table: name -> metrics JSON (all on the same test groups)."""
-        return {"MLLM-MSR (SFT)": self.eval_dir / "sft.json",
-                "MLLM-MSR zero-shot": self.eval_dir / "zero_shot.json",
-                "popularity": self.eval_dir / "popularity.json"}
+        return {HYBRID: self.eval_dir / "hybrid.json",
+                LLM_PART: self.eval_dir / "hybrid_llm.json",
+                SASREC: self.eval_dir / "sasrec.json",
+                POPULARITY: self.eval_dir / "popularity.json"}
 
     def evaluate(self) -> None:
         results = self.results
+        test_features = self.features_path("test")
 
         def describe() -> str:
             rows = []
@@ -152,13 +253,26 @@ class Quickstart:
             return " | ".join(rows)
 
         def run() -> str:
-            evaluate_ranker(self.data_dir, self.summaries, self.run_dir / "model", results["MLLM-MSR (SFT)"], progress=True)
-            evaluate_ranker(self.data_dir, self.summaries, None, results["MLLM-MSR zero-shot"], zero_shot=True,
-                            progress=True)
-            evaluate_popularity(self.data_dir, results["popularity"])
+            started = time.time()
+            hybrid = evaluate_ranker(self.data_dir, self.summaries, self.model_dir, results[HYBRID],
+                                     features=test_features, progress=True)
+            # The hybrid's LLM part alone: the same scores file, ranked by its llm_logit column.
+            scores = pd.read_parquet(hybrid["run"]["scores"])
+            evaluate_scores(scores.assign(score=scores["llm_logit"]), results[LLM_PART],
+                            {**hybrid["run"], "model": f"{self.model_dir} (llm_logit only)", "part": "llm_logit"},
+                            started=started)
+            # SASRec: the retrieval score the hybrid reads, trained on the events before the test targets.
+            features = pd.read_parquet(test_features)
+            evaluate_scores(features.assign(score=features[RETRIEVAL_COLUMN]), results[SASREC],
+                            {"model": "sasrec", "seed": self.settings.seed, "split": "test",
+                             "source": f"{RETRIEVAL_COLUMN} of {test_features}"})
+            evaluate_popularity(self.data_dir, results[POPULARITY])
             return describe()
 
-        self.stage("evaluate", lambda: all(p.is_file() for p in results.values()), run, describe)
+        def done() -> bool:
+            return all(_newer(path, self.model_dir / "ranker_config.json", test_features) for path in results.values())
+
+        self.stage("evaluate", done, run, describe)
 
     @property
     def repo_dir(self) -> Path:
@@ -166,41 +280,49 @@ class Quickstart:
 
     def export(self) -> None:
         manifest_path = self.repo_dir / MANIFEST_FILE
-        model_config = self.run_dir / "model" / "ranker_config.json"
+        model_config = self.model_dir / "ranker_config.json"
 
         def describe() -> str:
             manifest = json.loads(manifest_path.read_text())
-            return (f"Triton ensemble {manifest['ensemble']} = {' -> '.join(manifest['steps'])} "
-                    f"in {self.repo_dir}")
+            hybrid = manifest["hybrid"]
+            return (f"Triton ensemble {manifest['ensemble']} = {' -> '.join(manifest['steps'])} in {self.repo_dir}; "
+                    f"hybrid head over {', '.join(hybrid['feature_names'])}, counts fitted on {hybrid['events']} events")
 
         def run() -> str:
-            export(self.run_dir / "model", self.summaries, self.data_dir, self.repo_dir, progress=True)
+            # The hybrid's collaborative features are fitted on the events before the test targets.
+            export(self.model_dir, self.summaries, self.data_dir, self.repo_dir, progress=True)
             return describe()
 
         # Re-exported when the ranker was retrained after the last export.
         def done() -> bool:
-            return manifest_path.is_file() and manifest_path.stat().st_mtime >= model_config.stat().st_mtime
+            return _newer(manifest_path, model_config) and json.loads(manifest_path.read_text()).get("hybrid") is not None
 
         self.stage("export", done, run, describe)
 
     def serve_and_query(self) -> None:
         """Start the bundled Triton server, rank one test user's candidates over gRPC, shut down."""
         def run() -> str:
-            scores = pd.read_parquet(self.eval_dir / "sft.scores.parquet")
-            # The first test group: 1 positive + the negatives that evaluate scored.
-            group = scores[scores["group_id"] == scores["group_id"].iloc[0]]
+            scores = pd.read_parquet(json.loads(self.results[HYBRID].read_text())["run"]["scores"])
+            # The first test group: 1 positive + the negatives that evaluate scored, with the
+            # retrieval stage's (SASRec's) score of each, as a retrieval -> rerank pipeline sends them.
+            group = scores[scores["group_id"] == scores["group_id"].iloc[0]].merge(
+                pd.read_parquet(self.features_path("test"), columns=["group_id", "item_id", RETRIEVAL_COLUMN]),
+                on=["group_id", "item_id"], how="left", validate="1:1")
             user_id, item_ids = int(group["user_id"].iloc[0]), group["item_id"].astype(int).tolist()
+            retrieval = group[RETRIEVAL_COLUMN].to_numpy(np.float32)
             items = read_table(self.data_dir / "items")
             titles = dict(zip(items["item_id"].astype(int), items["title"].fillna("").astype(str)))
-            with TritonServer(self.repo_dir, http_port=0, grpc_port=0, metrics_port=0,
-                              log_file=self.settings.out / "triton.log") as server:
+            server = TritonServer(self.repo_dir, http_port=0, grpc_port=0, metrics_port=0,
+                                  log_file=self.settings.out / "triton.log")
+            # Both models load SmolLM2: on a busy 2-core machine that took over the default 120 s.
+            with server.start(timeout=TRITON_START_SECONDS):
                 with RerankClient(server.grpc_url) as client:
-                    result = client.rank(user_id, item_ids, top_k=10)
+                    result = client.rank(user_id, item_ids, top_k=10, retrieval_scores=retrieval)
             served = dict(zip(result.item_ids, result.scores))
             diff = max(abs(float(served[i]) - float(s)) for i, s in zip(group["item_id"], group["score"]))
             positive = int(group.loc[group["label"] == 1, "item_id"].iloc[0])
-            lines = [f"user {user_id}: top {len(result.ranked)} of {len(item_ids)} candidates "
-                     f"(served by Triton, gRPC); * = the held-out positive"]
+            lines = [f"user {user_id}: top {len(result.ranked)} of {len(item_ids)} candidates, scored by the hybrid "
+                     f"(served by Triton, gRPC, with SASRec's retrieval_scores); * = the held-out positive"]
             lines += [f"{rank:>4}. {score:.4f}  {titles.get(item, '')}{' *' if item == positive else ''}"
                       for rank, (item, score) in enumerate(result.ranked, 1)]
             lines.append(f"max |served - in-process| over the {len(item_ids)} scores: {diff:.2e}")
@@ -211,9 +333,22 @@ class Quickstart:
         self.stage("triton", lambda: False, run, run)
 
     def write_report(self) -> Path:
-        """``report.md``: the metrics table, a plot and the stage timings."""
+        """``report.md``: the metrics table with bootstrap intervals, a plot and the stage timings."""
+        data = json.loads((self.data_dir / "report.json").read_text())
+        groups = read_table(self.data_dir / "test")["group_id"].nunique()
+        description = (f"MovieLens-100k, {data['protocol']} protocol ({data['kept']['users']} users): each of the "
+                       f"{groups} test users ranks their held-out last item against "
+                       f"{data['settings']['n_negatives_test']} negatives. All rows score the same test groups.")
+        notes = [f"- **{HYBRID}**: sigmoid(head logit + LLM logit), the LoRA-tuned SmolLM2's yes-minus-no logit "
+                 f"plus a tabular head over {', '.join(FUSION_FEATURES)}, trained jointly.",
+                 f"- **{LLM_PART}**: the same run's scores file ranked by its `llm_logit` column, the LLM's "
+                 "part of the hybrid without the head (not a separately trained LLM-only ranker).",
+                 f"- **{SASREC}**: the compact SASRec whose score is the hybrid's `{RETRIEVAL_COLUMN}` feature, "
+                 "trained on the events before the test targets.",
+                 f"- **{POPULARITY}**: each candidate's count in those events."]
         path = write_quickstart_report(self.settings.out / "report.md", self.results, self.stages,
-                                       getattr(self, "query_lines", []), self.settings)
+                                       getattr(self, "query_lines", []), self.settings, description=description,
+                                       reference=HYBRID, notes=notes)
         typer.echo(f"[report] {path}")
         return path
 
@@ -222,6 +357,7 @@ class Quickstart:
         self.prepare_data()
         self.summarize_items()
         self.summarize_users()
+        self.features()
         self.train()
         self.evaluate()
         self.export()

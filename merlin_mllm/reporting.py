@@ -1,15 +1,18 @@
-"""Markdown reports of measured results: the metrics table and a comparison plot.
+"""Markdown reports of measured results: the metrics table, bootstrap intervals and a comparison plot.
 
 The quickstart writes ``report.md`` with :func:`write_quickstart_report`; :func:`metrics_table`
 is the table part alone, for any set of metrics JSON files written by
 :func:`merlin_mllm.pipelines.evaluation.evaluate_ranker` or
 :func:`merlin_mllm.baselines.evaluate_popularity` (same layout, same test groups).
+:func:`auc_intervals` and :func:`difference_intervals` resample test users (groups) with
+:func:`merlin_mllm.metrics.auc_difference_interval`, from the scores file each JSON names.
 
 Usage::
 
-    from merlin_mllm.reporting import metrics_table
-    print(metrics_table({"SFT": "runs/quickstart/eval/sft.json",
-                         "popularity": "runs/quickstart/eval/popularity.json"}))
+    from merlin_mllm.reporting import auc_intervals, metrics_table
+    results = {"hybrid": "runs/quickstart/eval/hybrid.json",
+               "popularity": "runs/quickstart/eval/popularity.json"}
+    print(metrics_table(results, intervals=auc_intervals(results)))
 """
 from __future__ import annotations
 
@@ -17,21 +20,99 @@ import json
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
+
+from merlin_mllm.metrics import auc_difference_interval, paired_scores
 
 PathLike = Union[str, os.PathLike]
 
 #: Columns of the metrics table, in order.
 TABLE_METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5", "hr@10", "ndcg@10")
+#: Resamples of the bootstrap intervals (over test users) in the report.
+RESAMPLES = 2000
 
 
 def _load(results: Mapping[str, PathLike]) -> dict:
     return {name: json.loads(Path(path).read_text()) for name, path in results.items()}
 
 
-def metrics_table(results: Mapping[str, PathLike], metrics: Sequence[str] = TABLE_METRICS) -> str:
+def scores_of(metrics_json: PathLike) -> pd.DataFrame:
+    """The per-row scores a metrics JSON was computed from (the parquet its ``run.scores`` names).
+
+    Raises
+    ------
+    FileNotFoundError
+        The JSON names no scores file, or the file is gone.
+    """
+    record = json.loads(Path(metrics_json).read_text())
+    path = (record.get("run") or {}).get("scores")
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"{metrics_json}: its scores file ({path}) is missing; re-run that evaluation")
+    return pd.read_parquet(path)
+
+
+def auc_interval(scores: pd.DataFrame, *, resamples: int = RESAMPLES, level: float = 0.95, seed: int = 0) -> dict:
+    """The AUC of a scores table with a percentile bootstrap interval over its groups (test users).
+
+    It is :func:`merlin_mllm.metrics.auc_difference_interval` against a constant scorer: a
+    constant's AUC is exactly 0.5 on every resample (every pair tied, a tie counting one half),
+    so the resampled differences are the resampled AUCs minus 0.5.
+
+    Parameters
+    ----------
+    scores : DataFrame
+        ``group_id``, ``label``, ``score`` per row.
+    resamples, level, seed
+        As in :func:`~merlin_mllm.metrics.auc_difference_interval`.
+
+    Returns
+    -------
+    dict
+        ``auc``, ``low``, ``high``, ``groups``, ``resamples``.
+    """
+    out = auc_difference_interval(scores["label"].to_numpy(), scores["score"].to_numpy(np.float64),
+                                  np.zeros(len(scores)), scores["group_id"].to_numpy(),
+                                  resamples=resamples, level=level, seed=seed)
+    return {"auc": out["difference"] + 0.5, "low": out["low"] + 0.5, "high": out["high"] + 0.5,
+            "groups": out["groups"], "resamples": out["resamples"]}
+
+
+def auc_intervals(results: Mapping[str, PathLike], **options) -> Dict[str, dict]:
+    """:func:`auc_interval` of each metrics JSON's scores (row name -> interval)."""
+    return {name: auc_interval(scores_of(path), **options) for name, path in results.items()}
+
+
+def difference_intervals(results: Mapping[str, PathLike], reference: str, **options) -> Dict[str, dict]:
+    """AUC(``reference``) - AUC(row) for every other row, paired over the same test users.
+
+    Rows are matched on (group_id, item_id) (:func:`merlin_mllm.metrics.paired_scores`, which
+    refuses rows that scored different candidates); groups are resampled with both scores.
+
+    Returns
+    -------
+    dict
+        Row name -> ``difference``, ``low``, ``high``, ``groups``, ``resamples``.
+    """
+    if reference not in results:
+        raise KeyError(f"no row {reference!r} among {list(results)}")
+    ours = scores_of(results[reference])
+    out = {}
+    for name, path in results.items():
+        if name == reference:
+            continue
+        paired = paired_scores(ours, scores_of(path), ("a", "b"), where=f"{reference} vs {name}")
+        out[name] = auc_difference_interval(paired["label"].to_numpy(), paired["score_a"].to_numpy(),
+                                            paired["score_b"].to_numpy(), paired["group_id"].to_numpy(), **{
+                                                "resamples": RESAMPLES, **options})
+    return out
+
+
+def metrics_table(results: Mapping[str, PathLike], metrics: Sequence[str] = TABLE_METRICS, *,
+                  intervals: Optional[Mapping[str, dict]] = None) -> str:
     """A markdown table with one row per metrics JSON file.
 
     Parameters
@@ -40,13 +121,21 @@ def metrics_table(results: Mapping[str, PathLike], metrics: Sequence[str] = TABL
         Row name -> metrics JSON (``auc``, ``hr@k``, ... and ``n_groups``).
     metrics : sequence of str
         The columns.
+    intervals : mapping of str to dict, optional
+        Row name -> :func:`auc_interval`: adds a "95% interval" column after the AUC.
     """
     loaded = _load(results)
-    header = "| model | " + " | ".join(m.upper() if m == "auc" else m for m in metrics) + " | test groups |"
-    lines = [header, "|" + "---|" * (len(metrics) + 2)]
+    names = [m.upper() if m == "auc" else m for m in metrics]
+    if intervals is not None and "auc" in metrics:
+        names.insert(list(metrics).index("auc") + 1, "AUC 95% interval")
+    header = "| model | " + " | ".join(names) + " | test groups |"
+    lines = [header, "|" + "---|" * (len(names) + 2)]
     for name, values in loaded.items():
-        cells = " | ".join(f"{float(values[m]):.3f}" for m in metrics)
-        lines.append(f"| {name} | {cells} | {values.get('n_groups', '')} |")
+        cells = [f"{float(values[m]):.3f}" for m in metrics]
+        if intervals is not None and "auc" in metrics:
+            interval = intervals[name]
+            cells.insert(list(metrics).index("auc") + 1, f"[{interval['low']:.3f}, {interval['high']:.3f}]")
+        lines.append(f"| {name} | {' | '.join(cells)} | {values.get('n_groups', '')} |")
     return "\n".join(lines)
 
 
@@ -85,8 +174,13 @@ def _settings_lines(settings: Any) -> list:
 
 
 def write_quickstart_report(path: PathLike, results: Mapping[str, PathLike], stages: Sequence[Any],
-                            query_lines: Sequence[str] = (), settings: Any = None) -> Path:
+                            query_lines: Sequence[str] = (), settings: Any = None, *,
+                            description: str = "", reference: Optional[str] = None,
+                            notes: Sequence[str] = ()) -> Path:
     """Write the quickstart's ``report.md`` (and ``report_metrics.png`` beside it).
+
+    Every AUC gets a 95% bootstrap interval over test users (:func:`auc_interval`); with
+    ``reference``, a second table gives AUC(reference) - AUC(row) with a paired interval.
 
     Parameters
     ----------
@@ -100,13 +194,30 @@ def write_quickstart_report(path: PathLike, results: Mapping[str, PathLike], sta
         The ranked list the live Triton server returned.
     settings : dataclass or mapping, optional
         The run's settings, listed at the end.
+    description : str
+        The paragraph above the table (the data and protocol).
+    reference : str, optional
+        A row of ``results`` to compare every other row with.
+    notes : sequence of str
+        Lines below the tables (what each row is).
     """
     path = Path(path)
     plot = plot_metrics(results, path.with_name("report_metrics.png"))
+    intervals = auc_intervals(results)
+    groups = {interval["groups"] for interval in intervals.values()}
     lines = ["# merlin-mllm quickstart report", "",
-             "MovieLens-100k (paper protocol), each test user ranks 1 held-out positive against 20 "
-             "negatives. All rows score the same test groups.", "",
-             metrics_table(results), "", f"![metrics]({plot.name})", ""]
+             description or "Each test user ranks 1 held-out positive against the negatives. All rows score "
+                            "the same test groups.", "",
+             metrics_table(results, intervals=intervals), "",
+             f"95% intervals: percentile bootstrap over the {', '.join(map(str, sorted(groups)))} test users "
+             f"({RESAMPLES} resamples of users, `merlin_mllm.metrics.auc_difference_interval`).", ""]
+    if reference is not None:
+        lines += [f"AUC of {reference} minus each other row, paired over the same users:", "",
+                  "| compared with | AUC difference | 95% interval |", "|---|---|---|"]
+        for name, diff in difference_intervals(results, reference).items():
+            lines.append(f"| {name} | {diff['difference']:+.3f} | [{diff['low']:+.3f}, {diff['high']:+.3f}] |")
+        lines.append("")
+    lines += [*notes, *([""] if notes else []), f"![metrics]({plot.name})", ""]
     if query_lines:
         lines += ["## Live Triton query", "", "```", *query_lines, "```", ""]
     lines += ["## Stages", "", "| stage | seconds | cached | summary |", "|---|---|---|---|"]
