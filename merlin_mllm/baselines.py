@@ -11,20 +11,10 @@ evaluated with :func:`merlin_mllm.metrics.ranking_metrics` and written in the JS
   with a full softmax over the catalogue, and score a candidate by the dot product of the
   history's last hidden state with the candidate's (tied) item embedding.
 
-Training-time events (no leakage). For ``split`` S, an event in ``events/`` is counted (and used
-to train the sequential models) unless it is at or after a target of S or of a later split for
-the same user. Split order is train < valid < test. Concretely, for each user the cut-off is the
-smallest ``target_position`` among that user's rows in S and the later splits; the user's events
-with ``position`` < cut-off are kept, and all events of a user with no such row are kept:
-
-* paper protocol, S = test: all events of train and valid users (their train/valid targets
-  included), and each test user's history before its test target. No test target is counted.
-* temporal protocol, S = test: every user's events except the last one (the test target).
-* S = valid also drops the valid targets (and, in the paper protocol, the test users' targets).
-
-These are the interactions a deployed system would have logged before scoring the split; the
-ranker's own user prompts see the same histories (``history_item_ids`` are the events before
-the target). Popularity therefore never counts the interaction it is asked to predict.
+Training-time events (no leakage): :func:`merlin_mllm.data.splits.training_events` gives, for a
+split, the events a deployed system would have logged before scoring it; popularity counts and the
+sequential models train on exactly those, so popularity never counts the interaction it is asked
+to predict.
 
 Usage::
 
@@ -47,17 +37,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from merlin_mllm.data.tables import read_table
+from merlin_mllm.data.splits import ROW_COLUMNS, read_prepared, split_rows, training_events
 from merlin_mllm.metrics import DEFAULT_KS, ranking_metrics
 
 # torch is imported inside the sequential baselines' functions only: popularity and the item
 # counts run without loading it.
 
 __all__ = [
-    "SPLIT_ORDER",
     "SEQUENTIAL_KINDS",
-    "training_events",
-    "split_rows",
     "popularity_scores",
     "evaluate_popularity",
     "SequentialSettings",
@@ -68,71 +55,9 @@ __all__ = [
     "evaluate_scores",
 ]
 
-SPLIT_ORDER = ("train", "valid", "test")
 SEQUENTIAL_KINDS = ("sasrec", "gru4rec")
-_ROW_COLUMNS = ["group_id", "user_id", "item_id", "label", "target_position"]
 
 PathLike = Union[str, os.PathLike]
-
-
-# ----------------------------------------------------------------------------- data
-def _read(path: Path, what: str) -> pd.DataFrame:
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path} (expected the output of prepare_dataset)")
-    return read_table(path)
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLIT_ORDER:
-        raise ValueError(f"split must be one of {SPLIT_ORDER}, got {split!r}")
-
-
-def split_rows(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
-    """The rows of ``split`` (group_id, user_id, item_id, label, target_position, history_item_ids).
-
-    Raises
-    ------
-    ValueError
-        If a column is missing (naming the folder) or the split is unknown.
-    """
-    _check_split(split)
-    path = Path(data_dir) / split
-    rows = _read(path, f"split {split!r}")
-    missing = [c for c in _ROW_COLUMNS if c not in rows.columns]
-    if missing:
-        raise ValueError(f"{path}: rows lack column(s) {missing}")
-    return rows
-
-
-def training_events(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
-    """The events available before ``split`` is scored (see the module docstring for the rule).
-
-    Parameters
-    ----------
-    data_dir : path
-        Output of ``prepare_dataset`` (``events/`` and the split folders).
-    split : str
-        ``"train"``, ``"valid"`` or ``"test"``.
-
-    Returns
-    -------
-    DataFrame
-        The kept rows of ``events/`` (user_id, item_id, position, ...), sorted by user and position.
-    """
-    _check_split(split)
-    data_dir = Path(data_dir)
-    events = _read(data_dir / "events", "events table")
-    for column in ("user_id", "item_id", "position"):
-        if column not in events.columns:
-            raise ValueError(f"{data_dir / 'events'}: events lack column {column!r}")
-    later = SPLIT_ORDER[SPLIT_ORDER.index(split):]
-    cutoffs = [split_rows(data_dir, s)[["user_id", "target_position"]] for s in later if (data_dir / s).exists()]
-    if split not in [s for s in later if (data_dir / s).exists()]:
-        raise FileNotFoundError(f"split folder not found: {data_dir / split}")
-    cutoff = pd.concat(cutoffs, ignore_index=True).groupby("user_id")["target_position"].min()
-    limit = events["user_id"].map(cutoff)
-    keep = limit.isna().to_numpy() | (events["position"].to_numpy() < limit.fillna(0).to_numpy())
-    return events[keep].sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- scoring output
@@ -184,7 +109,7 @@ def popularity_scores(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
     DataFrame
         group_id, user_id, item_id, label, target_position, score (float), in file order.
     """
-    return item_count_scores(split_rows(data_dir, split)[_ROW_COLUMNS], training_events(data_dir, split))
+    return item_count_scores(split_rows(data_dir, split)[ROW_COLUMNS], training_events(data_dir, split))
 
 
 def item_count_scores(rows: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
@@ -219,7 +144,7 @@ def evaluate_popularity(data_dir: PathLike, out_json: PathLike, split: str = "te
     table = popularity_scores(data_dir, split)
     run = {"model": "popularity", "base_model": None, "zero_shot": False, "use_images": False, "split": split,
            "data_dir": str(Path(data_dir).resolve()), "max_groups": None,
-           "counted": f"events before the {split} targets (merlin_mllm.baselines.training_events)"}
+           "counted": f"events before the {split} targets (merlin_mllm.data.splits.training_events)"}
     return evaluate_scores(table, out_json, run, ks=ks, started=started)
 
 
@@ -359,7 +284,7 @@ def train_sequential_baseline(
     settings = settings or SequentialSettings()
     started = time.time()
     data_dir = Path(data_dir)
-    items = _read(data_dir / "items", "items table")
+    items = read_prepared(data_dir / "items", "items table")
     n_items = int(items["item_id"].max())
     events = training_events(data_dir, split)
     sequences = [group["item_id"].to_numpy() for _, group in events.groupby("user_id", sort=True)]
@@ -433,7 +358,7 @@ def sequential_scores(baseline: SequentialBaseline, data_dir: PathLike, split: s
             hidden = model(padded[start:stop])
             last = hidden[torch.arange(hidden.shape[0]), last_index[start:stop]]
             scores[start:stop] = (last * model.items(candidates[start:stop])).sum(-1).double().numpy()
-    out = rows[_ROW_COLUMNS].copy()
+    out = rows[ROW_COLUMNS].copy()
     out["score"] = scores
     return out
 

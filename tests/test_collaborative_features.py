@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merlin_mllm.baselines import SequentialSettings, sequential_scores, split_rows, train_sequential_baseline, training_events
+from merlin_mllm.baselines import SequentialSettings, sequential_scores, train_sequential_baseline
+from merlin_mllm.data.splits import split_rows, training_events
 from merlin_mllm.data.collaborative import FEATURE_COLUMNS, SECONDS_PER_DAY, CollaborativeFeatures
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import Tags, read_table

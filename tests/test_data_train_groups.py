@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merlin_mllm import baselines
+from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.prefix_targets import add_prefix_targets
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
@@ -154,7 +154,7 @@ def test_blocks_picks_the_positions_add_prefix_targets_adds(folders, tmp_path):
 def test_popularity_negatives_follow_training_time_counts(folders, protocol):
     default = folders[protocol, "default"][0]
     folder, report = folders[protocol, "every_pop"]
-    counts = baselines.training_events(default, "valid")["item_id"].value_counts()
+    counts = training_events(default, "valid")["item_id"].value_counts()
     negatives = read_table(folder / "train").query("label == 0")["item_id"]
     # Only items with a training-time event are drawn, and they are popular ones.
     assert negatives.isin(counts.index).all() and report["train_groups"]["items_only_in_added_train_rows"] == 0
@@ -163,7 +163,7 @@ def test_popularity_negatives_follow_training_time_counts(folders, protocol):
     # No valid or test target is ever counted.
     for split in ("valid", "test"):
         targets = read_table(default / split).query("label == 1")
-        events = baselines.training_events(default, "valid")
+        events = training_events(default, "valid")
         assert not events.merge(targets, on=["user_id", "item_id"]).shape[0]
 
 

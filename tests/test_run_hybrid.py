@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merlin_mllm.baselines import split_rows
+from merlin_mllm.data.splits import split_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 

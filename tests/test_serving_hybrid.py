@@ -75,7 +75,7 @@ def groups(evaluated: pd.DataFrame):
 def test_export_carries_the_head_and_the_fitted_features(hybrid):
     from google.protobuf import text_format
 
-    from merlin_mllm.baselines import training_events
+    from merlin_mllm.data.splits import training_events
     from merlin_mllm.pipelines.features import RETRIEVAL_COLUMN, fusion_feature_rows
     from merlin_mllm.ranker.config import FUSION_HEAD_FILE
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from merlin_mllm import baselines
+from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_metrics
 
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 def ceiling_rows(data: Path, prefix_data: Optional[Path] = None) -> list:
     test = read_table(data / "test")[["group_id", "item_id", "label"]]
     popularity = baselines.popularity_scores(data)
-    counted = int(len(baselines.training_events(data, "test")))
+    counted = int(len(training_events(data, "test")))
     scorers = {"popularity (every event before the test targets)": (popularity, counted)}
     sources = [("training positives", data)] + ([("block-prefix training positives", prefix_data)] if prefix_data else [])
     for name, folder in sources:

@@ -6,7 +6,7 @@ it must not enter the project venv). ``--make-venv`` builds that virtualenv.
 What it does, for one model and seed:
 
 1. Writes RecBole atomic files from the folder's training-time events: every event of
-   ``events/`` before the test targets (the same rule as ``merlin_mllm.baselines.training_events``,
+   ``events/`` before the test targets (the same rule as ``merlin_mllm.data.splits.training_events``,
    re-implemented here with pandas because this venv cannot import merlin). The training file
    is pre-augmented the way RecBole augments sequences (one row per prefix, ``item_id_list`` +
    next ``item_id``), and an ``.item`` file lists the whole catalogue so every candidate has an id.

@@ -14,7 +14,7 @@ max_history=12, seed=42, n_negatives_test=20)``; 943 temporal test groups, 94 pa
   only row has valid scores); hybrid with tabular fusion; hybrid with collaborative tokens.
 
 No leakage: the features and SASRec scores of split S come from the events logged before S is
-scored (``merlin_mllm.baselines.training_events``), so the training split's rows are scored by
+scored (``merlin_mllm.data.splits.training_events``), so the training split's rows are scored by
 a SASRec that never saw their targets. Nothing is tuned on test groups.
 
 Every stage is cached under ``--work`` (default ``benchmarks/results/hybrid/``, git-ignored): the
@@ -60,6 +60,7 @@ from common import write_json  # noqa: E402
 from merlin_mllm import baselines  # noqa: E402
 from merlin_mllm.data.collaborative import FEATURE_COLUMNS  # noqa: E402
 from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
+from merlin_mllm.data.splits import split_rows, training_events  # noqa: E402
 from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
 from merlin_mllm.pipelines.features import (  # noqa: E402
     FUSION_FEATURES,
@@ -186,7 +187,7 @@ class ProtocolStages:
         return json.loads((self.data / "report.json").read_text())
 
     def rows(self, split: str) -> pd.DataFrame:
-        return baselines.split_rows(self.data, split).drop(columns=["history_item_ids"])
+        return split_rows(self.data, split).drop(columns=["history_item_ids"])
 
     def test_fingerprint(self) -> str:
         """sha256 of the test rows (group, user, item, label): the same value means the same test groups."""
@@ -196,7 +197,7 @@ class ProtocolStages:
     def cold_start_groups(self) -> np.ndarray:
         """Test groups whose positive occurs at most COLD_START_MAX_INTERACTIONS times in the test split's
         training-time events."""
-        counts = baselines.training_events(self.data, "test")["item_id"].value_counts()
+        counts = training_events(self.data, "test")["item_id"].value_counts()
         test = self.rows("test")
         positives = test[test["label"] == 1]
         seen = positives["item_id"].map(counts).fillna(0).to_numpy()
@@ -629,7 +630,7 @@ def main(argv=None) -> int:
         "n_negatives_test": N_NEGATIVES_TEST, "seeds": args.seeds,
         "features": {"columns": list(FUSION_FEATURES), "recent_days": args.recent_days,
                      "counted": "Counted, for each split's rows, in that split's training-time events "
-                                "(merlin_mllm.baselines.training_events); SASRec likewise trained per split",
+                                "(merlin_mllm.data.splits.training_events); SASRec likewise trained per split",
                      "recent_window": "interactions with timestamp >= the latest training-time event minus recent_days"},
         "fusion_settings": fusion.to_dict(), "sequential_settings": vars(sequential),
         "metrics": "AUC pooled over all test rows; HR@5 and NDCG@5 per group (ties at their expected value); "

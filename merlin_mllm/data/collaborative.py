@@ -21,7 +21,7 @@ by key alone.
 
 Which events to fit on is the caller's business and decides leakage:
 :func:`merlin_mllm.pipelines.features.collaborative_features` fits on
-``merlin_mllm.baselines.training_events(data_dir, split)``, the events logged before ``split``
+``merlin_mllm.data.splits.training_events(data_dir, split)``, the events logged before ``split``
 is scored, so no target of the scored split is ever counted.
 
 Two details of ``JoinGroupby`` 23.8 on the CPU shape the workflow:
@@ -35,7 +35,7 @@ Two details of ``JoinGroupby`` 23.8 on the CPU shape the workflow:
 
 Usage::
 
-    from merlin_mllm.baselines import training_events, split_rows
+    from merlin_mllm.data.splits import split_rows, training_events
     from merlin_mllm.data.collaborative import CollaborativeFeatures
 
     features = CollaborativeFeatures(recent_days=30).fit(training_events("data/ml100k", "test"))

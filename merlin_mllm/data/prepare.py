@@ -31,7 +31,7 @@ row and byte for byte, whatever these are):
   users only; temporal: every user, before its train target;
 * ``train_negative_sampling``: ``"uniform"``, or ``"popularity"``: each next negative drawn with
   probability proportional to its count among the training-time events (every kept event
-  before its user's valid and test targets, the rule of ``baselines.training_events`` for the
+  before its user's valid and test targets, the rule of ``data.splits.training_events`` for the
   valid split), among the unseen items not drawn yet; an item without such an event is never
   drawn.
 

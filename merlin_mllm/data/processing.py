@@ -260,7 +260,7 @@ def popularity_weights(events: pd.DataFrame, held_out: Sequence["Targets"], n_it
     Training-time events are the ``events`` (``user_id``, ``item_id``, ``position``) that come
     before every ``held_out`` target of their user (the valid and test targets): for each user the
     cut-off is the smallest held-out ``target_position``, and a user without one keeps all events.
-    This is the rule of :func:`merlin_mllm.baselines.training_events` for the valid split.
+    This is the rule of :func:`merlin_mllm.data.splits.training_events` for the valid split.
     """
     cutoff: dict[int, int] = {}
     for targets in held_out:

@@ -1,6 +1,6 @@
 """The hybrid ranker's tabular features for one split of a prepared folder, without leakage.
 
-For a split S, every feature of S's rows comes from :func:`merlin_mllm.baselines.training_events`
+For a split S, every feature of S's rows comes from :func:`merlin_mllm.data.splits.training_events`
 ``(data_dir, S)``: the events logged before S is scored. No target of S (or of a later split) is
 counted, and the training split's rows see fewer events than the test split's, exactly as a
 deployed pipeline would have seen at each time.

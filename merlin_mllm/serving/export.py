@@ -93,6 +93,7 @@ with warnings.catch_warnings():
     import tritonclient.grpc.model_config_pb2 as mc
 
 from merlin_mllm.data.collaborative import CollaborativeFeatures
+from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.ranker.config import CONFIG_FILE, FUSION_HEAD_FILE
@@ -226,12 +227,9 @@ def fusion_head(model_dir) -> Optional[TabularFusionHead]:
 def events_before_serving(data_dir) -> pd.DataFrame:
     """The events a deployment of a prepared folder has logged: all but each user's test target and later.
 
-    For every user with test rows, the events at a ``position`` before the smallest test
-    ``target_position``; every event of a user without test rows. This is
-    ``merlin_mllm.baselines.training_events(data_dir, "test")``, the events the test split's
-    features are computed from (a test keeps the two equal: serving never imports the
-    pipelines), so served features equal the test rows' features. A folder without ``test/``
-    keeps every event.
+    :func:`merlin_mllm.data.splits.training_events` ``(data_dir, "test")``, the events the test
+    split's features are computed from, so served features equal the test rows' features. A
+    folder without ``test/`` keeps every event.
 
     Returns
     -------
@@ -239,21 +237,11 @@ def events_before_serving(data_dir) -> pd.DataFrame:
         The kept rows of ``events/`` (user_id, item_id, timestamp, position, ...), by user and position.
     """
     data_dir = Path(data_dir)
+    if (data_dir / "test").exists():
+        return training_events(data_dir, "test")
     if not (data_dir / "events").exists():
         raise FileNotFoundError(f"{data_dir / 'events'} not found: {data_dir} is not a prepared dataset")
-    events = read_table(data_dir / "events")
-    missing = [c for c in ("user_id", "item_id", "position") if c not in events.columns]
-    if missing:
-        raise ValueError(f"{data_dir / 'events'}: events lack column(s) {missing}")
-    if (data_dir / "test").exists():
-        test = read_table(data_dir / "test")
-        if "target_position" not in test.columns:
-            raise ValueError(f"{data_dir / 'test'}: rows lack target_position")
-        cutoff = test.groupby("user_id")["target_position"].min()
-        limit = events["user_id"].map(cutoff)
-        keep = limit.isna().to_numpy() | (events["position"].to_numpy() < limit.fillna(0).to_numpy())
-        events = events[keep]
-    return events.sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
+    return read_table(data_dir / "events").sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
 
 
 def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
