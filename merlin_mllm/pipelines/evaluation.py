@@ -56,7 +56,7 @@ from merlin_mllm.pipelines.config import TrainConfig
 from merlin_mllm.pipelines.features import attach_features
 from merlin_mllm.pipelines.training import MODEL_DIR, TRAIN_CONFIG_FILE, load_rows
 from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE
-from merlin_mllm.ranker.fusion import TabularFusionHead
+from merlin_mllm.ranker.fusion import TabularFusionHead, hybrid_probability
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
 from merlin_mllm.summaries.rows import SummarySource
@@ -371,11 +371,10 @@ def _score_group(ranker: RankerModel, cutter: Optional[Callable[[], TokenizeProm
 def _hybrid_scores(table: pd.DataFrame, head: TabularFusionHead) -> pd.DataFrame:
     """``table`` with the LLM's P(yes) turned into the hybrid's: ``llm_logit`` = logit(P(yes)),
     ``head_logit`` = the head's, ``score`` = sigmoid(their sum)."""
-    p = table["score"].to_numpy(np.float64)
-    llm_logit = np.log(p) - np.log1p(-p)
     with torch.no_grad():
         head_logit = head(torch.as_tensor(table[list(head.feature_names)].to_numpy(np.float32))).double().numpy()
-    return table.assign(llm_logit=llm_logit, head_logit=head_logit, score=1.0 / (1.0 + np.exp(-(llm_logit + head_logit))))
+    llm_logit, score = hybrid_probability(table["score"].to_numpy(np.float64), head_logit)
+    return table.assign(llm_logit=llm_logit, head_logit=head_logit, score=score)
 
 
 def _append_partial(path: Path, frames: List[pd.DataFrame]) -> None:

@@ -63,7 +63,7 @@ with warnings.catch_warnings():
     import merlin.models.torch as mm
     from merlin.models.torch.batch import Batch
 
-__all__ = ["TabularFusionHead", "HybridScore", "hybrid_loss"]
+__all__ = ["TabularFusionHead", "HybridScore", "hybrid_loss", "hybrid_probability"]
 
 Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 #: A feature whose training spread is below this is only centred, not scaled (e.g. a user
@@ -268,3 +268,15 @@ def hybrid_loss(name: str, logit: torch.Tensor, labels, group_index: Optional[to
     logit = logit.reshape(-1).float()
     pair = torch.stack([torch.zeros_like(logit), logit], dim=1)  # [No, Yes] with Yes - No = logit
     return group_loss(name, logits=pair, labels=labels, group_index=group_index)
+
+
+def hybrid_probability(p_yes, head_logit) -> "tuple[np.ndarray, np.ndarray]":
+    """A hybrid's score from the LLM's P(yes) and the head's logit, as evaluation and serving give it.
+
+    Returns ``(llm_logit, score)`` in float64: ``llm_logit`` = log(P) - log(1 - P), which is
+    logit(Yes) - logit(No), and ``score`` = sigmoid(llm_logit + head_logit).
+    """
+    p_yes = np.asarray(p_yes, dtype=np.float64).reshape(-1)
+    llm_logit = np.log(p_yes) - np.log1p(-p_yes)
+    total = llm_logit + np.asarray(head_logit, dtype=np.float64).reshape(-1)
+    return llm_logit, 1.0 / (1.0 + np.exp(-total))

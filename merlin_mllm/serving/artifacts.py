@@ -704,15 +704,16 @@ class RankerStep:
         """
         import torch
 
+        from merlin_mllm.ranker.fusion import hybrid_probability
+
         if self.head is None:
             raise ValueError("this ranker has no fusion head: it is not a hybrid")
         p_yes = np.asarray(p_yes, dtype=np.float64).reshape(-1)
         features = np.asarray(features, dtype=np.float32).reshape(len(p_yes), -1)
-        llm_logit = np.log(p_yes) - np.log1p(-p_yes)
         with torch.no_grad():
             head_logit = self.head(torch.as_tensor(features)).double().numpy()
-        return {"llm_logit": llm_logit, "head_logit": head_logit,
-                "score": 1.0 / (1.0 + np.exp(-(llm_logit + head_logit)))}
+        llm_logit, score = hybrid_probability(p_yes, head_logit)
+        return {"llm_logit": llm_logit, "head_logit": head_logit, "score": score}
 
     def warm_up(self) -> None:
         """Score two probe prompts, so the first client does not pay for first-call set-up."""
