@@ -14,6 +14,7 @@ import torch
 
 from merlin_mllm.pipelines.config import BATCHINGS, LOSSES, PROMPT_VERSIONS, TrainConfig
 from merlin_mllm.pipelines.training import RankerDataModule, group_size, shuffle_groups
+from ranker_support import own_prompt_margins
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -127,21 +128,12 @@ def prepared(tmp_path_factory):
 def _hand_listwise_loss(ranker, data, summaries, group_id) -> float:
     """-log softmax(yes - no)[positive] over the group, each candidate from its own full prompt,
     one unpacked forward per candidate (no packing, no shared prefix)."""
-    from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
     from merlin_mllm.pipelines.training import load_rows
-    from merlin_mllm.ranker.batches import pad_right
 
     rows = load_rows(data, "train", summaries)
     group = rows[rows["group_id"] == group_id]
     assert len(group) == 4 and group["label"].sum() == 1
-    encoder = TokenizePrompt.for_ranker(ranker, max_length=512)
-    margins = []
-    for summary, title in zip(group["user_summary"], group["title"]):
-        ids, mask = pad_right([encoder.encode_row(summary, title, False).input_ids], ranker.pad_token_id)
-        with torch.no_grad():
-            logits = ranker(ids, mask).logits[0].double()
-        margins.append(float(logits[1] - logits[0]))
-    margins = np.array(margins)
+    margins = own_prompt_margins(ranker, group)
     top = margins.max()
     return float(np.log(np.exp(margins - top).sum()) + top - margins[group["label"].to_numpy() == 1][0])
 

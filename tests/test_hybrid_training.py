@@ -16,6 +16,7 @@ import torch
 
 from merlin_mllm.data.collaborative import FEATURE_COLUMNS
 from merlin_mllm.pipelines.config import TrainConfig
+from ranker_support import own_prompt_margins
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -38,21 +39,6 @@ def prepared(tmp_path_factory):
         warnings.simplefilter("ignore")
         features = {split: fusion_feature_rows(data, split, retrieval=False) for split in ("train", "test")}
     return data, recent_titles_summaries(data, last=3), features
-
-
-def _llm_margins(ranker, rows) -> np.ndarray:
-    """logit(Yes) - logit(No) of each row from its own full prompt, one unpacked forward each."""
-    from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-    from merlin_mllm.ranker.batches import pad_right
-
-    encoder = TokenizePrompt.for_ranker(ranker, max_length=512)
-    margins = []
-    for summary, title in zip(rows["user_summary"], rows["title"]):
-        ids, mask = pad_right([encoder.encode_row(summary, title, False).input_ids], ranker.pad_token_id)
-        with torch.no_grad():
-            logits = ranker(ids, mask).logits[0].double()
-        margins.append(float(logits[1] - logits[0]))
-    return np.array(margins)
 
 
 def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
@@ -80,12 +66,12 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     with torch.no_grad():
         head_logit = head(torch.as_tensor(group[list(FEATURE_COLUMNS)].to_numpy(np.float32))).double().numpy()
     assert np.ptp(head_logit) > 1e-3  # the head tells this group's candidates apart
-    hybrid = _llm_margins(base, group) + head_logit
+    hybrid = own_prompt_margins(base, group) + head_logit
     positive = hybrid[group["label"].to_numpy() == 1][0]
     expected = np.log(np.exp(hybrid - hybrid.max()).sum()) + hybrid.max() - positive
     assert step["loss"] == pytest.approx(expected, abs=1e-4)
     # ... which is not the LLM's loss alone: the head took part.
-    llm_only = _llm_margins(base, group)
+    llm_only = own_prompt_margins(base, group)
     assert abs(expected - (np.log(np.exp(llm_only).sum()) - llm_only[group["label"].to_numpy() == 1][0])) > 1e-3
 
     # The head trained with the LoRA weights and was saved beside them.
