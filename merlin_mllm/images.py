@@ -327,27 +327,32 @@ def image_sha256(source: Any, *, max_bytes: Optional[int] = None) -> str:
         path = os.fsdecode(path)
     try:
         handle = _open_image_file(path, max_bytes)
-    except FileNotFoundError as exc:
-        raise ImageLoadError(path, "file not found") from exc
-    except IsADirectoryError as exc:
-        raise ImageLoadError(path, "is a directory, not an image file") from exc
-    except PermissionError as exc:
-        raise ImageLoadError(path, "permission denied") from exc
     except OSError as exc:
-        raise ImageLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+        raise ImageLoadError(path, _file_problem(exc)) from exc
     seen = 0
     with handle:
         while True:
             try:
                 block = handle.read(_HASH_BLOCK)
             except OSError as exc:
-                raise ImageLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+                raise ImageLoadError(path, _file_problem(exc)) from exc
             if not block:
                 break
             seen += len(block)
             _check_bytes(seen, path, max_bytes)  # a file that grows while it is read
             digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def _file_problem(exc: OSError) -> str:
+    """Why a file could not be opened or read, in the words every image error uses."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return f"cannot read the file ({exc.strerror or exc})"
 
 
 def _decode(opener, name: str, max_pixels: int) -> Image.Image:
@@ -372,12 +377,8 @@ def _decode(opener, name: str, max_pixels: int) -> Image.Image:
         ) from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageLoadError(name, "not a recognised image format") from exc
-    except FileNotFoundError as exc:
-        raise ImageLoadError(name, "file not found") from exc
-    except IsADirectoryError as exc:
-        raise ImageLoadError(name, "is a directory, not an image file") from exc
-    except PermissionError as exc:
-        raise ImageLoadError(name, "permission denied") from exc
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ImageLoadError(name, _file_problem(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL reports broken data as OSError ("image file is truncated"), SyntaxError or
         # ValueError depending on the plugin.
