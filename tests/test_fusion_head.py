@@ -65,6 +65,40 @@ def test_fit_scaling_standardises_and_keeps_constant_columns_finite():
     assert torch.isfinite(head(features_of(rows))).all()
 
 
+def test_inputs_are_clipped_to_the_training_range_in_memory_and_saved(tmp_path):
+    """A value beyond anything seen in training (a retrieval score of 1e30) is scored as the
+    training maximum, instead of letting the MLP extrapolate to an arbitrary logit."""
+    train = toy_rows(200, 7)
+    head = TabularFusionHead(NAMES, hidden=(8,)).fit_scaling(train)
+    np.testing.assert_allclose(head.feature_min.numpy(), train[list(NAMES)].min().to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(head.feature_max.numpy(), train[list(NAMES)].max().to_numpy(), rtol=1e-6)
+    rows = toy_rows(4, 8)
+    inside = head(features_of(rows))
+    far = rows.assign(retrieval_score=[1e30, -1e30, 1e30, 0.0])
+    clipped = rows.assign(retrieval_score=[train["retrieval_score"].max(), train["retrieval_score"].min(),
+                                           train["retrieval_score"].max(), 0.0])
+    torch.testing.assert_close(head(features_of(far)), head(features_of(clipped)))
+    assert torch.isfinite(head(features_of(far))).all()
+    # inside the range nothing changes: the same logits as without any bounds
+    unbounded = TabularFusionHead(NAMES, hidden=(8,))
+    unbounded.load_state_dict({**head.state_dict(), "feature_min": torch.full((3,), float("-inf")),
+                               "feature_max": torch.full((3,), float("inf"))})
+    torch.testing.assert_close(unbounded(features_of(train)), head(features_of(train)))
+    assert not torch.allclose(unbounded(features_of(far)), head(features_of(far)))
+    # the range travels with the saved head; a head saved without one stays unbounded
+    loaded = TabularFusionHead.load(head.save(tmp_path / "head.safetensors"))
+    torch.testing.assert_close(loaded(features_of(far)), head(features_of(far)))
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(str(tmp_path / "head.safetensors")).items() if k not in ("feature_min", "feature_max")}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={"feature_names": '["item_log_count", '
+              '"retrieval_score", "user_log_count"]', "hidden": "[8]"})
+    old = TabularFusionHead.load(tmp_path / "old.safetensors")
+    assert torch.isinf(old.feature_max).all() and torch.isinf(old.feature_min).all()
+    with pytest.raises(ValueError, match="training row 1 holds a non-finite"):
+        TabularFusionHead(NAMES).fit_scaling(train.iloc[:3].assign(retrieval_score=[0.0, np.inf, 1.0]))
+
+
 def test_trains_on_a_separable_toy_set():
     train, valid, test = toy_rows(400, 2), toy_rows(200, 3), toy_rows(300, 4)
     fit = train_fusion_head(train, valid, NAMES, seed=0, settings=FusionSettings(epochs=150, patience=40))

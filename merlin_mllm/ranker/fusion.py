@@ -12,9 +12,10 @@ that says whether the LLM adds anything.
 Pieces (both ``merlin.models.torch`` Blocks, taking a Merlin batch's feature dict)
 --------------------------------------------------------------------------------
 :class:`TabularFusionHead`
-    Named scalar feature columns -> standardised (fixed mean/std, set from training rows by
-    :meth:`~TabularFusionHead.fit_scaling`) -> ``mm.MLPBlock(hidden)`` -> ``Linear(., 1)`` ->
-    one logit per row, shape (B,).
+    Named scalar feature columns -> clipped to the range seen in training -> standardised
+    (fixed mean/std) -> ``mm.MLPBlock(hidden)`` -> ``Linear(., 1)`` -> one logit per row,
+    shape (B,). :meth:`~TabularFusionHead.fit_scaling` sets the range and the scaling from the
+    training rows; both are buffers, saved with the head.
 :class:`HybridScore`
     ``head(inputs)`` plus the LLM's logit, from a module (e.g.
     :class:`merlin_mllm.ranker.block.RankerBlock`, trained jointly) or from a column of
@@ -27,6 +28,12 @@ after sees real parameters), its dict input is concatenated in *sorted* key orde
 stacks the columns itself, in ``feature_names`` order), and its batch norm is spelled
 ``normalization="batchnorm"`` (the docstring's ``"batch_norm"`` raises); the head standardises
 with fixed statistics instead, so a score does not depend on the batch it came in.
+
+Why clip: an MLP extrapolates without bound, so one served input far outside anything it was
+trained on (a ``retrieval_scores`` of 1e30 from a misbehaving upstream stage) would decide the
+candidate's score alone (it turned the score to 0.0). Clipping in ``forward`` is the one place
+that in-process evaluation and both serving paths go through, so they clip alike; a value inside
+the training range is unchanged, so training is too.
 
 Usage::
 
@@ -106,6 +113,9 @@ class TabularFusionHead(mm.Block):
         width = len(self.feature_names)
         self.register_buffer("feature_mean", torch.zeros(width))
         self.register_buffer("feature_std", torch.ones(width))
+        # The range of each column over the training rows (unbounded until fit_scaling).
+        self.register_buffer("feature_min", torch.full((width,), float("-inf")))
+        self.register_buffer("feature_max", torch.full((width,), float("inf")))
         self.mlp = mm.MLPBlock(list(self.hidden), activation=activation, dropout=dropout) if self.hidden else None
         self.output_layer = nn.Linear(self.hidden[-1] if self.hidden else width, 1)
         if self.mlp is not None:
@@ -127,7 +137,8 @@ class TabularFusionHead(mm.Block):
 
     @torch.no_grad()
     def fit_scaling(self, features) -> "TabularFusionHead":
-        """Standardise each column by its mean and std over ``features`` (the training rows).
+        """Standardise each column by its mean and std over ``features`` (the training rows), and
+        clip it to their min and max.
 
         Parameters
         ----------
@@ -144,13 +155,24 @@ class TabularFusionHead(mm.Block):
         matrix = torch.as_tensor(np.asarray(features, dtype=np.float64))
         if matrix.dim() != 2 or matrix.shape[1] != len(self.feature_names) or matrix.shape[0] == 0:
             raise ValueError(f"fit_scaling needs an (N, {len(self.feature_names)}) matrix, got {tuple(matrix.shape)}")
+        if not torch.isfinite(matrix).all():
+            row = int(torch.nonzero(~torch.isfinite(matrix).all(dim=1))[0, 0])
+            raise ValueError(f"fit_scaling: training row {row} holds a non-finite feature value "
+                             f"{dict(zip(self.feature_names, matrix[row].tolist()))}")
         std = matrix.std(dim=0, unbiased=False)
+        self.feature_min.copy_(matrix.min(dim=0).values.float())
+        self.feature_max.copy_(matrix.max(dim=0).values.float())
         self.feature_mean.copy_(matrix.mean(dim=0).float())
         self.feature_std.copy_(torch.where(std < _MIN_STD, torch.ones_like(std), std).float())
         return self
 
+    def clip(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``matrix`` (B, n_features) with each column clipped to its training range."""
+        return torch.minimum(torch.maximum(matrix, self.feature_min), self.feature_max)
+
     def forward(self, inputs: Features, batch: Optional[Batch] = None) -> torch.Tensor:
-        x = (self.feature_matrix(inputs).to(self.feature_mean.device) - self.feature_mean) / self.feature_std
+        x = self.clip(self.feature_matrix(inputs).to(self.feature_mean.device))
+        x = (x - self.feature_mean) / self.feature_std
         if self.mlp is not None:
             x = self.mlp(x)
         return self.output_layer(x).squeeze(-1)
@@ -179,7 +201,11 @@ class TabularFusionHead(mm.Block):
         if "feature_names" not in meta or "hidden" not in meta:
             raise ValueError(f"{path} is not a TabularFusionHead file (no feature_names/hidden metadata)")
         head = cls(json.loads(meta["feature_names"]), json.loads(meta["hidden"]))
-        head.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        # A head saved before the training range was recorded stays unclipped (its buffers' default).
+        for name in ("feature_min", "feature_max"):
+            state.setdefault(name, getattr(head, name))
+        head.load_state_dict(state)
         return head.eval()
 
 
