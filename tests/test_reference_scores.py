@@ -1,8 +1,19 @@
 """The ranker's scores are pinned: a committed reference, written by the code before the layering
 refactor (``tests/fixtures/make_reference_scores.py`` at commit ba80cc3), must be reproduced to
-1e-6 in fp32: in-process (embedded with and without image tokens, two tiny HF MLLMs), through
-``evaluate_ranker``, and through the served Triton ensemble (whose scores were, and stay, within
-1e-5 of the in-process ones: the served path batches candidates its own way).
+``TOLERANCE`` in fp32: in-process (embedded with and without image tokens, two tiny HF MLLMs),
+through ``evaluate_ranker``, and through the served Triton ensemble (whose scores were, and stay,
+within 1e-5 of the in-process ones on the same host: the served path batches candidates its own
+way).
+
+Why ``TOLERANCE`` is 1e-4 (measured by ``tests/fixtures/measure_score_variation.py``, recorded with
+each configuration's CPU capability in ``tests/fixtures/score_variation.json``): the hosts this
+project runs on differ in their vector units (AVX-512 or only AVX2), so MKL, oneDNN and ATen pick
+different fp32 kernels and sum in different orders. Across the host's own kernels, forced-down
+kernels (ATen ``default``, MKL ``COMPATIBLE``, oneDNN capped at SSE4.1), 1 or 2 threads and the
+``medium`` fp32 matmul precision, the scores moved by at most 7.3e-6, and by 5.9e-6 from the
+fixture's host (issue 22 saw 6.2e-6 on another one). One token added to the ranker's question
+moved them by 7.2e-2. 1e-4 sits 14x above the first and 700x below the second:
+``test_one_prompt_token_breaks_the_pin`` keeps that second margin honest.
 """
 from __future__ import annotations
 
@@ -32,7 +43,8 @@ from merlin_mllm.serving.tritonserver import TritonServer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
-TOLERANCE = 1e-6
+#: See the module docstring: 14x the largest rounding difference measured, 1/700 of a one-token change.
+TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +73,20 @@ def test_embedded_scores_match_reference(reference):
     for summary, scores in zip(ref.SUMMARIES, reference["embedded_text_only"]["score"]):
         close(text_only.score(summary, ref.candidates(with_ids=False)), scores)
     assert abs(expected["score"][0][2] - reference["embedded_text_only"]["score"][0][2]) > 1e-3
+
+
+def test_one_prompt_token_breaks_the_pin(reference, monkeypatch):
+    """A behaviour change as small as one prompt token fails the pin by far more than TOLERANCE."""
+    from merlin_mllm.ranker import prompt
+
+    monkeypatch.setattr(prompt, "QUESTION", prompt.QUESTION.replace("next?", "next now?"))
+    monkeypatch.setattr(prompt, "QUESTION_FIRST", prompt.QUESTION_FIRST.replace("next?", "next now?"))
+    text_only = RankerModel.build("embedded", use_images=False, lora_init="gaussian", seed=ref.MODEL_SEED, device="cpu")
+    changed = np.asarray(text_only.score(ref.SUMMARIES[0], ref.candidates(with_ids=False)), dtype=np.float64)
+    expected = np.asarray(reference["embedded_text_only"]["score"][0], dtype=np.float64)
+    assert np.abs(changed - expected).max() > 100 * TOLERANCE
+    with pytest.raises(AssertionError):
+        close(changed, expected)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava_next"])
@@ -97,7 +123,7 @@ def test_evaluate_scores_match_reference(evaluated, reference):
 
 
 def test_served_scores_match_reference(evaluated, reference):
-    root, data, model, summaries, _ = evaluated
+    root, data, model, summaries, in_process = evaluated
     repo = root / "repo"
     export(model, summaries, data, repo, max_candidates=8)
     expected = pd.DataFrame(reference["evaluate"])
@@ -108,7 +134,10 @@ def test_served_scores_match_reference(evaluated, reference):
             for _, group in expected.groupby("group_id", sort=False):
                 result = client.rank(int(group["user_id"].iloc[0]), group["item_id"].tolist(), top_k=len(group))
                 close(result.scores, group["served_score"])
-                # and, as before the refactor, within 1e-5 of the in-process evaluation
-                np.testing.assert_allclose(result.scores, group["score"], rtol=0, atol=1e-5)
+                # and, as before the refactor, within 1e-5 of the in-process evaluation on this host
+                same_group = in_process[in_process["group_id"].astype(int) == int(group["group_id"].iloc[0])]
+                here = same_group.set_index(same_group["item_id"].astype(int))["score"]
+                np.testing.assert_allclose(result.scores, here.loc[group["item_id"].tolist()].to_numpy(),
+                                           rtol=0, atol=1e-5)
     finally:
         server.stop()
