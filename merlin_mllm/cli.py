@@ -69,11 +69,14 @@ def doctor():
 @data_app.command("prepare")
 def data_prepare(
     dataset: str = typer.Option(..., metavar="|".join(DATASETS), help=datasets_help()),
-    protocol: str = typer.Option("paper", help="paper (random user split, last item) | temporal (leave-last-out)"),
+    protocol: str = typer.Option("paper", metavar="paper|leave-last-out|timeline", help="paper (random user "
+                                 "split, last item) | leave-last-out (every user: last, second and third to last "
+                                 "item; 'temporal' is its old name) | timeline (two global cut times)"),
     out: Path = typer.Option(..., help="Output folder: train/ valid/ test/ events/ items/ + report.json"),
     input: Optional[Path] = typer.Option(None, help="Raw data file or folder (what each dataset takes: see --dataset)"),
     images: Optional[Path] = typer.Option(None, help="Folder of item images named <item key>.<ext>"),
-    max_history: int = typer.Option(12, help="Keep each user's most recent N interactions (0 = all)"),
+    max_history: Optional[int] = typer.Option(None, help="Keep each user's most recent N interactions (0 = all; "
+                                              "default 12, on the timeline 0)"),
     max_users: int = typer.Option(0, help="Seeded subset of N users for quick runs (0 = all)"),
     seed: int = typer.Option(42),
     min_user: Optional[int] = typer.Option(None, help="k-core: minimum interactions per user"),
@@ -87,6 +90,11 @@ def data_prepare(
     train_negative_sampling: str = typer.Option("uniform", metavar="uniform|popularity", help="How training "
                                                 "negatives are drawn (valid/test negatives stay uniform)"),
     train_block_size: int = typer.Option(3, help="The user summaries' block size that blocks|every count in"),
+    valid_cut: Optional[int] = typer.Option(None, help="Timeline: T_valid as a timestamp (the data's unit)"),
+    test_cut: Optional[int] = typer.Option(None, help="Timeline: T_test as a timestamp (the data's unit)"),
+    valid_cut_quantile: Optional[float] = typer.Option(None, help="Timeline: T_valid as a quantile of the k-core "
+                                                       "events' times (default 0.7)"),
+    test_cut_quantile: Optional[float] = typer.Option(None, help="Timeline: T_test as a quantile (default 0.8)"),
 ):
     """Turn a recommendation dataset into Merlin parquet with a tagged schema."""
     from merlin_mllm.data.prepare import prepare_dataset
@@ -98,6 +106,8 @@ def data_prepare(
             min_item_interactions=min_item, on_bad_line="skip" if skip_bad_lines else "error",
             train_negatives=train_negatives, train_targets=train_targets,
             train_negative_sampling=train_negative_sampling, train_block_size=train_block_size,
+            valid_cut=valid_cut, test_cut=test_cut, valid_cut_quantile=valid_cut_quantile,
+            test_cut_quantile=test_cut_quantile,
         )
     typer.echo(json.dumps(report, indent=2, default=str))
 

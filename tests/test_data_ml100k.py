@@ -47,9 +47,9 @@ def paper(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def temporal(tmp_path_factory):
-    out = tmp_path_factory.mktemp("temporal")
-    report = prepare_dataset("ml-100k", "temporal", out, max_users=60, seed=5)
+def leave_last_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("leave_last_out")
+    report = prepare_dataset("ml-100k", "leave-last-out", out, max_users=60, seed=5)
     return out, report, _load(out)
 
 
@@ -79,6 +79,12 @@ def test_paper_groups_and_split(paper):
     assert all_groups.nunique() == report["users_per_split"]["train"] + 12
 
 
+def _earlier(events: pd.DataFrame, user_ids, timestamps) -> np.ndarray:
+    """How many of each user's kept events are strictly earlier than the given time."""
+    return np.array([int(((events["user_id"] == user) & (events["timestamp"] < stamp)).sum())
+                     for user, stamp in zip(user_ids, timestamps)])
+
+
 def test_paper_target_is_last_kept_event(paper):
     _, _, tables = paper
     events = tables["events"]
@@ -86,14 +92,16 @@ def test_paper_target_is_last_kept_event(paper):
     for split in ("train", "valid", "test"):
         positives = tables[split][tables[split]["label"] == 1].set_index("user_id")
         assert (positives["item_id"] == last.loc[positives.index, "item_id"]).all()
-        assert (positives["target_position"] == last.loc[positives.index, "position"]).all()
         assert (positives["timestamp"] == last.loc[positives.index, "timestamp"]).all()
+        # target_position: the user's events strictly before the target's time (not its position,
+        # when the last event shares its second with earlier ones).
+        assert (positives["target_position"] == _earlier(events, positives.index, positives["timestamp"])).all()
         assert (positives["target_position"] >= 1).all()  # a non-empty history
 
 
-def test_negatives_never_seen_by_user(paper, temporal, raw):
+def test_negatives_never_seen_by_user(paper, leave_last_out, raw):
     seen = raw.groupby("user_id")["item_id"].agg(set)  # the full raw history
-    for _, _, tables in (paper, temporal):
+    for _, _, tables in (paper, leave_last_out):
         for split in ("train", "valid", "test"):
             negatives = _with_keys(tables[split], tables)
             negatives = negatives[negatives["label"] == 0]
@@ -105,26 +113,31 @@ def test_negatives_never_seen_by_user(paper, temporal, raw):
             assert negatives["item_id"].isin(tables["items"]["item_id"]).all()
 
 
-def test_temporal_targets(temporal, raw):
-    _, report, tables = temporal
+def test_leave_last_out_targets(leave_last_out, raw):
+    _, report, tables = leave_last_out
     events = tables["events"]
     lengths = events.groupby("user_id").size()
     n_users = len(tables["users"])
     assert n_users == 60 and set(tables["users"]["split"]) == {"all"}
+    assert report["protocol"] == "leave-last-out" and report["targets_without_history"] == {"train": 0, "valid": 0, "test": 0}
     positives = {}
     for split, offset in (("test", 1), ("valid", 2), ("train", 3)):
         rows = tables[split]
         assert rows["user_id"].nunique() == n_users and rows["group_id"].nunique() == n_users
         assert rows.groupby("group_id").size().eq(21 if split == "test" else 2).all()
         pos = rows[rows["label"] == 1].set_index("user_id").sort_index()
-        assert (pos["target_position"] == lengths.loc[pos.index] - offset).all(), split
-        merged = events.merge(pos[["target_position"]], left_on="user_id", right_index=True)
-        target_rows = merged[merged["position"] == merged["target_position"]].set_index("user_id").sort_index()
-        assert (target_rows["item_id"] == pos["item_id"]).all()
+        # The target is the event `offset` places from the end of the seeded time order ...
+        chosen = events[events["position"] == events["user_id"].map(lengths) - offset].set_index("user_id").sort_index()
+        assert (chosen["item_id"] == pos["item_id"]).all() and (chosen["timestamp"] == pos["timestamp"]).all(), split
+        # ... and its history is every kept event strictly before its time.
+        assert (pos["target_position"] == _earlier(events, pos.index, pos["timestamp"])).all(), split
+        assert (pos["target_position"] <= chosen["position"]).all()
         positives[split] = pos
     test, valid, train = positives["test"], positives["valid"], positives["train"]
-    assert (train["timestamp"] <= test["timestamp"]).all() and (valid["timestamp"] <= test["timestamp"]).all()
-    assert (train["target_position"] < valid["target_position"]).all()
+    assert (train["timestamp"] <= valid["timestamp"]).all() and (valid["timestamp"] <= test["timestamp"]).all()
+    assert (train["target_position"] <= valid["target_position"]).all()
+    # Ties are common: some users' valid and test targets share their second, and so their history.
+    assert (valid["target_position"] == test["target_position"]).any()
     # The test positive is the user's latest interaction among the items that survived filtering.
     keyed = _with_keys(test.reset_index(), tables).set_index("user_key")
     kept_items = set(tables["items"]["item_key"])
@@ -134,15 +147,19 @@ def test_temporal_targets(temporal, raw):
 
 def test_max_history_keeps_the_latest_events(tmp_path, raw):
     # No k-core, so the kept window can be recomputed from the raw file alone.
-    prepare_dataset("ml-100k", "temporal", tmp_path, max_users=25, max_history=5, min_user_interactions=0, min_item_interactions=0, seed=1)
+    prepare_dataset("ml-100k", "leave-last-out", tmp_path, max_users=25, max_history=5, min_user_interactions=0, min_item_interactions=0, seed=1)
     tables = {name: read_table(tmp_path / name) for name in ("events", "users", "items")}
     events = _with_keys(tables["events"], tables)
     assert events.groupby("user_id").size().eq(5).all()
     for user_key, kept in events.groupby("user_key"):
-        history = raw[raw["user_id"] == user_key].assign(item_number=lambda f: f["item_id"].astype(int))
-        expected = history.sort_values(["timestamp", "item_number"]).tail(5)["item_id"].tolist()
-        assert kept.sort_values("position")["item_key"].tolist() == expected
-        assert kept.sort_values("position")["position"].tolist() == [0, 1, 2, 3, 4]
+        history = raw[raw["user_id"] == user_key].sort_values("timestamp")
+        kept = kept.sort_values("position")
+        assert kept["position"].tolist() == [0, 1, 2, 3, 4]
+        # The 5 latest times, in time order; every event strictly after the 5th latest time is
+        # kept (ties at that time are chosen by the seeded tie order).
+        assert kept["timestamp"].tolist() == history["timestamp"].tail(5).tolist()
+        newer = history[history["timestamp"] > kept["timestamp"].iloc[0]]["item_id"]
+        assert set(newer) <= set(kept["item_key"]) and set(kept["item_key"]) <= set(history["item_id"])
 
 
 def test_k_core_holds_iteratively(tmp_path, raw):
@@ -219,21 +236,25 @@ def test_items_table_text(paper):
 
 
 def test_rows_carry_their_history_before_the_target(tmp_path):
-    """history_item_ids is exactly the user's kept events before target_position: no leakage."""
+    """history_item_ids is exactly the user's kept events before target_position, which are those
+    strictly before the target's time: no leakage."""
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.data.tables import read_schema, read_table
 
     out = tmp_path / "d"
-    prepare_dataset("ml-100k", "temporal", out, max_users=30, max_history=8)
+    prepare_dataset("ml-100k", "leave-last-out", out, max_users=30, max_history=8)
     events = read_table(out / "events")
     sequences = {u: g.sort_values("position")["item_id"].tolist() for u, g in events.groupby("user_id")}
+    times = events.set_index(["user_id", "item_id"])["timestamp"]
     for split in ("train", "valid", "test"):
         rows = read_table(out / split)
-        for user, item, label, position, history in rows[
-            ["user_id", "item_id", "label", "target_position", "history_item_ids"]
+        for user, item, label, position, history, timestamp in rows[
+            ["user_id", "item_id", "label", "target_position", "history_item_ids", "timestamp"]
         ].itertuples(index=False):
             history = list(history)
             assert history == sequences[user][:position]
-            if label == 1:
-                assert sequences[user][position] == item and item not in history[-1:]
+            if label == 1:  # the positive is at or after target_position, at the row's own time
+                assert item in sequences[user][position:] and item not in history
+                assert times[user, item] == timestamp
+                assert all(times[user, h] < times[user, item] for h in history)
         assert "history_item_ids" in read_schema(out / split).column_names

@@ -38,10 +38,14 @@ def test_adds_one_group_per_block_boundary_before_each_training_target(folders):
     pd.testing.assert_frame_equal(after.iloc[: len(before)].reset_index(drop=True), before)
     added = after.iloc[len(before):]
     targets = before[before["label"] == 1].set_index("user_id")["target_position"]
-    expected = sorted((u, p) for u, t in targets.items() for p in range(3, int(t), 3))
+    times = {u: g.sort_values("position")["timestamp"].tolist() for u, g in events.groupby("user_id")}
+    # Every boundary strictly before the target's time whose two sides differ in time (a boundary
+    # inside one second's events cannot be a row's whole history).
+    expected = sorted((u, p) for u, t in targets.items() for p in range(3, int(t), 3) if times[u][p - 1] < times[u][p])
+    skipped = sum(times[u][p - 1] == times[u][p] for u, t in targets.items() for p in range(3, int(t), 3))
     positives = added[added["label"] == 1]
     assert sorted(zip(positives["user_id"], positives["target_position"])) == expected
-    assert summary["groups_added"] == len(expected) > 0
+    assert summary["groups_added"] == len(expected) > 0 and skipped > 0
     assert summary["rows_after"] == len(after) == len(before) + 2 * len(expected)
     sequence = {u: g.sort_values("position")["item_id"].tolist() for u, g in events.groupby("user_id")}
     for row in positives.itertuples():
@@ -120,9 +124,11 @@ def test_item_prior_ceiling_counts_training_positives(folders, tmp_path):
     rows = {r["scorer"].split(" (")[0]: r for r in item_prior_ceiling.ceiling_rows(source, out)}
     assert rows["training positives"]["events_counted"] == summary["groups_before"]
     assert rows["block-prefix training positives"]["events_counted"] == summary["groups_before"] + summary["groups_added"]
-    # Every prefix: each training user's events after its first, up to and including its target.
-    train_targets = read_table(source / "train").query("label == 1")["target_position"]
-    assert rows["every-prefix training positives"]["events_counted"] == int(train_targets.sum())
+    # Every prefix: each training user's events after its first (its target, the last, included).
+    events = read_table(source / "events")
+    train_users = read_table(source / "train")["user_id"].unique()
+    lengths = events[events["user_id"].isin(train_users)].groupby("user_id").size()
+    assert rows["every-prefix training positives"]["events_counted"] == int((lengths - 1).sum())
     # The score of a test row is its item's count among the training groups' positives.
     test, train = read_table(source / "test"), read_table(out / "train")
     scored = baselines.item_count_scores(test, train.query("label == 1"))

@@ -70,7 +70,7 @@ def test_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown protocol"):
         prepare_dataset("ml-100k", "random", tmp_path)
     with pytest.raises(ValueError, match="max_history >= 4"):
-        prepare_dataset("ml-100k", "temporal", tmp_path, max_history=3)
+        prepare_dataset("ml-100k", "leave-last-out", tmp_path, max_history=3)
     with pytest.raises(ValueError, match="on_bad_line"):
         prepare_dataset("ml-100k", "paper", tmp_path, input=MINI, on_bad_line="ignore")
     with pytest.raises(ValueError, match="cannot draw 3 negatives: only 2 of 8 items"):
@@ -179,7 +179,7 @@ def test_amazon_main_image_url():
 def test_microlens_temporal(tmp_path):
     pairs, titles, covers = microlens_files(MICROLENS)
     assert (pairs.name, titles.name, covers.name) == ("MicroLens-100k_pairs.csv", "MicroLens-100k_title_en.csv", "MicroLens-100k_covers")
-    report = prepare_dataset("microlens", "temporal", tmp_path, input=MICROLENS, n_negatives_test=2)
+    report = prepare_dataset("microlens", "leave-last-out", tmp_path, input=MICROLENS, n_negatives_test=2)
     tables = _tables(tmp_path)
     # User 50 (2 videos) fails the 7-core; the covers folder is found without `images`.
     assert report["after_k_core"]["users"] == 9 and "50" not in set(tables["users"]["user_key"])
@@ -205,7 +205,7 @@ def test_microlens_temporal(tmp_path):
 
 def test_users_too_short_for_the_protocol_are_dropped_and_counted(tmp_path):
     # Without the 7-core, user 50 (2 videos) stays, but temporal needs 4 events per user.
-    report = prepare_dataset("microlens", "temporal", tmp_path, input=MICROLENS, min_user_interactions=1, min_item_interactions=1, n_negatives_test=2)
+    report = prepare_dataset("microlens", "leave-last-out", tmp_path, input=MICROLENS, min_user_interactions=1, min_item_interactions=1, n_negatives_test=2)
     assert report["after_k_core"]["users"] == 10 and report["users_dropped_too_short"] == 1
     assert report["kept"]["users"] == 9 and "50" not in set(read_table(tmp_path / "users")["user_key"])
 

@@ -29,6 +29,7 @@ from merlin_mllm.summaries.store import SummaryStore
 ML100K = package_dir("recbole", "recbole") / "dataset_example" / "ml-100k"
 #: The quickstart's subset: 40 seeded users, 9 events each at most.
 SUBSET = dict(max_users=40, max_history=9, seed=42)
+PROTOCOLS = ["paper", "leave-last-out", "timeline"]
 
 
 def _parquet_hashes(out: Path) -> dict[str, str]:
@@ -54,7 +55,7 @@ def folders(tmp_path_factory):
         "every_pop": dict(train_targets="every", train_negatives=3, train_negative_sampling="popularity"),
     }
     out = {}
-    for protocol in ("paper", "temporal"):
+    for protocol in PROTOCOLS:
         for name, options in variants.items():
             folder = root / f"{protocol}_{name}"
             report = prepare_dataset("ml-100k", protocol, folder, **SUBSET, **options)
@@ -68,7 +69,7 @@ def _keyed(folder: Path, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(user_key=frame["user_id"].map(users), item_key=frame["item_id"].map(items))
 
 
-@pytest.mark.parametrize("protocol", ["paper", "temporal"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_explicit_defaults_write_the_same_bytes(folders, protocol):
     default, explicit = folders[protocol, "default"][0], folders[protocol, "explicit"][0]
     assert _parquet_hashes(default) == _parquet_hashes(explicit) and len(_parquet_hashes(default)) == 6
@@ -77,7 +78,7 @@ def test_explicit_defaults_write_the_same_bytes(folders, protocol):
         "train_negatives": 1, "train_targets": "last", "train_negative_sampling": "uniform"}
 
 
-@pytest.mark.parametrize("protocol", ["paper", "temporal"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("variant", ["k7", "blocks", "every_pop"])
 def test_training_options_leave_valid_test_events_and_users_byte_identical(folders, protocol, variant):
     default, other = folders[protocol, "default"][0], folders[protocol, variant][0]
@@ -92,7 +93,7 @@ def test_training_options_leave_valid_test_events_and_users_byte_identical(folde
     assert len(items_after) == len(items_before) + report["train_groups"]["items_only_in_added_train_rows"]
 
 
-@pytest.mark.parametrize("protocol", ["paper", "temporal"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_k_negatives_per_training_target_never_seen_by_the_user(folders, raw_seen, protocol):
     default, _ = folders[protocol, "default"]
     folder, report = folders[protocol, "k7"]
@@ -112,11 +113,17 @@ def test_k_negatives_per_training_target_never_seen_by_the_user(folders, raw_see
     assert read_table(folder / "test").groupby("group_id").size().eq(21).all()
 
 
-@pytest.mark.parametrize("protocol", ["paper", "temporal"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_blocks_and_every_targets(folders, raw_seen, protocol):
     events = read_table(folders[protocol, "default"][0] / "events")
     sequence = {u: g.sort_values("position")["item_id"].tolist() for u, g in events.groupby("user_id")}
-    own = read_table(folders[protocol, "default"][0] / "train").query("label == 1").set_index("user_id")["target_position"]
+    times = {u: g.sort_values("position")["timestamp"].tolist() for u, g in events.groupby("user_id")}
+
+    def earlier(user, position):  # the user's events strictly before the time of its event at `position`
+        return sum(t < times[user][position] for t in times[user])
+
+    own_rows = read_table(folders[protocol, "default"][0] / "train").query("label == 1").set_index("user_id")
+    own = own_rows["target_position"]
     other_groups = set()
     for split in ("valid", "test"):
         other_groups |= set(read_table(folders[protocol, "default"][0] / split)["group_id"])
@@ -124,11 +131,17 @@ def test_blocks_and_every_targets(folders, raw_seen, protocol):
         folder, report = folders[protocol, variant]
         train = read_table(folder / "train")
         positives = train[train["label"] == 1]
-        expected = sorted([(u, int(t)) for u, t in own.items()] + [(u, p) for u, t in own.items() for p in range(3, int(t), step)])
-        assert sorted(zip(positives["user_id"], positives["target_position"])) == expected
+        # The event at every block boundary (or position) strictly before the target's time; its
+        # history stops before its own time. Blocks: only boundaries between two distinct times
+        # (the history is whole blocks); every: any event with at least one earlier one.
+        added_targets = [(u, earlier(u, p), sequence[u][p]) for u, t in own.items() for p in range(3, int(t), step)
+                         if (earlier(u, p) == p if variant == "blocks" else earlier(u, p) >= 1)]
+        expected = sorted([(u, int(t), int(own_rows.loc[u, "item_id"])) for u, t in own.items()] + added_targets)
+        assert sorted(zip(positives["user_id"], positives["target_position"], positives["item_id"])) == expected
         assert report["train_groups"] == {**report["train_groups"], "protocol_targets": len(own), "added_targets": len(expected) - len(own)}
         for row in positives.itertuples():
-            assert row.item_id == sequence[row.user_id][row.target_position]
+            assert row.target_position == earlier(row.user_id, sequence[row.user_id].index(row.item_id))
+            assert row.timestamp == times[row.user_id][sequence[row.user_id].index(row.item_id)]
         for row in train.itertuples():
             assert list(row.history_item_ids) == sequence[row.user_id][: row.target_position]
         assert train.groupby("group_id").size().eq(4).all() and train.groupby("group_id")["label"].sum().eq(1).all()
@@ -150,7 +163,7 @@ def test_blocks_picks_the_positions_add_prefix_targets_adds(folders, tmp_path):
     pd.testing.assert_frame_equal(post[columns].reset_index(drop=True), prepared[columns].reset_index(drop=True))
 
 
-@pytest.mark.parametrize("protocol", ["paper", "temporal"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_popularity_negatives_follow_training_time_counts(folders, protocol):
     default = folders[protocol, "default"][0]
     folder, report = folders[protocol, "every_pop"]

@@ -95,6 +95,9 @@ def add_prefix_targets(
     if int(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     report = json.loads((data_dir / "report.json").read_text())
+    if report.get("cuts") is not None:
+        # The timeline's negatives must have existed before each row, which this post-step does not know.
+        raise ValueError(f"{data_dir} is a timeline folder: prepare it with train_targets='blocks' instead")
     if n_negatives is None:
         n_negatives = int(report["settings"]["n_negatives_train"])
     train = read_table(data_dir / "train")

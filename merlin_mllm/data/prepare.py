@@ -2,19 +2,37 @@
 
 Steps, in order: parse (malformed lines raise or are skipped and counted) -> drop duplicate
 (user, item) interactions, keeping the earliest -> iterative k-core -> optional random choice
-of ``max_users`` users -> per user, sort by time (ties by item key) and keep the latest
-``max_history`` events -> split by protocol -> sample negatives.
+of ``max_users`` users -> per user, sort by time (ties in a seeded random order) and keep the
+latest ``max_history`` events -> split by protocol -> drop targets without history -> sample
+negatives.
 
-Protocols (both seeded and deterministic):
+Protocols (all seeded and deterministic):
 
 * ``paper``: users split at random 80/10/10; each user's last kept event is its target.
-* ``temporal``: every user in every split; test = last event, valid = second to last,
-  train = third to last.
+* ``leave-last-out`` (formerly ``temporal``, still accepted with a ``FutureWarning``): every
+  user in every split; test = last event, valid = second to last, train = third to last. A
+  row's history stops before its own time, but other users' events after it are counted for it
+  (see :mod:`merlin_mllm.data.splits`).
+* ``timeline``: a global time line cut twice, ``T_valid < T_test`` (by default the 70% and 80%
+  quantiles of the k-core events' times; ``valid_cut``/``test_cut`` or ``*_cut_quantile`` set
+  them; ``report.json`` records them under ``cuts``). Test: each user with an event at or after
+  ``T_test``, one group whose target is the user's last event; valid: each user with an event
+  in ``[T_valid, T_test)``, its last event there; train: each user with an event before
+  ``T_valid``, its last event before it (see :func:`~merlin_mllm.data.processing.timeline_targets`
+  for why one group per user). ``max_history`` defaults to 0 (all events: histories and counts
+  need the whole past).
+
+Every protocol: a row's ``target_position`` is the number of its user's kept events with a
+timestamp strictly less than the target's, and its history the events before that position, so
+events in the same second as the target are not its history. A target without any strictly
+earlier event is dropped and counted (``targets_without_history`` in ``report.json``).
 
 Train and valid groups hold 1 positive + ``n_negatives_train`` negatives, test groups 1 +
 ``n_negatives_test``. Negatives are drawn uniformly, without replacement, from *all* items
 that survive the k-core (not only those of the chosen users) that the user never interacted
-with in its whole deduplicated history. Drawing from the chosen users' items alone would bias
+with in its whole deduplicated history; on the timeline, only from the items with a k-core event
+(any user) strictly before the row's time, since an item nobody had met yet was not a candidate
+then. Drawing from the chosen users' items alone would bias
 small subsets: a negative would always be something another kept user chose, while a positive
 is often chosen by its user only, which turns popularity upside down. The ``items/`` table then
 holds the items the output refers to (events and rows). Ids are contiguous int64 from 1 (0 is
@@ -27,12 +45,14 @@ row and byte for byte, whatever these are):
 * ``train_targets``: ``"last"`` (the protocol's target only, the paper), ``"blocks"`` (also a
   group at every summary-block boundary ``train_block_size, 2 * train_block_size, ...`` before
   it, as :func:`~merlin_mllm.data.prefix_targets.add_prefix_targets` adds) or ``"every"`` (also
-  a group at every position from ``train_block_size`` on before it). Paper protocol: training
-  users only; temporal: every user, before its train target;
+  a group at every position from ``train_block_size`` on before it), all strictly before the
+  train target's time. Paper protocol: training users only; leave-last-out and timeline: every
+  user with a train target, before it;
 * ``train_negative_sampling``: ``"uniform"``, or ``"popularity"``: each next negative drawn with
   probability proportional to its count among the training-time events (every kept event
-  before its user's valid and test targets, the rule of ``data.splits.training_events`` for the
-  valid split), among the unseen items not drawn yet; an item without such an event is never
+  before its user's valid and test targets' time, or before ``T_valid`` on the timeline: the
+  rule of ``data.splits.training_events`` for the valid split), among the unseen items not drawn
+  yet (on the timeline, first seen before the row); an item without such an event is never
   drawn.
 
 With the defaults (K = ``n_negatives_train``, ``last``, ``uniform``) the output is what it was
@@ -50,7 +70,8 @@ Output folder::
                           history_item_ids (list: the user's items before the target, in time order)
     events/               user_id, item_id, timestamp, position[, rating]
     items/                item_id, item_key, title, description, image_path[, year, genres | image_url]
-    users/                user_id, user_key, split
+    users/                user_id, user_key, split (paper: the user's split; else "all": any
+                          user may have rows in any split)
     report.json           counts and settings; ``image_root``: the images folder
 
 Image paths: ``image_path`` is relative to the image root recorded as ``image_root`` in
@@ -60,20 +81,24 @@ Image paths: ``image_path`` is relative to the image root recorded as ``image_ro
 Folders prepared before the root was recorded hold absolute paths and no ``image_root``: they
 are still read, their absolute paths as they are.
 
-A row's history is the user's events with ``position < target_position``. Within a group the
-positive row comes first, then the negatives in the order drawn.
+A row's history is the user's events with ``position < target_position``: those strictly before
+the target's time. Within a group the positive row comes first, then the negatives in the order
+drawn.
 
 Usage::
 
     from merlin_mllm.data.prepare import prepare_dataset
     report = prepare_dataset("ml-100k", "paper", "data/ml100k", max_users=200)
     report = prepare_dataset("ml-100k", "paper", "data/ml100k_groups", train_negatives=7, train_targets="blocks")
+    report = prepare_dataset("ml-100k", "timeline", "data/ml100k_timeline")   # cuts at the 70%/80% quantiles
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -88,7 +113,12 @@ from merlin_mllm.data.tables import Tags, write_table
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("paper", "temporal")
+PROTOCOLS = ("paper", "leave-last-out", "timeline")
+#: Old protocol names still accepted, with a FutureWarning, as the name they stand for.
+PROTOCOL_ALIASES = {"temporal": "leave-last-out"}
+#: ``max_history`` when not given: 12 (four summary blocks of 3) for the per-user protocols; all
+#: events on the timeline, whose histories and counts need the whole past.
+DEFAULT_MAX_HISTORY = {"paper": 12, "leave-last-out": 12, "timeline": 0}
 _TEXT_COLUMNS = ("title", "description", "genres")
 #: The Merlin tags of the row tables' columns (train/ valid/ test/).
 ROW_TAGS = {
@@ -100,10 +130,25 @@ ROW_TAGS = {
 }
 
 
-def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
-                    train_negatives, train_targets, train_negative_sampling, train_block_size):
+def protocol_name(protocol: str) -> str:
+    """The protocol's current name: itself, or for an old alias (``"temporal"``) the name it stands
+    for, with a ``FutureWarning``; a ``ValueError`` listing the names for anything else."""
+    if protocol in PROTOCOL_ALIASES:
+        warnings.warn(f"protocol {protocol!r} is now called {PROTOCOL_ALIASES[protocol]!r}; the old name will go",
+                      FutureWarning, stacklevel=3)
+        return PROTOCOL_ALIASES[protocol]
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    return protocol
+
+
+def _iso_time(timestamp: int, unit: str) -> str:
+    seconds = timestamp / 1000 if unit == "ms" else timestamp
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
+
+
+def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
+                    train_negatives, train_targets, train_negative_sampling, train_block_size):
     if train_targets not in processing.TRAIN_TARGETS:
         raise ValueError(f"unknown train_targets {train_targets!r}; choose one of {list(processing.TRAIN_TARGETS)}")
     if train_negative_sampling not in processing.NEGATIVE_SAMPLING:
@@ -132,7 +177,7 @@ def _spawn_rngs(seed: int) -> dict[str, np.random.Generator]:
     """Independent random streams, so that changing one setting (say the number of test
     negatives) does not change what the other steps draw."""
     # Children are numbered (spawn key i): adding a name at the end leaves the others' streams alone.
-    names = ("users", "split", "train", "valid", "test", "train_groups")
+    names = ("users", "split", "train", "valid", "test", "train_groups", "ties")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
@@ -195,7 +240,7 @@ def prepare_dataset(
     *,
     input: str | Path | None = None,
     images: str | Path | None = None,
-    max_history: int = 12,
+    max_history: Optional[int] = None,
     max_users: int = 0,
     seed: int = 42,
     min_user_interactions: int | None = None,
@@ -207,6 +252,10 @@ def prepare_dataset(
     train_targets: str = "last",
     train_negative_sampling: str = "uniform",
     train_block_size: int = 3,
+    valid_cut: Optional[int] = None,
+    test_cut: Optional[int] = None,
+    valid_cut_quantile: Optional[float] = None,
+    test_cut_quantile: Optional[float] = None,
 ) -> dict:
     """Prepare one dataset for the ranker and write it under ``out`` (see the module docstring).
 
@@ -216,8 +265,9 @@ def prepare_dataset(
         A name in :data:`merlin_mllm.data.registry.DATASETS`: ``"ml-100k"``, ``"amazon2023"`` or
         ``"microlens"``.
     protocol : str
-        ``"paper"`` (random 80/10/10 user split, last event is the target) or ``"temporal"``
-        (leave-last-out for test, second to last for valid, third to last for train).
+        ``"paper"`` (random 80/10/10 user split, last event is the target), ``"leave-last-out"``
+        (last event for test, second to last for valid, third to last for train; the old name
+        ``"temporal"`` warns) or ``"timeline"`` (two global cut times; see the module docstring).
     out : str or Path
         Output folder; its ``train``, ``valid``, ``test``, ``events``, ``items``, ``users``
         folders and ``report.json`` are replaced.
@@ -229,8 +279,9 @@ def prepare_dataset(
         ``MicroLens-*_covers`` folder inside ``input`` when there is one. It becomes the
         dataset's image root: ``report.json`` records it as ``image_root`` and ``image_path``
         values are relative to it.
-    max_history : int
-        The most recent events kept per user (0 = all). Default 12: four blocks of 3.
+    max_history : int, optional
+        The most recent events kept per user (0 = all). Default: 12 (four blocks of 3) for
+        ``paper`` and ``leave-last-out``, 0 for ``timeline``.
     max_users : int
         Keep this many users, chosen at random with ``seed`` after k-core (0 = all).
     seed : int
@@ -251,6 +302,12 @@ def prepare_dataset(
         ``"uniform"`` (default) or ``"popularity"`` (training-time counts; training groups only).
     train_block_size : int
         The user summaries' block size that ``"blocks"`` and ``"every"`` count in (default 3).
+    valid_cut, test_cut : int, optional
+        Timeline only: ``T_valid`` and ``T_test`` as timestamps (the data's unit:
+        ``report["timestamp_unit"]``).
+    valid_cut_quantile, test_cut_quantile : float, optional
+        Timeline only: the cuts as quantiles of the k-core events' times (defaults 0.7 and 0.8
+        when neither a cut nor its quantile is given).
 
     Raises
     ------
@@ -264,6 +321,13 @@ def prepare_dataset(
         The report, also written to ``out/report.json``.
     """
     k_user_default, k_item_default = dataset_entry(dataset).k_core  # raises for an unknown name
+    protocol = protocol_name(protocol)
+    cut_settings = {"valid_cut": valid_cut, "test_cut": test_cut, "valid_quantile": valid_cut_quantile,
+                    "test_quantile": test_cut_quantile}
+    if protocol != "timeline" and any(value is not None for value in cut_settings.values()):
+        raise ValueError(f"cut times are for the timeline protocol only, not {protocol!r}")
+    if max_history is None:
+        max_history = DEFAULT_MAX_HISTORY[protocol]
     k_user = k_user_default if min_user_interactions is None else min_user_interactions
     k_item = k_item_default if min_item_interactions is None else min_item_interactions
     _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
@@ -289,8 +353,10 @@ def prepare_dataset(
         raise ValueError(
             f"no interactions survive the ({k_user}, {k_item}) k-core; lower min_user_interactions/min_item_interactions"
         )
+    # Checked before the users are chosen or anything drawn: the cuts depend on the k-core only.
+    cuts = processing.timeline_cuts(core["timestamp"].to_numpy(), **cut_settings) if protocol == "timeline" else None
     chosen = processing.sample_users(core, max_users, rngs["users"])
-    events = processing.order_and_trim(chosen, max_history)
+    events = processing.order_and_trim(chosen, max_history, rngs["ties"])
 
     # Users whose kept sequence cannot give every target a non-empty history are dropped.
     lengths = events.groupby("user_key")["position"].transform("size")
@@ -309,29 +375,44 @@ def prepare_dataset(
     ).sort_values(["user_id", "position"], kind="stable")
     histories = user_histories(deduped, user_ids, candidate_ids)
 
-    targets = processing.paper_targets(events, rngs["split"]) if protocol == "paper" else processing.temporal_targets(events)
+    events = events.assign(earlier=processing.earlier_events(events))
+    if protocol == "paper":
+        targets = processing.paper_targets(events, rngs["split"])
+    elif protocol == "leave-last-out":
+        targets = processing.leave_last_out_targets(events)
+    else:
+        targets = processing.timeline_targets(events, cuts["valid"]["timestamp"], cuts["test"]["timestamp"])
+    without_history = {}
+    for split in processing.SPLITS:
+        targets[split], without_history[split] = processing.with_history_only(targets[split])
+    if not len(targets["test"].user_id):
+        raise ValueError("no test target is left with a history; check the cuts or max_users")
     extra_targets = processing.prefix_targets(events, targets["train"], train_targets, int(train_block_size))
+    # On the timeline a row's negatives are the items seen (k-core, any user) before its time.
+    first_seen = processing.first_seen_times(core, candidate_ids, len(candidate_ids)) if protocol == "timeline" else None
     weights = None
     if train_negative_sampling == "popularity":
-        weights = processing.popularity_weights(events, [targets["valid"], targets["test"]], len(candidate_ids))
+        weights = processing.popularity_weights(events, [targets["valid"], targets["test"]], len(candidate_ids),
+                                                before=cuts["valid"]["timestamp"] if cuts else None)
     key_of_user = {index: key for key, index in user_ids.items()}
     # Every draw is checked before any is made (and long before anything is written).
     for split in ("valid", "test"):
         processing.check_negatives(targets[split], n_negatives_test if split == "test" else n_negatives_train,
-                                   len(candidate_ids), histories, f"{split} groups", user_names=key_of_user)
+                                   len(candidate_ids), histories, f"{split} groups", user_names=key_of_user,
+                                   first_seen=first_seen)
     processing.check_negatives(targets["train"], n_negatives_train, len(candidate_ids), histories, "train groups",
-                               user_names=key_of_user)
+                               user_names=key_of_user, first_seen=first_seen)
     if not default_training:
         for what, wanted in (("train groups", targets["train"]), (f"{train_targets} train targets", extra_targets)):
             processing.check_negatives(wanted, int(train_negatives), len(candidate_ids), histories, what,
-                                       weights=weights, user_names=key_of_user)
+                                       weights=weights, user_names=key_of_user, first_seen=first_seen)
     rows: dict[str, pd.DataFrame] = {}
     next_group = 0
     for split in processing.SPLITS:
         n_negatives = n_negatives_test if split == "test" else n_negatives_train
         rows[split] = processing.build_rows(
             targets[split], n_negatives, len(candidate_ids), histories, rngs[split], next_group,
-            desc=f"{split} negatives",
+            desc=f"{split} negatives", first_seen=first_seen,
         )
         next_group += len(targets[split].user_id)
     # The protocol's training groups fix the item ids (see the module docstring); other training
@@ -342,9 +423,9 @@ def prepare_dataset(
         rng = rngs["train_groups"]
         rows["train"] = pd.concat([
             processing.build_rows(targets["train"], int(train_negatives), len(candidate_ids), histories, rng, 0,
-                                  desc="train negatives", weights=weights),
+                                  desc="train negatives", weights=weights, first_seen=first_seen),
             processing.build_rows(extra_targets, int(train_negatives), len(candidate_ids), histories, rng, next_group,
-                                  desc=f"{train_targets} train negatives", weights=weights),
+                                  desc=f"{train_targets} train negatives", weights=weights, first_seen=first_seen),
         ], ignore_index=True)
     added = np.setdiff1d(rows["train"]["item_id"].to_numpy(), used)
     item_ids = _contiguous_ids([key_of[int(index)] for index in used])
@@ -371,7 +452,9 @@ def prepare_dataset(
         split_of = {int(user): split for split in processing.SPLITS for user in targets[split].user_id}
         users["split"] = users["user_id"].map(split_of)
     else:
-        users["split"] = "all"  # every user has a target in every split
+        # leave-last-out: every user has a target in every split; timeline: any user may have one
+        # in any split (which ones: read the rows).
+        users["split"] = "all"
 
     event_columns = ["user_id", "item_id", "timestamp", "position"] + (["rating"] if "rating" in events else [])
     _write_outputs(out, rows, events[event_columns], items, users, len(user_ids), len(item_ids))
@@ -410,6 +493,7 @@ def prepare_dataset(
         },
         "users_selected": int(chosen["user_key"].nunique()),
         "users_dropped_too_short": int(too_short),
+        "targets_without_history": without_history,
         "kept": {"users": len(user_ids), "items": len(item_ids), "events": int(len(events))},
         "negatives_drawn_from_items": len(candidate_ids),
         "users_per_split": {split: int(len(targets[split].user_id)) for split in processing.SPLITS},
@@ -419,6 +503,9 @@ def prepare_dataset(
                          "items_only_in_added_train_rows": int(len(added))},
         **image_stats,
     }
+    if cuts is not None:
+        report["cuts"] = {name: {**cut, "date": _iso_time(cut["timestamp"], source.timestamp_unit)}
+                          for name, cut in cuts.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
