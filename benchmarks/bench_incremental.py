@@ -32,11 +32,11 @@ from common import SPEED_RESULTS, write_json  # benchmarks/common.py
 
 
 def _prepare_default(folder: Path, users: int, seed: int) -> Path:
-    """A small ML-100k subset through the project's own data layer (temporal protocol)."""
+    """A small ML-100k subset through the project's own data layer (leave-last-out protocol)."""
     from merlin_mllm.data.prepare import prepare_dataset
 
     # At least 30 users: a very small catalogue cannot give every test row its 20 negatives.
-    prepare_dataset("ml-100k", "temporal", folder, max_users=max(users, 30) if users else 0, seed=seed, max_history=12)
+    prepare_dataset("ml-100k", "leave-last-out", folder, max_users=max(users, 30) if users else 0, seed=seed, max_history=12)
     return folder
 
 

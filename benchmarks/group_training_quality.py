@@ -12,9 +12,9 @@ step), same training rows, one epoch each, so every run sees exactly the same ca
   ``binary`` and ``listwise``.
 
 Data: the quickstart's seeded subset of MovieLens-100k (40 users, 9 most recent events each,
-seed 42), prepared with the **temporal** protocol rather than the quickstart's paper protocol:
+seed 42), prepared with the **leave-last-out** protocol rather than the quickstart's paper protocol:
 the paper split leaves 4 validation and 4 test users out of 40, too few for any AUC to mean
-something, while the temporal split scores every user on its own later items (40 valid groups
+something, while the leave-last-out split scores every user on its own later items (40 valid groups
 of 1 + 9, 40 test groups of 1 + 20) and trains on each user's third-to-last item (40 groups of
 1 + 7: ``--train-negatives 7``). User summaries are the titles of each row's last five history
 items (``recent_titles_summaries``), so no LLM generation is needed.
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     started_all = time.perf_counter()
     work = args.work / f"u{args.users}_h{args.max_history}_s{args.seed}_k{args.train_negatives}"
     data = work / "data"
-    report = prepare_dataset("ml-100k", "temporal", data, max_users=args.users, max_history=args.max_history,
+    report = prepare_dataset("ml-100k", "leave-last-out", data, max_users=args.users, max_history=args.max_history,
                              seed=args.seed, n_negatives_train=args.valid_negatives,
                              train_negatives=args.train_negatives)
     summaries = recent_titles_summaries(data, last=5)
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "setup": {
-            "data": f"ml-100k temporal protocol, {report['kept']['users']} users (seed {args.seed}, max_history "
+            "data": f"ml-100k leave-last-out protocol, {report['kept']['users']} users (seed {args.seed}, max_history "
                     f"{args.max_history}), train groups 1 + {args.train_negatives}, valid 1 + {args.valid_negatives}, "
                     f"test 1 + {report['settings']['n_negatives_test']}",
             "train_rows": report["rows_per_split"]["train"],

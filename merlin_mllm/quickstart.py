@@ -2,7 +2,7 @@
 
 The ranker is the hybrid of issue 16: the LoRA-tuned LLM's yes-minus-no logit plus a tabular
 head over the pipeline's collaborative features (NVTabular ``CollaborativeFeatures`` counts and
-a SASRec retrieval score), trained jointly on the temporal protocol (every user is a test
+a SASRec retrieval score), trained jointly on the leave-last-out protocol (every user is a test
 group). The report puts it beside popularity, SASRec and its own LLM part alone, each AUC with
 a bootstrap interval over the test users; the hybrid is then exported and served by Triton.
 
@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import typer
 
-from merlin_mllm.baselines import evaluate_popularity, evaluate_scores
+from merlin_mllm.baselines import evaluate_popularity_as_of, evaluate_scores
+from merlin_mllm.data.collaborative import CollaborativeFeatures
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.generation import GenerationSettings
@@ -35,7 +36,8 @@ from merlin_mllm.pipelines.training import train_ranker
 from merlin_mllm.ranker.config import FUSION_HEAD_FILE
 from merlin_mllm.reporting import write_quickstart_report
 from merlin_mllm.serving.client import RerankClient
-from merlin_mllm.serving.export import MANIFEST_FILE, export
+from merlin_mllm.ranker.fusion import hybrid_probability
+from merlin_mllm.serving.export import MANIFEST_FILE, events_before_serving, export, fusion_head
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.summaries.item import ItemSummarizer
 from merlin_mllm.summaries.user import summarize_users
@@ -48,8 +50,8 @@ class QuickstartSettings:
     # the users' events are summarised, ~7 per user, and 5 recurrent steps per user).
     max_users: int = 40
     max_history: int = 9
-    # Temporal: every user's last item is a test target, so each of the users is a test group.
-    protocol: str = "temporal"
+    # Leave-last-out: every user's last item is a test target, so each of the users is a test group.
+    protocol: str = "leave-last-out"
     seed: int = 42
     # Summaries are short on this CPU default: the ranker reads them, nobody has to.
     max_new_tokens: int = 40
@@ -69,7 +71,7 @@ class StageResult:
 HYBRID = "MLLM-MSR hybrid (LLM + tabular head)"
 LLM_PART = "hybrid's LLM part alone (llm_logit)"
 SASREC = "SASRec (retrieval score)"
-POPULARITY = "popularity"
+POPULARITY = "popularity (as of the row)"
 #: How long the Triton server may take to load the ensemble.
 TRITON_START_SECONDS = 600
 #: The folders under ``--out`` made from the prepared data (rebuilt when the data settings change).
@@ -151,7 +153,7 @@ class Quickstart:
         # Only the items the user summaries read: those of the users' events (their histories,
         # and the last items, which the recorded user states cover too). The ranker sees its
         # candidates by title, so summaries of the other catalogue items would be read by nobody;
-        # with the temporal protocol's 1 + 20 candidates per user they are two thirds of it.
+        # with the leave-last-out protocol's 1 + 20 candidates per user they are two thirds of it.
         # The store makes this stage idempotent: a re-run finds every summary and generates none.
         def run() -> str:
             items = read_table(self.data_dir / "items")
@@ -180,13 +182,14 @@ class Quickstart:
         return self.features_dir / f"{split}.parquet"
 
     def features(self) -> None:
-        """The hybrid's tabular features of the train and test rows, each from the events before its split."""
+        """The hybrid's tabular features of the train and test rows: counts as of each row's time, and
+        the score of a SASRec trained on the events before the split's cut."""
         paths = [self.features_path(split) for split in ("train", "test")]
 
         def describe() -> str:
             counts = "; ".join(f"{p.stem} {len(pd.read_parquet(p, columns=['group_id']))} rows" for p in paths)
-            return (f"hybrid features {', '.join(FUSION_FEATURES)} (NVTabular CollaborativeFeatures counts and a "
-                    f"SASRec score, each from the events before its split): {counts}")
+            return (f"hybrid features {', '.join(FUSION_FEATURES)} (NVTabular CollaborativeFeatures counts as of "
+                    f"each row's time, and a SASRec score, trained on the events before the split): {counts}")
 
         def run() -> str:
             self.features_dir.mkdir(parents=True, exist_ok=True)
@@ -261,12 +264,12 @@ class Quickstart:
             evaluate_scores(scores.assign(score=scores["llm_logit"]), results[LLM_PART],
                             {**hybrid["run"], "model": f"{self.model_dir} (llm_logit only)", "part": "llm_logit"},
                             started=started)
-            # SASRec: the retrieval score the hybrid reads, trained on the events before the test targets.
+            # SASRec: the retrieval score the hybrid reads, trained on the events before the test split's cut.
             features = pd.read_parquet(test_features)
             evaluate_scores(features.assign(score=features[RETRIEVAL_COLUMN]), results[SASREC],
                             {"model": "sasrec", "seed": self.settings.seed, "split": "test",
                              "source": f"{RETRIEVAL_COLUMN} of {test_features}"})
-            evaluate_popularity(self.data_dir, results[POPULARITY])
+            evaluate_popularity_as_of(self.data_dir, results[POPULARITY])
             return describe()
 
         def done() -> bool:
@@ -319,18 +322,38 @@ class Quickstart:
                 with RerankClient(server.grpc_url) as client:
                     result = client.rank(user_id, item_ids, top_k=10, retrieval_scores=retrieval)
             served = dict(zip(result.item_ids, result.scores))
-            diff = max(abs(float(served[i]) - float(s)) for i, s in zip(group["item_id"], group["score"]))
+            expected = self.scores_as_of_serving(group)
+            diff = max(abs(float(served[i]) - float(s)) for i, s in zip(group["item_id"], expected))
             positive = int(group.loc[group["label"] == 1, "item_id"].iloc[0])
             lines = [f"user {user_id}: top {len(result.ranked)} of {len(item_ids)} candidates, scored by the hybrid "
                      f"(served by Triton, gRPC, with SASRec's retrieval_scores); * = the held-out positive"]
             lines += [f"{rank:>4}. {score:.4f}  {titles.get(item, '')}{' *' if item == positive else ''}"
                       for rank, (item, score) in enumerate(result.ranked, 1)]
-            lines.append(f"max |served - in-process| over the {len(item_ids)} scores: {diff:.2e}")
+            lines.append(f"max |served - in-process| over the {len(item_ids)} scores, the counts of both as of "
+                         f"the serving time: {diff:.2e}")
             self.query_lines = lines
             typer.echo("\n".join(lines))
             return f"served, queried and shut down the Triton server (max score diff vs evaluate {diff:.1e})"
 
         self.stage("triton", lambda: False, run, run)
+
+    def scores_as_of_serving(self, group: pd.DataFrame) -> np.ndarray:
+        """The hybrid's in-process scores of evaluated rows, their counts as of the export's serving time.
+
+        Evaluation counts each test row as of its own time; the server counts a request as of
+        the moment it serves (``as_of`` in the export manifest). Same LLM logit (from the
+        scores file), same head, counts recomputed at that moment from the exported events.
+        """
+        import torch
+
+        record = json.loads((self.repo_dir / MANIFEST_FILE).read_text())["hybrid"]
+        counts = CollaborativeFeatures(record["recent_days"], time_unit=record["time_unit"]).fit(
+            events_before_serving(self.data_dir)).transform(group, as_of=record["as_of"])
+        head = fusion_head(self.model_dir)
+        with torch.no_grad():
+            head_logit = head(torch.as_tensor(counts[list(head.feature_names)].to_numpy(np.float32))).double().numpy()
+        p_yes = 1.0 / (1.0 + np.exp(-group["llm_logit"].to_numpy(np.float64)))
+        return hybrid_probability(p_yes, head_logit)[1]
 
     def write_report(self) -> Path:
         """``report.md``: the metrics table with bootstrap intervals, a plot and the stage timings."""
@@ -344,8 +367,8 @@ class Quickstart:
                  f"- **{LLM_PART}**: the same run's scores file ranked by its `llm_logit` column, the LLM's "
                  "part of the hybrid without the head (not a separately trained LLM-only ranker).",
                  f"- **{SASREC}**: the compact SASRec whose score is the hybrid's `{RETRIEVAL_COLUMN}` feature, "
-                 "trained on the events before the test targets.",
-                 f"- **{POPULARITY}**: each candidate's count in those events."]
+                 "trained on the events before the test split's cut (training_events).",
+                 f"- **{POPULARITY}**: each candidate's count of events strictly before the row's time."]
         path = write_quickstart_report(self.settings.out / "report.md", self.results, self.stages,
                                        getattr(self, "query_lines", []), self.settings, description=description,
                                        reference=HYBRID, notes=notes)

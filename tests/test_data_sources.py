@@ -176,7 +176,7 @@ def test_amazon_main_image_url():
 # ---- MicroLens ------------------------------------------------------------------------------
 
 
-def test_microlens_temporal(tmp_path):
+def test_microlens_leave_last_out(tmp_path):
     pairs, titles, covers = microlens_files(MICROLENS)
     assert (pairs.name, titles.name, covers.name) == ("MicroLens-100k_pairs.csv", "MicroLens-100k_title_en.csv", "MicroLens-100k_covers")
     report = prepare_dataset("microlens", "leave-last-out", tmp_path, input=MICROLENS, n_negatives_test=2)
@@ -204,7 +204,7 @@ def test_microlens_temporal(tmp_path):
 
 
 def test_users_too_short_for_the_protocol_are_dropped_and_counted(tmp_path):
-    # Without the 7-core, user 50 (2 videos) stays, but temporal needs 4 events per user.
+    # Without the 7-core, user 50 (2 videos) stays, but leave-last-out needs 4 events per user.
     report = prepare_dataset("microlens", "leave-last-out", tmp_path, input=MICROLENS, min_user_interactions=1, min_item_interactions=1, n_negatives_test=2)
     assert report["after_k_core"]["users"] == 10 and report["users_dropped_too_short"] == 1
     assert report["kept"]["users"] == 9 and "50" not in set(read_table(tmp_path / "users")["user_key"])

@@ -34,7 +34,7 @@ def prepared(tmp_path_factory):
 
     data = tmp_path_factory.mktemp("hybrid") / "data"
     # 20 users: enough shared items that the candidates of a group differ in their counts.
-    prepare_dataset("ml-100k", "temporal", data, max_users=20, max_history=9, seed=1, train_negatives=3)
+    prepare_dataset("ml-100k", "leave-last-out", data, max_users=20, max_history=9, seed=1, train_negatives=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         features = {split: fusion_feature_rows(data, split, retrieval=False) for split in ("train", "test")}

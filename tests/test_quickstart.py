@@ -1,5 +1,5 @@
 """The main job end to end, on the real embedded models, at a tiny size: every stage runs on the
-temporal protocol (every user a test group), the hybrid is trained and evaluated beside
+leave-last-out protocol (every user a test group), the hybrid is trained and evaluated beside
 popularity, SASRec and its own LLM part, each AUC with a bootstrap interval that contains it, the
 live Triton server answers (given the retrieval scores) with the scores that evaluate computed,
 report.md is written, and a second run reuses every cached stage."""
@@ -35,7 +35,7 @@ def test_every_stage_runs_and_the_report_has_all_rows(first_and_second_run):
     assert [s.name for s in first] == ["data", "item summaries", "user summaries", "features", "train", "evaluate",
                                        "export", "triton"]
     assert not any(s.cached for s in first)
-    assert "temporal protocol" in first[0].summary and f"{USERS} test groups" in first[0].summary
+    assert "leave-last-out protocol" in first[0].summary and f"{USERS} test groups" in first[0].summary
     # only the items of the users' events are summarised, and every user summary step finds them
     assert "items of the users' events" in first[1].summary and "items without summary" not in first[2].summary
     report = (out / "report.md").read_text()
@@ -51,7 +51,7 @@ def test_every_stage_runs_and_the_report_has_all_rows(first_and_second_run):
                          report, re.M), row
     assert f"over the {USERS} test users" in report
     assert (out / "report_metrics.png").stat().st_size > 10_000
-    # Every row was scored on the same test groups: one per user (temporal protocol).
+    # Every row was scored on the same test groups: one per user (leave-last-out protocol).
     files = ("hybrid.json", "hybrid_llm.json", "sasrec.json", "popularity.json")
     assert {json.loads((out / "eval" / f).read_text())["n_groups"] for f in files} == {USERS}
 
@@ -101,7 +101,7 @@ def test_second_run_reuses_every_cached_stage(first_and_second_run):
 
 
 def test_a_run_on_other_data_is_rebuilt_keeping_the_summary_store(tmp_path):
-    """An --out from the quickstart before the temporal protocol (paper protocol) is not reused."""
+    """An --out from the quickstart before the leave-last-out protocol (paper protocol) is not reused."""
     out = tmp_path / "old"
     (out / "data").mkdir(parents=True)
     (out / "data" / "report.json").write_text(json.dumps({"protocol": "paper", "seed": 42,
@@ -112,8 +112,8 @@ def test_a_run_on_other_data_is_rebuilt_keeping_the_summary_store(tmp_path):
     (out / "summaries" / "segment").write_text("kept")
     quickstart = Quickstart(QuickstartSettings(out=out, max_users=USERS, max_history=6))
     quickstart.prepare_data()
-    assert not quickstart.stages[0].cached and "temporal protocol" in quickstart.stages[0].summary
-    assert json.loads((out / "data" / "report.json").read_text())["protocol"] == "temporal"
+    assert not quickstart.stages[0].cached and "leave-last-out protocol" in quickstart.stages[0].summary
+    assert json.loads((out / "data" / "report.json").read_text())["protocol"] == "leave-last-out"
     assert not (out / "ranker").exists()
     assert (out / "summaries" / "segment").read_text() == "kept"
     quickstart.prepare_data()

@@ -18,7 +18,7 @@ def prepared(tmp_path_factory):
     from merlin_mllm.data.prepare import prepare_dataset
 
     data = tmp_path_factory.mktemp("context") / "data"
-    prepare_dataset("ml-100k", "temporal", data, max_users=6, max_history=9, seed=1, train_negatives=3)
+    prepare_dataset("ml-100k", "leave-last-out", data, max_users=6, max_history=9, seed=1, train_negatives=3)
     return data
 
 

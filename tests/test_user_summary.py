@@ -43,7 +43,7 @@ def write_dataset(root: Path, lengths=(7, 5, 4, 9), seed: int = 0) -> Path:
     """A tiny dataset in the data contract's layout: items/, events/, train/ valid/ test/.
 
     Each user has ``lengths[u]`` events; test/valid/train targets are the last, second to last
-    and third to last events (temporal protocol), each with one negative.
+    and third to last events (leave-last-out protocol), each with one negative.
     """
     root = Path(root)
     n = len(TITLES)

@@ -6,7 +6,7 @@ it must not enter the project venv). ``--make-venv`` builds that virtualenv.
 What it does, for one model and seed:
 
 1. Writes RecBole atomic files from the folder's training-time events: every event of
-   ``events/`` before the test targets (the same rule as ``merlin_mllm.data.splits.training_events``,
+   ``events/`` before the test rows (the same rule as ``merlin_mllm.data.splits.training_events``,
    re-implemented here with pandas because this venv cannot import merlin). The training file
    is pre-augmented the way RecBole augments sequences (one row per prefix, ``item_id_list`` +
    next ``item_id``), and an ``.item`` file lists the whole catalogue so every candidate has an id.
@@ -56,8 +56,15 @@ def _read(folder: Path):
 
 
 def training_events(data: Path):
-    """Events before each user's earliest target among the test rows (paper/temporal alike)."""
+    """The test split's rule of ``merlin_mllm.data.splits.training_events``: on a timeline folder
+    (``cuts`` in report.json) every event before ``T_test``; else the events before each user's
+    earliest test target's time (paper/leave-last-out alike)."""
     events = _read(data / "events")
+    report = data / "report.json"
+    cuts = json.loads(report.read_text()).get("cuts") if report.exists() else None
+    if cuts is not None:
+        keep = events["timestamp"] < int(cuts["test"]["timestamp"])
+        return events[keep.to_numpy()].sort_values(["user_id", "position"], kind="stable")
     test = _read(data / "test")
     cutoff = test.groupby("user_id")["target_position"].min()
     limit = events["user_id"].map(cutoff)

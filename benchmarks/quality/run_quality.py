@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-PROTOCOLS = ("paper", "temporal")
+PROTOCOLS = ("paper", "leave-last-out")
 METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
 # LLM settings as in merlin_mllm/quickstart.py (a small CPU run: faster LoRA lr than the paper).
 #: LLM ranker epochs (the rest of the recipe is TrainConfig.small_budget()).
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
                         help="MLLM-MSR rows to add to the all-users tables (with --all-users-baselines)")
     parser.add_argument("--all-users-llm-protocols", nargs="*", default=["paper"], choices=PROTOCOLS,
                         help="protocols whose all-users table gets --all-users-llm-rows (default: paper, "
-                             "94 test users; temporal would score 943 groups of 21 per row)")
+                             "94 test users; leave-last-out would score 943 groups of 21 per row)")
     parser.add_argument("--all-users-longer-epochs", type=int, nargs="*", default=[],
                         help="also train the all-users MLLM-MSR row for these many epochs (each > "
                              f"{LLM_EPOCHS}), each continuing the checkpoint of the longest finished shorter run; "

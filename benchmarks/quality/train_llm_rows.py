@@ -18,7 +18,7 @@ Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
 
 Usage::
 
-    python benchmarks/quality/train_llm_rows.py --stages temporal:llm_only:train temporal:llm_only:valid
+    python benchmarks/quality/train_llm_rows.py --stages leave-last-out:llm_only:train leave-last-out:llm_only:valid
 """
 from __future__ import annotations
 

@@ -332,8 +332,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--history", type=int, default=9, help="history items before the target")
     parser.add_argument("--liked-fraction", type=float, default=0.8)
     parser.add_argument("--warm-share", type=float, default=1.0, help="share of users whose taste is warm")
-    parser.add_argument("--protocol", choices=("temporal", "paper"), default="temporal",
-                        help="temporal: every user trains (third-to-last event) and is tested (last event)")
+    parser.add_argument("--protocol", choices=("leave-last-out", "paper"), default="leave-last-out",
+                        help="leave-last-out: every user trains (third-to-last event) and is tested (last event)")
     parser.add_argument("--train-negatives", type=int, default=3, help="negatives per training group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="item and user summary length")

@@ -1,7 +1,7 @@
 """The data layer: raw datasets -> Merlin parquet splits for the MLLM-MSR ranker.
 
 * :func:`merlin_mllm.data.prepare.prepare_dataset` (the datasets of
-  :data:`merlin_mllm.data.registry.DATASETS`; paper or temporal protocol);
+  :data:`merlin_mllm.data.registry.DATASETS`; paper, leave-last-out or timeline protocol);
 * :func:`merlin_mllm.data.images.fetch_images` (cached, retried image downloads) and
   :func:`~merlin_mllm.data.images.dataset_image_root` (where item image paths are confined);
 * :func:`merlin_mllm.data.tables.read_table` / ``read_schema`` to read the outputs back.

@@ -52,7 +52,7 @@ DEFAULT_RECIPE = "small-budget"
 #: the paper recipe's 2 steps at 2e-5 (4e-5) moved P(yes) by 0.005 at most (test AUC 0.5625 with
 #: the adapter, 0.55 without); small-budget's 16 steps at 5e-4 (8e-3) moved it by 0.215 on
 #: average (AUC 0.747 against 0.55). 5e-3 is the smallest committed run that moved the ranker off
-#: its zero-shot scores: 10 steps at 5e-4 (benchmarks/quality/README.md, temporal, 20 users); 189
+#: its zero-shot scores: 10 steps at 5e-4 (benchmarks/quality/README.md, leave-last-out, 20 users); 189
 #: steps at 5e-4 (0.0945) reach AUC 0.691 against 0.515 (benchmarks/quality/sft_vs_zero_shot.json).
 MIN_LR_STEPS = 5e-3
 

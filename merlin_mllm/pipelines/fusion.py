@@ -6,7 +6,7 @@ cross-entropy on the training split's groups (1 positive + negatives each). Afte
 the pooled AUC on the validation rows is measured; the epoch with the best one is kept, and
 training stops ``patience`` epochs after it. The test rows are never looked at.
 
-The training set is small (one group per training user: 1,886 rows on ML-100k's temporal
+The training set is small (one group per training user: 1,886 rows on ML-100k's leave-last-out
 protocol), so each epoch is one full-batch Adam step by default.
 
 Usage::
