@@ -84,14 +84,20 @@ class TritonInstall:
         python_dir = where / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         source = self.root / "backends" / "python"
+        # Several servers (test workers, CI beside a session) may set this folder up at once, and an
+        # older link may point into a venv that is gone: each entry is made under a name of this
+        # process's own and renamed into place, so a reader never sees a half-made or stale one.
+        unique = f".{uuid.uuid4().hex}.tmp"
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
             link = python_dir / name
-            if not link.exists():
-                link.symlink_to(source / name)
+            if not (link.is_symlink() and os.readlink(link) == str(source / name)):
+                tmp = python_dir / (name + unique)
+                tmp.symlink_to(source / name)
+                os.replace(tmp, link)
         stub = python_dir / "triton_python_backend_stub"
         if not stub.exists():
             # A copy, not a link: the backend resolves its own folder from the stub's real path.
-            tmp = stub.with_suffix(".tmp")
+            tmp = python_dir / (stub.name + unique)
             shutil.copy2(self.stub(), tmp)
             os.replace(tmp, stub)
         return where
