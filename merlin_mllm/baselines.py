@@ -1,25 +1,31 @@
 """Non-LLM baselines scored on exactly the rows the MLLM ranker is scored on.
 
-Three baselines, each giving one score per row of a split (1 positive + N negatives per group),
+The baselines each give one score per row of a split (1 positive + N negatives per group),
 evaluated with :func:`merlin_mllm.metrics.ranking_metrics` and written in the JSON layout of
 :func:`merlin_mllm.pipelines.evaluation.evaluate_ranker`, so that rows of a results table compare 1:1:
 
 * **popularity**: the candidate's interaction count in the training-time events (below).
+* **popularity as of the row** and **recent popularity as of the row**: the candidate's events
+  strictly before the row's own timestamp (all of them, or those of the ``recent_days`` before
+  it), counted by :class:`merlin_mllm.data.collaborative.CollaborativeFeatures`, the hybrid's
+  own count features (one home for the as-of rule).
 * **SASRec** and **GRU4Rec**: *compact re-implementations* in plain torch (not RecBole's code),
   small versions of Kang & McAuley 2018 (causal self-attention over the item sequence) and
   Hidasi et al. 2016 (a GRU over the item sequence). Both are trained for next-item prediction
   with a full softmax over the catalogue, and score a candidate by the dot product of the
   history's last hidden state with the candidate's (tied) item embedding.
 
-Training-time events (no leakage): :func:`merlin_mllm.data.splits.training_events` gives, for a
-split, the events a deployed system would have logged before scoring it; popularity counts and the
-sequential models train on exactly those, so popularity never counts the interaction it is asked
-to predict.
+Training-time events: :func:`merlin_mllm.data.splits.training_events` gives, for a split, the
+events before the split's cut (per user on leave-last-out and paper folders, one global time on
+timeline folders); popularity counts and the sequential models train on exactly those, so
+popularity never counts the interaction it is asked to predict. On leave-last-out folders those
+events still include other users' events after a row's time: the as-of popularity rows do not.
 
 Usage::
 
-    from merlin_mllm.baselines import evaluate_popularity, evaluate_sequential
+    from merlin_mllm.baselines import evaluate_popularity, evaluate_popularity_as_of, evaluate_sequential
     popularity = evaluate_popularity("data/ml100k", "runs/eval/popularity.json")
+    recent = evaluate_popularity_as_of("data/ml100k", "runs/eval/recent_popularity.json", recent_days=30)
     sasrec = evaluate_sequential("sasrec", "data/ml100k", "runs/eval/sasrec_s0.json", seed=0)
     popularity["auc"], sasrec["ndcg@5"]
 """
@@ -37,6 +43,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from merlin_mllm.data.collaborative import collaborative_features
 from merlin_mllm.data.splits import ROW_COLUMNS, read_prepared, split_rows, training_events
 from merlin_mllm.metrics import DEFAULT_KS, ranking_metrics
 
@@ -47,6 +54,8 @@ __all__ = [
     "SEQUENTIAL_KINDS",
     "popularity_scores",
     "evaluate_popularity",
+    "popularity_as_of_scores",
+    "evaluate_popularity_as_of",
     "SequentialSettings",
     "SequentialBaseline",
     "train_sequential_baseline",
@@ -145,6 +154,52 @@ def evaluate_popularity(data_dir: PathLike, out_json: PathLike, split: str = "te
     run = {"model": "popularity", "base_model": None, "zero_shot": False, "use_images": False, "split": split,
            "data_dir": str(Path(data_dir).resolve()), "max_groups": None,
            "counted": f"events before the {split} targets (merlin_mllm.data.splits.training_events)"}
+    return evaluate_scores(table, out_json, run, ks=ks, started=started)
+
+
+def popularity_as_of_scores(data_dir: PathLike, split: str = "test", *,
+                            recent_days: Optional[float] = None) -> pd.DataFrame:
+    """Each row of ``split`` scored by its item's events strictly before the row's own timestamp.
+
+    Counted from every event of the folder by
+    :class:`~merlin_mllm.data.collaborative.CollaborativeFeatures` (events in the row's own second
+    are not counted). The score is the feature itself, log(1 + count): a monotone function of the
+    count, so every ranking metric is the count's.
+
+    Parameters
+    ----------
+    data_dir : path
+        Output of ``prepare_dataset``.
+    split : str
+        The split to score (default ``"test"``).
+    recent_days : float, optional
+        Count only the events of the ``recent_days`` days before the row's time (recent
+        popularity); default: all earlier events.
+
+    Returns
+    -------
+    DataFrame
+        group_id, user_id, item_id, label, target_position, score (float), in file order.
+    """
+    rows = split_rows(data_dir, split)
+    if recent_days is None:
+        column, featured = "item_log_count", collaborative_features(data_dir).transform(rows)
+    else:
+        column = "item_log_recent_count"
+        featured = collaborative_features(data_dir, recent_days=recent_days).transform(rows)
+    return rows[ROW_COLUMNS].assign(score=featured[column].to_numpy(np.float64))
+
+
+def evaluate_popularity_as_of(data_dir: PathLike, out_json: PathLike, split: str = "test", *,
+                              recent_days: Optional[float] = None, ks: Iterable[int] = DEFAULT_KS) -> dict:
+    """Score ``split`` by :func:`popularity_as_of_scores` and write metrics in ``evaluate_ranker``'s layout."""
+    started = time.time()
+    table = popularity_as_of_scores(data_dir, split, recent_days=recent_days)
+    what = "every event" if recent_days is None else f"the events of the {recent_days:g} days"
+    run = {"model": "popularity_as_of_row" if recent_days is None else "recent_popularity_as_of_row",
+           "base_model": None, "zero_shot": False, "use_images": False, "split": split,
+           "data_dir": str(Path(data_dir).resolve()), "max_groups": None, "recent_days": recent_days,
+           "counted": f"{what} strictly before each row's timestamp (merlin_mllm.data.collaborative)"}
     return evaluate_scores(table, out_json, run, ks=ks, started=started)
 
 

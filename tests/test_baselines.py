@@ -1,5 +1,6 @@
-"""The non-LLM baselines: popularity (hand-computed on a tiny folder, no leakage) and the compact
-SASRec/GRU4Rec (they must learn a planted next-item pattern)."""
+"""The non-LLM baselines: popularity (hand-computed on a tiny folder, no leakage), popularity as of
+each row's time (all and recent, hand-computed), and the compact SASRec/GRU4Rec (they must learn a
+planted next-item pattern)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ import pytest
 from merlin_mllm.baselines import (
     SequentialSettings,
     evaluate_popularity,
+    evaluate_popularity_as_of,
     evaluate_sequential,
+    popularity_as_of_scores,
     popularity_scores,
     training_events,
 )
@@ -23,7 +26,8 @@ ROW_TAGS = {"user_id": [Tags.USER_ID], "item_id": [Tags.ITEM_ID], "label": [Tags
 
 def _write_folder(root, sequences, rows_by_split, n_items):
     """A prepared-dataset folder: events from ``sequences`` (user -> items in time order), rows
-    per split as (user, target_position, [positive, negatives...])."""
+    per split as (user, target_position, [positive, negatives...]). Event ``position`` happens at
+    second 1000 + position (so users' events interleave); a row's timestamp is its target's."""
     events = pd.DataFrame(
         [(user, item, 1000 + position, position) for user, items in sequences.items() for position, item in enumerate(items)],
         columns=["user_id", "item_id", "timestamp", "position"],
@@ -39,7 +43,8 @@ def _write_folder(root, sequences, rows_by_split, n_items):
             history = list(sequences[user][:target_position])
             for index, item in enumerate(candidates):
                 records.append({"user_id": user, "item_id": item, "label": int(index == 0),
-                                "target_position": target_position, "group_id": group, "timestamp": 0,
+                                "target_position": target_position, "group_id": group,
+                                "timestamp": 1000 + target_position,
                                 "history_item_ids": history})
             group += 1
         frame = pd.DataFrame(records)
@@ -108,6 +113,27 @@ def test_evaluate_popularity_writes_the_ranker_layout(tiny_paper, tmp_path):
     assert list(scores.columns) == ["group_id", "user_id", "item_id", "label", "score"]
     again = ranking_metrics(scores["label"], scores["score"], scores["group_id"])
     assert again["ndcg@5"] == pytest.approx(written["ndcg@5"])
+
+
+def test_popularity_as_of_the_row_counts_only_earlier_events(tiny_paper, tmp_path):
+    """Both test rows are at second 1002: only the events at positions 0 and 1 (seconds 1000, 1001)
+    of every user came before; those at 1002 (the targets, and user 2's item 5) did not."""
+    scored = popularity_as_of_scores(tiny_paper, "test")
+    # Before 1002: 1,2 | 2,3 | 3,4 | 2,6 | 3,1 -> item: count
+    counts = {1: 2, 2: 3, 3: 3, 4: 1, 5: 0, 6: 1, 7: 0}
+    np.testing.assert_allclose(np.expm1(scored["score"].to_numpy()), [counts[i] for i in scored["item_id"]], rtol=1e-6)
+    assert list(scored.columns) == ["group_id", "user_id", "item_id", "label", "target_position", "score"]
+    # Counted from training_events instead, item 3 would score 4 and item 5 1 (events after the rows).
+    assert popularity_scores(tiny_paper, "test").set_index("item_id")["score"].loc[[3, 5]].tolist() == [4.0, 1.0]
+    # A 1.5 s window before 1002 holds only the events at second 1001: 2 | 3 | 4 | 6 | 1, once each.
+    recent = popularity_as_of_scores(tiny_paper, "test", recent_days=1.5 / 86_400)
+    recent_counts = {1: 1, 2: 1, 3: 1, 4: 1, 5: 0, 6: 1, 7: 0}
+    np.testing.assert_allclose(np.expm1(recent["score"].to_numpy()), [recent_counts[i] for i in recent["item_id"]],
+                               rtol=1e-6)
+    result = evaluate_popularity_as_of(tiny_paper, tmp_path / "recent.json", recent_days=1.5 / 86_400)
+    assert result["run"]["model"] == "recent_popularity_as_of_row"
+    # Group of user 4: positive 4 (1) against 1 (1), 3 (1), 7 (0); user 5: 6 (1) against 2 (1), 5 (0), 7 (0).
+    assert result["auc"] == pytest.approx((0.5 + 0.5 + 1 + 0.5 + 1 + 1) / 6)
 
 
 def test_bad_folder_is_named(tmp_path):

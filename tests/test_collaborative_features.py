@@ -1,109 +1,191 @@
-"""The hybrid ranker's tabular features on a real prepared ML-100k folder: the NVTabular workflow's
-counts equal a pandas groupby over the training-time events, no scored target is ever counted,
-and the retrieval score is the split-time SASRec's."""
+"""The hybrid ranker's tabular features, point in time (issue 21), on real prepared ML-100k folders.
+
+Every count column of every split of a leave-last-out and a timeline folder equals a brute-force
+count made by a plain Python loop over the folder's events: the item's (and the user's) events
+strictly before the row's timestamp, the recent one those in ``[t - 30 days, t)``. The retrieval
+score is the SASRec trained on the split's training-time events, all of which precede the
+split's rows (per user on leave-last-out, the cut on the timeline). Serving's one-moment path
+(``as_of``) is brute-forced too.
+"""
 from __future__ import annotations
+
+import warnings
+from collections import defaultdict
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from merlin_mllm.baselines import SequentialSettings, sequential_scores, train_sequential_baseline
-from merlin_mllm.data.splits import split_rows, training_events
-from merlin_mllm.data.collaborative import FEATURE_COLUMNS, SECONDS_PER_DAY, CollaborativeFeatures
-from merlin_mllm.data.prepare import prepare_dataset
-from merlin_mllm.data.tables import Tags, read_table
-from merlin_mllm.pipelines.features import (
-    FUSION_FEATURES,
-    RETRIEVAL_COLUMN,
-    add_retrieval_scores,
+from merlin_mllm.data.collaborative import (
+    DEFAULT_RECENT_DAYS,
+    FEATURE_COLUMNS,
+    SECONDS_PER_DAY,
+    CollaborativeFeatures,
     collaborative_features,
-    fusion_feature_rows,
 )
+from merlin_mllm.data.prepare import prepare_dataset
+from merlin_mllm.data.splits import split_cuts, split_rows, training_events
+from merlin_mllm.data.tables import Tags, read_table
+from merlin_mllm.pipelines.features import FUSION_FEATURES, RETRIEVAL_COLUMN, add_retrieval_scores, fusion_feature_rows
 
-RECENT_DAYS = 20.0
+PROTOCOLS = ("leave-last-out", "timeline")
+SPLITS = ("train", "valid", "test")
 TINY_SEQUENTIAL = SequentialSettings(hidden=16, epochs=2, max_len=20)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ml100k_temporal")
-    prepare_dataset("ml-100k", "temporal", out, max_users=30, max_history=40, seed=42, n_negatives_test=10)
-    return out
+def folders(tmp_path_factory):
+    folders = {}
+    for protocol in PROTOCOLS:
+        out = tmp_path_factory.mktemp(protocol)
+        prepare_dataset("ml-100k", protocol, out, max_users=100, seed=42, n_negatives_test=10)
+        folders[protocol] = out
+    return folders
 
 
-def expected_features(events: pd.DataFrame, rows: pd.DataFrame, recent_days: float) -> pd.DataFrame:
-    """The three columns computed by hand with pandas: log1p of groupby counts, 0 when unseen."""
-    since = events["timestamp"].max() - recent_days * SECONDS_PER_DAY
-    item_counts = events.groupby("item_id").size()
-    recent_counts = events[events["timestamp"] >= since].groupby("item_id").size()
-    user_counts = events.groupby("user_id").size()
-    return pd.DataFrame({
-        "item_log_count": np.log1p(rows["item_id"].map(item_counts).fillna(0).to_numpy(float)),
-        "item_log_recent_count": np.log1p(rows["item_id"].map(recent_counts).fillna(0).to_numpy(float)),
-        "user_log_count": np.log1p(rows["user_id"].map(user_counts).fillna(0).to_numpy(float)),
-    })
+def brute_force_counts(events: pd.DataFrame, rows: pd.DataFrame, recent_days: float = DEFAULT_RECENT_DAYS,
+                       as_of=None) -> pd.DataFrame:
+    """Each row's counts by a plain loop over the events: strictly before t, recent in [t - window, t)."""
+    item_times, user_times = defaultdict(list), defaultdict(list)
+    for user, item, stamp in zip(events["user_id"], events["item_id"], events["timestamp"]):
+        item_times[int(item)].append(int(stamp))
+        user_times[int(user)].append(int(stamp))
+    window = recent_days * SECONDS_PER_DAY
+    records = []
+    for user, item, stamp in zip(rows["user_id"], rows["item_id"], rows["timestamp"] if as_of is None
+                                 else [as_of] * len(rows)):
+        records.append((sum(1 for s in item_times[int(item)] if s < stamp),
+                        sum(1 for s in item_times[int(item)] if stamp - window <= s < stamp),
+                        sum(1 for s in user_times[int(user)] if s < stamp)))
+    return pd.DataFrame(records, columns=list(FEATURE_COLUMNS), dtype=np.float64)
 
 
-@pytest.mark.parametrize("split", ["train", "valid", "test"])
-def test_counts_equal_a_groupby_over_training_events(folder, split):
-    rows = split_rows(folder, split)
-    featured = collaborative_features(folder, split, recent_days=RECENT_DAYS).transform(rows)
-    expected = expected_features(training_events(folder, split), rows, RECENT_DAYS)
+def assert_counts(featured: pd.DataFrame, expected: pd.DataFrame) -> None:
     for column in FEATURE_COLUMNS:
         assert featured[column].dtype == np.float32
-        np.testing.assert_allclose(featured[column].to_numpy(), expected[column].to_numpy(), rtol=1e-6, atol=1e-6)
-    # Rows keep their order and columns; some candidates were never seen (count 0), some recently.
+        counts = np.expm1(featured[column].to_numpy(np.float64))
+        bad = np.flatnonzero(np.abs(counts - expected[column].to_numpy()) > 1e-3 * np.maximum(1, counts))
+        assert not len(bad), (f"{column}: {len(bad)} rows differ, e.g. row {bad[0]} "
+                              f"({featured.iloc[bad[0]][['user_id', 'item_id', 'timestamp']].to_dict()}): "
+                              f"{counts[bad[0]]} != {expected[column].iloc[bad[0]]}")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_every_count_is_a_brute_force_count_as_of_the_row(folders, protocol, split):
+    folder = folders[protocol]
+    rows = split_rows(folder, split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        featured = fusion_feature_rows(folder, split, retrieval=False)
+    expected = brute_force_counts(read_table(folder / "events"), rows)
+    assert_counts(featured, expected)
+    # Rows keep their order and columns; the check is not vacuous: some counts are positive, and
+    # the recent window leaves some events out.
     pd.testing.assert_frame_equal(featured[rows.columns], rows)
-    assert (featured["item_log_count"] == 0).any() and (featured["item_log_recent_count"] > 0).any()
+    assert (expected["item_log_recent_count"] > 0).any() and (expected["user_log_count"] > 0).all()
+    assert (expected["item_log_recent_count"] < expected["item_log_count"]).any()
 
 
-def test_no_scored_target_is_counted(folder):
-    """Independently of training_events: the test-time counts are all events minus the test targets."""
+def test_a_row_never_counts_its_own_target_nor_its_second(folders):
+    """Each test positive is its user's event at the row's time: neither it nor any event of that
+    second is counted, though every event is fitted (the rule, not the choice of events, excludes them)."""
+    folder = folders["leave-last-out"]
     events = read_table(folder / "events")
     test = split_rows(folder, "test")
-    targets = test[test["label"] == 1][["user_id", "target_position"]].rename(columns={"target_position": "position"})
-    is_target = events.merge(targets.assign(hit=True), on=["user_id", "position"], how="left")["hit"].fillna(False).to_numpy()
-    assert is_target.sum() == len(targets) == 30
-    featured = collaborative_features(folder, "test", recent_days=RECENT_DAYS).transform(test)
+    featured = collaborative_features(folder).transform(test)
     positives = featured[featured["label"] == 1]
-    all_counts = events.groupby("item_id").size()
-    without_targets = events[~is_target].groupby("item_id").size()
-    np.testing.assert_allclose(np.expm1(positives["item_log_count"].to_numpy(np.float64)),
-                               positives["item_id"].map(without_targets).fillna(0).to_numpy(), atol=1e-3)
-    # Counting every event would have counted each positive's own target once more.
-    assert (positives["item_id"].map(all_counts).to_numpy() > np.round(np.expm1(positives["item_log_count"]))).all()
-    # The valid split's features miss the valid and the test targets.
-    valid_events = training_events(folder, "valid")
-    assert len(valid_events) == len(events) - 60
+    for _, row in positives.iterrows():
+        same_second_or_later = events[(events["user_id"] == row["user_id"]) & (events["timestamp"] >= row["timestamp"])]
+        assert len(same_second_or_later) >= 1  # the target itself
+        earlier = int((events["user_id"] == row["user_id"]).sum()) - len(same_second_or_later)
+        assert round(float(np.expm1(row["user_log_count"]))) == earlier
 
 
-def test_schema_tags_and_unseen_keys(folder):
-    features = collaborative_features(folder, "test")
+def test_one_moment_for_every_row_is_serving(folders):
+    """``as_of``: every row counted as of one moment, e.g. a served request; its default "now" is
+    the first second after the latest fitted event (all of them count)."""
+    folder = folders["timeline"]
+    events = training_events(folder, "test")
+    rows = split_rows(folder, "test").drop(columns="timestamp")
+    features = CollaborativeFeatures().fit(events)
+    assert features.logged_until == int(events["timestamp"].max()) + 1
+    for moment in (features.logged_until, split_cuts(folder).valid):
+        assert_counts(features.transform(rows, as_of=moment), brute_force_counts(events, rows, as_of=moment))
+    with pytest.raises(ValueError, match="rows lack the time column 'timestamp'.*as_of="):
+        features.transform(rows)
+
+
+def test_schema_tags_unseen_keys_and_bad_input(folders):
+    features = collaborative_features(folders["leave-last-out"])
     schema = features.output_schema
     assert schema.column_names == list(FEATURE_COLUMNS)
     for column in schema:
         assert Tags.CONTINUOUS in column.tags
-    unseen = features.transform(pd.DataFrame({"user_id": [10**6], "item_id": [10**6], "extra": ["kept"]}))
+    unseen = features.transform(pd.DataFrame({"user_id": [10**6], "item_id": [10**6], "timestamp": [10**10],
+                                              "extra": ["kept"]}))
     assert unseen[list(FEATURE_COLUMNS)].to_numpy().tolist() == [[0.0, 0.0, 0.0]]
     assert unseen["extra"].tolist() == ["kept"]
-
-
-def test_recent_window_parameter(folder):
-    events = training_events(folder, "test")
-    rows = split_rows(folder, "test")
-    wide = CollaborativeFeatures(recent_days=10_000).fit(events).transform(rows)
-    np.testing.assert_allclose(wide["item_log_recent_count"], wide["item_log_count"])
-    narrow = CollaborativeFeatures(recent_days=1e-6).fit(events)
-    assert narrow.recent_since == events["timestamp"].max()
+    rows = split_rows(folders["leave-last-out"], "test")
+    with pytest.raises(ValueError, match=r"row 2 \(user .*\) has no valid 'timestamp'"):
+        features.transform(rows.head(4).assign(timestamp=[1.0, 2.0, np.nan, 3.0]))
     with pytest.raises(ValueError, match="recent_days"):
         CollaborativeFeatures(recent_days=0)
+    with pytest.raises(ValueError, match="time_unit"):
+        CollaborativeFeatures(time_unit="h")
+    events = read_table(folders["leave-last-out"] / "events")
     with pytest.raises(ValueError, match="timestamp"):
         CollaborativeFeatures().fit(events.drop(columns="timestamp"))
     with pytest.raises(RuntimeError, match="before fit"):
         CollaborativeFeatures().transform(rows)
 
 
-def test_retrieval_score_is_the_split_time_sasrec(folder):
+def test_recent_window_parameter(folders):
+    folder = folders["leave-last-out"]
+    rows = split_rows(folder, "test")
+    wide = collaborative_features(folder, recent_days=10_000).transform(rows)
+    np.testing.assert_allclose(wide["item_log_recent_count"], wide["item_log_count"])
+    assert_counts(collaborative_features(folder, recent_days=2.5).transform(rows),
+                  brute_force_counts(read_table(folder / "events"), rows, recent_days=2.5))
+    # Milliseconds (Amazon, MicroLens): the same window in days spans 1000 times more units.
+    events = read_table(folder / "events")
+    in_ms = events.assign(timestamp=events["timestamp"] * 1000)
+    got = CollaborativeFeatures(time_unit="ms").fit(in_ms).transform(rows.assign(timestamp=rows["timestamp"] * 1000))
+    np.testing.assert_array_equal(got[list(FEATURE_COLUMNS)].to_numpy(),
+                                  collaborative_features(folder).transform(rows)[list(FEATURE_COLUMNS)].to_numpy())
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_retrieval_model_trains_on_events_before_the_split(folders, protocol):
+    """The SASRec behind ``retrieval_score`` is trained on ``training_events(split)``, all of which
+    precede the split's rows: before each of that user's rows of the split (leave-last-out), before
+    the split's cut (timeline valid and test). It scores each row from the row's own history
+    (``sequential_scores`` reads ``history_item_ids``, whose events tests/test_leakage_audit.py
+    checks are strictly earlier than the row)."""
+    folder = folders[protocol]
+    cuts = split_cuts(folder)
+    for split in SPLITS:
+        events = training_events(folder, split)
+        rows = split_rows(folder, split)
+        first_row = rows.groupby("user_id")["timestamp"].min()
+        limit = events["user_id"].map(first_row)
+        assert (events["timestamp"][limit.notna()] < limit.dropna()).all(), (protocol, split)
+        if cuts is not None and split != "train":
+            assert events["timestamp"].max() < getattr(cuts, split), (protocol, split)
+    split = "valid"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = fusion_feature_rows(folder, split, seed=3, settings=TINY_SEQUENTIAL)
+    baseline = train_sequential_baseline("sasrec", folder, 3, split=split, settings=TINY_SEQUENTIAL)
+    expected = sequential_scores(baseline, folder, split)
+    np.testing.assert_allclose(rows[RETRIEVAL_COLUMN].to_numpy(), expected["score"].to_numpy(), rtol=1e-6, atol=1e-6)
+    assert set(FUSION_FEATURES) <= set(rows.columns)
+    assert np.isfinite(rows[list(FUSION_FEATURES)].to_numpy(np.float64)).all()
+
+
+def test_retrieval_score_matches_rows_in_any_order(folders):
+    folder = folders["leave-last-out"]
     baseline = train_sequential_baseline("sasrec", folder, 0, split="train", settings=TINY_SEQUENTIAL)
     rows = split_rows(folder, "train")
     shuffled = rows.sample(frac=1.0, random_state=0)
@@ -114,10 +196,3 @@ def test_retrieval_score_is_the_split_time_sasrec(folder):
     assert scored.index.equals(shuffled.index)
     with pytest.raises(ValueError, match="not rows of split 'train'"):
         add_retrieval_scores(split_rows(folder, "test").head(3), folder, "train", baseline=baseline)
-
-
-def test_fusion_feature_rows_has_every_feature(folder):
-    rows = fusion_feature_rows(folder, "valid", seed=0, settings=TINY_SEQUENTIAL)
-    assert set(FUSION_FEATURES) <= set(rows.columns)
-    assert np.isfinite(rows[list(FUSION_FEATURES)].to_numpy(np.float64)).all()
-    assert len(rows) == len(split_rows(folder, "valid"))

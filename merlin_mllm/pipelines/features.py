@@ -1,15 +1,18 @@
-"""The hybrid ranker's tabular features for one split of a prepared folder, without leakage.
+"""The hybrid ranker's tabular features for one split of a prepared folder, each as of its row's time.
 
-For a split S, every feature of S's rows comes from :func:`merlin_mllm.data.splits.training_events`
-``(data_dir, S)``: the events logged before S is scored. No target of S (or of a later split) is
-counted, and the training split's rows see fewer events than the test split's, exactly as a
-deployed pipeline would have seen at each time.
+Point in time (issue 21): every feature of a row uses only what was logged strictly before the
+row's timestamp.
 
 * :func:`collaborative_features`: :class:`merlin_mllm.data.collaborative.CollaborativeFeatures`
   (the NVTabular workflow of log item count, log recent-window count and log user activity)
-  fitted on those events.
+  fitted on *all* of the folder's events: each row counts only the events strictly before its
+  own time (the recent window is the ``recent_days`` before it), so the same fitted workflow
+  serves every split, training rows included, and nothing a row could not have seen is counted.
 * :func:`add_retrieval_scores`: the upstream retrieval score, a compact SASRec
-  (:mod:`merlin_mllm.baselines`) trained on the same events, as a ``retrieval_score`` column.
+  (:mod:`merlin_mllm.baselines`) trained on :func:`merlin_mllm.data.splits.training_events`
+  ``(data_dir, S)``, the events before the split's cut (a model's weights cannot be "as of" each
+  row), scoring each row from the row's own history (``history_item_ids``: the user's events
+  strictly before the row's time), as a ``retrieval_score`` column.
 * :func:`fusion_feature_rows`: S's rows with all of them, what
   :func:`merlin_mllm.pipelines.fusion.train_fusion_head` trains and scores on.
 
@@ -35,9 +38,8 @@ from merlin_mllm.baselines import (
     sequential_scores,
     split_rows,
     train_sequential_baseline,
-    training_events,
 )
-from merlin_mllm.data.collaborative import FEATURE_COLUMNS, CollaborativeFeatures
+from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, FEATURE_COLUMNS, collaborative_features
 
 __all__ = [
     "RETRIEVAL_COLUMN",
@@ -53,29 +55,6 @@ PathLike = Union[str, os.PathLike]
 RETRIEVAL_COLUMN = "retrieval_score"
 #: The non-LLM fusion's inputs: the collaborative columns plus the upstream retrieval score.
 FUSION_FEATURES = (*FEATURE_COLUMNS, RETRIEVAL_COLUMN)
-
-
-def collaborative_features(data_dir: PathLike, split: str = "test", *, recent_days: float = 30.0,
-                           work_dir: Optional[PathLike] = None) -> CollaborativeFeatures:
-    """The collaborative feature workflow fitted on the events logged before ``split`` is scored.
-
-    Parameters
-    ----------
-    data_dir : path
-        Output of ``prepare_dataset``.
-    split : str
-        ``"train"``, ``"valid"`` or ``"test"``: the split whose rows will be transformed.
-    recent_days : float
-        Width of the recent-count window, ending at the latest of those events.
-    work_dir : path, optional
-        Where the workflow keeps its statistics (default: a temporary folder).
-
-    Returns
-    -------
-    CollaborativeFeatures
-        Fitted; ``.transform(rows)`` adds the columns.
-    """
-    return CollaborativeFeatures(recent_days, work_dir=work_dir).fit(training_events(data_dir, split))
 
 
 def add_retrieval_scores(rows: pd.DataFrame, data_dir: PathLike, split: str = "test", *,
@@ -121,7 +100,7 @@ def add_retrieval_scores(rows: pd.DataFrame, data_dir: PathLike, split: str = "t
     return rows.assign(**{column: merged["score"].to_numpy(np.float64)})
 
 
-def fusion_feature_rows(data_dir: PathLike, split: str = "test", *, recent_days: float = 30.0,
+def fusion_feature_rows(data_dir: PathLike, split: str = "test", *, recent_days: float = DEFAULT_RECENT_DAYS,
                         retrieval: bool = True, baseline: Optional[SequentialBaseline] = None, seed: int = 0,
                         settings: Optional[SequentialSettings] = None) -> pd.DataFrame:
     """The rows of ``split`` with :data:`FUSION_FEATURES` (or the collaborative ones only).
@@ -131,7 +110,7 @@ def fusion_feature_rows(data_dir: PathLike, split: str = "test", *, recent_days:
     data_dir : path
     split : str
     recent_days : float
-        See :func:`collaborative_features`.
+        Width of the recent-count window, ending at each row's time.
     retrieval : bool
         Add ``retrieval_score`` (trains a compact SASRec on the split's training-time events
         unless ``baseline`` is given).
@@ -143,7 +122,8 @@ def fusion_feature_rows(data_dir: PathLike, split: str = "test", *, recent_days:
     DataFrame
         group_id, user_id, item_id, label, target_position, history_item_ids, ... and the features.
     """
-    rows = collaborative_features(data_dir, split, recent_days=recent_days).transform(split_rows(data_dir, split))
+    # Every event is fitted; each row counts those strictly before its own timestamp.
+    rows = collaborative_features(data_dir, recent_days=recent_days).transform(split_rows(data_dir, split))
     if retrieval:
         rows = add_retrieval_scores(rows, data_dir, split, baseline=baseline, seed=seed, settings=settings)
     return rows
