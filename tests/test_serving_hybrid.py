@@ -2,10 +2,22 @@
 temporal ML-100k folder), exported and served by the bundled tritonserver.
 
 Checks: the export carries the head and the fitted CollaborativeFeatures workflow; the features
-model computes exactly the test rows' features (item/user counts from the events logged before
-serving, retrieval_score from the request's ``retrieval_scores``); the served scores, the
-in-process steps and the merlin.systems operator all equal ``evaluate_ranker(..., features=...)``;
-a hybrid request without ``retrieval_scores`` is a clear per-request error naming the input.
+model computes the test rows' features as of the serving time (item/user counts from the events
+logged before serving, retrieval_score from the request's ``retrieval_scores``); the served
+scores, the in-process steps and the merlin.systems operator all equal
+``evaluate_ranker(..., features=...)`` given the same feature values; a retrieval score far
+outside the training range is clipped, served and in-process alike; a hybrid request without
+``retrieval_scores`` is a clear per-request error naming the input.
+
+What "the same score" means here. A user who sends the served endpoint a test row's user and
+candidates expects the score offline evaluation gives that (user, candidate) *with the same
+information*. Offline evaluation counts each test row as of its own timestamp (point in time:
+only events strictly before it). The served model cannot know when a request's row "happened":
+it counts as of the moment it serves, the first second after the last event it was exported
+with. For a test row from before that moment the two counts differ, and so do the scores, by
+design. So the reference is ``evaluate_ranker`` on the test rows with their counts as of the
+serving time (same events, same moment, same retrieval scores): any difference left is a serving
+bug, and the tolerance stays 1e-5.
 """
 from __future__ import annotations
 
@@ -19,11 +31,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, FEATURE_COLUMNS, CollaborativeFeatures
 from merlin_mllm.pipelines.config import TrainConfig
 from merlin_mllm.pipelines.features import FUSION_FEATURES
 from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RETRIEVAL_FEATURE, FeatureStep, RankerStep, RequestError
 from merlin_mllm.serving.client import RerankClient, RerankError
-from merlin_mllm.serving.export import DEFAULT_RECENT_DAYS, events_before_serving, export
+from merlin_mllm.serving.export import events_before_serving, export
 from merlin_mllm.serving.tritonserver import TritonServer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -35,8 +48,9 @@ UNKNOWN_USER = 10**9
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    """A temporal 20-user folder, each split's fusion features (SASRec retrieval score included),
-    a hybrid trained one step, its evaluation, and its Triton export (default events)."""
+    """A leave-last-out 20-user folder, each split's fusion features as of each row's time (SASRec
+    retrieval score included), a hybrid trained one step on them, its Triton export (default
+    events), and its evaluation on the test rows with their counts as of the export's serving time."""
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
     from merlin_mllm.pipelines.features import fusion_feature_rows
@@ -45,7 +59,7 @@ def hybrid(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hybrid_serving")
     data = root / "data"
-    prepare_dataset("ml-100k", "temporal", data, max_users=20, max_history=9, seed=1, train_negatives=3,
+    prepare_dataset("ml-100k", "leave-last-out", data, max_users=20, max_history=9, seed=1, train_negatives=3,
                     n_negatives_test=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,14 +68,18 @@ def hybrid(tmp_path_factory):
     run = root / "run"
     train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=1, **CONFIG), features=features["train"],
                  progress=False)
-    result = evaluate_ranker(data, summaries, run, root / "eval" / "test.json", features=features["test"],
-                             progress=False)
-    evaluated = pd.read_parquet(result["run"]["scores"]).merge(
-        features["test"][["group_id", "item_id", *FUSION_FEATURES]], on=["group_id", "item_id"], validate="1:1")
     repo = root / "repo"
     manifest = export(run, summaries, data, repo, max_candidates=12)
-    return SimpleNamespace(root=root, data=data, features=features, summaries=summaries, run=run,
-                           evaluated=evaluated, repo=repo, manifest=manifest)
+    # The test rows as a request at serving time sees them: counts as of the export's "now".
+    served_as_of = manifest["hybrid"]["as_of"]
+    at_serving = CollaborativeFeatures(DEFAULT_RECENT_DAYS).fit(events_before_serving(data)).transform(
+        features["test"], as_of=served_as_of)
+    result = evaluate_ranker(data, summaries, run, root / "eval" / "test.json", features=at_serving,
+                             progress=False)
+    evaluated = pd.read_parquet(result["run"]["scores"]).merge(
+        at_serving[["group_id", "item_id", *FUSION_FEATURES]], on=["group_id", "item_id"], validate="1:1")
+    return SimpleNamespace(root=root, data=data, features=features, at_serving=at_serving, summaries=summaries,
+                           run=run, evaluated=evaluated, repo=repo, manifest=manifest)
 
 
 def groups(evaluated: pd.DataFrame):
@@ -69,6 +87,15 @@ def groups(evaluated: pd.DataFrame):
     for _, group in evaluated.groupby("group_id", sort=True):
         yield (int(group["user_id"].iloc[0]), group["item_id"].astype(int).tolist(),
                group[RETRIEVAL_FEATURE].to_numpy(np.float32), group["score"].to_numpy())
+
+
+def far_and_clipped(head, retrieval: np.ndarray):
+    """``retrieval`` with its first score set to 1e30, and to the head's training maximum."""
+    top = float(head.feature_max[list(head.feature_names).index(RETRIEVAL_FEATURE)])
+    assert np.isfinite(top) and top < 1e30
+    far, clipped = retrieval.astype(np.float32), retrieval.astype(np.float32)
+    far[0], clipped[0] = 1e30, top
+    return far, clipped
 
 
 # ---------------------------------------------------------------------------- the export
@@ -87,6 +114,8 @@ def test_export_carries_the_head_and_the_fitted_features(hybrid):
     assert record["feature_names"] == list(FUSION_FEATURES) and record["retrieval_input"] == "retrieval_scores"
     events = training_events(hybrid.data, "test")
     assert record["events"] == len(events) and record["recent_days"] == DEFAULT_RECENT_DAYS
+    # served as of the first second after the last logged event: every one of them counts
+    assert record["as_of"] == int(events["timestamp"].max()) + 1 and record["time_unit"] == "s"
     # serving never imports the pipelines: its copies of their rule and constants are kept equal here
     pd.testing.assert_frame_equal(events_before_serving(hybrid.data), events)
     assert RETRIEVAL_FEATURE == RETRIEVAL_COLUMN
@@ -108,11 +137,15 @@ def test_export_carries_the_head_and_the_fitted_features(hybrid):
     assert retrieval.optional and retrieval.data_type == mc.TYPE_FP32 and list(retrieval.dims) == [-1]
 
 
-def test_features_model_computes_the_test_rows_features(hybrid):
+def test_features_model_computes_the_test_rows_features_as_of_serving(hybrid):
     step = FeatureStep.load(hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR)
-    test = hybrid.features["test"]
+    test = hybrid.at_serving
     got = step.head_features.compute(test["user_id"], test["item_id"], test[RETRIEVAL_FEATURE])
     np.testing.assert_array_equal(got, test[list(FUSION_FEATURES)].to_numpy(np.float32))
+    # ... which are not the counts as of each row's own time that offline evaluation uses (the
+    # test rows happened before the serving time): comparing with those would compare two questions.
+    as_of_row = hybrid.features["test"][list(FEATURE_COLUMNS)].to_numpy(np.float32)
+    assert (as_of_row != test[list(FEATURE_COLUMNS)].to_numpy(np.float32)).any(axis=1).sum() >= 10
     # a user and an item the events never saw count 0 (log 1 = 0)
     unseen = step.head_features.compute([UNKNOWN_USER], [int(test["item_id"].iloc[0])], [0.0])
     assert unseen[0, list(FUSION_FEATURES).index("user_log_count")] == 0.0
@@ -133,6 +166,15 @@ def test_in_process_steps_equal_evaluate(hybrid):
     parts = ranker.hybrid_parts(1 / (1 + np.exp(-group["llm_logit"].to_numpy())), group[list(FUSION_FEATURES)])
     np.testing.assert_allclose(parts["head_logit"], group["head_logit"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts["score"], group["score"], rtol=0, atol=1e-9)
+    # A retrieval score far beyond the training range scores as the range's end (it used to give 0.0).
+    far, clipped = far_and_clipped(ranker.head, retrieval)
+    got = {}
+    for name, scores in (("far", far), ("clipped", clipped)):
+        batch = features.prepare(np.array([[user]]), np.array([items]), None, scores.reshape(1, -1))
+        got[name] = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([items]),
+                                      batch["fusion_features"])[0]
+    assert np.isfinite(got["far"]).all() and got["far"][0] > 0.0
+    np.testing.assert_allclose(got["far"], got["clipped"], rtol=0, atol=1e-7)
     with pytest.raises(RequestError, match="send the input 'retrieval_scores'"):
         features.prepare(np.array([[user]]), np.array([items]))
     with pytest.raises(ValueError, match="this ranker is a hybrid"):
@@ -199,6 +241,15 @@ def test_served_hybrid_scores_equal_evaluate(hybrid, server):
                                        err_msg=f"user {user}: max diff {np.abs(result.scores - expected).max():.2e}")
             assert result.known_user is True
             assert [i for i, _ in result.ranked] == [items[j] for j in np.argsort(-result.scores, kind="stable")]
+        # A served retrieval score of 1e30 is clipped to the training range (it used to give 0.0).
+        from merlin_mllm.serving.export import fusion_head
+
+        user, items, retrieval, _ = next(groups(evaluated))
+        far, clipped = far_and_clipped(fusion_head(hybrid.run), retrieval)
+        far_scores = client.rank(user, items, top_k=len(items), retrieval_scores=far).scores
+        assert np.isfinite(far_scores).all() and far_scores[0] > 0.0
+        np.testing.assert_allclose(far_scores, client.rank(user, items, top_k=len(items), retrieval_scores=clipped).scores,
+                                   rtol=0, atol=1e-7)
 
 
 def test_hybrid_request_without_retrieval_scores_fails_clearly(hybrid, server):

@@ -14,9 +14,10 @@ Feature step (``mllm_features``), folder layout::
     features.json     limits (max_candidates, top_k_default), the cold-start summary and the
                       unknown-user policy (``unknown_users``)
     head_features/    only for a hybrid ranker (:class:`HeadFeatures`): head_features.json (the
-                      head's input columns, in its order) and collaborative/, the fitted
-                      ``CollaborativeFeatures`` workflow (Workflow.save, with its JoinGroupby
-                      statistics) when the head reads a collaborative column
+                      head's input columns, in its order, and the serving time ``as_of``) and
+                      collaborative/, the fitted ``CollaborativeFeatures`` workflow
+                      (Workflow.save, with its AsOfCount statistics) when the head reads a
+                      collaborative column
 
 Request -> per user: the user's summary, each candidate's title and has-image flag, then the
 workflow turns those rows into the token ids of the ranker's prompts. An unknown user (no
@@ -27,8 +28,10 @@ the step says which rows were known (``known_user``) and counts the cold starts.
 For a hybrid ranker the step also computes the head's tabular features of every (user,
 candidate): ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the fitted
 :class:`merlin_mllm.data.collaborative.CollaborativeFeatures` workflow (the events logged before
-serving), and ``retrieval_score`` from the request's ``retrieval_scores`` (the upstream
-retrieval stage's score of each candidate). A hybrid whose head reads ``retrieval_score`` rejects
+serving), counted as of the serving time ``as_of`` (by default the first second after the latest
+logged event: every logged event counts, and the recent window ends at the latest one), and
+``retrieval_score`` from the request's ``retrieval_scores`` (the upstream retrieval stage's score
+of each candidate). A hybrid whose head reads ``retrieval_score`` rejects
 a request without ``retrieval_scores``, naming the input.
 
 Ranker step (``mllm_ranker``), folder layout::
@@ -202,7 +205,8 @@ class HeadFeatures:
     * ``item_log_count``, ``item_log_recent_count``, ``user_log_count``: computed by
       ``collaborative`` (:class:`merlin_mllm.data.collaborative.CollaborativeFeatures`), the
       NVTabular workflow fitted on the events logged before serving: its own ``transform``, on
-      its own fitted statistics.
+      its own fitted statistics, every request as of one moment, ``as_of`` (offline evaluation
+      counts each row as of its own time instead; given that moment, the two agree).
     * ``retrieval_score``: the request's ``retrieval_scores``, the upstream retrieval stage's
       score of each candidate.
 
@@ -212,6 +216,10 @@ class HeadFeatures:
         The head's input columns.
     collaborative : CollaborativeFeatures, optional
         Fitted. Needed when ``feature_names`` holds a collaborative column.
+    as_of : int, optional
+        The serving time the counts are as of (events strictly before it; the recent window
+        ends at it). Default: ``collaborative.logged_until``, the first second after the latest
+        fitted event.
 
     Raises
     ------
@@ -220,12 +228,15 @@ class HeadFeatures:
         without a fitted ``collaborative``.
     """
 
-    def __init__(self, feature_names: Sequence[str], collaborative=None):
+    def __init__(self, feature_names: Sequence[str], collaborative=None, as_of: Optional[int] = None):
         self.feature_names = tuple(str(name) for name in feature_names)
         self.collaborative_names = self.collaborative_columns(self.feature_names)
         if self.collaborative_names and (collaborative is None or getattr(collaborative, "workflow", None) is None):
             raise ValueError(f"the fusion head reads {list(self.collaborative_names)}: give a fitted CollaborativeFeatures")
         self.collaborative = collaborative if self.collaborative_names else None
+        self.as_of = None
+        if self.collaborative is not None:
+            self.as_of = int(self.collaborative.logged_until if as_of is None else as_of)
 
     @staticmethod
     def collaborative_columns(feature_names: Sequence[str]) -> Tuple[str, ...]:
@@ -261,9 +272,10 @@ class HeadFeatures:
                 warnings.simplefilter("ignore")
                 copy.deepcopy(collaborative.workflow).save(str(folder / COLLABORATIVE_DIR))
             config["collaborative"] = {
-                "recent_days": collaborative.recent_days, "recent_since": collaborative.recent_since,
-                "n_events": int(collaborative.n_events), "user_column": collaborative.user_column,
-                "item_column": collaborative.item_column, "time_column": collaborative.time_column,
+                "as_of": self.as_of, "recent_days": collaborative.recent_days, "time_unit": collaborative.time_unit,
+                "latest_event": collaborative.latest_event, "n_events": int(collaborative.n_events),
+                "user_column": collaborative.user_column, "item_column": collaborative.item_column,
+                "time_column": collaborative.time_column,
             }
         (folder / HEAD_FEATURES_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
@@ -275,7 +287,7 @@ class HeadFeatures:
         if not (folder / HEAD_FEATURES_CONFIG).is_file():
             raise FileNotFoundError(f"{folder / HEAD_FEATURES_CONFIG} not found: {folder} is not a saved HeadFeatures")
         config = json.loads((folder / HEAD_FEATURES_CONFIG).read_text(encoding="utf-8"))
-        collaborative = None
+        collaborative, as_of = None, None
         if "collaborative" in config:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -284,15 +296,19 @@ class HeadFeatures:
                 from merlin_mllm.data.collaborative import CollaborativeFeatures
 
                 settings = config["collaborative"]
+                if "as_of" not in settings:
+                    raise ValueError(f"{folder / HEAD_FEATURES_CONFIG} was written before the features were counted "
+                                     "as of a time (no 'as_of'): export the hybrid again")
                 collaborative = CollaborativeFeatures(
                     settings["recent_days"], user_column=settings["user_column"], item_column=settings["item_column"],
-                    time_column=settings["time_column"], work_dir=folder / COLLABORATIVE_DIR)
-                # The fitted statistics, as CollaborativeFeatures.fit left them (Workflow.load
-                # points JoinGroupby at the saved parquet files).
+                    time_column=settings["time_column"], time_unit=settings["time_unit"])
+                # The fitted statistics, as CollaborativeFeatures.fit left them (pickled with the
+                # AsOfCount operators).
                 collaborative.workflow = nvt.Workflow.load(str(folder / COLLABORATIVE_DIR))
-                collaborative.recent_since = settings["recent_since"]
+                collaborative.latest_event = settings["latest_event"]
                 collaborative.n_events = settings["n_events"]
-        return cls(config["feature_names"], collaborative)
+                as_of = settings["as_of"]
+        return cls(config["feature_names"], collaborative, as_of)
 
     def compute(self, user_ids: Sequence[int], item_ids: Sequence[int],
                 retrieval_scores: Optional[Sequence[float]] = None) -> np.ndarray:
@@ -336,7 +352,7 @@ class HeadFeatures:
             rows = pd.DataFrame({self.collaborative.user_column: user_ids, self.collaborative.item_column: item_ids})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                counted = self.collaborative.transform(rows)
+                counted = self.collaborative.transform(rows, as_of=self.as_of)
             for name in self.collaborative_names:
                 columns[name] = counted[name].to_numpy(np.float32)
         matrix = np.zeros((item_ids.size, len(self.feature_names)), dtype=np.float32)

@@ -40,9 +40,12 @@ A hybrid ranker (its folder holds ``fusion_head.safetensors``: ``TrainConfig.fus
 is served with its head. The features model computes the head's columns per (user, candidate)
 at request time: ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the
 :class:`~merlin_mllm.data.collaborative.CollaborativeFeatures` workflow fitted, at export, on the
-events logged before serving (``events``; default :func:`events_before_serving`, the prepared
-folder's events before each user's test target), and ``retrieval_score`` from the request's
-``retrieval_scores``. A request to a hybrid that reads ``retrieval_score`` without
+events logged before serving (``events``; default :func:`events_before_serving`, the events
+before the test split's cut), counted as of the serving time (the first second after the latest
+of those events: all of them count, and the recent window ends at the latest; recorded as
+``as_of`` in the manifest), and ``retrieval_score`` from the request's ``retrieval_scores``.
+Offline evaluation counts each test row as of its own time instead: the two give the same score
+for the same feature values (tests/test_serving_hybrid.py). A request to a hybrid that reads ``retrieval_score`` without
 ``retrieval_scores`` fails (INVALID_ARGUMENT, naming the input). The ranker model adds the
 head's logit to the LLM's, exactly as ``evaluate_ranker(..., features=...)`` does. A non-hybrid
 export is unchanged: no head features, and ``retrieval_scores``, if sent, is not used.
@@ -92,7 +95,7 @@ with warnings.catch_warnings():
     import nvtabular as nvt
     import tritonclient.grpc.model_config_pb2 as mc
 
-from merlin_mllm.data.collaborative import CollaborativeFeatures
+from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, CollaborativeFeatures, folder_time_unit
 from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
@@ -162,9 +165,6 @@ DEFAULT_MAX_PROMPT_TOKENS = 512
 TRAIN_CONFIG_FILE = "train_config.json"
 #: The folders and file of ``out_dir`` that an export owns (everything else is carried over).
 OWNED = (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL, MANIFEST_FILE)
-#: The collaborative features' recent window when the caller names none:
-#: ``merlin_mllm.pipelines.features.fusion_feature_rows``'s default (a test keeps them equal).
-DEFAULT_RECENT_DAYS = 30.0
 
 
 # ---------------------------------------------------------------------------- artefacts
@@ -225,11 +225,11 @@ def fusion_head(model_dir) -> Optional[TabularFusionHead]:
 
 
 def events_before_serving(data_dir) -> pd.DataFrame:
-    """The events a deployment of a prepared folder has logged: all but each user's test target and later.
+    """The events a deployment of a prepared folder has logged: those before the test split's cut.
 
-    :func:`merlin_mllm.data.splits.training_events` ``(data_dir, "test")``, the events the test
-    split's features are computed from, so served features equal the test rows' features. A
-    folder without ``test/`` keeps every event.
+    :func:`merlin_mllm.data.splits.training_events` ``(data_dir, "test")``: on a timeline folder
+    every event before ``T_test``; on leave-last-out and paper folders every event but each test
+    user's test target and later. A folder without ``test/`` keeps every event.
 
     Returns
     -------
@@ -259,7 +259,11 @@ def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
         collaborative columns on. Default: :func:`events_before_serving`.
     recent_days : float, optional
         The recent-count window (default :data:`DEFAULT_RECENT_DAYS`, the pipelines' default):
-        it must be the one the training features used.
+        it must be the one the training features used. Its unit follows ``data_dir``'s
+        timestamps (``report.json``).
+
+    The counts are served as of the first second after the latest of ``events``
+    (``CollaborativeFeatures.logged_until``).
     """
     if head is None:
         if events is not None or recent_days is not None:
@@ -272,7 +276,8 @@ def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
             events = events_before_serving(data_dir)
         elif not isinstance(events, pd.DataFrame):
             events = read_table(events) if Path(events).is_dir() else pd.read_parquet(events)
-        collaborative = CollaborativeFeatures(DEFAULT_RECENT_DAYS if recent_days is None else float(recent_days))
+        collaborative = CollaborativeFeatures(DEFAULT_RECENT_DAYS if recent_days is None else float(recent_days),
+                                              time_unit=folder_time_unit(data_dir))
         collaborative.fit(events)
     return HeadFeatures(head.feature_names, collaborative)
 
@@ -563,9 +568,10 @@ def _hybrid_manifest(head_features: Optional[HeadFeatures], events) -> Optional[
     record = {"feature_names": list(head_features.feature_names),
               "retrieval_input": RETRIEVAL_INPUT if head_features.needs_retrieval else None}
     if collaborative is not None:
-        record.update(recent_days=collaborative.recent_days, recent_since=collaborative.recent_since,
-                      events=int(collaborative.n_events),
-                      events_source="before each user's test target (events_before_serving)" if events is None
+        record.update(as_of=head_features.as_of, recent_days=collaborative.recent_days,
+                      recent_since=head_features.as_of - collaborative.recent_window,
+                      time_unit=collaborative.time_unit, events=int(collaborative.n_events),
+                      events_source="before the test split's cut (events_before_serving)" if events is None
                       else ("DataFrame" if isinstance(events, pd.DataFrame) else str(Path(events).resolve())))
     return record
 
@@ -661,8 +667,9 @@ def export(
     events : DataFrame or path, optional
         Only for a hybrid ranker (``fusion_head.safetensors`` in ``model_dir``): the events
         logged before serving (``user_id``, ``item_id``, ``timestamp``), on which the
-        collaborative features are fitted. Default: :func:`events_before_serving`, i.e.
-        ``training_events(data_dir, "test")``, what the test rows' features were computed from.
+        collaborative features are fitted; a request is counted as of the first second after the
+        latest of them. Default: :func:`events_before_serving`, i.e.
+        ``training_events(data_dir, "test")``.
     recent_days : float, optional
         Only for a hybrid: the collaborative features' recent window; the training features'
         (default 30, ``fusion_feature_rows``' default).
