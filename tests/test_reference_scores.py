@@ -3,7 +3,10 @@ refactor (``tests/fixtures/make_reference_scores.py`` at commit ba80cc3), must b
 ``TOLERANCE`` in fp32: in-process (embedded with and without image tokens, two tiny HF MLLMs),
 through ``evaluate_ranker``, and through the served Triton ensemble (whose scores were, and stay,
 within 1e-5 of the in-process ones on the same host: the served path batches candidates its own
-way).
+way). The ``evaluate`` part was written again at commit 2dcf9e4, when the data rules changed on
+purpose (ties within a second in a seeded random order, histories strictly before the target's
+time: other targets and histories for the same ranker); ``evaluate_source`` in the fixture
+records that commit and its host.
 
 Why ``TOLERANCE`` is 1e-4 (measured by ``tests/fixtures/measure_score_variation.py``, recorded with
 each configuration's CPU capability in ``tests/fixtures/score_variation.json``): the hosts this
