@@ -1,21 +1,30 @@
-"""Hybrid-ranker table (issue 16) on all MovieLens-100k users, both protocols.
+"""The hybrid-ranker table on all MovieLens-100k users, every feature as of the row's time.
 
-Rows, every one scored on the same test groups of one prepared folder per protocol (the
-all-users folders of ``run_quality.py``: ``prepare_dataset("ml-100k", protocol, ...,
-max_history=12, seed=42, n_negatives_test=20)``; 943 temporal test groups, 94 paper ones):
+Protocols, one prepared folder each (``prepare_dataset("ml-100k", protocol, ...,
+max_history=MAX_HISTORY[protocol], seed=42, n_negatives_test=20)``): ``timeline`` (the primary
+table: one global time cut for valid and one for test), then ``leave-last-out`` (each user's last
+event; the old "temporal") and ``paper``.
 
-* non-LLM, computed here: popularity; SASRec (compact); GRU4Rec (compact); the **non-LLM
-  fusion** (``TabularFusionHead`` over the collaborative features and the SASRec score, trained
-  on the training split's groups, early-stopped on valid); the late fusion of
-  [log(1 + popularity), SASRec score] by a logistic regression fitted on valid (a check against
-  STACK.md's 0.7227).
-* LLM rows, read from score files made elsewhere (``--llm-scores``): LLM only; the late fusion
-  of [log(1 + popularity), SASRec score, LLM logit] fitted on valid (computed here once the LLM
-  only row has valid scores); hybrid with tabular fusion; hybrid with collaborative tokens.
+Point in time: every row's counts are those of the events strictly before its own timestamp
+(``CollaborativeFeatures``; the recent window is the 30 days before the row), SASRec for split S
+is trained on the events before S's cut (``merlin_mllm.data.splits.training_events``) and scores
+each row from the row's own history. Nothing is tuned on test groups: the heads and late fusions
+are fitted or early-stopped on valid.
 
-No leakage: the features and SASRec scores of split S come from the events logged before S is
-scored (``merlin_mllm.data.splits.training_events``), so the training split's rows are scored by
-a SASRec that never saw their targets. Nothing is tuned on test groups.
+Rows, every one scored on the same test groups of a protocol's folder:
+
+* non-LLM, computed here: popularity and recent popularity (as of the row); SASRec and GRU4Rec
+  (compact); the **non-LLM fusion** (``TabularFusionHead`` over the collaborative features and
+  the SASRec score, trained on the training split's groups, early-stopped on valid); the late
+  fusion of [log(1 + popularity), SASRec score] by a logistic regression fitted on valid.
+* LLM rows, read from score files made elsewhere (``--llm-scores``, once per training seed): LLM
+  only; the late fusion of [log(1 + popularity), SASRec score, LLM logit] fitted on valid (one
+  per LLM seed, from its valid scores); hybrid with tabular fusion; hybrid with collaborative
+  tokens.
+
+Slices are chosen without the label: cold users (at most 5 events before the target) and cold
+items (candidates with at most 5 events before the row, positive and negative alike). Paired
+intervals are bootstraps over test users with seeds as strata (``merlin_mllm.metrics``).
 
 Every stage is cached under ``--work`` (default ``benchmarks/results/hybrid/``, git-ignored): the
 prepared data, each split's features, each (model, split, seed)'s scores with its wall and CPU
@@ -23,18 +32,18 @@ time, each fusion's scores and fit. A re-run reuses them and only recomputes the
 also writes, per protocol and seed, ``<work>/<protocol>_all/hybrid_inputs/<split>_s<seed>.parquet``:
 each split's rows with the four fusion features, what the hybrid ranker trains and is scored on.
 
-Outputs (committed): ``--out``/hybrid_rows.json and hybrid_rows.md (every row, both protocols,
-the cold-start slice, paired bootstrap intervals), and hybrid_summary.json (issue 16's summary;
-its hybrid comparisons stay null until hybrid rows exist).
+Outputs (committed): ``--out``/hybrid_rows.json and hybrid_rows.md (every row, every protocol,
+the slices, paired bootstrap intervals), and hybrid_summary.json (per protocol: every row's
+metrics and seeds, and the hybrid's three differences, null until hybrid rows exist).
 
 Usage::
 
-    python benchmarks/quality/run_hybrid.py                     # the non-LLM rows, both protocols
-    python benchmarks/quality/run_hybrid.py --users 30 --seeds 0 --work /tmp/h --out /tmp/h   # smoke run
-    # with LLM rows (evaluate_ranker's <out>.scores.parquet, score = P(yes)):
-    python benchmarks/quality/run_hybrid.py \\
-        --llm-scores temporal llm_only runs/llm/test.scores.parquet runs/llm/valid.scores.parquet \\
-        --llm-scores temporal hybrid_tabular runs/hybrid/test.scores.parquet
+    python benchmarks/quality/run_hybrid.py                     # the non-LLM rows, every protocol
+    python benchmarks/quality/run_hybrid.py --users 30 --protocols timeline --seeds 0 --work /tmp/h --out /tmp/h
+    # with LLM rows (evaluate_ranker's <out>.scores.parquet, score = P(yes)), one flag per seed:
+    python benchmarks/quality/run_hybrid.py --protocols timeline \\
+        --llm-scores timeline llm_only runs/llm_s1/test.scores.parquet runs/llm_s1/valid.scores.parquet \\
+        --llm-scores timeline hybrid_tabular runs/hybrid_s1/test.scores.parquet
 """
 from __future__ import annotations
 
@@ -58,10 +67,9 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py
 from common import write_json  # noqa: E402
 
 from merlin_mllm import baselines  # noqa: E402
-from merlin_mllm.data.collaborative import FEATURE_COLUMNS  # noqa: E402
 from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
-from merlin_mllm.data.splits import split_rows, training_events  # noqa: E402
-from merlin_mllm.metrics import auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
+from merlin_mllm.data.splits import split_rows  # noqa: E402
+from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
 from merlin_mllm.pipelines.features import (  # noqa: E402
     FUSION_FEATURES,
     RETRIEVAL_COLUMN,
@@ -70,15 +78,18 @@ from merlin_mllm.pipelines.features import (  # noqa: E402
 )
 from merlin_mllm.pipelines.fusion import FusionSettings, fusion_scores, train_fusion_head  # noqa: E402
 
-PROTOCOLS = ("temporal", "paper")
+#: The global timeline first (the primary table), then leave-last-out and the paper's protocol.
+PROTOCOLS = ("timeline", "leave-last-out", "paper")
 SPLITS = ("train", "valid", "test")
-MAX_HISTORY = 12
+#: Events kept per user: all of them on the timeline (counts and histories need the whole past).
+MAX_HISTORY = {"timeline": 0, "leave-last-out": 12, "paper": 12}
 DATA_SEED = 42
 N_NEGATIVES_TEST = 20
-#: A test group is cold-start when its positive had at most this many training-time interactions.
-COLD_START_MAX_INTERACTIONS = 5
+#: Label-free slices: a user, or an item, with at most this many events before the row's time.
+COLD_MAX_EVENTS = 5
 RECENT_DAYS = 30.0
-METRICS = ("auc", "hr@5", "ndcg@5")
+METRICS = ("auc", "hr@1", "hr@5", "ndcg@5")
+SLICES = ("all", "cold_users", "cold_items")
 SCORE_COLUMNS = ["group_id", "user_id", "item_id", "label", "score"]
 
 
@@ -91,8 +102,10 @@ class RowSpec:
 
 
 ROWS = (
-    RowSpec("popularity", "Popularity", "non_llm",
-            "the candidate's count in the training-time events of the test split"),
+    RowSpec("popularity", "Popularity (as of the row)", "non_llm",
+            "the candidate's events strictly before the row's timestamp"),
+    RowSpec("recent_popularity", "Recent popularity (as of the row)", "non_llm",
+            "the candidate's events in the 30 days before the row's timestamp"),
     RowSpec("sasrec", "SASRec (compact)", "non_llm",
             "merlin_mllm.baselines compact SASRec, trained on the test split's training-time events"),
     RowSpec("gru4rec", "GRU4Rec (compact)", "non_llm", "the compact GRU4Rec, same events"),
@@ -182,8 +195,8 @@ class ProtocolStages:
     def prepare(self) -> dict:
         if not (self.data / "report.json").is_file():
             log(f"prepare ml-100k {self.protocol}, max_users={self.users or 'all'}")
-            prepare_dataset("ml-100k", self.protocol, self.data, max_users=self.users, max_history=MAX_HISTORY,
-                            seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
+            prepare_dataset("ml-100k", self.protocol, self.data, max_users=self.users,
+                            max_history=MAX_HISTORY[self.protocol], seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
         return json.loads((self.data / "report.json").read_text())
 
     def rows(self, split: str) -> pd.DataFrame:
@@ -194,19 +207,33 @@ class ProtocolStages:
         rows = self.rows("test")[["group_id", "user_id", "item_id", "label"]].to_numpy(np.int64)
         return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
 
-    def cold_start_groups(self) -> np.ndarray:
-        """Test groups whose positive occurs at most COLD_START_MAX_INTERACTIONS times in the test split's
-        training-time events."""
-        counts = training_events(self.data, "test")["item_id"].value_counts()
-        test = self.rows("test")
-        positives = test[test["label"] == 1]
-        seen = positives["item_id"].map(counts).fillna(0).to_numpy()
-        return np.sort(positives["group_id"].to_numpy()[seen <= COLD_START_MAX_INTERACTIONS])
+    def slices(self) -> Dict[str, pd.DataFrame]:
+        """The test rows of each label-free slice, as (group_id, item_id) keys.
+
+        ``cold_users``: every row of the groups whose user had at most COLD_MAX_EVENTS events
+        before the target's time. ``cold_items``: the rows whose candidate had at most
+        COLD_MAX_EVENTS events before the row's time, in the groups where the positive is such an
+        item and at least one negative is too (an AUC over cold positive / cold negative pairs).
+        Neither looks at the label to decide which rows are in: coldness is a count, positive and
+        negative alike.
+        """
+        features = self.features("test")
+        user_events = np.rint(np.expm1(features["user_log_count"].to_numpy(np.float64)))
+        item_events = np.rint(np.expm1(features["item_log_count"].to_numpy(np.float64)))
+        cold_user_groups = features.loc[user_events <= COLD_MAX_EVENTS, "group_id"].unique()
+        cold_items = features[item_events <= COLD_MAX_EVENTS]
+        both = cold_items.groupby("group_id")["label"].agg(["min", "max"])
+        usable = both.index[(both["min"] == 0) & (both["max"] == 1)]
+        return {"all": features[["group_id", "item_id"]],
+                "cold_users": features.loc[features["group_id"].isin(cold_user_groups), ["group_id", "item_id"]],
+                "cold_items": cold_items.loc[cold_items["group_id"].isin(usable), ["group_id", "item_id"]]}
 
     # -- non-LLM scores
-    def popularity(self, split: str) -> pd.DataFrame:
-        return self.cached_frame(f"popularity_{split}", lambda: baselines.popularity_scores(self.data, split)
-                                 [SCORE_COLUMNS])
+    def popularity(self, split: str, recent: bool = False) -> pd.DataFrame:
+        """Each row's candidate counted from the events strictly before the row (the last 30 days if ``recent``)."""
+        name = f"{'recent_' if recent else ''}popularity_{split}"
+        return self.cached_frame(name, lambda: baselines.popularity_as_of_scores(
+            self.data, split, recent_days=self.recent_days if recent else None)[SCORE_COLUMNS])
 
     def sequential(self, kind: str, split: str, seed: int) -> pd.DataFrame:
         """``kind`` trained on ``split``'s training-time events, scoring ``split``'s rows (SCORE_COLUMNS)."""
@@ -217,8 +244,9 @@ class ProtocolStages:
         return self.cached_frame(f"{kind}_{split}_s{seed}", compute)
 
     def features(self, split: str) -> pd.DataFrame:
+        # Every event fitted, each row counted as of its own time (merlin_mllm.data.collaborative).
         return self.cached_frame(f"features_{split}", lambda: collaborative_features(
-            self.data, split, recent_days=self.recent_days).transform(self.rows(split)))
+            self.data, recent_days=self.recent_days).transform(self.rows(split)))
 
     def hybrid_inputs(self, split: str, seed: int) -> pd.DataFrame:
         """``split``'s rows with FUSION_FEATURES (SASRec seed ``seed``), also written for the hybrid runs."""
@@ -296,30 +324,43 @@ class ProtocolStages:
 
 
 # ----------------------------------------------------------------------------- rows and intervals
-def metrics_of(scores: pd.DataFrame, groups: Optional[np.ndarray] = None) -> dict:
-    if groups is not None:
-        scores = scores[scores["group_id"].isin(groups)]
-    result = ranking_metrics(scores["label"].to_numpy(), scores["score"].to_numpy(), scores["group_id"].to_numpy(), ks=(5,))
+def in_slice(scores: pd.DataFrame, keys: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """The rows of ``scores`` whose (group_id, item_id) are in ``keys`` (all rows when None)."""
+    if keys is None:
+        return scores
+    return scores.merge(keys, on=["group_id", "item_id"], how="inner")
+
+
+def metrics_of(scores: pd.DataFrame, keys: Optional[pd.DataFrame] = None) -> dict:
+    """AUC, HR@1, HR@5 and NDCG@5 of the rows in ``keys``; a slice of partial groups gets AUC only."""
+    scores = in_slice(scores, keys)
+    labels, values, groups = (scores["label"].to_numpy(), scores["score"].to_numpy(), scores["group_id"].to_numpy())
+    n_groups = int(pd.unique(groups).size)
+    if keys is not None and len(scores) != n_groups * int(pd.Series(groups).value_counts().max()):
+        return {"auc": auc(labels, values), "n_groups": n_groups, "n_rows": int(len(scores))}
+    result = ranking_metrics(labels, values, groups, ks=(1, 5))
     return {**{m: result[m] for m in METRICS}, "n_groups": result["n_groups"]}
 
 
 def summarise(per_seed: List[dict], part: str) -> dict:
-    out = {"n_groups": per_seed[0][part]["n_groups"]}
+    out = {key: per_seed[0][part][key] for key in ("n_groups", "n_rows") if key in per_seed[0][part]}
     for metric in METRICS:
+        if metric not in per_seed[0][part]:
+            continue
         values = np.array([record[part][metric] for record in per_seed], dtype=float)
         out[metric] = round(float(values.mean()), 4)
         out[metric + "_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else None
     return out
 
 
-def measured_row(spec: RowSpec, scored: List[Tuple[Optional[int], pd.DataFrame, dict]], cold: np.ndarray,
-                 extra: Optional[dict] = None) -> dict:
-    """A row of the table from its per-seed (seed, scores, timing) triples."""
-    per_seed = [{"seed": seed, "all": metrics_of(scores), "cold_start": metrics_of(scores, cold), **timing}
+def measured_row(spec: RowSpec, scored: List[Tuple[Optional[int], pd.DataFrame, dict]],
+                 slices: Dict[str, pd.DataFrame], extra: Optional[dict] = None) -> dict:
+    """A row of the table from its per-seed (seed, scores, timing) triples; each seed's metrics are kept."""
+    per_seed = [{"seed": seed, **{name: metrics_of(scores, None if name == "all" else keys)
+                                  for name, keys in slices.items()}, **timing}
                 for seed, scores, timing in scored]
     row = {"key": spec.key, "label": spec.label, "kind": spec.kind, "what": spec.what, "status": "measured",
-           "seeds": [s for s, _, _ in scored], "all": summarise(per_seed, "all"),
-           "cold_start": summarise(per_seed, "cold_start"),
+           "seeds": [s for s, _, _ in scored], **{name: summarise(per_seed, name) for name in slices},
            "wall_seconds_per_seed": round(float(np.mean([r["wall_seconds"] for r in per_seed])), 1)
            if all(r.get("wall_seconds") is not None for r in per_seed) else None,
            "cpu_seconds_per_seed": round(float(np.mean([r["cpu_seconds"] for r in per_seed])), 1)
@@ -330,26 +371,28 @@ def measured_row(spec: RowSpec, scored: List[Tuple[Optional[int], pd.DataFrame, 
     return row
 
 
-def hybrid_parts(path: Path, cold: np.ndarray) -> Optional[dict]:
-    """Metrics of a hybrid's parts (``HYBRID_PARTS`` columns of its score file), or None."""
-    frame = pd.read_parquet(path)
-    if not set(HYBRID_PARTS) <= set(frame.columns):
+def hybrid_parts(paths: List[Path], slices: Dict[str, pd.DataFrame]) -> Optional[dict]:
+    """Metrics of a hybrid's parts (``HYBRID_PARTS`` columns of its score files, mean over seeds), or None."""
+    frames = [pd.read_parquet(path) for path in paths]
+    if not all(set(HYBRID_PARTS) <= set(frame.columns) for frame in frames):
         return None
-    return {column: {"all": metrics_of(frame.assign(score=frame[column])),
-                     "cold_start": metrics_of(frame.assign(score=frame[column]), cold)} for column in HYBRID_PARTS}
+    return {column: {name: summarise([{name: metrics_of(frame.assign(score=frame[column]),
+                                                        None if name == "all" else keys)} for frame in frames], name)
+                     for name, keys in slices.items()} for column in HYBRID_PARTS}
 
 
 def pending_row(spec: RowSpec, note: str) -> dict:
     return {"key": spec.key, "label": spec.label, "kind": spec.kind, "what": spec.what, "status": "pending",
-            "note": note, "seeds": [], "all": None, "cold_start": None}
+            "note": note, "seeds": [], **{name: None for name in SLICES}}
 
 
-def paired_difference(a: List[pd.DataFrame], b: List[pd.DataFrame], groups: Optional[np.ndarray], resamples: int,
+def paired_difference(a: List[pd.DataFrame], b: List[pd.DataFrame], keys: Optional[pd.DataFrame], resamples: int,
                       where: str) -> dict:
-    """AUC(a) - AUC(b) with a paired bootstrap over test groups; seeds are strata.
+    """AUC(a) - AUC(b) with a paired bootstrap over test users; seeds are strata.
 
     Equal seed counts pair seed i with seed i; a single-seed side is repeated beside every seed
-    of the other (popularity, an LLM row).
+    of the other (popularity, an LLM row). With seeds as strata, the interval carries the
+    training variance of both sides' seeds, and the difference is the mean over seeds.
     """
     n = max(len(a), len(b))
     if len(a) not in (1, n) or len(b) not in (1, n):
@@ -357,10 +400,9 @@ def paired_difference(a: List[pd.DataFrame], b: List[pd.DataFrame], groups: Opti
     frames = []
     for stratum in range(n):
         paired = paired_scores(a[stratum if len(a) > 1 else 0], b[stratum if len(b) > 1 else 0], ("a", "b"), where)
-        if groups is not None:
-            paired = paired[paired["group_id"].isin(groups)]
-        frames.append(paired.assign(stratum=stratum))
+        frames.append(in_slice(paired, keys).assign(stratum=stratum))
     paired = pd.concat(frames, ignore_index=True)
+    # Every protocol has one test group per user, so resampling groups resamples users.
     result = auc_difference_interval(paired["label"], paired["score_a"], paired["score_b"], paired["group_id"],
                                      strata=paired["stratum"], resamples=resamples)
     return {"diff": round(result["difference"], 4), "low": round(result["low"], 4), "high": round(result["high"], 4),
@@ -391,23 +433,27 @@ def read_external(path: Path, reference: pd.DataFrame, score_kind: str, where: s
 
 
 # ----------------------------------------------------------------------------- one protocol
-def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, List[Path]], score_kind: str,
+def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, List[List[Path]]], score_kind: str,
                  resamples: int) -> dict:
     report = stages.prepare()
-    cold = stages.cold_start_groups()
+    every_slice = stages.slices()
+    # An empty slice (no full-data ML-100k user is cold at the test cut) is reported as such, not scored.
+    slices = {name: keys for name, keys in every_slice.items() if len(keys)}
     test_rows = stages.rows("test")
     scores: Dict[str, List[pd.DataFrame]] = {}
     rows: Dict[str, dict] = {}
 
-    popularity = stages.popularity("test")
-    scores["popularity"] = [popularity]
-    rows["popularity"] = measured_row(ROW_BY_KEY["popularity"], [(None, popularity, stages.seconds(["popularity_test"]))], cold)
+    for key, recent in (("popularity", False), ("recent_popularity", True)):
+        scored = stages.popularity("test", recent=recent)
+        scores[key] = [scored]
+        rows[key] = measured_row(ROW_BY_KEY[key], [(None, scored, stages.seconds([f"{key}_test"]))], slices)
+        log(f"  {stages.protocol}: {key} AUC {rows[key]['all']['auc']:.4f}")
     for kind in ("sasrec", "gru4rec"):
         triples = []
         for seed in seeds:
             triples.append((seed, stages.sequential(kind, "test", seed), stages.seconds([f"{kind}_test_s{seed}"])))
         scores[kind] = [t[1] for t in triples]
-        rows[kind] = measured_row(ROW_BY_KEY[kind], triples, cold)
+        rows[kind] = measured_row(ROW_BY_KEY[kind], triples, slices)
         log(f"  {stages.protocol}: {kind} AUC {rows[kind]['all']['auc']:.4f}")
 
     triples, fits = [], []
@@ -418,7 +464,7 @@ def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, L
         fit = stages.fusion_fit(seed)
         fits.append({k: fit[k] for k in ("seed", "best_epoch", "best_valid_auc", "epochs_run", "seconds")})
     scores["fusion"] = [t[1] for t in triples]
-    rows["fusion"] = measured_row(ROW_BY_KEY["fusion"], triples, cold, {
+    rows["fusion"] = measured_row(ROW_BY_KEY["fusion"], triples, slices, {
         "features": list(FUSION_FEATURES), "fits": fits,
         "wall_time_covers": "the three splits' features and SASRec models, and the head's training"})
     log(f"  {stages.protocol}: non-LLM fusion AUC {rows['fusion']['all']['auc']:.4f}")
@@ -430,52 +476,68 @@ def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, L
         triples.append((seed, scored, timing))
         fits.append(fit)
     scores["late_fusion"] = [t[1] for t in triples]
-    rows["late_fusion"] = measured_row(ROW_BY_KEY["late_fusion"], triples, cold, {
+    rows["late_fusion"] = measured_row(ROW_BY_KEY["late_fusion"], triples, slices, {
         "fits": fits, "wall_time_covers": "popularity and the valid- and test-time SASRec models"})
     log(f"  {stages.protocol}: late fusion [pop, SASRec] AUC {rows['late_fusion']['all']['auc']:.4f}")
 
-    # LLM rows: from score files when given, else pending.
-    llm_valid = None
+    # LLM rows: from score files when given (one --llm-scores per training seed), else pending.
+    llm_valid: List[pd.DataFrame] = []
     for key in EXTERNAL_ROWS:
-        paths = external.get(key)
-        if not paths:
+        runs = external.get(key)
+        if not runs:
             rows[key] = pending_row(ROW_BY_KEY[key], "not run yet: pass its score files with --llm-scores")
             continue
-        test, info = read_external(paths[0], popularity, score_kind, f"{stages.protocol} {key} test")
-        scores[key] = [test]
-        rows[key] = measured_row(ROW_BY_KEY[key], [(info.get("run_seed"), test, {
-            "wall_seconds": info.get("run_seconds"), "cpu_seconds": info.get("run_cpu_seconds")})], cold,
-            {"source": info, "parts": hybrid_parts(paths[0], cold)})
-        if key == "llm_only" and len(paths) > 1:
-            llm_valid, _ = read_external(paths[1], stages.popularity("valid"), score_kind, f"{stages.protocol} {key} valid")
-    if llm_valid is not None:
+        triples, sources = [], []
+        for paths in runs:
+            test, info = read_external(paths[0], scores["popularity"][0], score_kind, f"{stages.protocol} {key} test")
+            triples.append((info.get("run_seed"), test, {"wall_seconds": info.get("run_seconds"),
+                                                         "cpu_seconds": info.get("run_cpu_seconds")}))
+            sources.append(info)
+            if key == "llm_only" and len(paths) > 1:
+                valid, _ = read_external(paths[1], stages.popularity("valid"), score_kind,
+                                         f"{stages.protocol} {key} valid")
+                llm_valid.append(valid)
+        scores[key] = [t[1] for t in triples]
+        rows[key] = measured_row(ROW_BY_KEY[key], triples, slices,
+                                 {"sources": sources, "parts": hybrid_parts([p[0] for p in runs], slices)})
+    if llm_valid and len(llm_valid) == len(scores.get("llm_only", [])):
+        # One late fusion per LLM seed (SASRec seed paired in order, the first when there are fewer).
         triples, fits = [], []
-        for seed in seeds:
-            scored, fit = stages.late_fusion(seed, {"valid": llm_valid, "test": scores["llm_only"][0]})
-            triples.append((seed, scored, {"wall_seconds": None, "cpu_seconds": None}))
+        for index, (valid, test) in enumerate(zip(llm_valid, scores["llm_only"])):
+            seed = seeds[min(index, len(seeds) - 1)]
+            scored, fit = stages.late_fusion(seed, {"valid": valid, "test": test})
+            triples.append((rows["llm_only"]["seeds"][index], scored, {"wall_seconds": None, "cpu_seconds": None}))
             fits.append(fit)
         scores["late_fusion_llm"] = [t[1] for t in triples]
-        rows["late_fusion_llm"] = measured_row(ROW_BY_KEY["late_fusion_llm"], triples, cold, {"fits": fits})
+        rows["late_fusion_llm"] = measured_row(ROW_BY_KEY["late_fusion_llm"], triples, slices, {"fits": fits})
     else:
         rows["late_fusion_llm"] = pending_row(ROW_BY_KEY["late_fusion_llm"],
-                                              "needs the LLM-only row's valid and test scores (--llm-scores)")
+                                              "needs the LLM-only row's valid and test scores (--llm-scores), per seed")
 
+    keyed = {name: (None if name == "all" else keys) for name, keys in slices.items()}
     intervals = {}
     for a, b in INTERVALS:
         if a in scores and b in scores:
             name = f"{a}_minus_{b}"
-            intervals[name] = {part: paired_difference(scores[a], scores[b], groups, resamples, f"{stages.protocol} {name}")
-                               for part, groups in (("all", None), ("cold_start", cold))}
+            intervals[name] = {part: paired_difference(scores[a], scores[b], keys, resamples,
+                                                       f"{stages.protocol} {name} {part}")
+                               for part, keys in keyed.items()}
     summary = hybrid_summary(rows, scores, resamples, stages.protocol)
     return {
         "data": {"folder": str(stages.data), "users": report["kept"]["users"], "items": report["kept"]["items"],
-                 "events": report["kept"]["events"], "groups_per_split": {s: int(stages.rows(s)["group_id"].nunique())
-                                                                          for s in SPLITS},
+                 "events": report["kept"]["events"], "cuts": report.get("cuts"),
+                 "groups_per_split": {s: int(stages.rows(s)["group_id"].nunique()) for s in SPLITS},
                  "test_candidates_per_group": int(len(test_rows) // test_rows["group_id"].nunique()),
                  "test_rows_sha256_16": stages.test_fingerprint()},
-        "cold_start": {"definition": f"test groups whose positive had at most {COLD_START_MAX_INTERACTIONS} "
-                                     "interactions in the test split's training-time events",
-                       "groups": int(len(cold))},
+        "slices": {
+            "cold_users": {"definition": f"test groups whose user had at most {COLD_MAX_EVENTS} events before the "
+                                         "target's time", "groups": int(every_slice["cold_users"]["group_id"].nunique())},
+            "cold_items": {"definition": f"test rows whose candidate had at most {COLD_MAX_EVENTS} events before the "
+                                         "row's time, in groups with such a positive and such a negative: an AUC over "
+                                         "cold-positive / cold-negative pairs",
+                           "groups": int(every_slice["cold_items"]["group_id"].nunique()),
+                           "rows": int(len(every_slice["cold_items"]))},
+        },
         "feature_valid_auc": {"seed": seeds[0], **stages.feature_valid_auc(seeds[0])},
         "rows": [rows[spec.key] for spec in ROWS],
         "intervals": intervals,
@@ -485,9 +547,10 @@ def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, L
 
 
 def hybrid_summary(rows: Dict[str, dict], scores: Dict[str, List[pd.DataFrame]], resamples: int, protocol: str) -> dict:
-    """Issue 16's hybrid_summary.json entry for one protocol."""
+    """One protocol's hybrid_summary.json entry: every row's metrics, seeds and the three differences."""
     measured = {k: r for k, r in rows.items() if r["status"] == "measured"}
-    table = {k: {m: r["all"][m] for m in (*METRICS, "n_groups")} for k, r in measured.items()}
+    table = {k: {**{m: r["all"][m] for m in (*METRICS, "n_groups")}, "seeds": r["seeds"],
+                 "auc_per_seed": [s["all"]["auc"] for s in r["per_seed"]]} for k, r in measured.items()}
     non_llm = [k for k, r in measured.items() if r["kind"] == "non_llm"]
     hybrids = [k for k, r in measured.items() if r["kind"] == "hybrid"]
     best_non_llm = max(non_llm, key=lambda k: measured[k]["all"]["auc"])
@@ -504,7 +567,8 @@ def hybrid_summary(rows: Dict[str, dict], scores: Dict[str, List[pd.DataFrame]],
                         ("best_hybrid_minus_late_fusion", "late_fusion_llm")):
         if other in scores:
             diff = paired_difference(scores[best], scores[other], None, resamples, f"{protocol} {name}")
-            out[name] = {"diff": diff["diff"], "low": diff["low"], "high": diff["high"], "versus": other}
+            out[name] = {"diff": diff["diff"], "low": diff["low"], "high": diff["high"], "versus": other,
+                         "strata": diff["strata"]}
         else:
             out[name + "_note"] = f"{other} not measured"
     return out
@@ -512,76 +576,88 @@ def hybrid_summary(rows: Dict[str, dict], scores: Dict[str, List[pd.DataFrame]],
 
 # ----------------------------------------------------------------------------- tables
 def cell(part: Optional[dict], metric: str) -> str:
-    if part is None:
+    """``mean ± std`` of a metric, or "-" (a pending row, an empty slice, a metric a slice lacks)."""
+    if part is None or metric not in part:
         return "-"
     std = part.get(metric + "_std")
     return f"{part[metric]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+COLUMNS = [("all", m) for m in METRICS] + [("cold_users", "auc"), ("cold_items", "auc")]
 
 
 def markdown(results: dict) -> str:
     features = results["features"]
     lines = [
         "<!-- written by benchmarks/quality/run_hybrid.py from hybrid_rows.json; edit the script, not this file -->",
-        "# Hybrid ranker (issue 16): the rows on MovieLens-100k", "",
+        "# Hybrid ranker: the rows on MovieLens-100k, every feature as of the row's time", "",
         f"Made by `{results['command'].strip()}`. Every stage is cached under `benchmarks/results/hybrid/` "
         "(git-ignored); a re-run reuses it. The LLM rows are read from score files: "
-        "`--llm-scores PROTOCOL ROW TEST_SCORES [VALID_SCORES]` (ROW: " + ", ".join(EXTERNAL_ROWS) + "; the LLM-only "
-        "row's valid scores add the late fusion with the LLM logit).", "",
-        f"- Data: `prepare_dataset(\"ml-100k\", protocol, max_history={results['max_history']}, "
-        f"seed={results['data_seed']}, n_negatives_test={results['n_negatives_test']})`, the all-users folders of "
-        "`run_quality.py` (same test groups as its committed tables).",
+        "`--llm-scores PROTOCOL ROW TEST_SCORES [VALID_SCORES]`, once per training seed (ROW: "
+        + ", ".join(EXTERNAL_ROWS) + "; the LLM-only row's valid scores add the late fusion with the LLM logit).", "",
+        "- Data: `prepare_dataset(\"ml-100k\", protocol, max_history=MAX_HISTORY[protocol], "
+        f"seed={results['data_seed']}, n_negatives_test={results['n_negatives_test']})`, max_history "
+        + ", ".join(f"{p} {h}" for p, h in results["max_history"].items()) + " (0: every event).",
         f"- Features of the non-LLM fusion: {', '.join(f'`{c}`' for c in features['columns'])}. {features['counted']}. "
         f"Recent window: {features['recent_window']} ({features['recent_days']:g} days).",
         f"- Seeds {', '.join(map(str, results['seeds']))}: each trains its own SASRec (per split), GRU4Rec and fusion "
-        "head; popularity has none. ± is the sample std over seeds.",
-        "- Times per seed are those of the row's stages when they were computed on the shared 2-core CPU: the "
-        "fusion's cover its features, its three SASRec models (train, valid and test time) and the head; the late "
-        "fusion's its valid- and test-time SASRec models.",
+        "head; popularity has none; an LLM row's seeds are its training runs. ± is the sample std over seeds.",
+        "- Slices, chosen without the label: cold users (the user's events before the target) and cold items "
+        "(the candidate's events before the row, positive and negative alike).",
         f"- {results['metrics']}.", "",
     ]
     for protocol, block in results["protocols"].items():
-        data, cold = block["data"], block["cold_start"]
+        data, slices = block["data"], block["slices"]
         users = f"all {data['users']}" if results["users"] == "all" else f"{data['users']} random"
+        cuts = data.get("cuts")
         lines += [f"### {protocol} protocol, {users} users: {data['groups_per_split']['test']} test groups of "
-                  f"1 + {data['test_candidates_per_group'] - 1}", "",
-                  f"Cold-start slice: {cold['groups']} test groups ({cold['definition']}).",
+                  f"1 + {data['test_candidates_per_group'] - 1}", ""]
+        if cuts:
+            lines.append(f"Cuts: {json.dumps(cuts)}.")
+        lines += [f"Cold users: {slices['cold_users']['groups']} test groups ({slices['cold_users']['definition']}). "
+                  f"Cold items: {slices['cold_items']['rows']} rows in {slices['cold_items']['groups']} groups "
+                  f"({slices['cold_items']['definition']}).",
                   "Each fusion feature alone on the valid rows (AUC, SASRec seed "
                   f"{block['feature_valid_auc']['seed']}): "
                   + ", ".join(f"`{k}` {v:.3f}" for k, v in block["feature_valid_auc"].items() if k != "seed") + ".",
                   f"All stages of this protocol took {block['stage_seconds_total']['wall_seconds']:.0f} s wall, "
                   f"{block['stage_seconds_total']['cpu_seconds']:.0f} s CPU.", "",
-                  "| row | AUC | HR@5 | NDCG@5 | cold AUC | cold HR@5 | cold NDCG@5 | seeds | wall s / seed | CPU s / seed |",
+                  "| row | AUC | HR@1 | HR@5 | NDCG@5 | cold users AUC | cold items AUC | seeds | AUC per seed "
+                  "| wall s / seed |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in block["rows"]:
             if row["status"] != "measured":
                 lines.append(f"| {row['label']} | pending | | | | | | | | |")
                 continue
             seeds = ", ".join("-" if s is None else str(s) for s in row["seeds"])
+            per_seed = ", ".join(f"{s['all']['auc']:.4f}" for s in row["per_seed"]) if len(row["per_seed"]) > 1 else ""
             wall = "-" if row.get("wall_seconds_per_seed") is None else f"{row['wall_seconds_per_seed']:.0f}"
-            cpu = "-" if row.get("cpu_seconds_per_seed") is None else f"{row['cpu_seconds_per_seed']:.0f}"
-            lines.append(f"| {row['label']} | " + " | ".join(cell(row["all"], m) for m in METRICS) + " | "
-                         + " | ".join(cell(row["cold_start"], m) for m in METRICS) + f" | {seeds} | {wall} | {cpu} |")
+            lines.append(f"| {row['label']} | " + " | ".join(cell(row.get(part), m) for part, m in COLUMNS)
+                         + f" | {seeds} | {per_seed} | {wall} |")
             for column, label in HYBRID_PARTS.items() if row.get("parts") else ():
                 part = row["parts"][column]
-                lines.append(f"| &nbsp;&nbsp;↳ {label} | " + " | ".join(f"{part['all'][m]:.4f}" for m in METRICS) + " | "
-                             + " | ".join(f"{part['cold_start'][m]:.4f}" for m in METRICS) + " | | | |")
+                lines.append(f"| &nbsp;&nbsp;↳ {label} | " + " | ".join(cell(part.get(p), m) for p, m in COLUMNS)
+                             + " | | | |")
         if block["intervals"]:
-            lines += ["", "| paired AUC difference (95% bootstrap over test users, seeds as strata) | all groups | cold-start |",
-                      "|---|---|---|"]
+            lines += ["", "| paired AUC difference (95% bootstrap over test users, seeds as strata) | all groups "
+                      "| cold users | cold items |", "|---|---|---|---|"]
             for name, parts in block["intervals"].items():
-                texts = [f"{p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]" for p in (parts["all"], parts["cold_start"])]
-                lines.append(f"| {name.replace('_minus_', ' − ')} | {texts[0]} | {texts[1]} |")
+                texts = [f"{parts[p]['diff']:+.4f} [{parts[p]['low']:+.4f}, {parts[p]['high']:+.4f}]" if p in parts
+                         else "-" for p in SLICES]
+                lines.append(f"| {name.replace('_minus_', ' − ')} | " + " | ".join(texts) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
-def parse_external(specs: List[List[str]], protocols: Sequence[str]) -> Dict[str, Dict[str, List[Path]]]:
-    out: Dict[str, Dict[str, List[Path]]] = {p: {} for p in protocols}
+def parse_external(specs: List[List[str]], protocols: Sequence[str]) -> Dict[str, Dict[str, List[List[Path]]]]:
+    """``--llm-scores`` arguments by protocol and row: one list of paths per training seed."""
+    out: Dict[str, Dict[str, List[List[Path]]]] = {p: {} for p in protocols}
     for spec in specs or []:
         if len(spec) not in (3, 4):
             raise SystemExit(f"--llm-scores takes PROTOCOL ROW TEST [VALID], got {spec}")
         protocol, key, *paths = spec
+        protocol = "leave-last-out" if protocol == "temporal" else protocol
         if protocol not in out:
             raise SystemExit(f"--llm-scores: protocol {protocol!r} is not among --protocols {list(protocols)}")
         if key not in EXTERNAL_ROWS:
@@ -589,13 +665,14 @@ def parse_external(specs: List[List[str]], protocols: Sequence[str]) -> Dict[str
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise SystemExit(f"--llm-scores: no such file {missing[0]}")
-        out[protocol][key] = [Path(p) for p in paths]
+        out[protocol].setdefault(key, []).append([Path(p) for p in paths])
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--protocols", nargs="+", choices=(*PROTOCOLS, "temporal"), default=list(PROTOCOLS),
+                        help="temporal: the old name of leave-last-out")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="seeds of SASRec, GRU4Rec and the fusion head (each seed trains its own models)")
     parser.add_argument("--users", type=int, default=0, help="0 = all users (the committed table); else a random subset")
@@ -604,13 +681,15 @@ def main(argv=None) -> int:
                         help="epochs of the compact SASRec/GRU4Rec (default: SequentialSettings', 40)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval")
     parser.add_argument("--llm-scores", nargs="+", action="append", metavar="ARG",
-                        help="PROTOCOL ROW TEST_SCORES [VALID_SCORES]: an LLM row's evaluate_ranker scores parquet; "
-                             f"ROW is one of {', '.join(EXTERNAL_ROWS)} (llm_only's VALID_SCORES enable late_fusion_llm)")
+                        help="PROTOCOL ROW TEST_SCORES [VALID_SCORES]: an LLM row's evaluate_ranker scores parquet, "
+                             f"once per training seed; ROW is one of {', '.join(EXTERNAL_ROWS)} (llm_only's "
+                             "VALID_SCORES enable late_fusion_llm)")
     parser.add_argument("--llm-score-kind", choices=("probability", "logit"), default="probability",
                         help="what the score column of --llm-scores files holds (evaluate_ranker writes P(yes))")
     parser.add_argument("--work", type=Path, default=HERE.parent / "results" / "hybrid")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
+    args.protocols = list(dict.fromkeys("leave-last-out" if p == "temporal" else p for p in args.protocols))
     external = parse_external(args.llm_scores, args.protocols)
     sequential = baselines.SequentialSettings()
     if args.sequential_epochs is not None:
@@ -625,23 +704,27 @@ def main(argv=None) -> int:
             stages = ProtocolStages(protocol, args.work, args.users, args.recent_days, sequential, fusion)
             protocols[protocol] = run_protocol(stages, args.seeds, external[protocol], args.llm_score_kind, args.resamples)
     results = {
-        "what": "issue 16's rows on MovieLens-100k: the non-LLM rows measured here, the LLM rows read from score files",
-        "dataset": "ml-100k", "users": args.users or "all", "max_history": MAX_HISTORY, "data_seed": DATA_SEED,
+        "what": "the hybrid table on MovieLens-100k, every feature as of the row's time: the non-LLM rows measured "
+                "here, the LLM rows read from score files",
+        "dataset": "ml-100k", "users": args.users or "all",
+        "max_history": {p: MAX_HISTORY[p] for p in args.protocols}, "data_seed": DATA_SEED,
         "n_negatives_test": N_NEGATIVES_TEST, "seeds": args.seeds,
         "features": {"columns": list(FUSION_FEATURES), "recent_days": args.recent_days,
-                     "counted": "Counted, for each split's rows, in that split's training-time events "
-                                "(merlin_mllm.data.splits.training_events); SASRec likewise trained per split",
-                     "recent_window": "interactions with timestamp >= the latest training-time event minus recent_days"},
+                     "counted": "Counted for each row from the folder's events strictly before the row's timestamp "
+                                "(merlin_mllm.data.collaborative); SASRec trained per split on the events before "
+                                "the split's cut (merlin_mllm.data.splits.training_events), scoring each row from "
+                                "its own history",
+                     "recent_window": "interactions in the recent_days before the row's timestamp"},
         "fusion_settings": fusion.to_dict(), "sequential_settings": vars(sequential),
-        "metrics": "AUC pooled over all test rows; HR@5 and NDCG@5 per group (ties at their expected value); "
-                   "± is the sample std over seeds",
+        "metrics": "AUC pooled over all test rows; HR@1, HR@5 and NDCG@5 per group (ties at their expected value); "
+                   "± is the sample std over seeds; intervals: paired bootstrap over test users, seeds as strata",
         "protocols": {p: {k: v for k, v in block.items() if k != "summary"} for p, block in protocols.items()},
         "command": "python benchmarks/quality/run_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "this_run": {"wall_seconds": round(time.time() - started_wall, 1),
                      "cpu_seconds_main_process": round(time.process_time() - started_cpu, 1),
                      "note": "cached stages are reused and not timed again; each row's own times are its stages'"},
     }
-    summary = {"what": "issue 16's hybrid summary (benchmarks/quality/run_hybrid.py)",
+    summary = {"what": "the hybrid summary per protocol (benchmarks/quality/run_hybrid.py); timeline is the primary one",
                "protocols": {p: block["summary"] for p, block in protocols.items()}}
     write_json(args.out / "hybrid_rows.json", results)
     write_json(args.out / "hybrid_summary.json", summary)
