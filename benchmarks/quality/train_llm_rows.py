@@ -12,6 +12,8 @@ Rows (per protocol, one seed, the same recipe):
   ``run_hybrid.py``'s fusion features (``hybrid_inputs/<split>_s0.parquet``); scored on test.
 * ``<row>_k<K>``: the same, trained on a folder prepared with ``train_negatives=K`` (``data_k<K>/``,
   same valid and test rows; its training rows' features in ``hybrid_inputs_k<K>/``).
+* ``<row>_s<S>``: the same, trained with seed S (default 42): one run per seed, for the seeds
+  that ``run_hybrid.py`` takes as bootstrap strata.
 
 Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
 ``run_hybrid.py --llm-scores``; each stage's wall time goes to ``<row>/stages.json``.
@@ -19,6 +21,7 @@ Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
 Usage::
 
     python benchmarks/quality/train_llm_rows.py --stages leave-last-out:llm_only:train leave-last-out:llm_only:valid
+    python benchmarks/quality/train_llm_rows.py --stages timeline:hybrid_tabular_s43:train timeline:hybrid_tabular_s43:test
 """
 from __future__ import annotations
 
@@ -76,8 +79,10 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     from merlin_mllm.pipelines.features import FUSION_FEATURES
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
-    # row: llm_only | hybrid_tabular, optionally _k<K> (trained on K negatives per training target)
-    kind, _, variant = row.partition("_k")
+    # row: llm_only | hybrid_tabular, optionally _k<K> (K negatives per training target), then _s<S> (seed S)
+    name, _, seed_text = row.rpartition("_s")
+    seed = int(seed_text) if name and seed_text.isdigit() else SEED
+    kind, _, variant = (name if name and seed_text.isdigit() else row).partition("_k")
     negatives = int(variant) if variant else None
     root = work / f"{protocol}_all"
     data_dir = prepare_variant(work, protocol, negatives) if negatives else root / "data"
@@ -91,7 +96,7 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
             return
         # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
         context = {"user_context": "titles"} if hybrid else {}
-        config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=SEED,
+        config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=seed,
                                           fusion_features=FUSION_FEATURES if hybrid else None, **context)
         features = root / (f"hybrid_inputs_k{negatives}" if negatives else "hybrid_inputs") / "train_s0.parquet"
         train_ranker(data_dir, summaries, row_dir, config, features=features if hybrid else None)
