@@ -4,6 +4,8 @@ Besides the stack and the embedded assets, it says which optional parts are pres
 
 * ``cudf``: installed or not (the operators take cudf partitions on GPU workers, pandas otherwise);
 * ``gpu``: the CUDA device, or CPU + fp32;
+* ``precision``: what ``--precision auto`` picks on this machine and why (the CPU's bf16 flags,
+  torch's CPU capability, oneDNN's bf16 support; bf16 on CUDA);
 * ``dask cluster``: the scheduler address, if one is set (``DASK_SCHEDULER_ADDRESS``, or the dask
   config key ``scheduler-address``), with a real connection to count its workers. An address that
   is set but cannot be reached fails the check.
@@ -90,6 +92,20 @@ def check_gpu() -> str:
     return "no GPU: CPU + fp32"
 
 
+def check_precision() -> str:
+    """What ``--precision auto`` picks here (the default device) and why (detected, not assumed)."""
+    import warnings
+
+    import torch
+
+    from merlin_mllm.models.precision import resolve_precision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reason is printed here instead
+        choice = resolve_precision("auto")
+    return f"auto -> {choice.name}: {choice.reason}; torch threads {torch.get_num_threads()}"
+
+
 def check_cudf() -> str:
     if importlib.util.find_spec("cudf") is None:
         return "not installed (optional: GPU dataframes; the operators use pandas without it)"
@@ -161,6 +177,7 @@ def run_checks() -> List[Check]:
         version = _version(dist)
         checks.append(Check(dist, version != "not installed", version))
     checks.extend(optional_checks())
+    checks.append(_run("precision", check_precision))
     checks.append(_run("embedded LLM", check_smollm2))
     checks.append(_run("embedded vision encoder", check_efficientnet))
     checks.append(_run("tritonserver", check_tritonserver))

@@ -36,6 +36,7 @@ import nvtabular as nvt
 from distributed import Client, LocalCluster
 
 from merlin_mllm.generation import GenerationSettings
+from merlin_mllm.models.threads import set_torch_threads
 from merlin_mllm.operators import item_summary, user_summary
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.user import DEFAULT_BLOCK_SIZE, UserSummaryRun
@@ -68,14 +69,9 @@ def dask_client(workers: int = 0, scheduler: Optional[str] = None) -> Iterator[C
         raise ValueError(f"workers must be at least 1 for a local cluster, not {workers}")
     with LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(_set_torch_threads, max(1, (os.cpu_count() or 1) // int(workers)))
+        # Each worker process takes its share of the cores (merlin_mllm.models.threads).
+        client.run(set_torch_threads, processes=int(workers))
         yield client
-
-
-def _set_torch_threads(n: int) -> None:
-    import torch  # lazy: runs on the workers
-
-    torch.set_num_threads(n)
 
 
 def _item_report() -> dict:
