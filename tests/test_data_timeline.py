@@ -97,3 +97,40 @@ def test_cli_prepare_timeline_writes_the_cuts(tmp_path):
     assert report["cuts"]["valid"]["quantile"] == 0.65 and report["cuts"]["test"]["quantile"] == 0.8
     assert split_cuts(out).valid == report["cuts"]["valid"]["timestamp"]
     assert np.all(read_table(out / "valid")["timestamp"] >= report["cuts"]["valid"]["timestamp"])
+
+
+def test_test_users_draws_that_many_users_waiting_at_the_test_cut(tmp_path):
+    """``test_users``: that many of the sample have an event at or after T_test (each a test group unless
+    its target has no history), the others none; the default draw is unchanged by the option."""
+    report = prepare_dataset("ml-100k", "timeline", tmp_path / "s", max_users=30, test_users=12, max_history=6,
+                             seed=5, n_negatives_test=5)
+    assert report["settings"]["test_users"] == 12 and report["kept"]["users"] == 30
+    cut = report["cuts"]["test"]["timestamp"]
+    events = read_table(tmp_path / "s" / "events")
+    last = events.groupby("user_id")["timestamp"].max()
+    assert (last >= cut).sum() == 12  # the latest event survives max_history, so each keeps its test target
+    assert report["users_per_split"]["test"] + report["targets_without_history"]["test"] == 12
+    assert report["users_per_split"]["train"] > 0
+    # A uniform draw of the same size holds far fewer test users (ML-100k: 303 of 943 users).
+    uniform = prepare_dataset("ml-100k", "timeline", tmp_path / "u", max_users=30, max_history=6, seed=5,
+                              n_negatives_test=5)
+    assert uniform["settings"]["test_users"] == 0
+    assert uniform["users_per_split"]["test"] + uniform["targets_without_history"]["test"] < 12
+    # Seeded: the same settings give the same folder.
+    again = prepare_dataset("ml-100k", "timeline", tmp_path / "again", max_users=30, test_users=12, max_history=6,
+                            seed=5, n_negatives_test=5)
+    assert again == report and _hashes(tmp_path / "again") == _hashes(tmp_path / "s")
+
+
+@pytest.mark.parametrize("protocol, settings, message", [
+    ("leave-last-out", {"max_users": 10, "test_users": 5}, "timeline protocol only"),
+    ("timeline", {"max_users": 0, "test_users": 5}, "max_users >= test_users"),
+    ("timeline", {"max_users": 10, "test_users": 11}, "max_users >= test_users"),
+    ("timeline", {"max_users": 10, "test_users": -1}, "integer >= 0"),
+    ("timeline", {"max_users": 900, "test_users": 400}, "400 users asked for with an event at or after the test "
+                                                        r"cut, but there are only 30\d"),
+])
+def test_test_users_rejects_what_it_cannot_draw(tmp_path, protocol, settings, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset("ml-100k", protocol, tmp_path, **settings)
+    assert not tmp_path.joinpath("report.json").exists()

@@ -2,7 +2,8 @@
 
 Steps, in order: parse (malformed lines raise or are skipped and counted) -> drop duplicate
 (user, item) interactions, keeping the earliest -> iterative k-core -> optional random choice
-of ``max_users`` users -> per user, sort by time (ties in a seeded random order) and keep the
+of ``max_users`` users (on the timeline optionally ``test_users`` of them among the users with an
+event at or after ``T_test``) -> per user, sort by time (ties in a seeded random order) and keep the
 latest ``max_history`` events -> split by protocol -> drop targets without history -> sample
 negatives.
 
@@ -20,7 +21,10 @@ Protocols (all seeded and deterministic):
   in ``[T_valid, T_test)``, its last event there; train: each user with an event before
   ``T_valid``, its last event before it (see :func:`~merlin_mllm.data.processing.timeline_targets`
   for why one group per user). ``max_history`` defaults to 0 (all events: histories and counts
-  need the whole past).
+  need the whole past). Users rate in bursts, so the cuts split users more than histories: a
+  small ``max_users`` sample can set ``test_users``, how many of its users are drawn among those
+  with an event at or after ``T_test`` (the rest among the others), to hold enough test groups
+  (:func:`~merlin_mllm.data.processing.sample_users`).
 
 Every protocol: a row's ``target_position`` is the number of its user's kept events with a
 timestamp strictly less than the target's, and its history the events before that position, so
@@ -256,6 +260,7 @@ def prepare_dataset(
     test_cut: Optional[int] = None,
     valid_cut_quantile: Optional[float] = None,
     test_cut_quantile: Optional[float] = None,
+    test_users: int = 0,
 ) -> dict:
     """Prepare one dataset for the ranker and write it under ``out`` (see the module docstring).
 
@@ -283,7 +288,8 @@ def prepare_dataset(
         The most recent events kept per user (0 = all). Default: 12 (four blocks of 3) for
         ``paper`` and ``leave-last-out``, 0 for ``timeline``.
     max_users : int
-        Keep this many users, chosen at random with ``seed`` after k-core (0 = all).
+        Keep this many users, chosen at random with ``seed`` after k-core (0 = all; on the
+        timeline see ``test_users``).
     seed : int
         Seeds user choice, split and negatives. The same seed gives byte-identical parquet files.
     min_user_interactions, min_item_interactions : int, optional
@@ -308,6 +314,13 @@ def prepare_dataset(
     valid_cut_quantile, test_cut_quantile : float, optional
         Timeline only: the cuts as quantiles of the k-core events' times (defaults 0.7 and 0.8
         when neither a cut nor its quantile is given).
+    test_users : int
+        Timeline only, with ``max_users``: draw this many of the ``max_users`` users among those
+        with a k-core event at or after ``T_test`` (each gives one test group, unless its target
+        has no history) and the others among the users without one (train and valid groups);
+        0 (default): all ``max_users`` uniformly. A small sample then holds test groups and the
+        users whose past trains the model (see
+        :func:`~merlin_mllm.data.processing.sample_users` for why).
 
     Raises
     ------
@@ -326,6 +339,12 @@ def prepare_dataset(
                     "test_quantile": test_cut_quantile}
     if protocol != "timeline" and any(value is not None for value in cut_settings.values()):
         raise ValueError(f"cut times are for the timeline protocol only, not {protocol!r}")
+    if isinstance(test_users, bool) or not isinstance(test_users, (int, np.integer)) or test_users < 0:
+        raise ValueError(f"test_users must be an integer >= 0, got {test_users!r}")
+    if test_users and protocol != "timeline":
+        raise ValueError(f"test_users is for the timeline protocol only, not {protocol!r}")
+    if test_users and not 0 < test_users <= max_users:
+        raise ValueError(f"test_users ({test_users}) needs max_users >= test_users, got max_users={max_users}")
     if max_history is None:
         max_history = DEFAULT_MAX_HISTORY[protocol]
     k_user = k_user_default if min_user_interactions is None else min_user_interactions
@@ -355,7 +374,8 @@ def prepare_dataset(
         )
     # Checked before the users are chosen or anything drawn: the cuts depend on the k-core only.
     cuts = processing.timeline_cuts(core["timestamp"].to_numpy(), **cut_settings) if protocol == "timeline" else None
-    chosen = processing.sample_users(core, max_users, rngs["users"])
+    chosen = processing.sample_users(core, max_users, rngs["users"], test_users=int(test_users),
+                                     test_cut=cuts["test"]["timestamp"] if cuts else None)
     events = processing.order_and_trim(chosen, max_history, rngs["ties"])
 
     # Users whose kept sequence cannot give every target a non-empty history are dropped.
@@ -475,6 +495,7 @@ def prepare_dataset(
             "train_targets": train_targets,
             "train_negative_sampling": train_negative_sampling,
             "train_block_size": int(train_block_size),
+            "test_users": int(test_users),
         },
         "files": {**source.files, "images": str(images_folder) if images_folder is not None else None},
         IMAGE_ROOT_KEY: record_image_root(images_folder, out) if images_folder is not None else None,

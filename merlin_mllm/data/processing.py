@@ -90,11 +90,45 @@ def k_core(interactions: pd.DataFrame, min_user: int, min_item: int) -> tuple[pd
         frame = frame[keep.to_numpy()]
 
 
-def sample_users(interactions: pd.DataFrame, max_users: int, rng: np.random.Generator) -> pd.DataFrame:
-    """Keep ``max_users`` users chosen uniformly at random (0 or more than there are: all)."""
+def sample_users(interactions: pd.DataFrame, max_users: int, rng: np.random.Generator, *,
+                 test_cut: Optional[int] = None, test_users: int = 0) -> pd.DataFrame:
+    """Keep ``max_users`` users chosen uniformly at random (0 or more than there are: all).
+
+    With ``test_users`` > 0 (the timeline protocol; ``test_cut`` is ``T_test``) the draw is
+    stratified by the test cut: ``test_users`` of the ``max_users`` users are drawn uniformly
+    among the users with an event at or after ``test_cut`` (those waiting for recommendations
+    at the test moment, as in Elliot's ``fixed_timestamp`` split: each gives one test group), and
+    the other ``max_users - test_users`` uniformly among the users without one (who give train
+    and valid groups only). Why: users rate in bursts, so a global cut splits users rather than
+    their histories. On ML-100k 303 of 943 users have an event after the default ``T_test``, and
+    193 of them none before it, so a uniform sample of 40 users holds about 13 test groups; a
+    stratified one holds as many as asked, and still the users whose past trains the model.
+    Both strata are uniform, so the test groups are a uniform sample of the full test split's.
+
+    Raises
+    ------
+    ValueError
+        A stratum holds fewer users than asked for (naming both counts), or ``test_users``
+        without a ``test_cut`` or above ``max_users``.
+    """
     if max_users < 0:
         raise ValueError(f"max_users must be >= 0, got {max_users}")
     users = natural_order(interactions["user_key"].unique())
+    if test_users:
+        if test_cut is None:
+            raise ValueError("test_users needs the test cut (the timeline protocol)")
+        if not 0 < test_users <= max_users:
+            raise ValueError(f"test_users must be between 1 and max_users ({max_users}), got {test_users}")
+        last = interactions.groupby("user_key")["timestamp"].max()
+        waiting = last.reindex(users).to_numpy() >= test_cut
+        strata = (("with an event at or after the test cut", users[waiting], test_users),
+                  ("without an event at or after the test cut", users[~waiting], max_users - test_users))
+        chosen = set()
+        for what, stratum, wanted in strata:
+            if wanted > len(stratum):
+                raise ValueError(f"{wanted} users asked for {what}, but there are only {len(stratum)}")
+            chosen.update(rng.choice(stratum, size=wanted, replace=False).tolist())
+        return interactions[interactions["user_key"].isin(chosen).to_numpy()]
     if max_users == 0 or max_users >= len(users):
         return interactions
     chosen = set(rng.choice(users, size=max_users, replace=False).tolist())
