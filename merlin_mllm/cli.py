@@ -245,8 +245,8 @@ def _recipe_option(name: str):
 
 
 _HYBRID_HELP = ("Train a hybrid: the LLM's yes-minus-no logit plus a tabular head over collaborative features "
-                "(NVTabular counts of the candidate and the user, and a SASRec retrieval score, all from the events "
-                "logged before the split), trained jointly")
+                "(NVTabular counts of the candidate and the user, each row's as of its own time, and the score of a "
+                "SASRec trained on the events before the split), trained jointly")
 _FEATURES_HELP = ("Parquet of {split} rows (group_id, item_id and the hybrid's feature columns), e.g. with your "
                   "pipeline's retrieval scores; default: computed from the prepared folder (written beside the output)")
 
@@ -267,8 +267,9 @@ def _fusion_columns(hybrid: bool, fusion_features: Optional[str]):
 
 def _split_features(data: Path, split: str, columns, features: Optional[Path], out_dir: Path) -> Path:
     """The parquet of ``split``'s rows with ``columns``: ``features`` when given, else computed
-    from the prepared folder (collaborative workflow + SASRec, events before ``split``) into
-    ``out_dir/features_<split>.parquet``, reused when present."""
+    from the prepared folder (``fusion_feature_rows``: counts as of each row's time, SASRec
+    trained on the events before ``split``) into ``out_dir/features_<split>.parquet``, reused
+    when present."""
     from merlin_mllm.pipelines.features import RETRIEVAL_COLUMN, fusion_feature_rows
 
     if features is not None:

@@ -27,14 +27,15 @@ CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", image=Fals
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A real ML-100k folder (training groups of 1 + 3), title summaries, and each split's rows
-    with the collaborative features of the events logged before it (the NVTabular workflow)."""
+    with the collaborative features as of each row's time (the NVTabular workflow)."""
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.pipelines.features import fusion_feature_rows
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
     data = tmp_path_factory.mktemp("hybrid") / "data"
-    # 20 users: enough shared items that the candidates of a group differ in their counts.
-    prepare_dataset("ml-100k", "leave-last-out", data, max_users=20, max_history=9, seed=1, train_negatives=3)
+    # 20 users with every event kept (max_history=0): counted as of each training row's time, the
+    # candidates of a group still differ in their counts.
+    prepare_dataset("ml-100k", "leave-last-out", data, max_users=20, max_history=0, seed=1, train_negatives=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         features = {split: fusion_feature_rows(data, split, retrieval=False) for split in ("train", "test")}
@@ -79,6 +80,10 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     assert saved_head.feature_names == tuple(FEATURE_COLUMNS)
     moved = [not torch.allclose(a, b) for a, b in zip(saved_head.state_dict().values(), head.state_dict().values())]
     assert any(moved)
+    # It clips its inputs to the training rows' range, recorded in the saved file.
+    train_values = rows[list(FEATURE_COLUMNS)].to_numpy(np.float32)
+    np.testing.assert_array_equal(saved_head.feature_min.numpy(), train_values.min(axis=0))
+    np.testing.assert_array_equal(saved_head.feature_max.numpy(), train_values.max(axis=0))
 
     # Evaluation: score = sigmoid(LLM logit + head logit), each part kept.
     result = evaluate_ranker(data, summaries, run, tmp_path / "eval" / "test.json", features=features["test"],
