@@ -378,27 +378,12 @@ def sample_negatives(
     available = n_items - len(forbidden)
     if k > available:
         raise ValueError(f"cannot draw {k} negatives: only {available} of {n_items} items are unseen by the user")
-    if k == 0:
-        return np.empty(0, dtype=np.int64)
-    if available < 2 * k or available < n_items // 2:
-        # Few items left: draw from the explicit set rather than rejecting most draws.
-        allowed = np.setdiff1d(np.arange(1, n_items + 1, dtype=np.int64), forbidden, assume_unique=True)
-        return rng.choice(allowed, size=k, replace=False).astype(np.int64)
-    chosen: list[int] = []
-    seen: set[int] = set(forbidden.tolist())
-    while len(chosen) < k:
-        for draw in rng.integers(1, n_items + 1, size=2 * (k - len(chosen)) + 2).tolist():
-            if draw not in seen:
-                seen.add(draw)
-                chosen.append(draw)
-                if len(chosen) == k:
-                    break
-    return np.asarray(chosen, dtype=np.int64)
+    return _pool_negatives(rng, np.arange(1, n_items + 1, dtype=np.int64), forbidden, k)
 
 
 def _pool_negatives(rng: np.random.Generator, pool: np.ndarray, forbidden: np.ndarray, k: int) -> np.ndarray:
-    """Uniform draws without replacement from ``pool`` minus ``forbidden`` (the same two paths as
-    :func:`sample_negatives`: rejection when most of the pool is allowed, else the explicit set)."""
+    """Uniform draws without replacement from ``pool`` minus ``forbidden``: rejection when most of
+    the pool is allowed, else a choice from the explicit set (rejecting most draws would be slow)."""
     available = len(pool) - int(np.count_nonzero(np.isin(forbidden, pool)))
     if k > available:
         raise ValueError(f"cannot draw {k} negatives: only {available} of the {len(pool)} items seen before the "
