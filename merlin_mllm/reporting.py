@@ -166,6 +166,27 @@ def plot_metrics(results: Mapping[str, PathLike], path: PathLike, ks: Iterable[i
     return path
 
 
+def protocol_summary(data_report: Mapping[str, Any]) -> str:
+    """A prepared folder's protocol in words, with the timeline's cut times (from its ``report.json``).
+
+    Example (ML-100k's default cuts): ``timeline protocol, cut at T_valid 1998-02-09 01:57 UTC
+    (70% quantile of the event times) and T_test 1998-03-06 19:57 UTC (80% quantile of the event
+    times)``; ``leave-last-out protocol`` for a folder without cuts.
+    """
+    protocol = f"{data_report.get('protocol')} protocol"
+    cuts = data_report.get("cuts")
+    if not cuts:
+        return protocol
+    parts = []
+    for name, label in (("valid", "T_valid"), ("test", "T_test")):
+        cut = cuts[name]
+        when = f"{str(cut['date'])[:16].replace('T', ' ')} UTC"
+        quantile = cut.get("quantile")
+        where = "set as a timestamp" if quantile is None else f"{quantile:.0%} quantile of the event times"
+        parts.append(f"{label} {when} ({where})")
+    return f"{protocol}, cut at {' and '.join(parts)}"
+
+
 def _settings_lines(settings: Any) -> list:
     if settings is None:
         return []
@@ -176,7 +197,7 @@ def _settings_lines(settings: Any) -> list:
 def write_quickstart_report(path: PathLike, results: Mapping[str, PathLike], stages: Sequence[Any],
                             query_lines: Sequence[str] = (), settings: Any = None, *,
                             description: str = "", reference: Optional[str] = None,
-                            notes: Sequence[str] = ()) -> Path:
+                            notes: Sequence[str] = (), data_report: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the quickstart's ``report.md`` (and ``report_metrics.png`` beside it).
 
     Every AUC gets a 95% bootstrap interval over test users (:func:`auc_interval`); with
@@ -200,6 +221,9 @@ def write_quickstart_report(path: PathLike, results: Mapping[str, PathLike], sta
         A row of ``results`` to compare every other row with.
     notes : sequence of str
         Lines below the tables (what each row is).
+    data_report : mapping, optional
+        The prepared folder's ``report.json``: adds a line naming the protocol and, on the
+        timeline, its cut times (:func:`protocol_summary`).
     """
     path = Path(path)
     plot = plot_metrics(results, path.with_name("report_metrics.png"))
@@ -208,6 +232,7 @@ def write_quickstart_report(path: PathLike, results: Mapping[str, PathLike], sta
     lines = ["# merlin-mllm quickstart report", "",
              description or "Each test user ranks 1 held-out positive against the negatives. All rows score "
                             "the same test groups.", "",
+             *([f"Protocol: {protocol_summary(data_report)}.", ""] if data_report is not None else []),
              metrics_table(results, intervals=intervals), "",
              f"95% intervals: percentile bootstrap over the {', '.join(map(str, sorted(groups)))} test users "
              f"({RESAMPLES} resamples of users, `merlin_mllm.metrics.auc_difference_interval`).", ""]
