@@ -161,10 +161,16 @@ class RankerBackend:
         return self.hf_model.get_output_embeddings()(hidden_rows).float()
 
     def answer_pair_logits(self, hidden_rows: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 2) of the answer tokens only: two rows of lm_head instead of the vocabulary."""
+        """Logits (B, 2) of the answer tokens only: two rows of lm_head instead of the vocabulary.
+
+        Computed in fp32 whatever the model's precision (outside any autocast): two rows cost
+        nothing, and a bf16 logit (8 bits of mantissa, a step of 0.06 at a logit of 10) would
+        round P(yes) to a few dozen distinct values.
+        """
         head = self.hf_model.get_output_embeddings()
-        bias = None if getattr(head, "bias", None) is None else head.bias[answer_ids]
-        return F.linear(hidden_rows, head.weight[answer_ids], bias).float()
+        bias = None if getattr(head, "bias", None) is None else head.bias[answer_ids].float()
+        with torch.autocast(device_type=hidden_rows.device.type, enabled=False):
+            return F.linear(hidden_rows.float(), head.weight[answer_ids].float(), bias)
 
     # ------------------------------------------------------------------ packed groups
     @property

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from merlin_mllm.models.precision import DEFAULT_PRECISION, check_precision
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker.features import ItemImageFeatures
 from merlin_mllm.ranker.losses import check_loss_name
@@ -86,6 +87,11 @@ class RankerConfig:
         last ``context_titles`` titles of the history, or both.
     context_titles : int
         Titles in the user part with ``user_context`` "titles" or "both".
+    precision : {"float32", "bfloat16", "auto"}
+        The numeric precision the ranker runs in (:mod:`merlin_mllm.models.precision`): scoring
+        casts the language model's weights to it; training keeps LoRA and the projector in
+        float32 and runs under bf16 autocast. "auto" is decided on the machine that loads the
+        ranker. Configs saved before the setting hold "float32".
     """
 
     base_model: str = EMBEDDED
@@ -102,6 +108,7 @@ class RankerConfig:
     max_title_tokens: int = 64
     user_context: str = "summary"
     context_titles: int = 5
+    precision: str = DEFAULT_PRECISION
     # Filled in when the model is built:
     prompt_version: str = PROMPT_VERSION
     yes_token_id: Optional[int] = None
@@ -151,6 +158,7 @@ class RankerConfig:
         """Refuse impossible settings (the backend name is checked where the backend is chosen,
         :func:`merlin_mllm.ranker.backends.backend_class`)."""
         check_loss_name(self.loss)
+        check_precision(self.precision)
         check_prompt_version(self.prompt_version)
         if self.user_context not in USER_CONTEXTS:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")

@@ -141,7 +141,7 @@ def forward_groups(ranker: "RankerModel", groups: Sequence[CandidateGroup], *, l
     path = group_path(ranker, path)
     labelled = all(g.labels is not None for g in groups)
     full_vocab = labelled and loss == "lm"
-    with ranker.merged_lora():
+    with ranker.merged_lora(), ranker.autocast():
         rows = packed_answer_rows(ranker, groups) if path == "packed" else expanded_answer_rows(ranker, groups)
         if full_vocab:
             vocab_logits = ranker.backend.answer_logits(rows)

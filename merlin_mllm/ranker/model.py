@@ -22,9 +22,10 @@ Public API (stable; the Merlin block, training and evaluation build on it)
 -------------------------------------------------------------------------
 ``RankerModel.build(base_model="embedded", *, use_images=True, zero_shot=False, lora_r=8,
 lora_alpha=16, lora_dropout=0.05, loss="lm", seed=0, max_summary_tokens=384,
-max_title_tokens=64, prompt_version="1", item_features=None, device=None, dtype=None) -> RankerModel``
+max_title_tokens=64, prompt_version="1", precision="float32", item_features=None, device=None,
+dtype=None) -> RankerModel``
     A fresh model (seeded projector and LoRA init).
-``RankerModel.from_pretrained(path, *, item_features=None, device=None, dtype=None,
+``RankerModel.from_pretrained(path, *, item_features=None, device=None, precision=None, dtype=None,
 is_trainable=False) -> RankerModel`` / ``ranker.save_pretrained(path)``
     One artefact: ``ranker_config.json``, ``adapter/`` (peft), ``projector.safetensors``.
     Base weights are not copied; the config names the base model.
@@ -58,6 +59,11 @@ is_trainable=False) -> RankerModel`` / ``ranker.save_pretrained(path)``
 ``ranker.score_independent(...)`` / ``ranker.score_generate(...)``
     Reference scorers: one full forward per candidate; ``generate()`` per candidate (the
     authors' way). For tests and benchmarks.
+``ranker.autocast()``
+    The context training forwards run in: bf16 autocast when the ranker's weights are bf16
+    (``precision`` "bfloat16", or "auto" where it picks bf16), else nothing. ``forward`` and
+    ``forward_groups`` enter it themselves; LoRA, the projector and a hybrid's head keep fp32
+    weights, and the answer logits come back in fp32.
 ``ranker.merge_lora_for_scoring`` (bool; default True for the embedded backend)
     No-grad eval-mode forwards and scoring fold LoRA into a cached copy of the adapted weights
     (about 20% faster on CPU; costs one copy of the language model's Linear weights in memory).
@@ -99,6 +105,7 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +116,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from merlin_mllm.models.loading import default_device, default_dtype
+from merlin_mllm.models.loading import default_device
+from merlin_mllm.models.precision import DEFAULT_PRECISION, PRECISIONS, precision_of_dtype, resolve_precision
 from merlin_mllm.ranker import groups, scoring
 from merlin_mllm.ranker.backend import RankerBackend
 from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
@@ -230,6 +238,7 @@ class RankerModel(nn.Module):
         prompt_version: str = PROMPT_VERSION,
         user_context: str = "summary",
         context_titles: int = 5,
+        precision: str = DEFAULT_PRECISION,
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
@@ -248,12 +257,14 @@ class RankerModel(nn.Module):
             projector is then an untrained random map: use ``use_images=False`` for a fair
             zero-shot baseline.)
         lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens, prompt_version,
-        user_context, context_titles :
+        user_context, context_titles, precision :
             See :class:`RankerConfig`.
         item_features : ItemImageFeatures, optional
             The embedded backend's item image table (can be set later).
-        device, dtype :
-            Default: CUDA + bf16 when available, else CPU + fp32.
+        device : optional
+            Default: CUDA when available, else CPU.
+        dtype : torch.dtype, optional
+            The weights' dtype, overriding ``precision`` (benchmarks, tests).
 
         Examples
         --------
@@ -266,6 +277,7 @@ class RankerModel(nn.Module):
             lora_dropout=lora_dropout, lora_init=lora_init, loss=loss, seed=seed,
             max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
+            precision=precision,
         )
         return cls._assemble(config, device=device, dtype=dtype, item_features=item_features)
 
@@ -276,7 +288,11 @@ class RankerModel(nn.Module):
         family = backend_class(config.backend)
         config.validate()
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        if dtype is None:
+            # Resolved on the machine that loads the ranker ("auto" detects; the config keeps "auto").
+            dtype = resolve_precision(config.precision, device).dtype
+        elif precision_of_dtype(dtype) in PRECISIONS:
+            config.precision = precision_of_dtype(dtype)  # the config says what the weights are
         backend = family.load(config, device=device, dtype=dtype)
         no_id, yes_id = backend.prompt.answer_token_ids()
         if config.no_token_id is not None and (config.no_token_id, config.yes_token_id) != (no_id, yes_id):
@@ -307,6 +323,7 @@ class RankerModel(nn.Module):
         *,
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
+        precision: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         is_trainable: bool = False,
     ) -> "RankerModel":
@@ -316,14 +333,20 @@ class RankerModel(nn.Module):
         ----------
         path : folder
         item_features : ItemImageFeatures, optional
-        device, dtype :
-            Default: CUDA + bf16 when available, else CPU + fp32.
+        device : optional
+            Default: CUDA when available, else CPU.
+        precision : {"float32", "bfloat16", "auto"}, optional
+            Run in this precision instead of the saved one (``config.precision`` then says so).
+        dtype : torch.dtype, optional
+            The weights' dtype, overriding any precision (benchmarks, tests).
         is_trainable : bool
             True to continue training (LoRA and projector get gradients).
         """
         path = Path(path)
         config_file = path / CONFIG_FILE
         config = RankerConfig.read(path)
+        if precision is not None:
+            config.precision = precision
         try:
             check_prompt_version(config.prompt_version)
         except ValueError as exc:
@@ -461,6 +484,14 @@ class RankerModel(nn.Module):
         when ``merge_lora_for_scoring`` is on, in eval mode and without gradients; else a no-op."""
         return self.lora_merge.applied(self.merge_lora_for_scoring and not self.config.zero_shot and not self.training)
 
+    def autocast(self):
+        """Context of a training forward: bf16 autocast on the ranker's device when its weights are
+        bf16, else a no-op. fp32 parameters (LoRA, the projector) are cast per matmul inside it, so
+        they keep fp32 weights and fp32 gradients; the answer logits are returned in fp32."""
+        if self.dtype != torch.bfloat16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
     # Kept for the tests that inspect the merged copy and the embedded image embeddings.
     @property
     def _merged_weights(self) -> List[torch.Tensor]:
@@ -502,7 +533,7 @@ class RankerModel(nn.Module):
         """
         positions = answer_positions(attention_mask)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        with self.merged_lora():
+        with self.merged_lora(), self.autocast():
             hidden, _ = self.backend.hidden_states(input_ids, attention_mask, item_ids=item_ids,
                                                    image_features=image_features, image_inputs=image_inputs)
             rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]

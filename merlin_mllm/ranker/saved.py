@@ -32,7 +32,7 @@ __all__ = ["load_ranker", "item_image_table", "trained_model_dir"]
 
 
 def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
-                progress: bool = True, device=None, dtype=None) -> RankerModel:
+                progress: bool = True, device=None, precision: Optional[str] = None, dtype=None) -> RankerModel:
     """A saved ranker with the image table of ``data_dir``'s items, or (``zero_shot``) its base model.
 
     Parameters
@@ -44,9 +44,12 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
         The dataset (its ``items/`` give the image table when the model folder lacks one).
     cache_dir : path, optional
         Where to build a missing item image table.
-    device, dtype : optional
-        Of a saved ranker's weights (default: :func:`~merlin_mllm.models.loading.default_device`
-        and its dtype).
+    device : optional
+        Default: :func:`~merlin_mllm.models.loading.default_device`.
+    precision : {"float32", "bfloat16", "auto"}, optional
+        Run in this precision (default: the saved ranker's; a base model's: "float32").
+    dtype : torch.dtype, optional
+        The weights' dtype, overriding any precision (benchmarks, tests).
     """
     table = None
     if not zero_shot:
@@ -59,26 +62,29 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
                 table = ItemImageFeatures.load(saved)
             else:
                 table = item_image_table(data_dir, Path(cache_dir or Path(model_dir)) / ITEM_IMAGES_FILE, progress=progress)
-        ranker = RankerModel.from_pretrained(model_dir, item_features=table, device=device, dtype=dtype)
+        ranker = RankerModel.from_pretrained(model_dir, item_features=table, device=device, precision=precision,
+                                             dtype=dtype)
         if table is not None and not all(int(i) in table for i in _catalogue_item_ids(data_dir)):
             # A catalogue with items the training table did not see: extend it.
             ranker.set_item_features(item_image_table(data_dir, Path(cache_dir or ".") / ITEM_IMAGES_FILE, progress=progress))
         return ranker
-    prompt = {}
+    options = {"device": device, "dtype": dtype}
+    if precision is not None:
+        options["precision"] = precision
     if is_saved_ranker(model_dir):
         config = RankerConfig.read(model_dir)
         base, use_images = config.base_model, config.use_images
         # The "without SFT" baseline of a trained ranker asks its question the same way.
-        prompt = {"prompt_version": config.prompt_version}
+        options.update(prompt_version=config.prompt_version, precision=precision or config.precision)
     else:
         base, use_images = (model_dir or EMBEDDED), True
     if not backend_class_for_model(base).images_without_training:
         use_images = False  # no trained projector: images would enter as noise
     try:
-        return RankerModel.build(str(base), zero_shot=True, use_images=use_images, **prompt)
+        return RankerModel.build(str(base), zero_shot=True, use_images=use_images, **options)
     except ValueError as exc:
         if use_images and "text-only" in str(exc):
-            return RankerModel.build(str(base), zero_shot=True, use_images=False, **prompt)
+            return RankerModel.build(str(base), zero_shot=True, use_images=False, **options)
         raise
 
 

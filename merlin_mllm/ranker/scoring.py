@@ -191,8 +191,12 @@ def _prefix_cache(ranker: "RankerModel", prefix_ids: List[int], caches: PrefixCa
 
 
 def _answer_probs(ranker: "RankerModel", hidden: torch.Tensor, cand_mask: torch.Tensor) -> np.ndarray:
-    """P(yes) from the hidden states at each row's last candidate token."""
-    logits = ranker.backend.answer_logits(last_rows(hidden, cand_mask))[:, ranker.answer_token_ids]
+    """P(yes) from the hidden states at each row's last candidate token.
+
+    Only what is needed is computed: the language model runs without its lm_head, and only the
+    No and Yes rows of lm_head are applied, to the answer position only (not a vocabulary of
+    logits per position; ``tests/test_scoring_answer_rows.py`` keeps it so)."""
+    logits = ranker.backend.answer_pair_logits(last_rows(hidden, cand_mask), ranker.answer_token_ids)
     # In float64: P(yes) keeps the yes-minus-no logit recoverable (a hybrid adds it to its head's).
     return torch.softmax(logits.double(), dim=-1)[:, 1].cpu().numpy()
 
