@@ -15,7 +15,7 @@ b. **Scoring** one user's 1 + 20 candidates, every candidate with its image toke
    ``--dtype`` model vs the same weights in fp32 on the same device.
 c. **Serving step.** The trained ranker is saved and written as the export writes the
    ``mllm_ranker`` step (``RankerStep.write``), then loaded the way the Triton model does
-   (``RankerStep.load(..., device=..., dtype="auto")``: bf16 on CUDA). 8 users x 21 candidates
+   (``RankerStep.load(..., device=..., precision="auto")``: bf16 on CUDA). 8 users x 21 candidates
    are scored as one dynamic batch (``score_users``) and user by user; ms and max diff. The
    ranker's ``config.pbtxt`` for a GPU export (``ranker_config(gpu=True)``) is written next to
    the JSON and must name ``KIND_GPU`` (skipped, and said so, without tritonclient).
@@ -350,30 +350,30 @@ def part_serving(args, ranker, users, items, rng, device, model_dir, table, work
     from merlin_mllm.serving.artifacts import RankerStep
 
     result: dict = {}
-    # The GPU export's ranker config: KIND_GPU instances, the dtype parameter read at load.
-    dtype_parameter = "auto"
+    # The GPU export's ranker config: KIND_GPU instances, the precision parameter read at load.
+    precision_parameter = "auto"
     try:
         from merlin_mllm.serving.export import config_text, ranker_config
 
         config = ranker_config(8, gpu=True, instances=1, dynamic_batching=True, max_batch_delay_us=2000,
-                               dtype=dtype_parameter, torch_threads=0)
+                               precision=precision_parameter, torch_threads=0)
         text = config_text(config)
         pbtxt = Path(args.out).with_name(Path(args.out).stem + "_ranker_config.pbtxt")
         pbtxt.parent.mkdir(parents=True, exist_ok=True)
         pbtxt.write_text(text, encoding="utf-8")
         result["config_pbtxt"] = str(pbtxt)
         result["config_kind_gpu"] = "KIND_GPU" in text
-        dtype_parameter = config.parameters["dtype"].string_value
+        precision_parameter = config.parameters["precision"].string_value
     except ImportError as exc:
         result["config_pbtxt"] = f"skipped: {exc}"
         result["config_kind_gpu"] = None
 
     step_dir = RankerStep.write(work / "mllm_ranker" / "1" / "artifacts", model_dir, item_features=table,
                                 batch_size=args.serve_batch_size)
-    # As TritonPythonModel.initialize: cuda:<instance device> for KIND_GPU, the config's dtype.
+    # As TritonPythonModel.initialize: cuda:<instance device> for KIND_GPU, the config's precision.
     serve_device = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
     started = time.perf_counter()
-    step = RankerStep.load(step_dir, device=serve_device, dtype=dtype_parameter)
+    step = RankerStep.load(step_dir, device=serve_device, precision=precision_parameter)
     step.warm_up()
     result["load_and_warm_up_s"] = time.perf_counter() - started
     result["device"] = str(step.ranker.device)

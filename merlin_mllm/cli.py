@@ -19,6 +19,7 @@ import typer
 from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
+from merlin_mllm.models.precision import PRECISIONS
 from merlin_mllm.pipelines.config import BATCHINGS, DEFAULT_RECIPE, LOSSES, RECIPES, TrainConfig
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.text import TokenBudgets
@@ -286,6 +287,8 @@ def _split_features(data: Path, split: str, columns, features: Optional[Path], o
     return path
 
 
+_PRECISION_HELP = ("float32 | bfloat16 | auto (bf16 where this machine runs it natively, else float32; "
+                   "`merlin-mllm doctor` says which and why); default: the precision the ranker was saved with")
 _RECIPE_HELP = ("Training settings, overridden by the options below: "
                 + "; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
 
@@ -325,6 +328,8 @@ def train(
                    "item_log_recent_count, user_log_count, retrieval_score)"),
     features: Optional[Path] = typer.Option(None, help=_FEATURES_HELP.format(split="train")),
     devices: int = typer.Option(TrainConfig.devices, help="Processes/GPUs; >1 trains with DDP"),
+    precision: str = typer.Option(TrainConfig.precision, metavar="|".join(PRECISIONS),
+                                  help=TrainConfig.__dataclass_fields__["precision"].metadata["help"]),
 ):
     """LoRA SFT of the Yes/No ranker through Merlin's dataloader and Lightning (loss on the answer only).
 
@@ -342,7 +347,8 @@ def train(
             recipe, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
             strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss, prompt_version=prompt_version,
-            user_context=user_context, context_titles=context_titles, fusion_features=columns, **chosen,
+            user_context=user_context, context_titles=context_titles, fusion_features=columns, precision=precision,
+            **chosen,
         )
         if summaries is None and config.user_context != "titles":
             raise ValueError(f"--summaries is needed with --user-context {config.user_context} (only 'titles' reads none)")
@@ -350,7 +356,7 @@ def train(
         if rank0:
             typer.echo(f"recipe {recipe}: lr {config.lr:g}, micro-batches of {config.batch_size}, "
                        f"{config.grad_accum} per optimizer step, {config.epochs} epoch(s); {config.batching} "
-                       f"batching, {config.loss} loss, prompt v{config.prompt_version}"
+                       f"batching, {config.loss} loss, prompt v{config.prompt_version}, {config.precision}"
                        + (f"; hybrid over {', '.join(columns)}" if columns else ""))
         table = _split_features(data, "train", columns, features, out) if columns else None
         path = train_ranker(data, summaries, out, config, features=table, progress=True)
@@ -370,6 +376,7 @@ def evaluate(
     split: str = typer.Option("test"),
     max_groups: Optional[int] = typer.Option(None, help="Evaluate a seeded subset of groups"),
     features: Optional[Path] = typer.Option(None, help=_FEATURES_HELP.format(split="the split's")),
+    precision: Optional[str] = typer.Option(None, metavar="|".join(PRECISIONS), help=_PRECISION_HELP),
 ):
     """AUC and HR/MRR/NDCG@3/5/10 per group of 1 positive + N negatives, from P(yes).
 
@@ -394,7 +401,7 @@ def evaluate(
         elif features is not None:
             raise ValueError(f"--features was given, but {model} is not a hybrid ranker (no {FUSION_HEAD_FILE})")
         result = evaluate_ranker(data, summaries, model, out, zero_shot=zero_shot, split=split,
-                                 max_groups=max_groups, features=table, progress=True)
+                                 max_groups=max_groups, features=table, precision=precision, progress=True)
     keys = ["auc"] + [f"{m}@{k}" for m in ("hr", "mrr", "ndcg") for k in (3, 5, 10)]
     typer.echo("  ".join(f"{k}={result[k]:.4f}" for k in keys if k in result))
     typer.echo(f"written: {out}")
@@ -461,7 +468,8 @@ def export_cmd(
                                            "(reply known_user=false), or reject the request naming the id"),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest served prompt in tokens (default: the "
                                                     "training run's max_length, as training cut prompts; else 512)"),
-    dtype: str = typer.Option("auto", help="Ranker weights on the server: auto | float32 | bfloat16 | float16"),
+    precision: Optional[str] = typer.Option(None, metavar="|".join(PRECISIONS), help=_PRECISION_HELP
+                                            + "; auto is decided by each ranker instance on the serving machine"),
 ):
     """Write a Triton ensemble (features -> MLLM ranker) that `merlin-mllm serve` can serve."""
     from merlin_mllm.serving.export import MANIFEST_FILE, export
@@ -472,12 +480,12 @@ def export_cmd(
             max_candidates=max_candidates, top_k_default=top_k, max_batch_size=max_batch_size,
             dynamic_batching=dynamic_batching, max_batch_delay_us=max_batch_delay_us,
             user_summaries=user_summaries, unknown_users=unknown_users, max_prompt_tokens=max_prompt_tokens,
-            dtype=dtype, progress=True,
+            precision=precision, progress=True,
         )
     ranker, features = manifest["ranker"], manifest["features"]
     typer.echo(f"wrote {out}: ensemble {manifest['ensemble']} = {' -> '.join(manifest['steps'])}")
     typer.echo(f"  ranker: {ranker['kind']} x{ranker['instances']}, dynamic batching {ranker['dynamic_batching']}, "
-               f"base {ranker['base_model']}, images {ranker['use_images']}")
+               f"base {ranker['base_model']}, images {ranker['use_images']}, precision {ranker['precision']}")
     typer.echo(f"  features: {features['users']} users, {features['items']} items "
                f"({features['items_with_image']} with image), summaries {features['user_summaries']}, "
                f"unknown users: {features['unknown_users']}")

@@ -382,7 +382,7 @@ def test_cli_gpu_export_sets_kind_gpu(built, tmp_path):
     assert [(g.kind, g.count) for g in ranker.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2)]
     assert [g.kind for g in features.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]  # features stay on CPU
     assert not ranker.HasField("dynamic_batching")
-    assert ranker.parameters["dtype"].string_value == "auto"
+    assert ranker.parameters["precision"].string_value == "float32"  # the saved ranker's
 
 
 def test_bad_inputs_are_clear_errors(built, tmp_path):

@@ -38,7 +38,7 @@ def test_resume_and_saved_fields():
     assert list(saved) == ["model", "image", "lora_r", "lora_alpha", "lora_dropout", "lr", "projector_lr", "epochs",
                            "max_steps", "grad_accum", "max_length", "batch_size", "seed", "loss", "batching",
                            "prompt_version", "user_context", "context_titles", "fusion_features", "fusion_hidden", "fusion_lr", "fusion_warm_start",
-                           "devices", "strategy", "max_groups"]
+                           "precision", "devices", "strategy", "max_groups"]
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -52,6 +52,7 @@ def test_resume_and_saved_fields():
     ({"epochs": 0}, "epochs"),
     ({"max_steps": 0}, "max_steps"),
     ({"max_steps": -2}, "max_steps"),
+    ({"precision": "fp16"}, "precision"),
     ({"grad_accum": 0}, "grad_accum"),
     ({"max_length": 0}, "max_length"),
     ({"batch_size": 0}, "batch_size"),

@@ -34,9 +34,10 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: TrainConfig and the CLI read the names without it
+    import torch
 
 __all__ = ["PRECISIONS", "DEFAULT_PRECISION", "PrecisionChoice", "check_precision", "cpu_capability",
            "cpu_bf16_support", "auto_precision", "resolve_precision", "precision_of_dtype"]
@@ -50,7 +51,6 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 DEFAULT_PRECISION = "float32"
 #: ``/proc/cpuinfo`` flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm BF16.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class PrecisionChoice:
     """
 
     name: str
-    dtype: torch.dtype
+    dtype: "torch.dtype"
     requested: str
     reason: str
 
@@ -80,7 +80,7 @@ def check_precision(name: str) -> str:
     return name
 
 
-def precision_of_dtype(dtype: torch.dtype) -> str:
+def precision_of_dtype(dtype: "torch.dtype") -> str:
     """The precision name of a torch dtype ("float32", "bfloat16"; other dtypes by their torch name)."""
     return str(dtype).replace("torch.", "")
 
@@ -100,6 +100,8 @@ def cpu_capability() -> Dict[str, object]:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_capability() -> Tuple[Tuple[str, object], ...]:
+    import torch
+
     flags: Optional[list] = None
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -141,8 +143,10 @@ def cpu_bf16_support() -> Tuple[bool, str]:
     return True, f"native bf16 on this CPU ({evidence})"
 
 
-def auto_precision(device: Union[str, torch.device, None] = None) -> PrecisionChoice:
+def auto_precision(device: Union[str, "torch.device", None] = None) -> PrecisionChoice:
     """What ``"auto"`` picks on ``device`` (default: CUDA when available, else CPU), and why."""
+    import torch
+
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cuda":
@@ -160,15 +164,17 @@ def auto_precision(device: Union[str, torch.device, None] = None) -> PrecisionCh
 _warned_fallback = False
 
 
-def resolve_precision(name: Optional[str], device: Union[str, torch.device, None] = None) -> PrecisionChoice:
+def resolve_precision(name: Optional[str], device: Union[str, "torch.device", None] = None) -> PrecisionChoice:
     """The dtype of precision ``name`` (None: :data:`DEFAULT_PRECISION`) on ``device``.
 
     ``"auto"`` that falls back to float32 warns once per process, with the reason.
     """
+    import torch
+
     global _warned_fallback
     name = DEFAULT_PRECISION if name is None else check_precision(name)
     if name != "auto":
-        return PrecisionChoice(name, _DTYPES[name], name, "asked for")
+        return PrecisionChoice(name, getattr(torch, name), name, "asked for")
     choice = auto_precision(device)
     if choice.name == "float32" and not _warned_fallback:
         _warned_fallback = True

@@ -22,6 +22,8 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
+from merlin_mllm.models.precision import DEFAULT_PRECISION, PRECISIONS  # torch-free names
+
 __all__ = ["TrainConfig", "LOSSES", "RECIPES", "DEFAULT_RECIPE", "MIN_LR_STEPS", "BATCHINGS"]
 
 #: ``lm``: full-vocabulary NLL of the answer token (the paper); ``binary``: CE over [No, Yes];
@@ -123,6 +125,11 @@ class TrainConfig:
     fusion_warm_start: bool = _setting(
         True, "Fit the hybrid's head on the training rows alone before joint training, so the LLM learns what the "
         "tabular features miss rather than relearning item popularity", resume=True)
+    precision: str = _setting(
+        DEFAULT_PRECISION, "float32 | bfloat16 | auto. bfloat16: the frozen base weights in bf16 and the forward under "
+        "bf16 autocast; LoRA, the image projector and a hybrid's head keep fp32 weights and optimizer state. auto: "
+        "bfloat16 on CUDA with bf16 and on CPUs with native bf16 (avx512_bf16/amx_bf16, detected), else float32. "
+        "Saved with the ranker, so evaluate and export run in it unless told otherwise")
     devices: int = _setting(1, "Lightning devices (processes/GPUs; -1: all); >1 trains with DDP")
     strategy: Any = _setting(
         "auto", "Lightning strategy: 'auto', 'ddp' (Lightning re-runs the launching script on every rank: guard "
@@ -193,6 +200,8 @@ class TrainConfig:
         if self.fusion_lr is not None:
             _check_number("fusion_lr", self.fusion_lr, positive=True)
         _check_bool("fusion_warm_start", self.fusion_warm_start)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         _check_int("devices", self.devices, low=-1)
         if self.devices == 0:
             raise ValueError("devices must be -1 (all) or at least 1, not 0")

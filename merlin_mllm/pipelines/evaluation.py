@@ -94,7 +94,8 @@ def _fingerprint(ranker: RankerModel, model_dir, data_dir, split: str, zero_shot
     """Identifies (model weights, data, settings), so partial scores are reused only for the same run."""
     digest = hashlib.sha256()
     digest.update(json.dumps([str(model_dir), str(Path(data_dir).resolve()), split, zero_shot, max_groups,
-                              max_length, ranker.config.to_dict()], sort_keys=True, default=str).encode())
+                              max_length, ranker.config.to_dict(), str(ranker.dtype)], sort_keys=True,
+                             default=str).encode())
     for name, tensor in sorted(ranker.trainable_state_dict().items()) if not zero_shot else []:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -183,6 +184,7 @@ def evaluate_ranker(
     resume: bool = True,
     max_length: Optional[int] = None,
     features=None,
+    precision: Optional[str] = None,
     progress: bool = True,
 ) -> dict:
     """Score ``split`` with the ranker and write metrics, per-row scores and a plot.
@@ -221,6 +223,10 @@ def evaluate_ranker(
         the head's feature columns, matched on (group_id, item_id). The score is then
         sigmoid(head logit + LLM logit), and the scores file also keeps ``llm_logit`` and
         ``head_logit``, so each part's share can be measured.
+    precision : {"float32", "bfloat16", "auto"}, optional
+        Score in this precision (default: the one the ranker was saved with; zero-shot: float32).
+        The result's ``run`` records the dtype that ran; partial scores of another dtype are not
+        resumed.
     progress : bool
         Show a progress bar over groups.
 
@@ -243,7 +249,8 @@ def evaluate_ranker(
         max_length, max_length_source = trained_max_length(model_dir)
     else:
         max_length, max_length_source = int(max_length), "argument"
-    ranker = load_ranker(model_dir, data_dir, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress)
+    ranker = load_ranker(model_dir, data_dir, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress,
+                         precision=precision)
     # Training's cut (TokenizePrompt.encode_row), built when a prompt first needs it; prompts with
     # processor-expanded images cannot be made from text, so they are never cut.
     cutter = (functools.cache(lambda: TokenizePrompt.for_ranker(ranker, max_length=max_length))
@@ -334,6 +341,7 @@ def evaluate_ranker(
             "prompts_cut_now": prompts_cut,
             "device": str(ranker.device),
             "dtype": str(ranker.dtype).replace("torch.", ""),
+            "precision": ranker.config.precision,
             "groups_scored_now": scored_now,
             "groups_resumed": len(groups) - scored_now,
             "scoring_seconds": round(scoring_seconds, 2),

@@ -506,6 +506,7 @@ def train_ranker(
         settings["model"], use_images=config.image, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
         prompt_version=config.prompt_version, user_context=config.user_context, context_titles=config.context_titles,
+        precision=config.precision,
     )
     groups = config.batching == "groups"
     table = None

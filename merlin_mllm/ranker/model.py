@@ -646,7 +646,8 @@ class RankerModel(nn.Module):
         forward pass. A row attends only to its own user's cached prefix: prefixes are
         right-padded to the longest one in the pass with the padding masked out, and each row's
         positions continue from its own prefix length. The scores equal per-user scoring up to
-        float rounding, but the matrix products are larger, which keeps a GPU busy.
+        float rounding, but the matrix products are larger, which keeps a GPU busy. A ranker in
+        bf16 scores user by user instead (see :func:`~merlin_mllm.ranker.scoring.score_users_token_ids`).
 
         Parameters
         ----------

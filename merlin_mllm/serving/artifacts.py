@@ -91,7 +91,6 @@ __all__ = [
     "HeadFeatures",
     "RankerStep",
     "rank_scores",
-    "resolve_dtype",
 ]
 
 #: Triton model names of the export.
@@ -178,21 +177,6 @@ def rank_scores(item_ids: Sequence[int], scores: Sequence[float], top_k: int) ->
     # A stable sort of the negated scores: ties keep the order the client sent.
     order = np.argsort(-scores, kind="stable")[: max(0, int(top_k))]
     return item_ids[order], scores[order].astype(np.float32)
-
-
-def resolve_dtype(name: Optional[str], device):
-    """A torch dtype from a name ("auto", "float32", "bfloat16", "float16")."""
-    import torch
-
-    from merlin_mllm.models.loading import default_dtype
-
-    if name in (None, "", "auto"):
-        return default_dtype(device)
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; not {name!r}")
-    return table[name]
 
 
 # ---------------------------------------------------------------------------- head features
@@ -663,8 +647,13 @@ class RankerStep:
 
     @staticmethod
     def write(folder: Union[str, os.PathLike], model_dir: Union[str, os.PathLike], item_features=None,
-              batch_size: int = 32) -> Path:
-        """Copy a saved ranker (its hybrid head too, and its item image table) into a step folder."""
+              batch_size: int = 32, precision: Optional[str] = None) -> Path:
+        """Copy a saved ranker (its hybrid head too, and its item image table) into a step folder.
+
+        ``precision`` (:data:`~merlin_mllm.models.precision.PRECISIONS`): what the step runs in,
+        resolved where it loads ("auto" detects there); default: the saved ranker's.
+        """
+        from merlin_mllm.models.precision import check_precision
         from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, FUSION_HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
 
         folder, model_dir = Path(folder), Path(model_dir)
@@ -682,14 +671,17 @@ class RankerStep:
             item_features.save(folder / ITEM_IMAGES_FILE)
         elif (folder / ITEM_IMAGES_FILE).exists():
             (folder / ITEM_IMAGES_FILE).unlink()
-        (folder / RANKER_CONFIG).write_text(json.dumps({"batch_size": int(batch_size)}, indent=2) + "\n",
-                                            encoding="utf-8")
+        settings = {"batch_size": int(batch_size)}
+        if precision is not None:
+            settings["precision"] = check_precision(precision)
+        (folder / RANKER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return folder
 
     @classmethod
-    def load(cls, folder: Union[str, os.PathLike], *, device=None, dtype: Optional[str] = None,
+    def load(cls, folder: Union[str, os.PathLike], *, device=None, precision: Optional[str] = None,
              batch_size: Optional[int] = None) -> "RankerStep":
-        """Load the ranker of a step folder onto ``device`` (default: CUDA when available)."""
+        """Load the ranker of a step folder onto ``device`` (default: CUDA when available), in
+        ``precision`` (default: the one :meth:`write` recorded, else the saved ranker's)."""
         import torch
 
         from merlin_mllm.models.loading import default_device
@@ -703,9 +695,9 @@ class RankerStep:
             raise FileNotFoundError(f"{folder / RANKER_DIR} not found: {folder} is not an exported ranker step")
         device = torch.device(device) if device is not None else default_device()
         table = ItemImageFeatures.load(folder / ITEM_IMAGES_FILE) if (folder / ITEM_IMAGES_FILE).exists() else None
-        ranker = RankerModel.from_pretrained(folder / RANKER_DIR, item_features=table, device=device,
-                                             dtype=resolve_dtype(dtype, device))
         settings = json.loads((folder / RANKER_CONFIG).read_text()) if (folder / RANKER_CONFIG).exists() else {}
+        ranker = RankerModel.from_pretrained(folder / RANKER_DIR, item_features=table, device=device,
+                                             precision=precision or settings.get("precision"))
         # The head stays on the CPU in float32: a few hundred weights, scored as evaluation scores them.
         head_path = folder / RANKER_DIR / FUSION_HEAD_FILE
         head = TabularFusionHead.load(head_path) if head_path.is_file() else None

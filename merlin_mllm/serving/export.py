@@ -98,8 +98,9 @@ with warnings.catch_warnings():
 from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, CollaborativeFeatures, folder_time_unit
 from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
+from merlin_mllm.models.precision import check_precision
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.ranker.config import CONFIG_FILE, FUSION_HEAD_FILE
+from merlin_mllm.ranker.config import CONFIG_FILE, FUSION_HEAD_FILE, RankerConfig
 from merlin_mllm.ranker.fusion import TabularFusionHead
 from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
 from merlin_mllm.serving.artifacts import (
@@ -168,7 +169,7 @@ OWNED = (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL, MANIFEST_FILE)
 
 
 # ---------------------------------------------------------------------------- artefacts
-def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False, device=None, dtype=None):
+def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = False, device=None, precision=None):
     """The saved ranker with the item image table that covers ``data_dir``'s catalogue.
 
     ``model_dir`` may be the saved ranker or the run folder ``train --out`` wrote
@@ -178,7 +179,7 @@ def load_export_ranker(model_dir, data_dir, cache_dir: Path, progress: bool = Fa
     if not (resolved / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved ranker (no {CONFIG_FILE}, nor model/{CONFIG_FILE}); "
                                 "train one with `merlin-mllm train`")
-    return load_ranker(resolved, data_dir, cache_dir=cache_dir, progress=progress, device=device, dtype=dtype)
+    return load_ranker(resolved, data_dir, cache_dir=cache_dir, progress=progress, device=device, precision=precision)
 
 
 def prompt_token_limit(model_dir, max_prompt_tokens: Optional[int] = None) -> Tuple[int, str]:
@@ -442,7 +443,7 @@ def features_config(max_batch_size: int, instances: int, n_head_features: int = 
 
 
 def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_batching: bool,
-                  max_batch_delay_us: int, dtype: str, torch_threads: int, n_head_features: int = 0):
+                  max_batch_delay_us: int, precision: str, torch_threads: int, n_head_features: int = 0):
     """The ``mllm_ranker`` python-backend config (GPU or CPU instances, dynamic batching); a hybrid's
     (``n_head_features``) also reads the head's features of every candidate."""
     config = mc.ModelConfig(name=RANKER_MODEL, backend="python", max_batch_size=max_batch_size)
@@ -461,7 +462,7 @@ def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_bat
     config.instance_group.add(kind=kind, count=instances)
     if dynamic_batching:
         config.dynamic_batching.max_queue_delay_microseconds = int(max_batch_delay_us)
-    config.parameters["dtype"].string_value = dtype
+    config.parameters["precision"].string_value = precision
     config.parameters["torch_threads"].string_value = str(int(torch_threads))
     return config
 
@@ -594,7 +595,7 @@ def export(
     user_summaries: str = "last_row",
     unknown_users: str = "empty_summary",
     max_prompt_tokens: Optional[int] = None,
-    dtype: str = "auto",
+    precision: Optional[str] = None,
     torch_threads: int = 0,
     scoring_batch_size: Optional[int] = None,
     events: Union[None, str, os.PathLike, pd.DataFrame] = None,
@@ -656,10 +657,16 @@ def export(
     max_prompt_tokens : int, optional
         The longest served prompt (longer ones get a shorter user summary, as in training).
         Default: the training run's ``max_length`` (see :func:`prompt_token_limit`).
-    dtype : str
-        Ranker weights on the server: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16", "float16".
+    precision : {"float32", "bfloat16", "auto"}, optional
+        What the served ranker runs in (:mod:`merlin_mllm.models.precision`); default: the one
+        it was trained and saved with (float32 unless trained otherwise). "auto" is resolved by
+        each ranker instance on the serving machine (bf16 on CUDA with bf16 and on CPUs with
+        native bf16, else float32), so it is recorded as "auto" in ``config.pbtxt`` and the
+        manifest; the instance logs the dtype it chose. Served scores equal in-process scores of
+        the same precision.
     torch_threads : int
-        CPU threads of the ranker process (0: torch's default).
+        CPU threads of each ranker instance (0: its share of the CPUs among the CPU instances,
+        :func:`merlin_mllm.models.threads.set_torch_threads`).
     scoring_batch_size : int, optional
         Candidate rows per forward pass. Default: 32 on CPU; on GPU 256, so one dynamic batch of
         users goes through in one pass (measured on an H200: 8 users x 21 candidates in one pass
@@ -713,7 +720,11 @@ def export(
         head = fusion_head(model_dir)
         head_features = head_features_for(head, data_dir, events, recent_days)
         n_head = len(head.feature_names) if head is not None else 0
-        ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / ".cache", progress=progress)
+        # Only its tokenizer, prompt and item table are used here, so float32 does; the served
+        # precision is the one asked for, else the saved ranker's.
+        ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / ".cache", progress=progress,
+                                    precision="float32")
+        precision = check_precision(precision) if precision is not None else RankerConfig.read(model_dir).precision
         users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
                                    titles=ranker.config.context_titles)
         items = item_table(data_dir, ranker)
@@ -726,11 +737,12 @@ def export(
             staging, RANKER_MODEL,
             ranker_config(max_batch_size, gpu=gpu, instances=gpu_instances if gpu else cpu_instances,
                           dynamic_batching=dynamic_batching, max_batch_delay_us=max_batch_delay_us,
-                          dtype=dtype, torch_threads=torch_threads, n_head_features=n_head),
+                          precision=precision, torch_threads=torch_threads, n_head_features=n_head),
             "ranker.py",
         )
         table = ranker.item_features if ranker.config.use_images else None
-        RankerStep.write(ranker_dir / "1" / ARTIFACTS_DIR, model_dir, table, batch_size=scoring_batch_size)
+        RankerStep.write(ranker_dir / "1" / ARTIFACTS_DIR, model_dir, table, batch_size=scoring_batch_size,
+                         precision=precision)
         _write_model(staging, ENSEMBLE_MODEL, ensemble_config(max_batch_size, n_head))
         shutil.rmtree(staging / ".cache", ignore_errors=True)
         carried = _carry_over(out_dir, staging) if out_dir.is_dir() else []
@@ -744,7 +756,7 @@ def export(
                        "max_batch_size": int(max_batch_size)},
             "ranker": {"kind": "KIND_GPU" if gpu else "KIND_CPU", "instances": int(gpu_instances if gpu else cpu_instances),
                        "dynamic_batching": bool(dynamic_batching), "max_batch_delay_us": int(max_batch_delay_us),
-                       "dtype": dtype, "base_model": ranker.config.base_model, "use_images": bool(ranker.config.use_images)},
+                       "precision": precision, "base_model": ranker.config.base_model, "use_images": bool(ranker.config.use_images)},
             "features": {"instances": int(cpu_instances), "users": len(users), "items": len(items),
                          "items_with_image": int(items[IMAGE_COLUMN].sum()), "user_summaries": user_summaries,
                          "unknown_users": unknown_users, "max_prompt_tokens": max_length,

@@ -83,7 +83,6 @@ from merlin_mllm.serving.artifacts import (
     RequestError,
     ServingLimits,
     rank_scores,
-    resolve_dtype,
 )
 from merlin_mllm.serving.export import (
     fit_prompt_workflow,
@@ -155,8 +154,10 @@ class MLLMRerank(BaseOperator):
         (default: :func:`merlin_mllm.serving.export.events_before_serving` of ``data_dir``).
     recent_days : float, optional
         A hybrid only: the collaborative features' recent window (default 30, the pipelines').
-    device, dtype : optional
-        Where the ranker runs (default: CUDA when available) and its weights' dtype ("auto").
+    device : optional
+        Where the ranker runs (default: CUDA when available).
+    precision : {"float32", "bfloat16", "auto"}, optional
+        What the ranker runs in (default: the saved ranker's, or the export's).
     name : str
         Folder name of this operator's artefacts (distinct per operator in one graph).
 
@@ -182,7 +183,7 @@ class MLLMRerank(BaseOperator):
         events=None,
         recent_days: Optional[float] = None,
         device: Optional[str] = None,
-        dtype: Optional[str] = None,
+        precision: Optional[str] = None,
         scoring_batch_size: int = 32,
         name: str = ENSEMBLE_MODEL,
         _steps=None,
@@ -195,7 +196,7 @@ class MLLMRerank(BaseOperator):
         self.retrieval_column = retrieval_column
         self.top_k = int(top_k)
         self.device = device
-        self.dtype = dtype
+        self.precision = precision
         self.name = name
         self._model_dir = None
         # Folders holding saved steps (an export, or loaded artefacts): loaded on first use.
@@ -210,7 +211,7 @@ class MLLMRerank(BaseOperator):
         target = torch.device(device) if device is not None else default_device()
         with tempfile.TemporaryDirectory() as cache:
             ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache), device=target,
-                                        dtype=resolve_dtype(dtype, target))
+                                        precision=precision)
         items = item_table(data_dir, ranker)
         users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
                                    titles=ranker.config.context_titles)
@@ -221,7 +222,8 @@ class MLLMRerank(BaseOperator):
         self._model_dir = trained_model_dir(model_dir).resolve()
 
     @classmethod
-    def from_export(cls, repository: Union[str, os.PathLike], *, device=None, dtype=None, **options) -> "MLLMRerank":
+    def from_export(cls, repository: Union[str, os.PathLike], *, device=None, precision=None,
+                    **options) -> "MLLMRerank":
         """The operator over the artefacts of a ``merlin-mllm export`` repository (same scores).
 
         Nothing is loaded until the first ``transform``: building and exporting a graph does
@@ -234,7 +236,8 @@ class MLLMRerank(BaseOperator):
             raise FileNotFoundError(f"{repository} is not a `merlin-mllm export` repository (no {features / FEATURES_CONFIG})")
         limits = json.loads((features / FEATURES_CONFIG).read_text(encoding="utf-8"))["limits"]
         options.setdefault("top_k", limits["top_k_default"])
-        return cls(device=device, dtype=dtype, _steps=(None, None, ranker / "ranker", (features, ranker)), **options)
+        return cls(device=device, precision=precision, _steps=(None, None, ranker / "ranker", (features, ranker)),
+                   **options)
 
     def renamed(self, *, user_column: Optional[str] = None, items_column: Optional[str] = None,
                 retrieval_column: Optional[str] = None, top_k: Optional[int] = None) -> "MLLMRerank":
@@ -243,7 +246,7 @@ class MLLMRerank(BaseOperator):
         return MLLMRerank(
             user_column=user_column or self.user_column, items_column=items_column or self.items_column,
             retrieval_column=retrieval_column or self.retrieval_column,
-            top_k=top_k or self.top_k, device=self.device, dtype=self.dtype, name=self.name,
+            top_k=top_k or self.top_k, device=self.device, precision=self.precision, name=self.name,
             _steps=(self._features, self._ranker, self._model_dir, self._folders),
         )
 
@@ -273,7 +276,8 @@ class MLLMRerank(BaseOperator):
         self._features.save(folder / "features")
         ranker = self._ranker.ranker
         table = ranker.item_features if ranker.config.use_images else None
-        RankerStep.write(folder / "ranker", self._model_dir, table, batch_size=self._ranker.batch_size)
+        RankerStep.write(folder / "ranker", self._model_dir, table, batch_size=self._ranker.batch_size,
+                         precision=self.precision)
 
     def load_artifacts(self, artifact_path: Optional[os.PathLike] = None) -> None:
         """Load what :meth:`save_artifacts` wrote (in the Triton executor model)."""
@@ -288,7 +292,7 @@ class MLLMRerank(BaseOperator):
     def _require_loaded(self):
         if (self._features is None or self._ranker is None) and self._folders is not None:
             self._features = FeatureStep.load(self._folders[0])
-            self._ranker = RankerStep.load(self._folders[1], device=self.device, dtype=self.dtype)
+            self._ranker = RankerStep.load(self._folders[1], device=self.device, precision=self.precision)
         if self._features is None or self._ranker is None:
             raise RuntimeError("MLLMRerank has no model loaded: call load_artifacts(path) first")
 

@@ -5,9 +5,11 @@ ranker with its LoRA adapter and projector, the item image table) sit beside it 
 ``1/artifacts/``; the logic is :class:`merlin_mllm.serving.artifacts.RankerStep`. Each user row
 is scored with the shared user prefix computed once (``RankerModel.score_token_ids``).
 
-An instance of kind GPU runs on its assigned device; ``parameters { key: "dtype" }`` picks the
-weights' dtype there ("auto": bf16 on CUDA, fp32 on CPU). ``torch_threads`` (0: torch's default)
-sets the CPU threads of this process.
+An instance of kind GPU runs on its assigned device; ``parameters { key: "precision" }`` picks
+what it runs in there (float32, bfloat16, or auto: decided on this machine by
+:mod:`merlin_mllm.models.precision`; empty: the saved ranker's). ``torch_threads`` sets the CPU
+threads of this process (0: its share of the CPUs among the model's CPU instances,
+:func:`merlin_mllm.models.threads.set_torch_threads`, so instances do not oversubscribe them).
 
 Inputs (batch dimension first): prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1],
 item_ids INT64 [-1], top_k_resolved INT32 [1], and for a hybrid ranker fusion_features FP32
@@ -25,6 +27,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # Importing merlin_mllm (before torch) pins MKL's reproducible mode: see merlin_mllm/__init__.py.
+from merlin_mllm.models.threads import set_torch_threads
 from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FUSION_INPUT, RankerStep, RequestError, rank_scores
 
 
@@ -49,18 +52,19 @@ class TritonPythonModel:
         self.model_name = args["model_name"]
         config = json.loads(args["model_config"])
         parameters = _parameters(config)
-        threads = int(parameters.get("torch_threads") or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
+        cpu_instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])
+                            if group.get("kind") == "KIND_CPU") or 1
+        set_torch_threads(int(parameters.get("torch_threads") or 0), processes=cpu_instances)
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         else:
             device = "cpu"
         self.step = RankerStep.load(_version_dir(args) / ARTIFACTS_DIR, device=device,
-                                    dtype=parameters.get("dtype") or "auto")
+                                    precision=parameters.get("precision") or None)
         self.step.warm_up()
         hybrid = f", hybrid head over {list(self.step.head.feature_names)}" if self.step.head is not None else ""
-        self.logger.log_info(f"{self.model_name}: ranker on {device}, {self.step.ranker.dtype}, "
+        self.logger.log_info(f"{self.model_name}: ranker on {device}, {self.step.ranker.dtype} "
+                             f"(precision {self.step.ranker.config.precision}), "
                              f"{torch.get_num_threads()} CPU threads{hybrid}")
 
     def execute(self, requests):
