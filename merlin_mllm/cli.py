@@ -96,6 +96,9 @@ def data_prepare(
     valid_cut_quantile: Optional[float] = typer.Option(None, help="Timeline: T_valid as a quantile of the k-core "
                                                        "events' times (default 0.7)"),
     test_cut_quantile: Optional[float] = typer.Option(None, help="Timeline: T_test as a quantile (default 0.8)"),
+    test_users: int = typer.Option(0, help="Timeline, with --max-users: draw this many of the users among those "
+                                   "with an event at or after T_test (one test group each), the rest among the "
+                                   "others (0 = all uniformly)"),
 ):
     """Turn a recommendation dataset into Merlin parquet with a tagged schema."""
     from merlin_mllm.data.prepare import prepare_dataset
@@ -108,7 +111,7 @@ def data_prepare(
             train_negatives=train_negatives, train_targets=train_targets,
             train_negative_sampling=train_negative_sampling, train_block_size=train_block_size,
             valid_cut=valid_cut, test_cut=test_cut, valid_cut_quantile=valid_cut_quantile,
-            test_cut_quantile=test_cut_quantile,
+            test_cut_quantile=test_cut_quantile, test_users=test_users,
         )
     typer.echo(json.dumps(report, indent=2, default=str))
 
@@ -410,14 +413,20 @@ def evaluate(
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Working folder; finished stages are reused"),
-    max_users: int = typer.Option(40, help="Seeded MovieLens-100k user subset sized for a 2-core CPU"),
+    max_users: Optional[int] = typer.Option(None, help="Seeded MovieLens-100k user subset (default: the "
+                                            "quickstart's, sized for 15 minutes on a 2-core CPU)"),
+    test_users: Optional[int] = typer.Option(None, help="How many of them are drawn among the users with an event "
+                                             "at or after T_test, each a test group (default: half of them)"),
     seed: int = typer.Option(42),
 ):
     """The main job on the embedded default models, end to end, with a summary line per stage."""
     from merlin_mllm.quickstart import Quickstart, QuickstartSettings
 
+    # None: QuickstartSettings' default (the one home of the sizes).
+    sizes = {name: value for name, value in {"max_users": max_users, "test_users": test_users}.items()
+             if value is not None}
     with user_errors():
-        Quickstart(QuickstartSettings(out=out, max_users=max_users, seed=seed)).run()
+        Quickstart(QuickstartSettings(out=out, seed=seed, **sizes)).run()
 
 
 @app.command()

@@ -90,10 +90,13 @@ def test_cli_prepare_timeline_writes_the_cuts(tmp_path):
     out = tmp_path / "tl"
     result = CliRunner().invoke(app, ["data", "prepare", "--dataset", "ml-100k", "--protocol", "timeline",
                                       "--out", str(out), "--max-users", "40", "--seed", "1",
-                                      "--valid-cut-quantile", "0.65", "--test-cut-quantile", "0.8"])
+                                      "--valid-cut-quantile", "0.65", "--test-cut-quantile", "0.8",
+                                      "--test-users", "20"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"] == "timeline" and report["settings"]["max_history"] == 0
+    assert report["settings"]["test_users"] == 20
+    assert report["users_per_split"]["test"] + report["targets_without_history"]["test"] == 20
     assert report["cuts"]["valid"]["quantile"] == 0.65 and report["cuts"]["test"]["quantile"] == 0.8
     assert split_cuts(out).valid == report["cuts"]["valid"]["timestamp"]
     assert np.all(read_table(out / "valid")["timestamp"] >= report["cuts"]["valid"]["timestamp"])

@@ -1,5 +1,6 @@
 """The main job end to end, on the real embedded models, at a tiny size: every stage runs on the
-leave-last-out protocol (every user a test group), the hybrid is trained and evaluated beside
+timeline protocol (each user drawn among those with an event at or after T_test a test group,
+the others' past before T_valid the training groups), the hybrid is trained and evaluated beside
 popularity, SASRec and its own LLM part, each AUC with a bootstrap interval that contains it, the
 live Triton server answers (given the retrieval scores) with the scores that evaluate computed,
 report.md is written, and a second run reuses every cached stage."""
@@ -18,13 +19,16 @@ from merlin_mllm.quickstart import HYBRID, LLM_PART, POPULARITY, SASREC, Quickst
 pytestmark = pytest.mark.slow
 
 USERS = 10
+#: Of the USERS, drawn among the users with an event at or after T_test.
+TEST_USERS = 6
 ROWS = (HYBRID, LLM_PART, SASREC, POPULARITY)
 
 
 @pytest.fixture(scope="module")
 def first_and_second_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    settings = QuickstartSettings(out=out, max_users=USERS, max_history=6, max_new_tokens=12, batch_size=16, epochs=1)
+    settings = QuickstartSettings(out=out, max_users=USERS, test_users=TEST_USERS, max_history=6, max_new_tokens=12,
+                                  batch_size=16, epochs=1)
     first = Quickstart(settings).run()
     second = Quickstart(settings).run()
     return out, first, second
@@ -35,10 +39,18 @@ def test_every_stage_runs_and_the_report_has_all_rows(first_and_second_run):
     assert [s.name for s in first] == ["data", "item summaries", "user summaries", "features", "train", "evaluate",
                                        "export", "triton"]
     assert not any(s.cached for s in first)
-    assert "leave-last-out protocol" in first[0].summary and f"{USERS} test groups" in first[0].summary
+    # One test group per test user, unless its target had no earlier event (ties); training groups too.
+    data = json.loads((out / "data" / "report.json").read_text())
+    groups = data["users_per_split"]["test"]
+    assert groups + data["targets_without_history"]["test"] == TEST_USERS and groups >= TEST_USERS - 2
+    assert data["users_per_split"]["train"] > 0
+    cuts = data["cuts"]
+    assert "timeline protocol, cut at T_valid " in first[0].summary and f"{groups} test groups" in first[0].summary
+    assert cuts["test"]["date"][:10] in first[0].summary and cuts["valid"]["date"][:10] in first[0].summary
     # only the items of the users' events are summarised, and every user summary step finds them
     assert "items of the users' events" in first[1].summary and "items without summary" not in first[2].summary
     report = (out / "report.md").read_text()
+    assert f"Protocol: timeline protocol, cut at T_valid {cuts['valid']['date'][:10]}" in report
     for row in ROWS:
         found = re.search(rf"^\| {re.escape(row)} \| ([01]\.\d{{3}}) \| \[([01]\.\d{{3}}), ([01]\.\d{{3}})\] \|",
                           report, re.M)
@@ -49,11 +61,11 @@ def test_every_stage_runs_and_the_report_has_all_rows(first_and_second_run):
     for row in ROWS[1:]:
         assert re.search(rf"^\| {re.escape(row)} \| [+-]\d\.\d{{3}} \| \[[+-]\d\.\d{{3}}, [+-]\d\.\d{{3}}\] \|$",
                          report, re.M), row
-    assert f"over the {USERS} test users" in report
+    assert f"over the {groups} test users" in report
     assert (out / "report_metrics.png").stat().st_size > 10_000
-    # Every row was scored on the same test groups: one per user (leave-last-out protocol).
+    # Every row was scored on the same test groups: one per test user.
     files = ("hybrid.json", "hybrid_llm.json", "sasrec.json", "popularity.json")
-    assert {json.loads((out / "eval" / f).read_text())["n_groups"] for f in files} == {USERS}
+    assert {json.loads((out / "eval" / f).read_text())["n_groups"] for f in files} == {groups}
 
 
 def test_rows_are_what_they_say(first_and_second_run):
@@ -101,7 +113,7 @@ def test_second_run_reuses_every_cached_stage(first_and_second_run):
 
 
 def test_a_run_on_other_data_is_rebuilt_keeping_the_summary_store(tmp_path):
-    """An --out from the quickstart before the leave-last-out protocol (paper protocol) is not reused."""
+    """An --out from an older quickstart (the paper protocol) is not reused."""
     out = tmp_path / "old"
     (out / "data").mkdir(parents=True)
     (out / "data" / "report.json").write_text(json.dumps({"protocol": "paper", "seed": 42,
@@ -110,10 +122,10 @@ def test_a_run_on_other_data_is_rebuilt_keeping_the_summary_store(tmp_path):
     (out / "ranker" / "model" / "ranker_config.json").write_text("{}")
     (out / "summaries").mkdir()
     (out / "summaries" / "segment").write_text("kept")
-    quickstart = Quickstart(QuickstartSettings(out=out, max_users=USERS, max_history=6))
+    quickstart = Quickstart(QuickstartSettings(out=out, max_users=USERS, test_users=TEST_USERS, max_history=6))
     quickstart.prepare_data()
-    assert not quickstart.stages[0].cached and "leave-last-out protocol" in quickstart.stages[0].summary
-    assert json.loads((out / "data" / "report.json").read_text())["protocol"] == "leave-last-out"
+    assert not quickstart.stages[0].cached and "timeline protocol" in quickstart.stages[0].summary
+    assert json.loads((out / "data" / "report.json").read_text())["protocol"] == "timeline"
     assert not (out / "ranker").exists()
     assert (out / "summaries" / "segment").read_text() == "kept"
     quickstart.prepare_data()
