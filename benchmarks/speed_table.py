@@ -89,7 +89,30 @@ def rows() -> list:
         out.append(("serving", f"load run {load['seconds']:.0f} s, {load['clients']} clients: "
                     f"{load['completed']} requests, p99 {load['p99_ms']:.0f} ms", f"{load['failed']} failed", "0 failed",
                     "serving.json"))
+    out.extend(precision_rows(_load("precision.json")))
     return out
+
+
+def precision_rows(precision) -> list:
+    """bf16 against fp32 (``bench_precision.py``), labelled emulated when the host lacked native bf16."""
+    if not precision:
+        return []
+    host = precision["host"]
+    where = (f"{precision['setup']['test_groups']} groups of 1+{precision['setup']['candidates_per_test_group'] - 1}, "
+             f"{host['device']}, {'native' if host['native_bf16'] else 'EMULATED (no avx512_bf16/amx: not the issue measurement)'} bf16")
+    scoring, training = precision["scoring"], precision["training"]
+    return [
+        ("ranker precision", f"scoring candidates/s, bf16 vs fp32 ({where}; AUC {precision['scoring_auc_delta']:+.4f}, "
+         f"max abs. Δp {precision['scoring_max_abs_dp']:.1e})", f"{precision['scoring_bf16_vs_fp32']:.2f}x",
+         ">= 2.5x, AUC ±0.005", "precision.json"),
+        ("ranker precision", f"training rows/s, bf16 vs fp32 ({precision['setup']['train_groups']} groups, one epoch; "
+         f"held-out AUC {precision['training_auc_delta']:+.4f})", f"{precision['training_bf16_vs_fp32']:.2f}x",
+         ">= 1.8x, AUC ±0.01", "precision.json"),
+        ("ranker precision", "share of own matmul roofline, scoring fp32 / bf16, training fp32 / bf16",
+         f"{scoring['float32']['roofline_share']:.0%} / {scoring['bfloat16']['roofline_share']:.0%}, "
+         f"{training['float32']['roofline_share']:.0%} / {training['bfloat16']['roofline_share']:.0%}", "",
+         "precision.json"),
+    ]
 
 
 def render(table_rows: list) -> str:
