@@ -151,9 +151,8 @@ def evaluate_popularity(data_dir: PathLike, out_json: PathLike, split: str = "te
     """
     started = time.time()
     table = popularity_scores(data_dir, split)
-    run = {"model": "popularity", "base_model": None, "zero_shot": False, "use_images": False, "split": split,
-           "data_dir": str(Path(data_dir).resolve()), "max_groups": None,
-           "counted": f"events before the {split} targets (merlin_mllm.data.splits.training_events)"}
+    run = _count_run("popularity", data_dir, split,
+                     counted=f"events before the {split} targets (merlin_mllm.data.splits.training_events)")
     return evaluate_scores(table, out_json, run, ks=ks, started=started)
 
 
@@ -196,11 +195,16 @@ def evaluate_popularity_as_of(data_dir: PathLike, out_json: PathLike, split: str
     started = time.time()
     table = popularity_as_of_scores(data_dir, split, recent_days=recent_days)
     what = "every event" if recent_days is None else f"the events of the {recent_days:g} days"
-    run = {"model": "popularity_as_of_row" if recent_days is None else "recent_popularity_as_of_row",
-           "base_model": None, "zero_shot": False, "use_images": False, "split": split,
-           "data_dir": str(Path(data_dir).resolve()), "max_groups": None, "recent_days": recent_days,
-           "counted": f"{what} strictly before each row's timestamp (merlin_mllm.data.collaborative)"}
+    run = _count_run("popularity_as_of_row" if recent_days is None else "recent_popularity_as_of_row", data_dir,
+                     split, recent_days=recent_days,
+                     counted=f"{what} strictly before each row's timestamp (merlin_mllm.data.collaborative)")
     return evaluate_scores(table, out_json, run, ks=ks, started=started)
+
+
+def _count_run(model: str, data_dir: PathLike, split: str, **details) -> dict:
+    """The ``run`` record of a count baseline, in ``evaluate_ranker``'s layout."""
+    return {"model": model, "base_model": None, "zero_shot": False, "use_images": False, "split": split,
+            "data_dir": str(Path(data_dir).resolve()), "max_groups": None, **details}
 
 
 # ----------------------------------------------------------------------------- sequential models
