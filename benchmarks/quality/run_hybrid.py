@@ -1,7 +1,8 @@
 """The hybrid-ranker table on all MovieLens-100k users, every feature as of the row's time.
 
 Protocols, one prepared folder each (``prepare_dataset("ml-100k", protocol, ...,
-max_history=MAX_HISTORY[protocol], seed=42, n_negatives_test=20)``): ``timeline`` (the primary
+seed=42, n_negatives_test=20)`` with the protocol's default ``max_history``,
+``merlin_mllm.data.prepare.DEFAULT_MAX_HISTORY``): ``timeline`` (the primary
 table: one global time cut for valid and one for test), then ``leave-last-out`` (each user's last
 event; the old "temporal") and ``paper``.
 
@@ -67,7 +68,8 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py
 from common import write_json  # noqa: E402
 
 from merlin_mllm import baselines  # noqa: E402
-from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
+from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS  # noqa: E402
+from merlin_mllm.data.prepare import DEFAULT_MAX_HISTORY, prepare_dataset  # noqa: E402
 from merlin_mllm.data.splits import split_rows  # noqa: E402
 from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
 from merlin_mllm.pipelines.features import (  # noqa: E402
@@ -81,13 +83,10 @@ from merlin_mllm.pipelines.fusion import FusionSettings, fusion_scores, train_fu
 #: The global timeline first (the primary table), then leave-last-out and the paper's protocol.
 PROTOCOLS = ("timeline", "leave-last-out", "paper")
 SPLITS = ("train", "valid", "test")
-#: Events kept per user: all of them on the timeline (counts and histories need the whole past).
-MAX_HISTORY = {"timeline": 0, "leave-last-out": 12, "paper": 12}
 DATA_SEED = 42
 N_NEGATIVES_TEST = 20
 #: Label-free slices: a user, or an item, with at most this many events before the row's time.
 COLD_MAX_EVENTS = 5
-RECENT_DAYS = 30.0
 METRICS = ("auc", "hr@1", "hr@5", "ndcg@5")
 SLICES = ("all", "cold_users", "cold_items")
 SCORE_COLUMNS = ["group_id", "user_id", "item_id", "label", "score"]
@@ -196,7 +195,7 @@ class ProtocolStages:
         if not (self.data / "report.json").is_file():
             log(f"prepare ml-100k {self.protocol}, max_users={self.users or 'all'}")
             prepare_dataset("ml-100k", self.protocol, self.data, max_users=self.users,
-                            max_history=MAX_HISTORY[self.protocol], seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
+                            seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
         return json.loads((self.data / "report.json").read_text())
 
     def rows(self, split: str) -> pd.DataFrame:
@@ -595,7 +594,7 @@ def markdown(results: dict) -> str:
         "(git-ignored); a re-run reuses it. The LLM rows are read from score files: "
         "`--llm-scores PROTOCOL ROW TEST_SCORES [VALID_SCORES]`, once per training seed (ROW: "
         + ", ".join(EXTERNAL_ROWS) + "; the LLM-only row's valid scores add the late fusion with the LLM logit).", "",
-        "- Data: `prepare_dataset(\"ml-100k\", protocol, max_history=MAX_HISTORY[protocol], "
+        "- Data: `prepare_dataset(\"ml-100k\", protocol, "
         f"seed={results['data_seed']}, n_negatives_test={results['n_negatives_test']})`, max_history "
         + ", ".join(f"{p} {h}" for p, h in results["max_history"].items()) + " (0: every event).",
         f"- Features of the non-LLM fusion: {', '.join(f'`{c}`' for c in features['columns'])}. {features['counted']}. "
@@ -676,7 +675,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="seeds of SASRec, GRU4Rec and the fusion head (each seed trains its own models)")
     parser.add_argument("--users", type=int, default=0, help="0 = all users (the committed table); else a random subset")
-    parser.add_argument("--recent-days", type=float, default=RECENT_DAYS, help="the recent-count window, in days")
+    parser.add_argument("--recent-days", type=float, default=DEFAULT_RECENT_DAYS, help="the recent-count window, in days")
     parser.add_argument("--sequential-epochs", type=int, default=None,
                         help="epochs of the compact SASRec/GRU4Rec (default: SequentialSettings', 40)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval")
@@ -707,7 +706,7 @@ def main(argv=None) -> int:
         "what": "the hybrid table on MovieLens-100k, every feature as of the row's time: the non-LLM rows measured "
                 "here, the LLM rows read from score files",
         "dataset": "ml-100k", "users": args.users or "all",
-        "max_history": {p: MAX_HISTORY[p] for p in args.protocols}, "data_seed": DATA_SEED,
+        "max_history": {p: DEFAULT_MAX_HISTORY[p] for p in args.protocols}, "data_seed": DATA_SEED,
         "n_negatives_test": N_NEGATIVES_TEST, "seeds": args.seeds,
         "features": {"columns": list(FUSION_FEATURES), "recent_days": args.recent_days,
                      "counted": "Counted for each row from the folder's events strictly before the row's timestamp "
