@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.metrics import auc_difference_interval, paired_scores
     from merlin_mllm.pipelines import evaluate_ranker, train_ranker
+    from merlin_mllm.ranker.saved import TRAINING_LOG_FILE
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
     started_all = time.perf_counter()
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
         tick, cpu = time.perf_counter(), time.process_time()
         train_ranker(data, summaries, run_dir, config, progress=False)
         train_seconds, train_cpu = time.perf_counter() - tick, time.process_time() - cpu
-        training = json.loads((run_dir / "training.json").read_text())
+        training = json.loads((run_dir / TRAINING_LOG_FILE).read_text())
         entry = {"batching": batching, "loss": loss, "prompt_version": version,
                  "rows_seen": training["rows_seen"], "optimizer_steps": training["global_step"],
                  "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu, 1),

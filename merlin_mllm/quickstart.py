@@ -47,6 +47,7 @@ from merlin_mllm.pipelines.evaluation import evaluate_ranker
 from merlin_mllm.pipelines.features import FUSION_FEATURES, RETRIEVAL_COLUMN, fusion_feature_rows
 from merlin_mllm.pipelines.training import train_ranker
 from merlin_mllm.ranker.config import FUSION_HEAD_FILE
+from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
 from merlin_mllm.reporting import protocol_summary, write_quickstart_report
 from merlin_mllm.serving.client import RerankClient
 from merlin_mllm.ranker.fusion import hybrid_probability
@@ -239,7 +240,7 @@ class Quickstart:
 
     @property
     def model_dir(self) -> Path:
-        return self.run_dir / "model"
+        return self.run_dir / MODEL_DIR
 
     def train(self) -> None:
         model_dir = self.model_dir
@@ -253,7 +254,7 @@ class Quickstart:
                                               fusion_features=FUSION_FEATURES)
             train_ranker(self.data_dir, self.summaries, self.run_dir, config,
                          features=pd.read_parquet(self.features_path("train")), progress=True)
-            log = json.loads((self.run_dir / "training.json").read_text())
+            log = json.loads((self.run_dir / TRAINING_LOG_FILE).read_text())
             epochs = log["epoch_mean_loss"]
             trend = " -> ".join(f"{float(v):.3f}" for _, v in sorted(epochs.items(), key=lambda kv: int(kv[0])))
             trend = f"; mean {config.loss} loss per epoch {trend}"

@@ -61,6 +61,7 @@ from nvtabular.ops.operator import ColumnSelector, Operator
 from transformers import AutoTokenizer
 
 from merlin_mllm.ranker.prompt import (
+    DEFAULT_MAX_PROMPT_TOKENS,
     PROMPT_VERSION,
     RankerPrompt,
     add_image_token,
@@ -105,7 +106,7 @@ class TokenizePrompt(Operator):
         tokens of HF MLLMs depend on the pixels, so they are not made here.)
     num_image_tokens : int, default 49
         Placeholder tokens per image (EfficientNet-Lite0's 7x7 grid).
-    max_length : int, default 512
+    max_length : int, default DEFAULT_MAX_PROMPT_TOKENS (512)
         The longest prompt, in tokens; longer ones get a shorter summary.
     max_summary_tokens, max_title_tokens : int
         Budgets of :class:`~merlin_mllm.ranker.prompt.RankerPrompt` (384 and 64).
@@ -127,7 +128,7 @@ class TokenizePrompt(Operator):
         *,
         image_mode: str = "placeholder",
         num_image_tokens: int = 49,
-        max_length: int = 512,
+        max_length: int = DEFAULT_MAX_PROMPT_TOKENS,
         max_summary_tokens: int = 384,
         max_title_tokens: int = 64,
         summary_column: str = "user_summary",
@@ -165,7 +166,7 @@ class TokenizePrompt(Operator):
         self._loaded_tokenizer = None
 
     @classmethod
-    def for_ranker(cls, ranker, *, max_length: int = 512, **columns) -> "TokenizePrompt":
+    def for_ranker(cls, ranker, *, max_length: int = DEFAULT_MAX_PROMPT_TOKENS, **columns) -> "TokenizePrompt":
         """The operator that makes exactly the prompts ``ranker`` (a RankerModel) scores.
 
         Copies the ranker's tokenizer, image mode, image tokens, system message and token

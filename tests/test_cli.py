@@ -75,7 +75,8 @@ def test_data_prepare_help_lists_the_registered_datasets():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     from merlin_mllm.pipelines.config import TrainConfig
-    from merlin_mllm.pipelines.training import MODEL_DIR, TRAIN_CONFIG_FILE, saved_settings
+    from merlin_mllm.pipelines.training import saved_settings
+    from merlin_mllm.ranker.saved import MODEL_DIR, TRAIN_CONFIG_FILE
     from serving_support import build_dataset, build_ranker, summary_table
 
     root = tmp_path_factory.mktemp("cli_run")

@@ -72,6 +72,7 @@ from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS  # noqa: E402
 from merlin_mllm.data.prepare import DEFAULT_MAX_HISTORY, prepare_dataset  # noqa: E402
 from merlin_mllm.data.splits import split_rows  # noqa: E402
 from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
+from merlin_mllm.ranker.saved import TRAIN_CONFIG_FILE  # noqa: E402
 from merlin_mllm.pipelines.features import (  # noqa: E402
     FUSION_FEATURES,
     RETRIEVAL_COLUMN,
@@ -420,7 +421,7 @@ def read_external(path: Path, reference: pd.DataFrame, score_kind: str, where: s
         run = json.loads(metrics_json.read_text()).get("run", {})
         info.update(run_seconds=run.get("seconds"), run_seed=run.get("seed"))
     # A run folder of train_llm_rows.py: the training seed, and every stage's time (training included).
-    stages, settings = path.parent / "stages.json", path.parent / "train_config.json"
+    stages, settings = path.parent / "stages.json", path.parent / TRAIN_CONFIG_FILE
     if settings.is_file():
         info["run_seed"] = json.loads(settings.read_text()).get("seed")
     if stages.is_file():

@@ -263,6 +263,7 @@ class LLMStages:
         of the same row continue that run from its checkpoint (the learning rate is constant, so
         this is the longer run's training without redoing the first epochs)."""
         from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
+        from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
 
         eval_json = self.work / "eval" / f"{run_name(kind, epochs)}.json"
         if kind == "zero_shot":
@@ -274,7 +275,7 @@ class LLMStages:
         continued_from = None
         # The longest finished shorter run of this row (its model saved) is where this one starts;
         # with none, it trains from scratch (the same training: the learning rate is constant).
-        shorter = [e for e in range(1, epochs) if (self.work / "ranker" / run_name(kind, e) / "training.json").is_file()]
+        shorter = [e for e in range(1, epochs) if (self.work / "ranker" / run_name(kind, e) / TRAINING_LOG_FILE).is_file()]
         if shorter:
             source = self.work / "ranker" / run_name(kind, max(shorter))
             if not run_dir.exists():
@@ -287,8 +288,8 @@ class LLMStages:
         train_ranker(train_data, store, run_dir, TrainConfig(image=kind != "text_only", seed=self.seed, validate=False, batching="rows",
                      **llm_train_settings(epochs)), progress=True)
         train_seconds = time.time() - started
-        result = evaluate_ranker(self.data, store, run_dir / "model", eval_json, max_groups=self.max_groups, progress=True)
-        training = json.loads((run_dir / "training.json").read_text())
+        result = evaluate_ranker(self.data, store, run_dir / MODEL_DIR, eval_json, max_groups=self.max_groups, progress=True)
+        training = json.loads((run_dir / TRAINING_LOG_FILE).read_text())
         return {"seed": self.seed, **metrics_only(result), "train_seconds": round(train_seconds, 1),
                 "scoring_seconds": result["run"]["scoring_seconds"], "use_images": result["run"]["use_images"],
                 "train_rows": training.get("rows", training.get("train_rows")),

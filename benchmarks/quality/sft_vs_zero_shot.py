@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
     from merlin_mllm.baselines import evaluate_popularity
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.pipelines import evaluate_ranker, train_ranker
+    from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
     from merlin_mllm.summaries.rows import recent_titles_summaries
     from merlin_mllm.reporting import metrics_table
 
@@ -67,14 +68,14 @@ def main(argv=None) -> dict:
     train_ranker(data, summaries, run, TrainConfig(lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum,
                  batch_size=args.batch_size, loss=args.loss, seed=args.seed, validate=False,
                  batching="rows"), progress=True)
-    training = json.loads((run / "training.json").read_text())
+    training = json.loads((run / TRAINING_LOG_FILE).read_text())
     losses = [step["loss"] for step in training["micro_batch_losses"]]
     seconds["train"] = time.perf_counter() - started
 
     paths = {"MLLM-MSR ranker (SFT)": work / "sft.json", "zero-shot": work / "zero_shot.json",
              "popularity": work / "popularity.json"}
     rows = {}
-    for name, model_dir in (("MLLM-MSR ranker (SFT)", run / "model"), ("zero-shot", None)):
+    for name, model_dir in (("MLLM-MSR ranker (SFT)", run / MODEL_DIR), ("zero-shot", None)):
         started = time.perf_counter()
         rows[name] = evaluate_ranker(data, summaries, model_dir, paths[name], zero_shot=model_dir is None, progress=True)
         seconds[name] = time.perf_counter() - started

@@ -77,6 +77,7 @@ def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
 def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
     from merlin_mllm.pipelines.features import FUSION_FEATURES
+    from merlin_mllm.ranker.saved import MODEL_DIR
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
     # row: llm_only | hybrid_tabular, optionally _k<K> (K negatives per training target), then _s<S> (seed S)
@@ -91,7 +92,7 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     hybrid = kind == "hybrid_tabular"
     started, cpu = time.time(), time.process_time()
     if stage == "train":
-        if (row_dir / "model").exists():
+        if (row_dir / MODEL_DIR).exists():
             log(f"{protocol}/{row}: trained already")
             return
         # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.

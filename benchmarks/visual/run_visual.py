@@ -181,17 +181,18 @@ def summarize_arm(args, arm: str, data_dir: Path) -> dict:
 
 def train_arm(args, arm: str, data_dir: Path) -> Path:
     from merlin_mllm.pipelines import TrainConfig, train_ranker
+    from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
 
     out = args.cache / f"ranker_{arm}"
-    if (out / "training.json").is_file() and (out / "model").is_dir():
+    if (out / TRAINING_LOG_FILE).is_file() and (out / MODEL_DIR).is_dir():
         from merlin_mllm.ranker.config import CONFIG_FILE, RankerConfig
 
-        saved = json.loads((out / "training.json").read_text())
+        saved = json.loads((out / TRAINING_LOG_FILE).read_text())
         # A model trained on image tokens of another size (before the colour features) is stale.
-        saved_dim = json.loads((out / "model" / CONFIG_FILE).read_text()).get("vision_feature_dim")
+        saved_dim = json.loads((out / MODEL_DIR / CONFIG_FILE).read_text()).get("vision_feature_dim")
         if saved["settings"]["epochs"] == args.epochs and saved["settings"]["lr"] == args.lr \
                 and saved_dim == RankerConfig.vision_feature_dim:
-            return out / "model"
+            return out / MODEL_DIR
     _log(f"{arm} arm: train ranker (image={arm == 'image'})")
     stale = args.cache / "eval" / f"MLLM-MSR_{arm}.json"
     if stale.exists():
@@ -421,11 +422,12 @@ def main(argv=None) -> dict:
             arm_scores[arm] = scores
     # Same test rows in both arms (checked at prepare time): pair them by (group, item).
     from merlin_mllm.metrics import auc_difference_interval, paired_scores
+    from merlin_mllm.ranker.saved import TRAINING_LOG_FILE
 
     paired = paired_scores(arm_scores["image"], arm_scores["text"], ("image", "text"), where="visual check")
     image_vs_text = auc_difference_interval(paired["label"], paired["score_image"], paired["score_text"], paired["group_id"])
 
-    training = {arm: json.loads((Path(model_dirs[arm]).parent / "training.json").read_text()) for arm in model_dirs}
+    training = {arm: json.loads((Path(model_dirs[arm]).parent / TRAINING_LOG_FILE).read_text()) for arm in model_dirs}
     results = {
         # What the ranker's image tokens can tell (EfficientNet part vs cell colours). Made here,
         # once per results run: it encodes every balanced picture (about a minute on this CPU).

@@ -52,41 +52,20 @@ from merlin_mllm.data.images import dataset_image_root
 from merlin_mllm.images import ImageLoadError
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.pipelines.config import TrainConfig
 from merlin_mllm.pipelines.features import attach_features
-from merlin_mllm.pipelines.training import MODEL_DIR, TRAIN_CONFIG_FILE, load_rows
+from merlin_mllm.pipelines.training import load_rows
 from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE
 from merlin_mllm.ranker.fusion import TabularFusionHead, hybrid_probability
 from merlin_mllm.ranker.model import RankerModel
-from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
+from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
 from merlin_mllm.summaries.rows import SummarySource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_ranker", "plot_evaluation", "trained_max_length"]
+__all__ = ["evaluate_ranker", "plot_evaluation"]
 
 CURVE_MAX_K = 20
 _FLUSH_EVERY_GROUPS = 25
-
-
-def trained_max_length(model_dir) -> Tuple[int, str]:
-    """The prompt cut of the run that trained ``model_dir``, and where it came from.
-
-    Training records ``max_length`` in ``train_config.json`` beside its ``model/`` folder; a
-    model folder without that record gets ``TrainConfig``'s default. Returns (max_length,
-    the record's path or ``"default"``). ``merlin_mllm.serving.export.prompt_token_limit``
-    reads the same record for the served workflow.
-    """
-    if model_dir is not None:
-        model_dir = trained_model_dir(model_dir)
-        record = model_dir.parent / TRAIN_CONFIG_FILE
-        if model_dir.name == MODEL_DIR and record.is_file():
-            try:
-                return int(json.loads(record.read_text())["max_length"]), str(record)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{record}: cannot read the training run's max_length ({exc}); "
-                                 "pass max_length explicitly") from exc
-    return TrainConfig.__dataclass_fields__["max_length"].default, "default"
 
 
 def _fingerprint(ranker: RankerModel, model_dir, data_dir, split: str, zero_shot: bool, max_groups,
@@ -217,7 +196,7 @@ def evaluate_ranker(
         Reuse the scores of an interrupted run of the same model on the same data.
     max_length : int, optional
         The longest prompt in tokens (longer ones get a shorter user summary, as in training).
-        Default: the training run's (:func:`trained_max_length`).
+        Default: the training run's (:func:`~merlin_mllm.ranker.saved.trained_max_length`).
     features : path or DataFrame, optional
         For a hybrid ranker (its folder holds ``fusion_head.safetensors``): ``split``'s rows with
         the head's feature columns, matched on (group_id, item_id). The score is then

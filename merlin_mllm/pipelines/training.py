@@ -19,7 +19,7 @@ after it (``RankerModel.forward_groups``). The loss (``TrainConfig.loss``) is th
 Training rows of a folder prepared with ``--train-targets every`` read their user summaries with
 ``partial_block="titles"`` (:func:`merlin_mllm.summaries.rows.partial_block_rule`).
 
-Outputs under ``out_dir``::
+Outputs under ``out_dir`` (the names: :mod:`merlin_mllm.ranker.saved`)::
 
     model/                 the trained ranker (RankerModel.save_pretrained) + item_images.safetensors
     checkpoints/last.ckpt  trainable tensors + optimizer state; resumed from when present
@@ -77,7 +77,9 @@ from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE, ITEM_IMAGES_FI
 from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.fusion import TabularFusionHead
 from merlin_mllm.ranker.model import RankerModel
-from merlin_mllm.ranker.saved import item_image_table
+from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
+from merlin_mllm.ranker.saved import (CHECKPOINT_DIR, LAST_CHECKPOINT, MODEL_DIR, TRAIN_CONFIG_FILE, TRAINING_LOG_FILE,
+                                      item_image_table)
 from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, user_context_texts
 
 log = logging.getLogger(__name__)
@@ -91,14 +93,8 @@ __all__ = [
     "group_size",
     "shuffle_groups",
     "fusion_head_for",
-    "MODEL_DIR",
-    "TRAIN_CONFIG_FILE",
 ]
 
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-TRAIN_CONFIG_FILE = "train_config.json"
 #: Settings that must match for a checkpoint to be resumed: TrainConfig's resume fields, and
 #: ``image_encoder``, what made the image tokens: a checkpoint from another encoder has another
 #: projector shape, refused here by name rather than by a size mismatch deep inside Lightning.
@@ -185,7 +181,7 @@ def load_rows(
     return frame
 
 
-def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int = 512,
+def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int = DEFAULT_MAX_PROMPT_TOKENS,
                   item_features: Optional[ItemImageFeatures] = None,
                   extra_columns: Sequence[str] = ()) -> merlin.io.Dataset:
     """Rows with text -> a Merlin dataset of token ids, through an NVTabular workflow.
@@ -599,7 +595,7 @@ def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, 
     # process's callbacks saw nothing.
     rank0 = json.loads((out_dir / "ranks" / "rank0.json").read_text())
     steps = list(rank0["micro_batch_losses"])
-    previous_file = out_dir / "training.json"
+    previous_file = out_dir / TRAINING_LOG_FILE
     if checkpoint is not None and previous_file.exists():
         # A resumed run: keep the losses of the steps before the checkpoint.
         first = min((s["optimizer_step"] for s in steps), default=int(rank0["global_step"]))
@@ -623,4 +619,4 @@ def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, 
         "val_loss": float(trainer.callback_metrics["val_loss"]) if "val_loss" in trainer.callback_metrics else None,
         "seconds": round(time.time() - started, 1),
     }
-    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / TRAINING_LOG_FILE).write_text(json.dumps(summary, indent=2) + "\n")

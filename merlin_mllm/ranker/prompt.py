@@ -79,6 +79,7 @@ from merlin_mllm.text import escape_untrusted, truncate_tokens
 __all__ = [
     "PROMPT_VERSION",
     "PROMPT_VERSIONS",
+    "DEFAULT_MAX_PROMPT_TOKENS",
     "IMAGE_TOKEN",
     "Candidate",
     "EncodedPrompt",
@@ -95,6 +96,10 @@ __all__ = [
 PROMPT_VERSION = "1"
 #: Every prompt version this code renders: version -> its layout (see the module docstring).
 PROMPT_VERSIONS = {"1": "candidate, then question", "2": "question, then candidate"}
+#: The longest prompt in tokens when none is given: training's ``TrainConfig.max_length`` default,
+#: ``TokenizePrompt``'s, and what serving cuts to when the training run recorded none (a longer
+#: prompt gets a shorter user summary).
+DEFAULT_MAX_PROMPT_TOKENS = 512
 #: The image placeholder token of the embedded model.
 IMAGE_TOKEN = "<image>"
 IMAGE_MODES = ("placeholder", "processor", "none")

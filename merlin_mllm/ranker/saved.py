@@ -1,9 +1,18 @@
-"""Loading a saved ranker with the item image table that covers a dataset's catalogue.
+"""The saved run folder, and loading a saved ranker with the item image table of a dataset.
+
+A training run (``train_ranker``'s ``out/``) is one folder; these names are defined here only::
+
+    model/                 the saved ranker (MODEL_DIR; its own layout: merlin_mllm.ranker.config)
+    checkpoints/last.ckpt  the resumable training state (CHECKPOINT_DIR, LAST_CHECKPOINT)
+    train_config.json      the run's settings, max_length among them (TRAIN_CONFIG_FILE)
+    training.json          the training log: losses, row counts, timings (TRAINING_LOG_FILE)
 
 * :func:`load_ranker`: a folder written by ``RankerModel.save_pretrained`` (or, zero-shot, its
   base model without adapter), ready to score a dataset; evaluation and serving load through it.
 * :func:`item_image_table`: the item-keyed image grids of every item in ``data_dir/items``,
   computed once into a cache file.
+* :func:`trained_model_dir`: the saved ranker a run folder (or the ranker folder itself) names.
+* :func:`trained_max_length`: the prompt cut the run that trained a ranker recorded.
 
 Usage::
 
@@ -12,10 +21,11 @@ Usage::
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -25,10 +35,20 @@ from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
 from merlin_mllm.ranker.config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
 from merlin_mllm.ranker.features import ItemImageFeatures
 from merlin_mllm.ranker.model import RankerModel
+from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_ranker", "item_image_table", "trained_model_dir"]
+__all__ = ["load_ranker", "item_image_table", "trained_model_dir", "trained_max_length", "MODEL_DIR",
+           "CHECKPOINT_DIR", "LAST_CHECKPOINT", "TRAIN_CONFIG_FILE", "TRAINING_LOG_FILE"]
+
+#: The saved ranker's folder inside a run folder (``out/model``).
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+#: The run's settings (``TrainConfig.saved_fields`` and more), beside ``model/``.
+TRAIN_CONFIG_FILE = "train_config.json"
+TRAINING_LOG_FILE = "training.json"
 
 
 def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
@@ -140,11 +160,39 @@ def trained_model_dir(path: Union[str, os.PathLike]) -> Path:
     """The saved ranker that ``path`` names: ``path`` itself, or ``path/model`` when ``path`` is
     the run folder ``train_ranker`` wrote (``out/``, holding ``model/``). Anything else comes
     back unchanged, for the caller to report.
-
-    ``"model"`` is ``merlin_mllm.pipelines.training.MODEL_DIR``, spelled here because the ranker
-    core never imports the pipelines (a test keeps the two equal).
     """
     path = Path(path)
-    if not is_saved_ranker(path) and is_saved_ranker(path / "model"):
-        return path / "model"
+    if not is_saved_ranker(path) and is_saved_ranker(path / MODEL_DIR):
+        return path / MODEL_DIR
     return path
+
+
+def trained_max_length(model_dir) -> Tuple[int, str]:
+    """The prompt cut of the run that trained ``model_dir``, and where it came from.
+
+    Evaluation and serving cut prompts as training did (a longer prompt gets a shorter user
+    summary), so they read the ``max_length`` that training recorded in ``train_config.json``
+    beside its ``model/`` folder.
+
+    Parameters
+    ----------
+    model_dir : path or None
+        The saved ranker, or the run folder holding it.
+
+    Returns
+    -------
+    (int, str)
+        The limit, and its source: the ``train_config.json`` path, or ``"default"``
+        (:data:`~merlin_mllm.ranker.prompt.DEFAULT_MAX_PROMPT_TOKENS`: no training record beside
+        the model).
+    """
+    if model_dir is not None:
+        model_dir = trained_model_dir(model_dir)
+        record = model_dir.parent / TRAIN_CONFIG_FILE
+        if model_dir.name == MODEL_DIR and record.is_file():
+            try:
+                return int(json.loads(record.read_text(encoding="utf-8"))["max_length"]), str(record)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{record}: cannot read the training run's max_length ({exc}); "
+                                 "pass the prompt length explicitly") from exc
+    return DEFAULT_MAX_PROMPT_TOKENS, "default"

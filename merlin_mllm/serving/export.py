@@ -102,7 +102,8 @@ from merlin_mllm.models.precision import check_precision
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.ranker.config import CONFIG_FILE, FUSION_HEAD_FILE, RankerConfig
 from merlin_mllm.ranker.fusion import TabularFusionHead
-from merlin_mllm.ranker.saved import load_ranker, trained_model_dir
+from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
+from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
 from merlin_mllm.serving.artifacts import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
@@ -141,7 +142,6 @@ __all__ = [
     "MANIFEST_FILE",
     "USER_SUMMARY_SOURCES",
     "UNKNOWN_USER_POLICIES",
-    "DEFAULT_MAX_PROMPT_TOKENS",
     "prompt_token_limit",
     "exchange_paths",
 ]
@@ -158,12 +158,6 @@ RANKER_OUTPUTS = (("scores", "TYPE_FP32", [-1]), ("ranked_item_ids", "TYPE_INT64
 OUTPUTS = RANKER_OUTPUTS + (("known_user", "TYPE_BOOL", [1]),)
 #: Where each user's served summary comes from (see :func:`user_summary_table`).
 USER_SUMMARY_SOURCES = ("last_row", "store_latest")
-#: The prompt cut when the training run's is unknown: ``TrainConfig.max_length``'s default (a
-#: test keeps them equal; serving never imports the pipelines).
-DEFAULT_MAX_PROMPT_TOKENS = 512
-#: The training run's settings file beside its ``model/`` folder
-#: (``merlin_mllm.pipelines.training.TRAIN_CONFIG_FILE``; a test keeps them equal).
-TRAIN_CONFIG_FILE = "train_config.json"
 #: The folders and file of ``out_dir`` that an export owns (everything else is carried over).
 OWNED = (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL, MANIFEST_FILE)
 
@@ -201,22 +195,14 @@ def prompt_token_limit(model_dir, max_prompt_tokens: Optional[int] = None) -> Tu
     -------
     (int, str)
         The limit, and its source: ``"argument"``, the ``train_config.json`` path, or
-        ``"default"`` (:data:`DEFAULT_MAX_PROMPT_TOKENS`: no training record beside the model).
+        ``"default"`` (:data:`~merlin_mllm.ranker.prompt.DEFAULT_MAX_PROMPT_TOKENS`: no training
+        record beside the model); see :func:`~merlin_mllm.ranker.saved.trained_max_length`.
     """
     if max_prompt_tokens is not None:
         if int(max_prompt_tokens) < 16:
             raise ValueError(f"max_prompt_tokens must be at least 16, not {max_prompt_tokens}")
         return int(max_prompt_tokens), "argument"
-    model_dir = trained_model_dir(model_dir)
-    record = model_dir.parent / TRAIN_CONFIG_FILE
-    if model_dir.name == "model" and record.is_file():  # train_ranker's out/model (pipelines' MODEL_DIR)
-        try:
-            value = json.loads(record.read_text(encoding="utf-8"))["max_length"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{record}: cannot read the training run's max_length ({exc}); "
-                             "pass max_prompt_tokens explicitly") from exc
-        return int(value), str(record)
-    return DEFAULT_MAX_PROMPT_TOKENS, "default"
+    return trained_max_length(model_dir)
 
 
 def fusion_head(model_dir) -> Optional[TabularFusionHead]:
