@@ -11,11 +11,13 @@ from merlin_mllm.generation import GenerationSettings, length_batches
 from merlin_mllm.summaries.item import ItemSummarizer
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore
-from merlin_mllm.summaries.user import UserSummarizer, UserSummaryConfig, build_prompt, read_items
+from merlin_mllm.summaries.user_history import read_items
+from merlin_mllm.summaries.user_prompts import build_prompt
+from merlin_mllm.summaries.user_summarizer import UserSummarizer, UserSummaryConfig
 from merlin_mllm.text import TokenBudgets, fits_by_bytes, truncate_tokens
 
-from test_item_summary import GenerateSpy
-from test_user_summary import MODEL_ID, write_dataset
+from tests.test_item_summary import GenerateSpy
+from tests.test_user_summary import MODEL_ID, write_dataset
 
 TINY = GenerationSettings(max_new_tokens=4, batch_size=4)
 #: A few megabytes of description with no natural break (and some multi-byte characters).

@@ -77,7 +77,7 @@ def trained_run(tmp_path_factory):
     from merlin_mllm.pipelines.config import TrainConfig
     from merlin_mllm.pipelines.training import saved_settings
     from merlin_mllm.ranker.saved import MODEL_DIR, TRAIN_CONFIG_FILE
-    from serving_support import build_dataset, build_ranker, summary_table
+    from tests.serving_support import build_dataset, build_ranker, summary_table
 
     root = tmp_path_factory.mktemp("cli_run")
     data = build_dataset(root / "data")
@@ -126,7 +126,8 @@ def test_evaluate_accepts_the_train_out_folder(trained_run, evaluated_run):
 
 
 def test_export_accepts_the_train_out_folder_and_cuts_as_training(trained_run, evaluated_run):
-    from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FeatureStep, RankerStep
+    from merlin_mllm.serving.ranker_step import RankerStep
+    from merlin_mllm.serving.steps import ARTIFACTS_DIR, FeatureStep
 
     _, _, scores = evaluated_run
     repo = trained_run.root / "repo"

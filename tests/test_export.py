@@ -20,10 +20,10 @@ with warnings.catch_warnings():
 
 import merlin_mllm.serving.export as export_module
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.serving.artifacts import (
+from merlin_mllm.serving.ranker_step import RankerStep
+from merlin_mllm.serving.steps import (
     ARTIFACTS_DIR,
     FeatureStep,
-    RankerStep,
     RequestError,
     ServingLimits,
     UnknownUserError,
@@ -35,8 +35,9 @@ from merlin_mllm.serving.export import (
     prompt_token_limit,
     user_summary_table,
 )
-from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY, latest_user_summary
-from serving_support import IMAGE_EVERY, build_dataset, build_ranker, build_store, load_reference, titles_of
+from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
+from merlin_mllm.summaries.user_store import latest_user_summary
+from tests.serving_support import IMAGE_EVERY, build_dataset, build_ranker, build_store, load_reference, titles_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -114,8 +115,8 @@ def test_repository_is_a_two_step_ensemble(built):
     # not a hybrid: no head features computed, none wired between the steps (retrieval_scores unused)
     assert manifest["hybrid"] is None
     assert not (repo / "mllm_features" / "1" / ARTIFACTS_DIR / "head_features").exists()
-    assert "fusion_features" not in {o.name for o in features.output} | {i.name for i in ranker.input}
-    assert "fusion_features" not in dict(features_step.output_map)
+    assert "head_features" not in {o.name for o in features.output} | {i.name for i in ranker.input}
+    assert "head_features" not in dict(features_step.output_map)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +231,7 @@ def test_request_validation_and_ranking_rules(built):
         step.prepare(one, np.array([[1, 2, 3]]), None, np.zeros((1, 2), dtype=np.float32))
     plain = step.prepare(one, np.array([[1, 2]]))
     with_scores = step.prepare(one, np.array([[1, 2]]), None, np.array([[0.5, -1.0]], dtype=np.float32))
-    assert "fusion_features" not in with_scores and with_scores.keys() == plain.keys()
+    assert "head_features" not in with_scores and with_scores.keys() == plain.keys()
     assert with_scores["prompt_ids"].tolist() == plain["prompt_ids"].tolist()
     ids, scores = rank_scores([7, 8, 9, 10], [0.2, 0.5, 0.2, 0.9], top_k=3)
     assert ids.tolist() == [10, 8, 7] and scores.dtype == np.float32  # ties keep input order (7 before 9)

@@ -14,7 +14,7 @@ import torch
 
 from merlin_mllm.pipelines.config import BATCHINGS, LOSSES, PROMPT_VERSIONS, TrainConfig
 from merlin_mllm.pipelines.training import RankerDataModule, group_size, shuffle_groups
-from ranker_support import own_prompt_margins
+from tests.ranker_support import own_prompt_margins
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -16,12 +16,12 @@ import torch
 
 from merlin_mllm.data.collaborative import FEATURE_COLUMNS
 from merlin_mllm.pipelines.config import TrainConfig
-from ranker_support import own_prompt_margins
+from tests.ranker_support import own_prompt_margins
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", image=False, lora_dropout=0.0,
-              batch_size=4, validate=False, fusion_features=FEATURE_COLUMNS, fusion_hidden=(4,))
+              batch_size=4, validate=False, head_features=FEATURE_COLUMNS, head_hidden=(4,))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def prepared(tmp_path_factory):
     """A real ML-100k folder (training groups of 1 + 3), title summaries, and each split's rows
     with the collaborative features as of each row's time (the NVTabular workflow)."""
     from merlin_mllm.data.prepare import prepare_dataset
-    from merlin_mllm.pipelines.features import fusion_feature_rows
+    from merlin_mllm.pipelines.hybrid import hybrid_feature_rows
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
     data = tmp_path_factory.mktemp("hybrid") / "data"
@@ -38,16 +38,16 @@ def prepared(tmp_path_factory):
     prepare_dataset("ml-100k", "leave-last-out", data, max_users=20, max_history=0, seed=1, train_negatives=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        features = {split: fusion_feature_rows(data, split, retrieval=False) for split in ("train", "test")}
+        features = {split: hybrid_feature_rows(data, split, retrieval=False) for split in ("train", "test")}
     return data, recent_titles_summaries(data, last=3), features
 
 
 def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
-    from merlin_mllm.pipelines.features import attach_features
-    from merlin_mllm.pipelines.training import fusion_head_for, load_rows, train_ranker
-    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
-    from merlin_mllm.ranker.fusion import TabularFusionHead
+    from merlin_mllm.pipelines.hybrid import attach_features
+    from merlin_mllm.pipelines.training import initial_head, load_rows, train_ranker
+    from merlin_mllm.ranker.config import HEAD_FILE
+    from merlin_mllm.ranker.hybrid import HybridHead
     from merlin_mllm.ranker.model import RankerModel
     from merlin_mllm.ranker.saved import load_ranker
 
@@ -57,11 +57,11 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     train_ranker(data, summaries, run, config, features=features["train"], progress=False)
     record = json.loads((run / "training.json").read_text())
     [step] = record["micro_batch_losses"]
-    assert record["settings"]["fusion_features"] == list(FEATURE_COLUMNS)
+    assert record["settings"]["head_features"] == list(FEATURE_COLUMNS)
 
     # Step 1: base LLM (LoRA B = 0) plus the warm-started head, listwise over the group.
     rows = attach_features(load_rows(data, "train", summaries), features["train"], FEATURE_COLUMNS)
-    head = fusion_head_for(config, rows)
+    head = initial_head(config, rows)
     group = rows[rows["group_id"] == step["group_ids"][0]]
     base = RankerModel.build("embedded", use_images=False, lora_dropout=0.0, seed=42, prompt_version="2").eval()
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     assert abs(expected - (np.log(np.exp(llm_only).sum()) - llm_only[group["label"].to_numpy() == 1][0])) > 1e-3
 
     # The head trained with the LoRA weights and was saved beside them.
-    saved_head = TabularFusionHead.load(run / "model" / FUSION_HEAD_FILE)
+    saved_head = HybridHead.load(run / "model" / HEAD_FILE)
     assert saved_head.feature_names == tuple(FEATURE_COLUMNS)
     moved = [not torch.allclose(a, b) for a, b in zip(saved_head.state_dict().values(), head.state_dict().values())]
     assert any(moved)
@@ -88,7 +88,7 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     # Evaluation: score = sigmoid(LLM logit + head logit), each part kept.
     result = evaluate_ranker(data, summaries, run, tmp_path / "eval" / "test.json", features=features["test"],
                              progress=False)
-    assert result["run"]["fusion_features"] == list(FEATURE_COLUMNS)
+    assert result["run"]["head_features"] == list(FEATURE_COLUMNS)
     scores = pd.read_parquet(result["run"]["scores"])
     np.testing.assert_allclose(scores["score"], 1 / (1 + np.exp(-(scores["llm_logit"] + scores["head_logit"]))),
                                rtol=0, atol=1e-12)
@@ -113,9 +113,9 @@ def test_hybrid_settings_and_inputs_are_checked(prepared, tmp_path):
 
     data, summaries, features = prepared
     with pytest.raises(ValueError, match="'lm' is a loss over the LLM's vocabulary"):
-        TrainConfig(batching="rows", fusion_features=FEATURE_COLUMNS)
-    with pytest.raises(ValueError, match="fusion_hidden must be"):
-        TrainConfig(fusion_hidden=(0,))
+        TrainConfig(batching="rows", head_features=FEATURE_COLUMNS)
+    with pytest.raises(ValueError, match="head_hidden must be"):
+        TrainConfig(head_hidden=(0,))
     with pytest.raises(ValueError, match=r"need features=<the training rows"):
         train_ranker(data, summaries, tmp_path / "a", TrainConfig.small_budget(max_steps=1, **CONFIG), progress=False)
     short = features["train"].iloc[1:]
@@ -123,9 +123,9 @@ def test_hybrid_settings_and_inputs_are_checked(prepared, tmp_path):
     with pytest.raises(ValueError, match=rf"group {int(first['group_id'])}, item {int(first['item_id'])}"):
         train_ranker(data, summaries, tmp_path / "b", TrainConfig.small_budget(max_steps=1, **CONFIG),
                      features=short, progress=False)
-    with pytest.raises(ValueError, match="config.fusion_features is None"):
+    with pytest.raises(ValueError, match="config.head_features is None"):
         train_ranker(data, summaries, tmp_path / "c", TrainConfig.small_budget(
-            max_steps=1, **{**CONFIG, "fusion_features": None}), features=features["train"], progress=False)
+            max_steps=1, **{**CONFIG, "head_features": None}), features=features["train"], progress=False)
     # A hybrid scored without its features is refused before any scoring.
     run = tmp_path / "run"
     train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=1, **CONFIG), features=features["train"],
@@ -153,7 +153,7 @@ def test_cli_trains_and_evaluates_a_hybrid(prepared, tmp_path):
         return proc.stdout
 
     out = cli("train", "--data", data, "--summaries", table, "--out", run, "--no-image", "--max-steps", "1",
-              "--batch-size", "4", "--hybrid", "--fusion-features", columns)
+              "--batch-size", "4", "--hybrid", "--head-features", columns)
     assert f"hybrid over {', '.join(FEATURE_COLUMNS)}" in out and "listwise loss, prompt v2" in out
     written = pd.read_parquet(run / "features_train.parquet")
     pd.testing.assert_frame_equal(written[["group_id", "item_id", *FEATURE_COLUMNS]].reset_index(drop=True),

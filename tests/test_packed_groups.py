@@ -8,25 +8,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-
-import make_reference_scores as ref  # noqa: E402
-
-from merlin_mllm.models.tiny import tiny_mllm_path  # noqa: E402
-from merlin_mllm.ranker import Candidate, RankerModel  # noqa: E402
-from merlin_mllm.ranker.config import CONFIG_FILE, RankerConfig  # noqa: E402
-from merlin_mllm.ranker.losses import group_loss, listwise_loss  # noqa: E402
-from merlin_mllm.ranker.packing import CandidateGroup, block_attention_mask, pack_groups  # noqa: E402
-from merlin_mllm.ranker.prompt import RankerPrompt, embedded_tokenizer  # noqa: E402
-from merlin_mllm.ranker.scoring import score_packed_token_ids  # noqa: E402
+from merlin_mllm.models.tiny import tiny_mllm_path
+from merlin_mllm.ranker import Candidate, RankerModel
+from merlin_mllm.ranker.config import CONFIG_FILE, RankerConfig
+from merlin_mllm.ranker.losses import group_loss, listwise_loss
+from merlin_mllm.ranker.packing import CandidateGroup, block_attention_mask, pack_groups
+from merlin_mllm.ranker.prompt import RankerPrompt, embedded_tokenizer
+from merlin_mllm.ranker.scoring import score_packed_token_ids
+from tests.fixtures import make_reference_scores as ref
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

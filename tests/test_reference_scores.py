@@ -21,28 +21,25 @@ moved them by 7.2e-2. 1e-4 sits 14x above the first and 700x below the second:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from merlin_mllm.data.prepare import prepare_dataset
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.models.tiny import tiny_mllm_path
+from merlin_mllm.ranker import RankerModel
+from merlin_mllm.pipelines.evaluation import evaluate_ranker
+from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
+from merlin_mllm.summaries.rows import recent_titles_summaries
+from merlin_mllm.serving.client import RerankClient
+from merlin_mllm.serving.export import export
+from merlin_mllm.serving.tritonserver import TritonServer
+from tests.fixtures import make_reference_scores as ref
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
-
-import make_reference_scores as ref  # noqa: E402
-
-from merlin_mllm.data.prepare import prepare_dataset  # noqa: E402
-from merlin_mllm.data.tables import read_table  # noqa: E402
-from merlin_mllm.models.tiny import tiny_mllm_path  # noqa: E402
-from merlin_mllm.ranker import RankerModel  # noqa: E402
-from merlin_mllm.pipelines.evaluation import evaluate_ranker  # noqa: E402
-from merlin_mllm.ranker.config import ITEM_IMAGES_FILE  # noqa: E402
-from merlin_mllm.summaries.rows import recent_titles_summaries  # noqa: E402
-from merlin_mllm.serving.client import RerankClient  # noqa: E402
-from merlin_mllm.serving.export import export  # noqa: E402
-from merlin_mllm.serving.tritonserver import TritonServer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 

@@ -29,8 +29,8 @@ import merlin_mllm.serving.export as export_module
 from merlin_mllm.serving.client import RerankClient, RerankError
 from merlin_mllm.serving.export import export
 from merlin_mllm.serving.tritonserver import SHM_GLOB, TritonServer
-from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
-from serving_support import (
+from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
+from tests.serving_support import (
     IMAGE_EVERY,
     build_dataset,
     build_ranker,

@@ -287,7 +287,7 @@ _RUN = textwrap.dedent(
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, smollm2):
-    from test_user_summary import SETTINGS_KILL, write_dataset
+    from tests.test_user_summary import SETTINGS_KILL, write_dataset
 
     from merlin_mllm.summaries.user import summarize_users
 

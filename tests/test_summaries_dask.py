@@ -9,13 +9,14 @@ import pytest
 
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.summaries.store import SummaryStore
-from merlin_mllm.summaries.user import add_history_item_ids, read_parquet
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.summaries.user_history import add_history_item_ids
 
-from test_user_summary import SETTINGS, write_dataset
+from tests.test_user_summary import SETTINGS, write_dataset
 
 
 def _model_loads():
-    from merlin_mllm.summaries.user import MODEL_LOADS
+    from merlin_mllm.models.loading import MODEL_LOADS
 
     return dict(MODEL_LOADS)
 
@@ -28,8 +29,8 @@ def test_dask_two_workers_match_single_process(tmp_path, smollm2):
     from merlin_mllm.operators.user_summary import UserPreferenceSummary, process_report
 
     data = write_dataset(tmp_path / "data", lengths=(7, 5, 6, 4))
-    events = read_parquet(data / "events")
-    rows = pd.concat([add_history_item_ids(read_parquet(data / s), events) for s in ("test", "valid")], ignore_index=True)
+    events = read_table(data / "events")
+    rows = pd.concat([add_history_item_ids(read_table(data / s), events) for s in ("test", "valid")], ignore_index=True)
     rows.to_parquet(tmp_path / "rows.parquet", index=False)
 
     def run(store, client=None):
@@ -73,7 +74,7 @@ def _worker_segments(path):
 def test_item_and_user_stages_on_two_workers_match_one_process(tmp_path):
     """What `merlin-mllm summarize items|users --workers 2` runs: the same store content as one process."""
     from merlin_mllm.pipelines.summaries import dask_client, summarize_items_on_cluster, summarize_users_on_cluster
-    from merlin_mllm.summaries.user import latest_user_summary
+    from merlin_mllm.summaries.user_store import latest_user_summary
 
     data = write_dataset(tmp_path / "data", lengths=(7, 5, 6, 4))
     items_settings = GenerationSettings(max_new_tokens=8, batch_size=4)
@@ -98,7 +99,7 @@ def test_item_and_user_stages_on_two_workers_match_one_process(tmp_path):
     assert _store_content(tmp_path / "dask") == _store_content(tmp_path / "single")
     # Both workers wrote their own segment, and this process one more (user states, config).
     assert _worker_segments(tmp_path / "dask") == 3
-    assert read_parquet(tmp_path / "dask_items").equals(read_parquet(tmp_path / "single_items"))
+    assert read_table(tmp_path / "dask_items").equals(read_table(tmp_path / "single_items"))
     for user in (1, 2, 3, 4):
         assert latest_user_summary(tmp_path / "dask", user) == latest_user_summary(tmp_path / "single", user)
 

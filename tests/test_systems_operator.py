@@ -18,8 +18,8 @@ with warnings.catch_warnings():
     from merlin.table import TensorColumn, TensorTable
 
 from merlin_mllm.serving.systems import MLLMRerank, PythonOnlyRuntime, export_python_only
-from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
-from serving_support import IMAGE_EVERY, build_dataset, build_ranker, load_reference, summary_table, titles_of
+from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
+from tests.serving_support import IMAGE_EVERY, build_dataset, build_ranker, load_reference, summary_table, titles_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
