@@ -16,11 +16,12 @@ from typing import Optional
 
 import typer
 
+from merlin_mllm.choices import LOSSES, NEGATIVE_SAMPLING, PROMPT_VERSIONS, PROTOCOLS, TRAIN_TARGETS, USER_CONTEXTS
 from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
 from merlin_mllm.models.precision import PRECISIONS
-from merlin_mllm.pipelines.config import BATCHINGS, DEFAULT_RECIPE, LOSSES, RECIPES, TrainConfig
+from merlin_mllm.pipelines.config import BATCHINGS, DEFAULT_RECIPE, RECIPES, TrainConfig
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.text import TokenBudgets
 
@@ -70,7 +71,7 @@ def doctor():
 @data_app.command("prepare")
 def data_prepare(
     dataset: str = typer.Option(..., metavar="|".join(DATASETS), help=datasets_help()),
-    protocol: str = typer.Option("paper", metavar="paper|leave-last-out|timeline", help="paper (random user "
+    protocol: str = typer.Option("paper", metavar="|".join(PROTOCOLS), help="paper (random user "
                                  "split, last item) | leave-last-out (every user: last, second and third to last "
                                  "item; 'temporal' is its old name) | timeline (two global cut times)"),
     out: Path = typer.Option(..., help="Output folder: train/ valid/ test/ events/ items/ + report.json"),
@@ -85,10 +86,10 @@ def data_prepare(
     skip_bad_lines: bool = typer.Option(False, help="Skip and count malformed lines instead of failing"),
     train_negatives: int = typer.Option(1, metavar="K", help="Negatives per training group (valid groups keep 1, "
                                         "test groups 20)"),
-    train_targets: str = typer.Option("last", metavar="last|blocks|every", help="Training targets per user: the "
+    train_targets: str = typer.Option("last", metavar="|".join(TRAIN_TARGETS), help="Training targets per user: the "
                                       "protocol's last item only (the paper); also one at every summary-block "
                                       "boundary before it; or also one at every position after the first block"),
-    train_negative_sampling: str = typer.Option("uniform", metavar="uniform|popularity", help="How training "
+    train_negative_sampling: str = typer.Option("uniform", metavar="|".join(NEGATIVE_SAMPLING), help="How training "
                                                 "negatives are drawn (valid/test negatives stay uniform)"),
     train_block_size: int = typer.Option(3, help="The user summaries' block size that blocks|every count in"),
     valid_cut: Optional[int] = typer.Option(None, help="Timeline: T_valid as a timestamp (the data's unit)"),
@@ -321,8 +322,8 @@ def train(
     loss: Optional[str] = typer.Option(None, metavar="|".join(LOSSES),
                                        help=TrainConfig.__dataclass_fields__["loss"].metadata["help"]),
     prompt_version: Optional[str] = typer.Option(
-        None, help=TrainConfig.__dataclass_fields__["prompt_version"].metadata["help"]),
-    user_context: str = typer.Option("summary", metavar="summary|titles|both",
+        None, metavar="|".join(PROMPT_VERSIONS), help=TrainConfig.__dataclass_fields__["prompt_version"].metadata["help"]),
+    user_context: str = typer.Option(TrainConfig.user_context, metavar="|".join(USER_CONTEXTS),
                                      help=TrainConfig.__dataclass_fields__["user_context"].metadata["help"]),
     context_titles: int = _train_option("context_titles"),
     hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),

@@ -119,7 +119,7 @@ class TokenizePrompt(Operator):
     system : str or None
         The system message; ``"default"`` keeps RankerPrompt's, ``None`` leaves it out.
     prompt_version : str, default "1"
-        The ranker prompt's layout (``merlin_mllm.ranker.prompt.PROMPT_VERSIONS``).
+        The ranker prompt's layout (``merlin_mllm.choices.PROMPT_VERSIONS``).
     """
 
     def __init__(

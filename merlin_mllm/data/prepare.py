@@ -109,6 +109,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from merlin_mllm.choices import NEGATIVE_SAMPLING, PROTOCOLS, TRAIN_TARGETS
 from merlin_mllm.data import processing
 from merlin_mllm.data.images import IMAGE_ROOT_KEY, image_index, record_image_root
 from merlin_mllm.data.registry import dataset_entry
@@ -117,7 +118,6 @@ from merlin_mllm.data.tables import Tags, write_table
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("paper", "leave-last-out", "timeline")
 #: Old protocol names still accepted, with a FutureWarning, as the name they stand for.
 PROTOCOL_ALIASES = {"temporal": "leave-last-out"}
 #: ``max_history`` when not given: 12 (four summary blocks of 3) for the per-user protocols; all
@@ -153,11 +153,11 @@ def _iso_time(timestamp: int, unit: str) -> str:
 
 def _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
                     train_negatives, train_targets, train_negative_sampling, train_block_size):
-    if train_targets not in processing.TRAIN_TARGETS:
-        raise ValueError(f"unknown train_targets {train_targets!r}; choose one of {list(processing.TRAIN_TARGETS)}")
-    if train_negative_sampling not in processing.NEGATIVE_SAMPLING:
+    if train_targets not in TRAIN_TARGETS:
+        raise ValueError(f"unknown train_targets {train_targets!r}; choose one of {list(TRAIN_TARGETS)}")
+    if train_negative_sampling not in NEGATIVE_SAMPLING:
         raise ValueError(f"unknown train_negative_sampling {train_negative_sampling!r}; "
-                         f"choose one of {list(processing.NEGATIVE_SAMPLING)}")
+                         f"choose one of {list(NEGATIVE_SAMPLING)}")
     # train_negatives defaults to n_negatives_train (which may be 0); asked for, it must be >= 1.
     for name, value in {"train_negatives": train_negatives, "train_block_size": train_block_size}.items():
         if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from merlin_mllm.choices import TRAIN_TARGETS
+
 #: The paper's random user split: train, valid, test fractions.
 PAPER_SPLIT = (0.8, 0.1, 0.1)
 SPLITS = ("train", "valid", "test")
@@ -38,12 +40,6 @@ SPLITS = ("train", "valid", "test")
 #: target and one history event; leave-last-out: three targets and one history event). Ties can
 #: still leave a target without a strictly earlier event: :func:`with_history_only` drops those.
 MIN_EVENTS = {"paper": 2, "leave-last-out": 4, "timeline": 2}
-#: Which positions of a training user become training targets (:func:`prefix_targets`): the
-#: protocol's own target only; also every summary-block boundary before it; also every position
-#: after the first block before it.
-TRAIN_TARGETS = ("last", "blocks", "every")
-#: How training negatives are drawn: uniformly, or weighted by training-time popularity.
-NEGATIVE_SAMPLING = ("uniform", "popularity")
 
 
 def natural_order(keys) -> np.ndarray:
@@ -510,7 +506,7 @@ def popularity_weights(events: pd.DataFrame, held_out: Sequence["Targets"], n_it
 def prefix_targets(events: pd.DataFrame, last: "Targets", mode: str, block_size: int) -> "Targets":
     """The extra training targets before each user's own training target (``last``).
 
-    ``mode`` (:data:`TRAIN_TARGETS`): ``"last"`` adds none; ``"blocks"`` adds the events at
+    ``mode`` (:data:`merlin_mllm.choices.TRAIN_TARGETS`): ``"last"`` adds none; ``"blocks"`` adds the events at
     positions ``block_size, 2 * block_size, ...``; ``"every"`` adds every position from
     ``block_size`` on; all below the target's ``target_position``, i.e. strictly before the
     target's time. Each added target's own ``target_position`` is the count of the user's events

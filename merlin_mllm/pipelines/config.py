@@ -22,24 +22,15 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
+from merlin_mllm.choices import LOSSES, PROMPT_VERSIONS, USER_CONTEXTS
 from merlin_mllm.models.precision import DEFAULT_PRECISION, PRECISIONS  # torch-free names
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS  # torch-free
 
-__all__ = ["TrainConfig", "LOSSES", "RECIPES", "DEFAULT_RECIPE", "MIN_LR_STEPS", "BATCHINGS"]
+__all__ = ["TrainConfig", "RECIPES", "DEFAULT_RECIPE", "MIN_LR_STEPS", "BATCHINGS"]
 
-#: ``lm``: full-vocabulary NLL of the answer token (the paper); ``binary``: CE over [No, Yes];
-#: ``listwise``: softmax over each group's yes-minus-no logits (groups only). The same names as
-#: ``merlin_mllm.ranker.losses.LOSSES`` (not imported: this module stays free of torch).
-LOSSES = ("lm", "binary", "listwise")
 #: ``groups``: each micro-batch holds whole groups (one user's positive and its negatives at one
 #: target), run as one packed pass per group; ``rows``: candidate rows shuffled one by one.
 BATCHINGS = ("groups", "rows")
-#: ``merlin_mllm.ranker.prompt.PROMPT_VERSIONS``' keys (not imported: no torch here).
-PROMPT_VERSIONS = ("1", "2")
-
-
-#: ``merlin_mllm.summaries.rows.USER_CONTEXTS`` (not imported: no torch here).
-USER_CONTEXTS = ("summary", "titles", "both")
 #: The named training recipes (``merlin-mllm train --recipe``).
 RECIPES = {
     "small-budget": "the quickstart's: lr 5e-4, micro-batches of 8, one per optimizer step, 2 epochs; learns within "
@@ -172,14 +163,14 @@ class TrainConfig:
         if self.loss is None:
             self.loss = "listwise" if groups else "lm"
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, not {self.loss!r}")
+            raise ValueError(f"loss must be one of {tuple(LOSSES)}, not {self.loss!r}")
         if self.loss == "listwise" and not groups:
             raise ValueError("loss='listwise' compares the candidates of one group: it needs batching='groups' "
                              "(with batching='rows' use loss='lm' or 'binary')")
         if self.prompt_version is None:
             self.prompt_version = "2" if groups else "1"
         if self.prompt_version not in PROMPT_VERSIONS:
-            raise ValueError(f"prompt_version must be one of {PROMPT_VERSIONS}, not {self.prompt_version!r}")
+            raise ValueError(f"prompt_version must be one of {tuple(PROMPT_VERSIONS)}, not {self.prompt_version!r}")
         if self.user_context not in USER_CONTEXTS:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         _check_int("context_titles", self.context_titles, low=1)

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from merlin_mllm.choices import USER_CONTEXTS
 from merlin_mllm.models.precision import DEFAULT_PRECISION, check_precision
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker.features import ItemImageFeatures
 from merlin_mllm.ranker.losses import check_loss_name
 from merlin_mllm.ranker.prompt import IMAGE_TOKEN, PROMPT_VERSION, check_prompt_version
-from merlin_mllm.summaries.rows import USER_CONTEXTS
 
 __all__ = [
     "RankerConfig",
@@ -77,7 +77,7 @@ class RankerConfig:
     max_summary_tokens, max_title_tokens : int
         Prompt token budgets for the user summary and the title.
     prompt_version : str
-        The prompt layout (:data:`merlin_mllm.ranker.prompt.PROMPT_VERSIONS`): "1" (the default;
+        The prompt layout (:data:`merlin_mllm.choices.PROMPT_VERSIONS`): "1" (the default;
         configs saved before versions were selectable hold it) or "2" (question first, for
         packed groups).
     user_context : {"summary", "titles", "both"}

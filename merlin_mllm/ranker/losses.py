@@ -24,14 +24,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "check_loss_name", "lm_loss", "binary_loss", "listwise_loss", "group_loss", "check_labels"]
+from merlin_mllm.choices import LOSSES
 
-#: Loss names: name -> what it is (``RankerConfig.loss``).
-LOSSES = {
-    "lm": "answer-token cross-entropy over the whole vocabulary",
-    "binary": "cross-entropy over [No, Yes]",
-    "listwise": "softmax over each group's yes-minus-no logits, the positive as target",
-}
+__all__ = ["check_loss_name", "lm_loss", "binary_loss", "listwise_loss", "group_loss", "check_labels"]
 
 
 def check_loss_name(name: str) -> str:
@@ -102,7 +97,7 @@ def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, group_index: torch
 def group_loss(name: str, *, logits: torch.Tensor, labels, group_index: Optional[torch.Tensor] = None,
                vocab_logits: Optional[torch.Tensor] = None, answer_ids: Optional[torch.Tensor] = None
                ) -> torch.Tensor:
-    """The loss ``name`` (see :data:`LOSSES`) over candidate rows.
+    """The loss ``name`` (see :data:`merlin_mllm.choices.LOSSES`) over candidate rows.
 
     Parameters
     ----------

@@ -72,13 +72,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from merlin_mllm.choices import PROMPT_VERSIONS
 from merlin_mllm.images import is_missing, load_image
 from merlin_mllm.models import embedded
 from merlin_mllm.text import escape_untrusted, truncate_tokens
 
 __all__ = [
     "PROMPT_VERSION",
-    "PROMPT_VERSIONS",
     "DEFAULT_MAX_PROMPT_TOKENS",
     "IMAGE_TOKEN",
     "Candidate",
@@ -94,8 +94,6 @@ __all__ = [
 #: The default prompt version. Bump when the wording or layout changes: a trained adapter is
 #: tied to the prompt it saw.
 PROMPT_VERSION = "1"
-#: Every prompt version this code renders: version -> its layout (see the module docstring).
-PROMPT_VERSIONS = {"1": "candidate, then question", "2": "question, then candidate"}
 #: The longest prompt in tokens when none is given: training's ``TrainConfig.max_length`` default,
 #: ``TokenizePrompt``'s, and what serving cuts to when the training run recorded none (a longer
 #: prompt gets a shorter user summary).
@@ -268,7 +266,8 @@ class RankerPrompt:
     max_summary_tokens, max_title_tokens : int
         Token budgets: longer summaries/titles are cut (keeping their start) before escaping.
     version : str
-        The prompt version (a key of :data:`PROMPT_VERSIONS`; default :data:`PROMPT_VERSION`).
+        The prompt version (a key of :data:`merlin_mllm.choices.PROMPT_VERSIONS`; default
+        :data:`PROMPT_VERSION`).
 
     Examples
     --------

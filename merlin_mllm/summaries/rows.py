@@ -36,6 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
+from merlin_mllm.choices import USER_CONTEXTS
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR, open_store
 from merlin_mllm.summaries.user import (
@@ -45,7 +46,7 @@ from merlin_mllm.summaries.user import (
     stored_summary_texts,
 )
 
-__all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "USER_CONTEXTS", "RECENT_TITLES", "is_store",
+__all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "RECENT_TITLES", "is_store",
            "row_histories", "row_summaries", "user_context_texts", "recent_titles_text", "partial_block_rule",
            "recent_titles_summaries"]
 
@@ -56,9 +57,6 @@ SummarySource = Union[str, os.PathLike, pd.DataFrame, Callable[[pd.DataFrame], S
 PARTIAL_BLOCKS = ("summary", "titles")
 #: Joins a boundary summary and the titles of the items after it (``partial_block="titles"``).
 SINCE_BOUNDARY = "Since then, the user interacted with: "
-#: What the prompt's user part holds (:func:`user_context_texts`): the user summary (the paper's),
-#: the titles of the last N items of the history, or the summary followed by those titles.
-USER_CONTEXTS = ("summary", "titles", "both")
 #: Opens the recent-titles text ("Recently watched: A; B; C.").
 RECENT_TITLES = "Recently watched: "
 
