@@ -10,8 +10,8 @@ full batch-1 run is the slowest part); the other sizes run on all ``--items``.
 
 Prints a table and writes JSON (default ``benchmarks/speed/batched_summaries.json``, committed)::
 
-    .venv/bin/python benchmarks/bench_batched_summaries.py                  # full run, ~5 min
-    .venv/bin/python benchmarks/bench_batched_summaries.py --items 8 --single-items 2 \\
+    .venv/bin/python -m benchmarks.bench_batched_summaries                  # full run, ~5 min
+    .venv/bin/python -m benchmarks.bench_batched_summaries --items 8 --single-items 2 \\
         --batch-sizes 1,4 --max-new-tokens 8 --out /tmp/smoke.json          # smoke test
 
 Run it on a quiet machine: other processes sharing the cores distort every number.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.common import SPEED_RESULTS, write_json
 
 RESULTS = SPEED_RESULTS / "batched_summaries.json"
 

@@ -28,9 +28,9 @@ config.json and tokenizer) in a private cache folder, for machines without the G
 
 Usage::
 
-    python benchmarks/bench_gpu.py                                   # CUDA, bf16, defaults
-    python benchmarks/bench_gpu.py --device cpu --dtype fp32 --steps 3 --repeats 1   # smoke run
-    python benchmarks/bench_gpu.py --llm random --llm-config path/to/smollm2_config
+    python -m benchmarks.bench_gpu                                   # CUDA, bf16, defaults
+    python -m benchmarks.bench_gpu --device cpu --dtype fp32 --steps 3 --repeats 1   # smoke run
+    python -m benchmarks.bench_gpu --llm random --llm-config path/to/smollm2_config
 
 Writes ``benchmarks/speed/gpu.json`` (``--out``) and prints a table.
 """
@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.common import SPEED_RESULTS, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Genres a synthetic user may like (the ML-100k genre names).

@@ -8,8 +8,8 @@ benchmark checks.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_incremental.py --users 8 --new-items 3
-    .venv/bin/python benchmarks/bench_incremental.py --data data/ml100k --users 0   # all users
+    .venv/bin/python -m benchmarks.bench_incremental --users 8 --new-items 3
+    .venv/bin/python -m benchmarks.bench_incremental --data data/ml100k --users 0   # all users
 
 Prints a table and writes ``benchmarks/speed/incremental.json`` (committed; ``--out``).
 """
@@ -28,7 +28,7 @@ from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.summaries.store import SummaryStore
 from merlin_mllm.summaries.user import UserSummaryConfig, model_id_of, read_parquet, summarize_users, update_users
 
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.common import SPEED_RESULTS, write_json
 
 
 def _prepare_default(folder: Path, users: int, seed: int) -> Path:

@@ -29,8 +29,8 @@ script still runs there (a smoke run), and then writes ``"native_bf16": false`` 
 
 Usage::
 
-    python benchmarks/bench_precision.py --data data/ml100k            # 200 groups (hours on 2 cores)
-    python benchmarks/bench_precision.py --users 20 --groups 3 --train-groups 4 --roofline-size 256 \\
+    python -m benchmarks.bench_precision --data data/ml100k            # 200 groups (hours on 2 cores)
+    python -m benchmarks.bench_precision --users 20 --groups 3 --train-groups 4 --roofline-size 256 \\
         --out /tmp/precision_smoke.json                                 # smoke run
 
 Writes ``benchmarks/speed/precision.json`` (``--out``); ``speed_table.py`` renders its rows.
@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_scoring import language_model_params, matmul_flops  # benchmarks/bench_scoring.py
-from bench_training import user_groups  # benchmarks/bench_training.py
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.bench_scoring import language_model_params, matmul_flops
+from benchmarks.bench_training import user_groups
+from benchmarks.common import SPEED_RESULTS, write_json
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.metrics import auc
 from merlin_mllm.models.precision import auto_precision, cpu_capability, cpu_bf16_support

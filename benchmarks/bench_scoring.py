@@ -19,8 +19,8 @@ of the roofline. Timings are only meaningful on a quiet machine.
 
 Usage::
 
-    python benchmarks/bench_scoring.py                       # 1 + 20 candidates, embedded model
-    python benchmarks/bench_scoring.py --negatives 4 --max-new-tokens 5 --repeats 1   # smoke run
+    python -m benchmarks.bench_scoring                       # 1 + 20 candidates, embedded model
+    python -m benchmarks.bench_scoring --negatives 4 --max-new-tokens 5 --repeats 1   # smoke run
 
 Writes ``benchmarks/speed/scoring.json`` (committed; ``--out``).
 """
@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.common import SPEED_RESULTS, write_json
 
 SUMMARY = (
     "The user appears to have a preference for science fiction and space exploration films with "

@@ -14,9 +14,9 @@ Every loop is bounded by time and by a request count; the server binds to 127.0.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_serving.py                       # demo ranker on an ML-100k subset
-    .venv/bin/python benchmarks/bench_serving.py --model runs/ranker/model --summaries data/summaries --data data/ml100k
-    .venv/bin/python benchmarks/bench_serving.py --quick                # smoke run: a few seconds per part
+    .venv/bin/python -m benchmarks.bench_serving                       # demo ranker on an ML-100k subset
+    .venv/bin/python -m benchmarks.bench_serving --model runs/ranker/model --summaries data/summaries --data data/ml100k
+    .venv/bin/python -m benchmarks.bench_serving --quick                # smoke run: a few seconds per part
 
 Prints a table and writes ``benchmarks/speed/serving.json`` (committed; ``--out``).
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.common import SPEED_RESULTS, write_json
 
 
 def _percentile(values, q):

@@ -20,8 +20,8 @@ Rows of the table:
 The embedded SmolLM2-135M (textualizer backend; ML-100k has no images), greedy decoding.
 Prints a table and writes JSON (default ``benchmarks/speed/summary_lengths.json``, committed)::
 
-    .venv/bin/python benchmarks/bench_summary_lengths.py                     # about 6 minutes
-    .venv/bin/python benchmarks/bench_summary_lengths.py --items 40 --worker-items 8 \\
+    .venv/bin/python -m benchmarks.bench_summary_lengths                     # about 6 minutes
+    .venv/bin/python -m benchmarks.bench_summary_lengths --items 40 --worker-items 8 \\
         --out /tmp/smoke.json                                                # smoke test
 
 Run it on a quiet machine: other processes sharing the cores distort every number.
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import SPEED_RESULTS, write_json  # benchmarks/common.py
+from benchmarks.common import SPEED_RESULTS, write_json
 
 RESULTS = SPEED_RESULTS / "summary_lengths.json"
 

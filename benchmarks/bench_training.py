@@ -32,8 +32,8 @@ on a shared CPU are noisy; the ratios are measured within one run.
 
 Usage::
 
-    python benchmarks/bench_training.py --threads 1      # about 10 minutes on a busy 2-core CPU
-    python benchmarks/bench_training.py --steps 2 --skip-generate   # smoke run
+    python -m benchmarks.bench_training --threads 1      # about 10 minutes on a busy 2-core CPU
+    python -m benchmarks.bench_training --steps 2 --skip-generate   # smoke run
 
 Writes ``benchmarks/training.json`` (``--out``).
 """
@@ -54,8 +54,8 @@ import numpy as np
 import psutil
 import torch
 
-from bench_scoring import language_model_params, matmul_flops  # benchmarks/bench_scoring.py
-from common import write_json  # benchmarks/common.py
+from benchmarks.bench_scoring import language_model_params, matmul_flops
+from benchmarks.common import write_json
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.vision import TOKEN_DIM

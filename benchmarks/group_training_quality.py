@@ -31,8 +31,8 @@ seed on 40 users, so only large differences show; the JSON keeps the intervals.
 
 Usage::
 
-    .venv/bin/python benchmarks/group_training_quality.py            # 16 CPU-minutes (26 on a busy 2-core CPU)
-    .venv/bin/python benchmarks/group_training_quality.py --users 12 --runs groups-listwise rows-lm  # smoke
+    .venv/bin/python -m benchmarks.group_training_quality            # 16 CPU-minutes (26 on a busy 2-core CPU)
+    .venv/bin/python -m benchmarks.group_training_quality --users 12 --runs groups-listwise rows-lm  # smoke
 
 Writes ``benchmarks/group_training_quality.json`` (``--out``).
 """
@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -51,9 +50,7 @@ import torch
 
 from merlin_mllm.pipelines.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from common import write_json  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import REPO, write_json
 
 OUT = REPO / "benchmarks" / "group_training_quality.json"
 #: run name -> (batching, loss, prompt version)

@@ -7,11 +7,11 @@ the ratios are what the table reports.
 
 Regenerate everything (about 15 minutes on a quiet 2-core CPU; nothing else may run meanwhile)::
 
-    .venv/bin/python benchmarks/speed_table.py --run
+    .venv/bin/python -m benchmarks.speed_table --run
 
 or only re-render the table from the committed JSON files::
 
-    .venv/bin/python benchmarks/speed_table.py
+    .venv/bin/python -m benchmarks.speed_table
 
 The table is written between the ``speed-table`` markers of ``benchmarks/README.md`` and printed.
 """
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import SPEED_RESULTS
+from benchmarks.common import REPO, SPEED_RESULTS
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     if args.run:
         for script, _, arguments in BENCHMARKS:
             print(f"== {script} {' '.join(arguments)}", flush=True)
-            subprocess.run([sys.executable, str(HERE / script), *arguments], check=True)
+            subprocess.run([sys.executable, "-m", f"benchmarks.{Path(script).stem}", *arguments], cwd=REPO, check=True)
     table = render(rows())
     write_readme(table)
     print(table)

@@ -14,7 +14,7 @@ Prints a table and writes ``item_prior_ceiling.json`` next to this script.
 
 Usage::
 
-    python benchmarks/quality/item_prior_ceiling.py --data benchmarks/results/quality_v2/paper_all/data \
+    python -m benchmarks.quality.item_prior_ceiling --data benchmarks/results/quality_v2/paper_all/data \
         --prefix-data benchmarks/results/quality_v2/paper_all/data_prefixes
 """
 from __future__ import annotations

@@ -39,10 +39,10 @@ metrics and seeds, and the hybrid's three differences, null until hybrid rows ex
 
 Usage::
 
-    python benchmarks/quality/run_hybrid.py                     # the non-LLM rows, every protocol
-    python benchmarks/quality/run_hybrid.py --users 30 --protocols timeline --seeds 0 --work /tmp/h --out /tmp/h
+    python -m benchmarks.quality.run_hybrid                     # the non-LLM rows, every protocol
+    python -m benchmarks.quality.run_hybrid --users 30 --protocols timeline --seeds 0 --work /tmp/h --out /tmp/h
     # with LLM rows (evaluate_ranker's <out>.scores.parquet, score = P(yes)), one flag per seed:
-    python benchmarks/quality/run_hybrid.py --protocols timeline \\
+    python -m benchmarks.quality.run_hybrid --protocols timeline \\
         --llm-scores timeline llm_only runs/llm_s1/test.scores.parquet runs/llm_s1/valid.scores.parquet \\
         --llm-scores timeline hybrid_tabular runs/hybrid_s1/test.scores.parquet
 """
@@ -62,10 +62,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py
+from benchmarks.common import WORK, log, write_json
 
-from common import write_json  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 from merlin_mllm import baselines  # noqa: E402
 from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS  # noqa: E402
@@ -135,10 +134,6 @@ INTERVALS = (
 )
 #: A hybrid's score file also holds its parts (evaluate_ranker with features): each ranked alone.
 HYBRID_PARTS = {"llm_logit": "its LLM logit alone", "head_logit": "its tabular head alone"}
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -686,7 +681,7 @@ def main(argv=None) -> int:
                              "VALID_SCORES enable late_fusion_llm)")
     parser.add_argument("--llm-score-kind", choices=("probability", "logit"), default="probability",
                         help="what the score column of --llm-scores files holds (evaluate_ranker writes P(yes))")
-    parser.add_argument("--work", type=Path, default=HERE.parent / "results" / "hybrid")
+    parser.add_argument("--work", type=Path, default=WORK / "hybrid")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     args.protocols = list(dict.fromkeys("leave-last-out" if p == "temporal" else p for p in args.protocols))
@@ -719,7 +714,7 @@ def main(argv=None) -> int:
         "metrics": "AUC pooled over all test rows; HR@1, HR@5 and NDCG@5 per group (ties at their expected value); "
                    "± is the sample std over seeds; intervals: paired bootstrap over test users, seeds as strata",
         "protocols": {p: {k: v for k, v in block.items() if k != "summary"} for p, block in protocols.items()},
-        "command": "python benchmarks/quality/run_hybrid.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.quality.run_hybrid " + " ".join(argv if argv is not None else sys.argv[1:]),
         "this_run": {"wall_seconds": round(time.time() - started_wall, 1),
                      "cpu_seconds_main_process": round(time.process_time() - started_cpu, 1),
                      "note": "cached stages are reused and not timed again; each row's own times are its stages'"},

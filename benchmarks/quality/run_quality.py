@@ -10,8 +10,8 @@ to ``--out``/results.json and results.md (small, committed) and is printed.
 
 Usage::
 
-    python benchmarks/quality/run_quality.py --users 40           # the committed table
-    python benchmarks/quality/run_quality.py --users 8 --work /tmp/q --out /tmp/q   # smoke run
+    python -m benchmarks.quality.run_quality --users 40           # the committed table
+    python -m benchmarks.quality.run_quality --users 8 --work /tmp/q --out /tmp/q   # smoke run
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from benchmarks.common import WORK, log
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
 PROTOCOLS = ("paper", "leave-last-out")
 METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
 # LLM settings as in merlin_mllm/quickstart.py (a small CPU run: faster LoRA lr than the paper).
@@ -69,10 +70,6 @@ def row_label(name: str, epochs: int = LLM_EPOCHS, kind: str = "full") -> str:
     if kind == "full_prefixes":
         return f"{name}, block-prefix groups, {epochs} epoch{'s' if epochs != 1 else ''}"
     return name if epochs == LLM_EPOCHS else f"{name}, {epochs} epochs"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 #: False while ``--skip-baselines``: baseline rows are then only read back from the cache.
@@ -392,7 +389,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recbole", choices=("auto", "on", "off"), default="auto",
                         help="also run RecBole's SASRec/GRU4Rec in benchmarks/quality/.venv-recbole "
                              "(auto: when that venv exists; on: build it when missing)")
-    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "quality",
+    parser.add_argument("--work", type=Path, default=WORK / "quality",
                         help="cache of every stage (git-ignored)")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.json and results.md go")
     args = parser.parse_args(argv)

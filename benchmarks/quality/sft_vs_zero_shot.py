@@ -10,8 +10,8 @@ groups. Prints a table and writes JSON (default ``benchmarks/quality/sft_vs_zero
 
 Usage::
 
-    .venv/bin/python benchmarks/quality/sft_vs_zero_shot.py                # all 943 users, ~25 min quiet
-    .venv/bin/python benchmarks/quality/sft_vs_zero_shot.py --users 60     # smoke run
+    .venv/bin/python -m benchmarks.quality.sft_vs_zero_shot                # all 943 users, ~25 min quiet
+    .venv/bin/python -m benchmarks.quality.sft_vs_zero_shot --users 60     # smoke run
 
 The defaults are the measured recipe: one epoch over every training row (1,510 at 943 users),
 batches of 8 without accumulation, LoRA lr 5e-4. The paper's lr 2e-5, or 1e-4 over 80 rows,
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,7 @@ import numpy as np
 
 from merlin_mllm.pipelines.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from common import write_json  # noqa: E402  (benchmarks/common.py)
+from benchmarks.common import QUALITY_RESULTS, WORK, write_json
 
 
 def main(argv=None) -> dict:
@@ -43,8 +40,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.small_budget().batch_size)
     parser.add_argument("--loss", choices=("lm", "binary"), default="lm")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "sft_vs_zero_shot")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "quality" / "sft_vs_zero_shot.json")
+    parser.add_argument("--work", type=Path, default=WORK / "sft_vs_zero_shot")
+    parser.add_argument("--out", type=Path, default=QUALITY_RESULTS / "sft_vs_zero_shot.json")
     args = parser.parse_args(argv)
 
     from merlin_mllm.baselines import evaluate_popularity

@@ -14,7 +14,7 @@ needs the Merlin stack.
 
 Usage::
 
-    python benchmarks/quality/summaries_on_gpu.py --data benchmarks/results/quality_v2/paper_all/data \\
+    python -m benchmarks.quality.summaries_on_gpu --data benchmarks/results/quality_v2/paper_all/data \\
         --work benchmarks/results/quality_v2/paper_all --batch 256
 
 Prints the stage times and writes ``<work>/summaries_on_gpu.json`` (device and batch).
@@ -26,8 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_quality import LLMStages  # noqa: E402  (the CPU run's stage: same keys, same layout)
+from benchmarks.quality.run_quality import LLMStages  # the CPU run's stage: same keys, same layout
 
 
 def main(argv=None) -> int:

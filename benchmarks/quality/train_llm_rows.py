@@ -20,8 +20,8 @@ Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
 
 Usage::
 
-    python benchmarks/quality/train_llm_rows.py --stages leave-last-out:llm_only:train leave-last-out:llm_only:valid
-    python benchmarks/quality/train_llm_rows.py --stages timeline:hybrid_tabular_s43:train timeline:hybrid_tabular_s43:test
+    python -m benchmarks.quality.train_llm_rows --stages leave-last-out:llm_only:train leave-last-out:llm_only:valid
+    python -m benchmarks.quality.train_llm_rows --stages timeline:hybrid_tabular_s43:train timeline:hybrid_tabular_s43:test
 """
 from __future__ import annotations
 
@@ -33,13 +33,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import WORK as BENCHMARK_WORK, log
+
 HERE = Path(__file__).resolve().parent
-WORK = HERE.parent / "results" / "hybrid"
+WORK = BENCHMARK_WORK / "hybrid"
 SEED = 42
-
-
-def log(message: str) -> None:
-    print(time.strftime("%H:%M:%S"), message, flush=True)
 
 
 def record_stage(row_dir: Path, stage: str, seconds: float, cpu_seconds: float) -> None:

@@ -10,7 +10,7 @@ comes from a bootstrap that resamples test users within each replicate
 
 Prints the table and writes ``replicates.json`` / ``replicates.md`` into ``--out``::
 
-    .venv/bin/python benchmarks/visual/pool_replicates.py --results benchmarks/visual/results.json \\
+    .venv/bin/python -m benchmarks.visual.pool_replicates --results benchmarks/visual/results.json \\
         benchmarks/visual/results_seed1.json benchmarks/visual/results_seed2.json
 """
 from __future__ import annotations

@@ -21,10 +21,10 @@ the same settings redoes nothing; a killed run resumes.
 
 Usage::
 
-    .venv/bin/python benchmarks/visual/run_visual.py --users 12 --items 80 --cache /tmp/visual-tiny \\
+    .venv/bin/python -m benchmarks.visual.run_visual --users 12 --items 80 --cache /tmp/visual-tiny \\
         --results-dir /tmp/visual-tiny/results --no-zero-shot         # a quick validation
     # the measured run (README "Run it" shows the same split over two processes with --arms):
-    nohup .venv/bin/python benchmarks/visual/run_visual.py --no-zero-shot > benchmarks/results/visual/run.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.visual.run_visual --no-zero-shot > benchmarks/results/visual/run.log 2>&1 &
 
 Prints a table and writes ``results.json`` and ``results.md`` into ``--results-dir``
 (default: this folder).
@@ -37,24 +37,17 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmarks.common import WORK, log
+from benchmarks.visual import visual_set
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import visual_set  # noqa: E402  (the set builder beside this script)
-
-REPO = HERE.parent.parent
-DEFAULT_CACHE = REPO / "benchmarks" / "results" / "visual"
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+DEFAULT_CACHE = WORK / "visual"
 
 
 def install_package(cache: Path, version: str) -> Path:
@@ -68,7 +61,7 @@ def install_package(cache: Path, version: str) -> Path:
     if npm is None:
         raise RuntimeError("npm is not on PATH; install Node.js/npm, or pass --package-dir to an installed copy")
     root.mkdir(parents=True, exist_ok=True)
-    _log(f"npm install {visual_set.PACKAGE}@{version} into {root}")
+    log(f"npm install {visual_set.PACKAGE}@{version} into {root}")
     subprocess.run(
         [npm, "install", "--prefix", str(root), "--no-audit", "--no-fund", f"{visual_set.PACKAGE}@{version}"],
         check=True,
@@ -127,7 +120,7 @@ def prepare_arms(args, reviews: Path, package_dir: Path) -> dict:
                   "protocol": args.protocol, "train_negatives": args.train_negatives}
         marker = out / "stage_prepare.json"
         if not _stage_done(marker, config):
-            _log(f"prepare {arm} arm -> {out}")
+            log(f"prepare {arm} arm -> {out}")
             prepare_dataset(
                 "amazon2023", args.protocol, out, input=reviews, images=images, max_history=0, seed=args.seed,
                 min_user_interactions=1, min_item_interactions=1, n_negatives_test=20,
@@ -161,15 +154,15 @@ def summarize_arm(args, arm: str, data_dir: Path) -> dict:
     store = args.cache / f"store_{arm}"
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch)
     started = time.time()
-    _log(f"{arm} arm: item summaries")
+    log(f"{arm} arm: item summaries")
     items_report = summarize_items(data_dir, store, settings=settings, progress=args.progress)
     items_seconds = time.time() - started
-    _log(f"{arm} arm: {items_report}")
-    _log(f"{arm} arm: user summaries")
+    log(f"{arm} arm: {items_report}")
+    log(f"{arm} arm: user summaries")
     # No validation split is used (the ranker trains a fixed number of epochs), so its rows
     # need no summaries.
     users_report = summarize_users(data_dir, store, splits=("train", "test"), settings=settings, progress=args.progress)
-    _log(f"{arm} arm: {users_report}")
+    log(f"{arm} arm: {users_report}")
     return {
         "store": str(store),
         "item_report": str(items_report),
@@ -193,7 +186,7 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
         if saved["settings"]["epochs"] == args.epochs and saved["settings"]["lr"] == args.lr \
                 and saved_dim == RankerConfig.vision_feature_dim:
             return out / MODEL_DIR
-    _log(f"{arm} arm: train ranker (image={arm == 'image'})")
+    log(f"{arm} arm: train ranker (image={arm == 'image'})")
     stale = args.cache / "eval" / f"MLLM-MSR_{arm}.json"
     if stale.exists():
         stale.unlink()
@@ -216,7 +209,7 @@ def evaluate_arm(args, name: str, data_dir: Path, store: Path, model_dir, zero_s
         if saved["run"]["model"] == (str(model_dir) if model_dir is not None else saved["run"]["model"]) \
                 and Path(saved["run"]["scores"]).is_file() and saved["run"]["zero_shot"] == zero_shot:
             return saved
-    _log(f"evaluate {name}")
+    log(f"evaluate {name}")
     return evaluate_ranker(data_dir, store, model_dir, out_json, zero_shot=zero_shot, progress=args.progress)
 
 
@@ -357,7 +350,7 @@ def main(argv=None) -> dict:
 
     package_dir = args.package_dir or install_package(args.cache, args.package_version)
     catalogue, events, reviews, set_info, balanced = build_set(args, package_dir)
-    _log(f"set: {json.dumps(set_info)}")
+    log(f"set: {json.dumps(set_info)}")
     folders = prepare_arms(args, reviews, package_dir)
     timings["set_and_prepare"] = round(time.time() - started, 1)
 
@@ -389,7 +382,7 @@ def main(argv=None) -> dict:
         elif arm in args.arms:
             raise RuntimeError(f"{record_file} missing after the {arm} arm ran")
     if set(args.arms) != {"image", "text"}:
-        _log(f"arms {args.arms} done; run again with both arms to write the results")
+        log(f"arms {args.arms} done; run again with both arms to write the results")
         return {}
     if args.zero_shot:
         tick = time.time()
