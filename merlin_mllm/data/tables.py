@@ -106,9 +106,30 @@ def read_schema(path: Path | str) -> Schema:
         return merlin.io.Dataset(str(path), engine="parquet", cpu=True).schema
 
 
-def read_table(path: Path | str) -> pd.DataFrame:
-    """A dataset written by :func:`write_table`, read back into pandas through ``merlin.io``."""
+def read_table(path: Path | str, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """A parquet dataset read back into pandas through ``merlin.io``.
+
+    Parameters
+    ----------
+    path : Path or str
+        A folder written by :func:`write_table`, any folder of ``*.parquet`` part files (read
+        as one table, parts in order; ``schema.pbtxt`` and ``_metadata`` are not data), or
+        one parquet file.
+    columns : sequence of str, optional
+        Only these columns (default: all).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist, or is a folder without a ``*.parquet`` file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"parquet data not found: {path}")
+    if path.is_dir() and not any(path.glob("*.parquet")):
+        raise FileNotFoundError(f"no *.parquet file in {path}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        frame = merlin.io.Dataset(str(path), engine="parquet", cpu=True).to_ddf().compute()
+        dataset = merlin.io.Dataset(str(path), engine="parquet", cpu=True)
+        frame = dataset.to_ddf(columns=list(columns) if columns is not None else None).compute()
     return frame.reset_index(drop=True)

@@ -3,12 +3,16 @@
 ``load()`` returns the model with its tokenizer and (for MLLMs) its processor, on CUDA in
 bf16 when a GPU is present and on CPU in fp32 otherwise. ``load()`` with no argument gives the
 embedded SmolLM2-135M-Instruct. ``trust_remote_code`` stays off unless asked for.
+
+``shared_model()`` and ``shared_tokenizer()`` are the process-wide cache: a model is loaded once
+per process (a Dask worker, an NVTabular transform), however many partitions or calls use it.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -120,8 +124,83 @@ def load(
         model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    name = embedded.SMOLLM2_NAME if model_id_or_path in EMBEDDED_LLM_ALIASES else str(model_id_or_path)
-    return LoadedModel(model, tokenizer, processor, kind, name, device, dtype)
+    return LoadedModel(model, tokenizer, processor, kind, model_id_of(model_id_or_path), device, dtype)
+
+
+def model_id_of(model) -> str:
+    """The id a model is known by (in summary keys and the cache), without loading it.
+
+    ``model`` is a hub id, a local path, an embedded alias (``None``, ``"smollm2"``, ...: the
+    embedded SmolLM2's name) or a :class:`LoadedModel` (its ``model_id``).
+    """
+    if isinstance(model, LoadedModel):
+        return model.model_id
+    if model in EMBEDDED_LLM_ALIASES:
+        return embedded.SMOLLM2_NAME
+    return str(model)
+
+
+# ------------------------------------------------------------------ the process-wide cache
+#: Loaded models by (model id, device as asked, kind as asked): ``None`` and ``"auto"`` are
+#: keys of their own, so a model registered by :func:`shared_model` is found by id alone.
+_SHARED_MODELS: Dict[Tuple[str, Optional[str], str], LoadedModel] = {}
+_SHARED_TOKENIZERS: Dict[str, Any] = {}
+_SHARED_LOCK = threading.Lock()
+#: How many times this process loaded each model id through :func:`shared_model` (the Dask
+#: test checks "once per worker").
+MODEL_LOADS: Dict[str, int] = {}
+
+
+def shared_model(
+    model=None, *, device: Union[str, torch.device, None] = None, kind: str = "auto"
+) -> LoadedModel:
+    """The process-wide loaded model for ``model``, loaded by :func:`load` on first use.
+
+    Parameters
+    ----------
+    model : str, path or LoadedModel, optional
+        A hub id, local folder or embedded alias (default: the embedded SmolLM2). A
+        ``LoadedModel`` is returned as is, and registered under its ``model_id`` (with no
+        device or kind) unless a model is registered there already, so later calls by id in
+        this process use it.
+    device, kind :
+        Passed to :func:`load`; part of the cache key as given (``None`` / ``"auto"``: the
+        defaults).
+    """
+    if isinstance(model, LoadedModel):
+        with _SHARED_LOCK:
+            _SHARED_MODELS.setdefault((model.model_id, None, "auto"), model)
+        return model
+    model_id = model_id_of(model)
+    key = (model_id, str(torch.device(device)) if device is not None else None, kind)
+    with _SHARED_LOCK:
+        loaded = _SHARED_MODELS.get(key)
+        if loaded is None:
+            loaded = _SHARED_MODELS[key] = load(model_id, device=device, kind=kind)
+            MODEL_LOADS[model_id] = MODEL_LOADS.get(model_id, 0) + 1
+        return loaded
+
+
+def shared_tokenizer(model=None):
+    """The tokenizer of ``model`` (an id/path/alias, or a LoadedModel), without loading weights.
+
+    Readers that only rebuild summary keys need the tokenizer (cut texts enter the keys) but
+    not the model. It is taken from the model :func:`shared_model` holds for this id (with no
+    device or kind), else loaded once per process and model id.
+    """
+    if isinstance(model, LoadedModel):
+        return model.tokenizer
+    model_id = model_id_of(model)
+    with _SHARED_LOCK:
+        loaded = _SHARED_MODELS.get((model_id, None, "auto"))
+        if loaded is not None:
+            return loaded.tokenizer
+        tokenizer = _SHARED_TOKENIZERS.get(model_id)
+        if tokenizer is None:
+            from transformers import AutoTokenizer  # lazy: transformers is a heavy import
+
+            tokenizer = _SHARED_TOKENIZERS[model_id] = AutoTokenizer.from_pretrained(resolve_model_path(model_id))
+        return tokenizer
 
 
 def load_processor(path: Union[str, Path], *, trust_remote_code: bool = False):
