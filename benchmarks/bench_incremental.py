@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 
 
+from merlin_mllm.data.tables import read_table
 from merlin_mllm.generation import GenerationSettings
+from merlin_mllm.models.loading import model_id_of
 from merlin_mllm.summaries.store import SummaryStore
-from merlin_mllm.summaries.user import UserSummaryConfig, model_id_of, read_parquet, summarize_users, update_users
+from merlin_mllm.summaries.user import summarize_users, update_users
+from merlin_mllm.summaries.user_summarizer import UserSummaryConfig
 
 from benchmarks.common import SPEED_RESULTS, write_json
 
@@ -57,7 +60,7 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     try:
         data = args.data or _prepare_default(work / "data", args.users, args.seed)
-        events = read_parquet(data / "events").sort_values(["user_id", "position"], kind="stable")
+        events = read_table(data / "events").sort_values(["user_id", "position"], kind="stable")
         if args.users:
             keep = sorted(events.user_id.unique())[: args.users]
             events = events[events.user_id.isin(keep)]

@@ -13,17 +13,12 @@ from merlin.schema import Schema, Tags
 from nvtabular.ops.operator import ColumnSelector, Operator
 
 from merlin_mllm.generation import GenerationSettings
-from merlin_mllm.models.loading import LoadedModel
+from merlin_mllm.models.loading import LoadedModel, model_id_of, shared_model
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import open_store
-from merlin_mllm.summaries.user import (
-    DEFAULT_BLOCK_SIZE,
-    UserSummarizer,
-    UserSummaryConfig,
-    get_model,
-    model_id_of,
-    read_items,
-)
+from merlin_mllm.summaries.user_history import read_items
+from merlin_mllm.summaries.user_store import stored_summary_texts
+from merlin_mllm.summaries.user_summarizer import DEFAULT_BLOCK_SIZE, UserSummarizer, UserSummaryConfig
 from merlin_mllm.text import TokenBudgets
 
 __all__ = ["UserPreferenceSummary", "process_report"]
@@ -50,7 +45,7 @@ class UserPreferenceSummary(Operator):
     history gets a fixed generic summary without an LLM call.
 
     This requires a list column of item ids in time order, holding only the items strictly
-    before the row's target (``history_item_ids``; ``merlin_mllm.summaries.user.add_history_item_ids``
+    before the row's target (``history_item_ids``; ``merlin_mllm.summaries.user_history.add_history_item_ids``
     builds it from the ``events`` table), plus an items table with ``item_id``, ``title`` and
     ``description``. Item summaries published in the store by the item stage are used when
     present, else title + description. Works on pandas and cudf partitions, in one process or on
@@ -120,7 +115,7 @@ class UserPreferenceSummary(Operator):
         self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings or GenerationSettings(),
                                         budgets or TokenBudgets())
         if isinstance(model, LoadedModel):
-            get_model(model)  # register it in this process's cache; other processes load by id
+            shared_model(model)  # register it in this process's cache; other processes load by id
         self.history_column = history_column
         self.on_unknown_item = on_unknown_item
         self.output_column = output_column
@@ -129,7 +124,7 @@ class UserPreferenceSummary(Operator):
 
     def __getstate__(self):
         # Only ids and paths travel to workers and into saved workflows; each process loads the
-        # model itself (get_model caches it per process). The report stays with its process.
+        # model itself (shared_model caches it per process). The report stays with its process.
         state = dict(self.__dict__)
         state["report"] = SummaryReport()
         return state
@@ -158,7 +153,7 @@ class UserPreferenceSummary(Operator):
                                     progress=self.progress, on_unknown_item=self.on_unknown_item)
         report = SummaryReport(rows=len(histories), empty_histories=sum(1 for h in histories if not h))
         keys = summarizer.summarize(histories, report, labels)
-        texts = summarizer.summary_texts(keys)
+        texts = stored_summary_texts(store, keys)
         self.report.merge(report)
         _PROCESS_REPORT.merge(report)
         return type(df)({self.output_column: texts}, index=df.index)

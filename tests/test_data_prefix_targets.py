@@ -17,7 +17,8 @@ from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.embedded import package_dir
 from merlin_mllm.summaries.store import open_store
-from merlin_mllm.summaries.user import UserSummarizer, UserSummaryConfig, read_items
+from merlin_mllm.summaries.user_history import read_items
+from merlin_mllm.summaries.user_summarizer import UserSummarizer, UserSummaryConfig
 
 ML100K = package_dir("recbole", "recbole") / "dataset_example" / "ml-100k"
 

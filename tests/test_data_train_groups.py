@@ -22,9 +22,11 @@ from merlin_mllm.data.prefix_targets import add_prefix_targets
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.embedded import package_dir
-from merlin_mllm.summaries import user as user_stage
 from merlin_mllm.summaries.rows import SINCE_BOUNDARY, partial_block_rule, row_summaries
 from merlin_mllm.summaries.store import SummaryStore
+from merlin_mllm.summaries.user_history import read_items
+from merlin_mllm.summaries.user_store import record_config
+from merlin_mllm.summaries.user_summarizer import UserSummarizer, UserSummaryConfig
 
 ML100K = package_dir("recbole", "recbole") / "dataset_example" / "ml-100k"
 #: The quickstart's subset: 40 seeded users, 9 events each at most.
@@ -257,15 +259,15 @@ def test_every_rows_read_the_latest_boundary_summary_plus_titles_from_a_store(fo
     # A store holding only each user's boundary chain (what summarize users records for every
     # user): a recognisable text per step, and no step over a partial block.
     store = SummaryStore(tmp_path / "store")
-    config = user_stage.UserSummaryConfig("smollm2-135m-instruct", block_size=3)
-    summarizer = user_stage.UserSummarizer(store, user_stage.read_items(folder / "items"), config, progress=False)
+    config = UserSummaryConfig("smollm2-135m-instruct", block_size=3)
+    summarizer = UserSummarizer(store, read_items(folder / "items"), config, progress=False)
     events = read_table(folder / "events")
     chains = {u: g.sort_values("position")["item_id"].tolist() for u, g in events.groupby("user_id")}
     summarizer.texts.prepare(i for c in chains.values() for i in c)
     for user, chain in chains.items():
         for step in summarizer.plan(chain[: len(chain) - len(chain) % 3]):
             store.put(step.key, f"user {user} after {3 * step.level} items")
-    user_stage._record_config(store, config, items_path=folder / "items")
+    record_config(store, config, items_path=folder / "items")
     store.close()
 
     texts = row_summaries(tmp_path / "store", folder, train, partial_block="titles")

@@ -358,12 +358,14 @@ def test_evaluation_writes_metrics_scores_and_plot(trained, data_dir, summaries,
 
 def test_row_summaries_from_a_summary_store_use_each_rows_own_history(data_dir, tmp_path):
     """Rows of one user with different targets get different summaries: nothing after the target leaks."""
-    from merlin_mllm.summaries import user as user_stage
     from merlin_mllm.summaries.store import SummaryStore
+    from merlin_mllm.summaries.user_history import read_items
+    from merlin_mllm.summaries.user_store import record_config
+    from merlin_mllm.summaries.user_summarizer import UserSummarizer, UserSummaryConfig
 
     store = SummaryStore(tmp_path / "store")
-    config = user_stage.UserSummaryConfig("smollm2-135m-instruct", block_size=3)
-    summarizer = user_stage.UserSummarizer(store, user_stage.read_items(data_dir / "items"), config, progress=False)
+    config = UserSummaryConfig("smollm2-135m-instruct", block_size=3)
+    summarizer = UserSummarizer(store, read_items(data_dir / "items"), config, progress=False)
     rows = read_table(data_dir / "train").head(4).copy()
     short = rows.iloc[[0]].copy()
     short["history_item_ids"] = [list(rows["history_item_ids"].iloc[0][:4])]
@@ -374,7 +376,7 @@ def test_row_summaries_from_a_summary_store_use_each_rows_own_history(data_dir, 
     for history in set(histories):
         for step in summarizer.plan(history):  # store a recognisable text for every chain step
             store.put(step.key, f"summary of {step.level} blocks ending with item {history[min(len(history), 3 * step.level) - 1]}")
-    user_stage._record_config(store, config, items_path=data_dir / "items")
+    record_config(store, config, items_path=data_dir / "items")
     store.close()
 
     texts = row_summaries(tmp_path / "store", data_dir, rows)

@@ -11,19 +11,12 @@ import pytest
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore
-from merlin_mllm.summaries.user import (
-    ANSWER_LEAD_IN,
-    EMPTY_HISTORY_SUMMARY,
-    UserSummarizer,
-    UserSummaryConfig,
-    add_history_item_ids,
-    build_prompt,
-    latest_user_summary,
-    read_items,
-    read_parquet,
-    summarize_users,
-    update_users,
-)
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.summaries.user import summarize_users, update_users
+from merlin_mllm.summaries.user_history import add_history_item_ids, read_items
+from merlin_mllm.summaries.user_prompts import ANSWER_LEAD_IN, EMPTY_HISTORY_SUMMARY, build_prompt
+from merlin_mllm.summaries.user_store import latest_user_summary
+from merlin_mllm.summaries.user_summarizer import UserSummarizer, UserSummaryConfig
 
 #: Short answers keep the suite fast; greedy decoding keeps them deterministic.
 SETTINGS = GenerationSettings(max_new_tokens=16, batch_size=8)
@@ -85,8 +78,8 @@ def _row_keys(summarizer, histories):
 # --------------------------------------------------------------------------- no LLM needed
 def test_no_leakage_row_key_depends_only_on_items_before_target(tmp_path):
     data = write_dataset(tmp_path / "data")
-    events = read_parquet(data / "events")
-    rows = add_history_item_ids(read_parquet(data / "test"), events)
+    events = read_table(data / "events")
+    rows = add_history_item_ids(read_table(data / "test"), events)
     summarizer = _summarizer(SummaryStore(tmp_path / "s"), data)
     user1 = rows[rows.user_id == 1].iloc[0]
     t = int(user1.target_position)
@@ -175,10 +168,10 @@ def summarized(tmp_path_factory, smollm2):
 def _expected_steps(data, store_path, block_size=3):
     """Distinct steps needed by every row history plus every user's full blocks, from keys alone."""
     summarizer = _summarizer(SummaryStore(store_path), data, block_size)
-    events = read_parquet(data / "events")
+    events = read_table(data / "events")
     histories = []
     for split in ("train", "valid", "test"):
-        histories += [list(h) for h in add_history_item_ids(read_parquet(data / split), events).history_item_ids]
+        histories += [list(h) for h in add_history_item_ids(read_table(data / split), events).history_item_ids]
     for _, g in events.sort_values("position").groupby("user_id"):
         seq = g.item_id.tolist()
         histories.append(seq[: len(seq) - len(seq) % block_size])
@@ -204,7 +197,7 @@ def test_user_state_keeps_every_block_boundary(summarized):
     data, store_path, _ = summarized
     store = SummaryStore(store_path)
     summarizer = _summarizer(store, data)
-    events = read_parquet(data / "events").sort_values("position")
+    events = read_table(data / "events").sort_values("position")
     for user, g in events.groupby("user_id"):
         seq = g.item_id.tolist()
         state = store.get_user_state(summarizer.config.scope, user)
@@ -224,7 +217,7 @@ def test_update_costs_one_call_per_new_full_block(summarized, smollm2, tmp_path)
     # user 2: 1 new -> 2 pending + 1 = one full block -> 1 call
     # user 3: 1 new -> 1 pending + 1 = 2 items, no block -> 0 calls
     # user 4: 3 new -> one full block -> 1 call;  user 9 (new): 3 items -> 1 call
-    events = read_parquet(data / "events")
+    events = read_table(data / "events")
     new = []
     for user, count in ((1, 2), (2, 1), (3, 1), (4, 3), (9, 3)):
         seen = set(events[events.user_id == user].item_id)
@@ -263,10 +256,10 @@ def test_update_costs_one_call_per_new_full_block(summarized, smollm2, tmp_path)
 def test_direct_mode_issues_one_call_per_distinct_history(tmp_path, smollm2):
     data = write_dataset(tmp_path / "data", lengths=(5, 4))
     report = summarize_users(data, tmp_path / "store", mode="direct", settings=SETTINGS, model=smollm2, progress=False)
-    events = read_parquet(data / "events")
+    events = read_table(data / "events")
     distinct = set()
     for split in ("train", "valid", "test"):
-        distinct |= {tuple(h) for h in add_history_item_ids(read_parquet(data / split), events).history_item_ids}
+        distinct |= {tuple(h) for h in add_history_item_ids(read_table(data / split), events).history_item_ids}
     assert report.llm_calls == report.generated == len(distinct) >= 4  # identical histories share one call
     store = SummaryStore(tmp_path / "store")
     kinds = [r.meta.get("kind") for r in store]
@@ -277,11 +270,11 @@ def test_direct_mode_issues_one_call_per_distinct_history(tmp_path, smollm2):
     from merlin_mllm.summaries.rows import row_summaries
 
     direct = {r.text for r in store if r.meta.get("kind") == "user_direct"}
-    rows = read_parquet(data / "test")
+    rows = read_table(data / "test")
     texts = row_summaries(tmp_path / "store", data, rows)
     assert len(texts) == len(rows) and set(texts) <= direct and len(set(texts)) == len({*rows["user_id"]})
     # There is no chain to extend: update_users says so instead of starting recurrent chains.
-    events = read_parquet(data / "events")
+    events = read_table(data / "events")
     events.iloc[-1:].to_parquet(tmp_path / "new.parquet", index=False)
     with pytest.raises(ValueError, match="'direct' mode"):
         update_users(tmp_path / "new.parquet", tmp_path / "store", model=smollm2, progress=False)
@@ -296,7 +289,7 @@ def test_operator_in_workflow_schema_save_and_load(summarized, smollm2, tmp_path
     from merlin_mllm.operators.user_summary import UserPreferenceSummary
 
     data, store_path, _ = summarized
-    rows = add_history_item_ids(read_parquet(data / "test"), read_parquet(data / "events"))
+    rows = add_history_item_ids(read_table(data / "test"), read_table(data / "events"))
     # One extra row with no history: the fixed generic summary, no LLM call.
     empty = rows.iloc[:1].copy()
     empty["history_item_ids"] = [[]]
@@ -335,7 +328,7 @@ def test_operator_generates_only_new_tail_steps(summarized, smollm2, tmp_path):
     from merlin_mllm.operators.user_summary import UserPreferenceSummary
 
     data, store_path, _ = summarized
-    events = read_parquet(data / "events").sort_values("position")
+    events = read_table(data / "events").sort_values("position")
     seq = events[events.user_id == 4].item_id.tolist()  # 9 items: 3 boundaries stored
     extra = [i for i in range(1, len(TITLES) + 1) if i not in seq][:2]
     frame = pd.DataFrame({"user_id": [4, 4], "history_item_ids": [seq[:9], seq[:9] + extra]})
@@ -359,7 +352,7 @@ def test_operator_on_a_cudf_partition_matches_pandas(summarized, smollm2):
     from merlin_mllm.operators.user_summary import UserPreferenceSummary
 
     data, store_path, _ = summarized
-    rows = add_history_item_ids(read_parquet(data / "valid"), read_parquet(data / "events"))[["user_id", "history_item_ids"]]
+    rows = add_history_item_ids(read_table(data / "valid"), read_table(data / "events"))[["user_id", "history_item_ids"]]
     op = UserPreferenceSummary(data / "items", store_path, model=smollm2, settings=SETTINGS)
     selector = ColumnSelector(["user_id", "history_item_ids"])
     on_gpu = op.transform(selector, cudf.DataFrame.from_pandas(rows))

@@ -247,7 +247,7 @@ class LLMStages:
         """The prepared folder plus a training group at every block boundary (``add_prefix_targets``):
         same test groups, more training rows, and every extra row's user summary is already stored."""
         from merlin_mllm.data.prefix_targets import add_prefix_targets
-        from merlin_mllm.summaries.user import DEFAULT_BLOCK_SIZE
+        from merlin_mllm.summaries.user_summarizer import DEFAULT_BLOCK_SIZE
 
         out = self.work / "data_prefixes"
         if not (out / "report.json").is_file():

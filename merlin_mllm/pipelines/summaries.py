@@ -39,7 +39,8 @@ from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.models.threads import set_torch_threads
 from merlin_mllm.operators import item_summary, user_summary
 from merlin_mllm.summaries.report import SummaryReport
-from merlin_mllm.summaries.user import DEFAULT_BLOCK_SIZE, UserSummaryRun
+from merlin_mllm.summaries.user import UserSummaryRun
+from merlin_mllm.summaries.user_summarizer import DEFAULT_BLOCK_SIZE
 from merlin_mllm.text import TokenBudgets
 
 __all__ = ["ROWS_PER_PARTITION", "dask_client", "summarize_items_on_cluster", "summarize_users_on_cluster"]

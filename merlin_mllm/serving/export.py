@@ -123,7 +123,8 @@ from merlin_mllm.serving.artifacts import (
 )
 from merlin_mllm.summaries.rows import recent_titles_text, user_context_texts
 from merlin_mllm.summaries.store import open_store
-from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY, latest_user_summary
+from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
+from merlin_mllm.summaries.user_store import latest_user_summary
 
 log = logging.getLogger(__name__)
 

@@ -93,7 +93,7 @@ from merlin_mllm.serving.export import (
     prompt_token_limit,
     user_summary_table,
 )
-from merlin_mllm.summaries.user import EMPTY_HISTORY_SUMMARY
+from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
 
 __all__ = ["MLLMRerank", "PythonOnlyRuntime", "export_python_only"]
 

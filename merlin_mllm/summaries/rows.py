@@ -6,7 +6,7 @@ of its own history, the items before its target, so nothing at or after the targ
 it. The summaries come from one of (:data:`SummarySource`):
 
 * a summary store folder (written by ``merlin-mllm summarize users``): the stored summary of
-  the row's history, found with :func:`merlin_mllm.summaries.user.history_summary_keys`;
+  the row's history, found with :func:`merlin_mllm.summaries.user_store.history_summary_keys`;
 * a parquet file/folder or DataFrame with ``user_id``, ``target_position``, ``user_summary``
   (for instance :func:`recent_titles_summaries`);
 * a callable ``rows -> list of str``.
@@ -39,12 +39,8 @@ import pandas as pd
 from merlin_mllm.choices import USER_CONTEXTS
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR, open_store
-from merlin_mllm.summaries.user import (
-    history_lists,
-    history_summary_keys,
-    recorded_config,
-    stored_summary_texts,
-)
+from merlin_mllm.summaries.user_history import history_lists
+from merlin_mllm.summaries.user_store import history_summary_keys, recorded_config, stored_summary_texts
 
 __all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "RECENT_TITLES", "is_store",
            "row_histories", "row_summaries", "user_context_texts", "recent_titles_text", "partial_block_rule",

@@ -1,0 +1,183 @@
+"""The user stage's inputs: the item table, each row's history, and the line each history item shows.
+
+- :func:`read_items` reads the item table (once per process and file version);
+- :func:`history_lists` / :func:`add_history_item_ids` build each row's history from the
+  ``events`` table: the user's items strictly before the row's target, in time order;
+- :class:`ItemTexts` gives each history item's prompt line: its stored item summary after its
+  title, else title + description, cut to the token budgets.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from merlin_mllm.models.loading import shared_tokenizer
+from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore
+from merlin_mllm.text import TokenBudgets, fits_by_bytes, truncate_tokens
+
+_ITEM_TABLES: Dict[Tuple[str, float], pd.DataFrame] = {}
+
+
+def read_table_with_columns(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
+    """The parquet table at ``path``; errors name ``what`` (e.g. ``"events table"``) and the path.
+
+    Raises ``FileNotFoundError`` when ``path`` is missing, ``ValueError`` when ``columns`` are.
+    """
+    # Lazy: merlin.io (under data.tables) is a heavy import, and only the readers need it.
+    from merlin_mllm.data.tables import read_table
+
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    frame = read_table(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: {what} lacks column(s) {missing}")
+    return frame
+
+
+def read_items(items: Union[str, os.PathLike, pd.DataFrame]) -> pd.DataFrame:
+    """The item table (``item_id``, ``title``, ``description``), indexed by item id.
+
+    A path is read once per process. Raises ``ValueError`` naming the file when columns are missing.
+    """
+    from merlin_mllm.data.tables import read_table
+
+    if isinstance(items, pd.DataFrame):
+        frame, where = items, "the items DataFrame"
+    else:
+        where = str(Path(items).resolve())
+        if not Path(where).exists():
+            raise FileNotFoundError(f"items table not found: {where}")
+        # Re-read when the table changes on disk during a long-lived worker.
+        files = sorted(Path(where).glob("*.parquet")) if Path(where).is_dir() else [Path(where)]
+        cache_key = (where, max((f.stat().st_mtime for f in files), default=0.0))
+        cached = _ITEM_TABLES.get(cache_key)
+        if cached is not None:
+            return cached
+        frame = read_table(where)
+    missing = [c for c in ("item_id", "title") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: the items table lacks column(s) {missing}")
+    cols = ["item_id", "title"] + (["description"] if "description" in frame.columns else [])
+    table = frame[cols].copy()
+    if "description" not in table.columns:
+        table["description"] = ""
+    table["item_id"] = table["item_id"].astype("int64")
+    if table["item_id"].duplicated().any():
+        dup = table.loc[table["item_id"].duplicated(), "item_id"].iloc[0]
+        raise ValueError(f"{where}: item_id {dup} appears more than once")
+    table = table.set_index("item_id")
+    if not isinstance(items, pd.DataFrame):
+        _ITEM_TABLES[cache_key] = table
+    return table
+
+
+# --------------------------------------------------------------------------- histories from events
+def history_lists(events: pd.DataFrame, user_ids: Sequence[int], target_positions: Sequence[int]) -> List[List[int]]:
+    """Each row's history: the user's item ids with ``position < target_position``, in order.
+
+    Parameters
+    ----------
+    events : DataFrame
+        ``user_id``, ``item_id``, ``position`` (the ``events/`` table of the data contract).
+    user_ids, target_positions : sequences
+        One entry per row.
+
+    Example
+    -------
+    >>> rows["history_item_ids"] = history_lists(events, rows.user_id, rows.target_position)
+    """
+    ordered = events.sort_values(["user_id", "position"], kind="stable")
+    users = ordered["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    by_user = {int(users[s]): (ordered["position"].to_numpy()[s:e], ordered["item_id"].to_numpy()[s:e])
+               for s, e in zip(starts, ends)}
+    empty = (np.empty(0, dtype="int64"), np.empty(0, dtype="int64"))
+    out = []
+    for user, target in zip(np.asarray(user_ids), np.asarray(target_positions)):
+        positions, items = by_user.get(int(user), empty)
+        out.append(items[: np.searchsorted(positions, target, side="left")].astype("int64").tolist())
+    return out
+
+
+def add_history_item_ids(rows: pd.DataFrame, events: pd.DataFrame, column: str = "history_item_ids") -> pd.DataFrame:
+    """A copy of ``rows`` with the list column ``history_item_ids`` built from ``events``."""
+    missing = [c for c in ("user_id", "target_position") if c not in rows.columns]
+    if missing:
+        raise ValueError(f"rows lack column(s) {missing} needed to build {column}")
+    out = rows.copy()
+    out[column] = history_lists(events, out["user_id"], out["target_position"])
+    return out
+
+
+# --------------------------------------------------------------------------- item lines
+def _clean(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return " ".join(str(value).split())
+
+
+class ItemTexts:
+    """The line each history item shows in a prompt: its stored summary, else title + description.
+
+    Texts are raw (unescaped): they enter summary keys as content; prompts escape them. The
+    title is cut to ``budgets.title`` tokens and the line to ``budgets.history_item`` tokens of
+    ``model``'s tokenizer, which is loaded only when a line is long enough to need it.
+    """
+
+    def __init__(self, items: pd.DataFrame, store: SummaryStore, *, model=None,
+                 budgets: TokenBudgets = TokenBudgets(), on_unknown_item: str = "error"):
+        if on_unknown_item not in ("error", "skip"):
+            raise ValueError(f"on_unknown_item must be 'error' or 'skip', not {on_unknown_item!r}")
+        self.items = items
+        self.store = store
+        self.model = model
+        self.budgets = budgets
+        self.on_unknown_item = on_unknown_item
+        self._lines: Dict[int, str] = {}
+        self.without_summary: set = set()
+        #: Texts cut to their budget since the last reset (titles and lines, once per item).
+        self.truncated = 0
+
+    def _fit(self, text: str, budget: int) -> str:
+        if fits_by_bytes(text, budget):
+            return text
+        cut = truncate_tokens(text, budget, shared_tokenizer(self.model))
+        self.truncated += int(cut.truncated)
+        return cut.text.strip() if cut.truncated else text
+
+    def prepare(self, item_ids: Iterable[int]) -> None:
+        """Look up every item needed (one pass over the store's refs)."""
+        needed = sorted({int(i) for i in item_ids} - set(self._lines))
+        if not needed:
+            return
+        refs = self.store.get_refs(ITEM_REF_NAMESPACE, [str(i) for i in needed])
+        summaries = self.store.get_many(refs.values())
+        known = self.items.index
+        budgets = self.budgets
+        for item_id in needed:
+            in_table = item_id in known
+            title = self._fit(_clean(self.items.at[item_id, "title"]), budgets.title) if in_table else ""
+            summary = summaries.get(refs.get(str(item_id), ""), None)
+            if summary is not None:
+                line = f"{title}: {_clean(summary)}" if title else _clean(summary)
+                self._lines[item_id] = self._fit(line, budgets.history_item)
+            elif in_table:
+                self.without_summary.add(item_id)
+                line = ". ".join(p for p in (title, _clean(self.items.at[item_id, "description"])) if p)
+                self._lines[item_id] = self._fit(line, budgets.history_item) or "an item with no title or description"
+
+    def has(self, item_id: int) -> bool:
+        if int(item_id) not in self._lines:
+            self.prepare([item_id])
+        return int(item_id) in self._lines
+
+    def __getitem__(self, item_id: int) -> str:
+        if not self.has(item_id):
+            raise KeyError(f"item id {int(item_id)} is neither in the items table nor in the store")
+        return self._lines[int(item_id)]

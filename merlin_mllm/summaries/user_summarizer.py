@@ -1,0 +1,265 @@
+"""The user stage's engine: :class:`UserSummaryConfig` and :class:`UserSummarizer`.
+
+The summarizer turns histories (item ids in time order) into summary keys, planning each
+history's chain of content-addressed steps and generating, wave by wave, only the steps the
+store lacks (see :mod:`merlin_mllm.summaries.user` for the keys and why nothing leaks).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from merlin_mllm.generation import GenerationSettings, generate_chat
+from merlin_mllm.models.loading import shared_model
+from merlin_mllm.summaries.report import SummaryReport
+from merlin_mllm.summaries.store import SummaryStore, UserState
+from merlin_mllm.summaries.user_history import ItemTexts
+from merlin_mllm.summaries.user_prompts import ANSWER_LEAD_IN, PROMPT_VERSION, build_prompt
+from merlin_mllm.text import TokenBudgets
+
+MODES = ("recurrent", "direct")
+DEFAULT_BLOCK_SIZE = 3
+#: The budgets a user step's key records (the others belong to the item stage).
+USER_BUDGETS = ("title", "history_item", "previous_summary", "history")
+_STEP_KIND = {"recurrent": "user_step", "direct": "user_direct"}
+#: One generation at a time per model in a process: generate_chat switches the tokenizer's
+#: padding side, which threads of one Dask worker would otherwise race on.
+_GENERATE_LOCKS: Dict[int, threading.Lock] = {}
+
+
+@dataclass(frozen=True)
+class UserSummaryConfig:
+    """Everything that decides a user summary's text, apart from the history itself.
+
+    Parameters
+    ----------
+    model_id : str
+        The LLM's id or local path (``"smollm2-135m-instruct"`` is the embedded default).
+    block_size : int
+        Items per recurrent step (the paper's k = 3).
+    mode : {"recurrent", "direct"}
+    settings : GenerationSettings
+        Greedy by default, so summaries are deterministic.
+    budgets : TokenBudgets
+        Token budgets of the prompt's texts (see the module docstring); part of every key.
+    """
+
+    model_id: str
+    block_size: int = DEFAULT_BLOCK_SIZE
+    mode: str = "recurrent"
+    settings: GenerationSettings = GenerationSettings()
+    budgets: TokenBudgets = TokenBudgets()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if int(self.block_size) < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not isinstance(self.budgets, TokenBudgets):
+            raise TypeError(f"budgets must be a TokenBudgets, not {type(self.budgets).__name__}")
+
+    @property
+    def budget_key(self) -> dict:
+        """The budgets a step key records."""
+        return {name: getattr(self.budgets, name) for name in USER_BUDGETS}
+
+    @property
+    def scope(self) -> str:
+        """Id of the user states kept under this configuration."""
+        return SummaryStore.key("user_scope", self.model_id, PROMPT_VERSION, self.settings.key(),
+                                {"block_size": int(self.block_size), "mode": self.mode, "budgets": self.budget_key})
+
+    def to_dict(self) -> dict:
+        return {"model_id": self.model_id, "block_size": int(self.block_size), "mode": self.mode,
+                "settings": asdict(self.settings), "budgets": self.budgets.to_dict(),
+                "prompt_version": PROMPT_VERSION}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "UserSummaryConfig":
+        return cls(data["model_id"], int(data["block_size"]), data["mode"], GenerationSettings(**data["settings"]),
+                   TokenBudgets.from_dict(data.get("budgets")))
+
+
+
+# --------------------------------------------------------------------------- the engine
+@dataclass(frozen=True)
+class _Step:
+    key: str
+    level: int  # position of the step in its planned chain (1-based)
+    previous: Optional[str]  # key of the summary this step continues
+    items: Tuple[str, ...]  # the block's item lines
+
+
+class UserSummarizer:
+    """Turns histories (lists of item ids) into summary keys, generating only what the store lacks.
+
+    Parameters
+    ----------
+    store : SummaryStore
+    items : DataFrame
+        ``read_items`` output (indexed by item id).
+    config : UserSummaryConfig
+    model : LoadedModel or str, optional
+        Loaded on first need only: a run whose steps are all stored loads no model.
+    on_unknown_item : {"error", "skip"}
+        A history item missing from both the item table and the store: raise (default), or drop
+        it from the history and count it in ``report.skipped``.
+
+    Example
+    -------
+    >>> summarizer = UserSummarizer(store, read_items("data/items"), UserSummaryConfig("smollm2-135m-instruct"))
+    >>> report = SummaryReport()
+    >>> keys = summarizer.summarize([[3, 8, 1, 5]], report)   # 2 steps: block [3, 8, 1] + tail [5]
+    >>> store.get(keys[0])
+    """
+
+    def __init__(self, store: SummaryStore, items: pd.DataFrame, config: UserSummaryConfig, *,
+                 model=None, progress: bool = True, on_unknown_item: str = "error"):
+        self.store = store
+        self.config = config
+        self.texts = ItemTexts(items, store, model=model if model is not None else config.model_id,
+                               budgets=config.budgets, on_unknown_item=on_unknown_item)
+        self._model = model
+        self.progress = progress
+
+    @property
+    def lm(self):
+        return shared_model(self._model if self._model is not None else self.config.model_id)
+
+    # -- keys
+    def step_key(self, previous: Optional[str], item_lines: Sequence[str]) -> str:
+        c = self.config
+        return SummaryStore.key(_STEP_KIND[c.mode], c.model_id, PROMPT_VERSION, c.settings.key(),
+                                {"previous": previous, "items": list(item_lines), "budgets": c.budget_key})
+
+    def plan(self, history: Sequence[int], previous: Optional[str] = None) -> List[_Step]:
+        """The steps whose last one summarises ``history`` (``[]`` for an empty history).
+
+        Recurrent: one step per full block, plus one over a partial tail block; ``previous``
+        (a stored summary key) continues an existing chain. Direct: one step.
+        """
+        lines = [self.texts[i] for i in history]
+        if not lines:
+            return []
+        k = len(lines) if self.config.mode == "direct" else int(self.config.block_size)
+        steps = []
+        for level, start in enumerate(range(0, len(lines), k), 1):
+            block = tuple(lines[start : start + k])
+            key = self.step_key(previous, block)
+            steps.append(_Step(key, level, previous, block))
+            previous = key
+        return steps
+
+    def _clean_histories(self, histories: Sequence[Sequence[int]], report: SummaryReport,
+                         labels: Optional[Sequence[str]]) -> List[Tuple[int, ...]]:
+        self.texts.prepare(i for h in histories for i in h)
+        out = []
+        for row, history in enumerate(histories):
+            unknown = [int(i) for i in history if not self.texts.has(i)]
+            if unknown:
+                where = labels[row] if labels is not None else f"history {row}"
+                if self.texts.on_unknown_item == "error":
+                    raise ValueError(f"{where}: item id(s) {unknown[:5]} are neither in the items table nor in the store")
+                report.skipped += len(unknown)
+            out.append(tuple(int(i) for i in history if self.texts.has(i)))
+        return out
+
+    def summarize(self, histories: Sequence[Sequence[int]], report: SummaryReport,
+                  labels: Optional[Sequence[str]] = None,
+                  previous: Optional[Sequence[Optional[str]]] = None) -> List[Optional[str]]:
+        """Summary key of each history (``None`` for an empty one), generating missing steps.
+
+        Parameters
+        ----------
+        histories : sequence of item-id sequences, in time order
+        report : SummaryReport
+            Updated in place.
+        labels : sequence of str, optional
+            Name each history in error messages (e.g. ``"data/test (user 7)"``).
+        previous : sequence of str or None, optional
+            Per history, the stored summary key its chain continues from (incremental updates).
+        """
+        histories = self._clean_histories(histories, report, labels)
+        previous = list(previous) if previous is not None else [None] * len(histories)
+        tasks = list(zip(previous, histories))
+        plans = {t: self.plan(t[1], t[0]) for t in set(tasks)}
+        steps = {s.key: s for plan in plans.values() for s in plan}
+        self.run_steps(steps, report)
+        report.items_without_summary += len(self.texts.without_summary)
+        self.texts.without_summary.clear()
+        report.truncated += self.texts.truncated
+        self.texts.truncated = 0
+        return [plans[t][-1].key if plans[t] else t[0] for t in tasks]
+
+    def run_steps(self, steps: Mapping[str, _Step], report: SummaryReport) -> None:
+        """Generate the steps the store lacks, level by level, batching each level across users."""
+        self.store.refresh()
+        missing = [s for s in steps.values() if s.key not in self.store]
+        report.reused_from_store += len(steps) - len(missing)
+        if not missing:
+            return
+        # A step can run once the summary it continues exists: its wave is one more than the
+        # wave of a missing predecessor. Steps of one wave are batched together across users.
+        missing_keys = {s.key: s for s in missing}
+        wave: Dict[str, int] = {}
+        for s in sorted(missing, key=lambda s: s.level):
+            chain, node = [], s
+            while node is not None and node.key not in wave:
+                chain.append(node)
+                node = missing_keys.get(node.previous) if node.previous is not None else None
+            base = wave[node.key] if node is not None else 0
+            for depth, step in enumerate(reversed(chain), 1):
+                wave[step.key] = base + depth
+        lm = self.lm
+        bar = tqdm(total=len(missing), desc="user summaries", unit="step", disable=not self.progress)
+        try:
+            for level in sorted(set(wave.values())):
+                todo = [s for s in missing if wave[s.key] == level]
+                prompts = []
+                for s in todo:
+                    previous = None
+                    if s.previous is not None:
+                        previous = self.store.get(s.previous)
+                        if previous is None:  # the level before was generated or stored
+                            raise RuntimeError(f"summary {s.previous} vanished from the store {self.store.path}")
+                    prompts.append(build_prompt(s.items, previous, lm.tokenizer, whole_history=self.config.mode == "direct",
+                                                budgets=self.config.budgets, report=report))
+                # Chunks by prompt length (generate_chat batches each chunk by length again);
+                # each is stored as soon as it is done, so a crash loses one chunk at most.
+                order = list(range(len(todo)))
+                if self.config.settings.sort_by_length:
+                    lengths = [len(lm.tokenizer.encode(p[0]["content"], add_special_tokens=False)) for p in prompts]
+                    order.sort(key=lengths.__getitem__)
+                chunk = max(1, int(self.config.settings.batch_size))
+                for start in range(0, len(order), chunk):
+                    idx = order[start : start + chunk]
+                    with _GENERATE_LOCKS.setdefault(id(lm), threading.Lock()):
+                        texts, stats = generate_chat(lm, [prompts[i] for i in idx], self.config.settings,
+                                                     assistant_prefix=[ANSWER_LEAD_IN] * len(idx))
+                    report.add_generation(stats)
+                    written = self.store.put_many(
+                        (todo[i].key, text, {"kind": _STEP_KIND[self.config.mode], "block_items": len(todo[i].items), "previous": todo[i].previous,
+                                             "model_id": self.config.model_id, "prompt_version": PROMPT_VERSION})
+                        for i, text in zip(idx, texts)
+                    )
+                    report.generated += written
+                    # Another worker stored the same step meanwhile: its text wins (store rule).
+                    report.reused_from_store += len(idx) - written
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+
+    def boundary_state(self, user_id: int, history: Sequence[int], base: Optional[UserState] = None) -> UserState:
+        """The state after ``history``: boundary keys over its full blocks (steps must be stored)."""
+        k = int(self.config.block_size)
+        boundaries = list(base.boundaries) if base is not None else []
+        start = base.summarised if base is not None else 0
+        previous = base.latest_key if base is not None else None
+        for end in range(start + k, len(history) + 1, k):
+            previous = self.step_key(previous, [self.texts[i] for i in history[end - k : end]])
+            boundaries.append((end, previous))
+        return UserState(self.config.scope, int(user_id), tuple(int(i) for i in history), tuple(boundaries))
