@@ -347,13 +347,13 @@ def part_scoring(args, ranker, user, group, device, model_dir, table) -> dict:
 
 def part_serving(args, ranker, users, items, rng, device, model_dir, table, work: Path) -> dict:
     """(c) the mllm_ranker step as exported, loaded as the Triton model loads it."""
-    from merlin_mllm.serving.artifacts import RankerStep
+    from merlin_mllm.serving.ranker_step import RankerStep
 
     result: dict = {}
     # The GPU export's ranker config: KIND_GPU instances, the precision parameter read at load.
     precision_parameter = "auto"
     try:
-        from merlin_mllm.serving.export import config_text, ranker_config
+        from merlin_mllm.serving.triton_configs import config_text, ranker_config
 
         config = ranker_config(8, gpu=True, instances=1, dynamic_batching=True, max_batch_delay_us=2000,
                                precision=precision_parameter, torch_threads=0)

@@ -98,7 +98,8 @@ def _in_process(repo: Path, model: Path, data: Path, requests, count: int, secon
 
     from merlin_mllm.data.tables import read_table
     from merlin_mllm.ranker.model import RankerModel
-    from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FeatureStep, RankerStep
+    from merlin_mllm.serving.ranker_step import RankerStep
+    from merlin_mllm.serving.steps import ARTIFACTS_DIR, FeatureStep
 
     features = FeatureStep.load(repo / "mllm_features" / "1" / ARTIFACTS_DIR)
     step = RankerStep.load(repo / "mllm_ranker" / "1" / ARTIFACTS_DIR, device="cpu")

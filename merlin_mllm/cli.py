@@ -155,7 +155,8 @@ def summarize_items_cmd(
     summaries: Path = typer.Option(..., help="Summary store folder (created if missing; shared by all stages)"),
     backend: str = typer.Option("textualizer", help="textualizer (offline default) | mllm"),
     model: Optional[str] = typer.Option(None, help="HF id or local folder; default: embedded SmolLM2 (textualizer)"),
-    mode: str = typer.Option("fusion", help="fusion (paper) | image_only (authors' code)"),
+    mode: str = typer.Option("image_and_text", help="image_and_text (the paper: the image description and the text "
+                             "summary combined) | image_only (authors' code)"),
     max_new_tokens: int = typer.Option(96),
     batch_size: int = typer.Option(16),
     sample: bool = typer.Option(False, help="Sample instead of greedy decoding"),
@@ -256,39 +257,33 @@ _FEATURES_HELP = ("Parquet of {split} rows (group_id, item_id and the hybrid's f
                   "pipeline's retrieval scores; default: computed from the prepared folder (written beside the output)")
 
 
-def _fusion_columns(hybrid: bool, fusion_features: Optional[str]):
-    """The hybrid's feature columns from ``--hybrid`` / ``--fusion-features`` (None: the LLM alone)."""
+def _head_columns(hybrid: bool, head_features: Optional[str]):
+    """The hybrid's feature columns from ``--hybrid`` / ``--head-features`` (None: the LLM alone)."""
     if not hybrid:
         return None
-    if fusion_features is None:
-        from merlin_mllm.pipelines.features import FUSION_FEATURES
+    if head_features is None:
+        from merlin_mllm.data.collaborative import HEAD_FEATURES
 
-        return tuple(FUSION_FEATURES)
-    columns = tuple(c.strip() for c in fusion_features.split(",") if c.strip())
+        return tuple(HEAD_FEATURES)
+    columns = tuple(c.strip() for c in head_features.split(",") if c.strip())
     if not columns:
-        raise ValueError(f"--fusion-features names no column: {fusion_features!r}")
+        raise ValueError(f"--head-features names no column: {head_features!r}")
     return columns
 
 
-def _split_features(data: Path, split: str, columns, features: Optional[Path], out_dir: Path) -> Path:
-    """The parquet of ``split``'s rows with ``columns``: ``features`` when given, else computed
-    from the prepared folder (``fusion_feature_rows``: counts as of each row's time, SASRec
-    trained on the events before ``split``) into ``out_dir/features_<split>.parquet``, reused
-    when present."""
-    from merlin_mllm.pipelines.features import RETRIEVAL_COLUMN, fusion_feature_rows
+def _split_features(data: Path, split: str, columns, features: Optional[Path], out_dir: Path,
+                    recent_days: float) -> Path:
+    """The parquet of ``split``'s rows with ``columns``: ``features`` when given, else
+    ``out_dir/features_<split>.parquet`` made by the hybrid pipeline (``write_feature_table``:
+    counts as of each row's time, SASRec trained on the events before ``split``; reused while
+    current)."""
+    from merlin_mllm.pipelines.hybrid import write_feature_table
 
     if features is not None:
         return features
-    path = Path(out_dir) / f"features_{split}.parquet"
-    if not path.exists():
-        typer.echo(f"computing the {split} rows' features ({', '.join(columns)}) from {data}")
-        rows = fusion_feature_rows(data, split, retrieval=RETRIEVAL_COLUMN in columns)
-        missing = [c for c in columns if c not in rows.columns]
-        if missing:
-            raise ValueError(f"the prepared folder gives no feature {missing}: pass them with --features")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows.drop(columns=["history_item_ids"], errors="ignore").to_parquet(path, index=False)
-    return path
+    typer.echo(f"the {split} rows' features ({', '.join(columns)}) from {data}")
+    return write_feature_table(data, split, Path(out_dir) / f"features_{split}.parquet", columns=columns,
+                               recent_days=recent_days)
 
 
 _PRECISION_HELP = ("float32 | bfloat16 | auto (bf16 where this machine runs it natively, else float32; "
@@ -327,7 +322,7 @@ def train(
                                      help=TrainConfig.__dataclass_fields__["user_context"].metadata["help"]),
     context_titles: int = _train_option("context_titles"),
     hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
-    fusion_features: Optional[str] = typer.Option(
+    head_features: Optional[str] = typer.Option(
         None, help="Comma-separated feature columns of the hybrid's head (default with --hybrid: item_log_count, "
                    "item_log_recent_count, user_log_count, retrieval_score)"),
     features: Optional[Path] = typer.Option(None, help=_FEATURES_HELP.format(split="train")),
@@ -346,12 +341,12 @@ def train(
     with user_errors():
         chosen = {name: value for name, value in dict(epochs=epochs, lr=lr, grad_accum=grad_accum,
                                                       batch_size=batch_size).items() if value is not None}
-        columns = _fusion_columns(hybrid or fusion_features is not None or features is not None, fusion_features)
+        columns = _head_columns(hybrid or head_features is not None or features is not None, head_features)
         config = TrainConfig.recipe(
             recipe, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
             strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss, prompt_version=prompt_version,
-            user_context=user_context, context_titles=context_titles, fusion_features=columns, precision=precision,
+            user_context=user_context, context_titles=context_titles, head_features=columns, precision=precision,
             **chosen,
         )
         if summaries is None and config.user_context != "titles":
@@ -362,7 +357,11 @@ def train(
                        f"{config.grad_accum} per optimizer step, {config.epochs} epoch(s); {config.batching} "
                        f"batching, {config.loss} loss, prompt v{config.prompt_version}, {config.precision}"
                        + (f"; hybrid over {', '.join(columns)}" if columns else ""))
-        table = _split_features(data, "train", columns, features, out) if columns else None
+        table = None
+        if columns:
+            from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
+
+            table = _split_features(data, "train", columns, features, out, config.head_recent_days or DEFAULT_RECENT_DAYS)
         path = train_ranker(data, summaries, out, config, features=table, progress=True)
     # Under DDP Lightning re-runs this command on every rank: only rank 0 reports.
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -388,22 +387,22 @@ def evaluate(
     computed here from the prepared folder.
     """
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
-    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
-    from merlin_mllm.ranker.saved import trained_model_dir
+    from merlin_mllm.ranker.config import HEAD_FILE
 
     if model is None and not zero_shot:
         typer.echo("error: give --model, or --zero-shot to score the base model", err=True)
         raise typer.Exit(2)
     with user_errors():
         table = None
-        head_file = trained_model_dir(model) / FUSION_HEAD_FILE if model is not None else None
-        if not zero_shot and head_file is not None and head_file.exists():
-            from merlin_mllm.ranker.fusion import TabularFusionHead
+        head = None
+        if model is not None and not zero_shot:
+            from merlin_mllm.ranker.hybrid import saved_head
 
-            columns = TabularFusionHead.load(head_file).feature_names
-            table = _split_features(data, split, columns, features, Path(out).parent)
+            head = saved_head(model)
+        if head is not None:  # the features it was trained with: its columns, counted with its recent window
+            table = _split_features(data, split, head.feature_names, features, Path(out).parent, head.recent_days)
         elif features is not None:
-            raise ValueError(f"--features was given, but {model} is not a hybrid ranker (no {FUSION_HEAD_FILE})")
+            raise ValueError(f"--features was given, but {model} is not a hybrid ranker (no {HEAD_FILE})")
         result = evaluate_ranker(data, summaries, model, out, zero_shot=zero_shot, split=split,
                                  max_groups=max_groups, features=table, precision=precision, progress=True)
     keys = ["auc"] + [f"{m}@{k}" for m in ("hr", "mrr", "ndcg") for k in (3, 5, 10)]

@@ -38,20 +38,20 @@ import pandas as pd
 import typer
 
 from merlin_mllm.baselines import evaluate_popularity_as_of, evaluate_scores
-from merlin_mllm.data.collaborative import CollaborativeFeatures
+from merlin_mllm.data.collaborative import HEAD_FEATURES, RETRIEVAL_COLUMN, CollaborativeFeatures
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.pipelines.config import TrainConfig
 from merlin_mllm.pipelines.evaluation import evaluate_ranker
-from merlin_mllm.pipelines.features import FUSION_FEATURES, RETRIEVAL_COLUMN, fusion_feature_rows
+from merlin_mllm.pipelines.hybrid import write_feature_table
 from merlin_mllm.pipelines.training import train_ranker
-from merlin_mllm.ranker.config import FUSION_HEAD_FILE
+from merlin_mllm.ranker.config import HEAD_FILE
+from merlin_mllm.ranker.hybrid import hybrid_probability, saved_head, saved_head_path
 from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
 from merlin_mllm.reporting import protocol_summary, write_quickstart_report
 from merlin_mllm.serving.client import RerankClient
-from merlin_mllm.ranker.fusion import hybrid_probability
-from merlin_mllm.serving.export import MANIFEST_FILE, events_before_serving, export, fusion_head
+from merlin_mllm.serving.export import MANIFEST_FILE, events_before_serving, export
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.summaries.item import ItemSummarizer
 from merlin_mllm.summaries.user import summarize_users
@@ -222,14 +222,12 @@ class Quickstart:
 
         def describe() -> str:
             counts = "; ".join(f"{p.stem} {len(pd.read_parquet(p, columns=['group_id']))} rows" for p in paths)
-            return (f"hybrid features {', '.join(FUSION_FEATURES)} (NVTabular CollaborativeFeatures counts as of "
+            return (f"hybrid features {', '.join(HEAD_FEATURES)} (NVTabular CollaborativeFeatures counts as of "
                     f"each row's time, and a SASRec score, trained on the events before the split): {counts}")
 
         def run() -> str:
-            self.features_dir.mkdir(parents=True, exist_ok=True)
             for split, path in zip(("train", "test"), paths):
-                rows = fusion_feature_rows(self.data_dir, split, seed=self.settings.seed)
-                rows.drop(columns=["history_item_ids"], errors="ignore").to_parquet(path, index=False)
+                write_feature_table(self.data_dir, split, path, seed=self.settings.seed)
             return describe()
 
         self.stage("features", lambda: all(_newer(p, self.data_dir / "report.json") for p in paths), run, describe)
@@ -246,12 +244,12 @@ class Quickstart:
         model_dir = self.model_dir
 
         def describe() -> str:
-            return f"hybrid ranker at {model_dir} (head: {FUSION_HEAD_FILE})"
+            return f"hybrid ranker at {model_dir} (head: {HEAD_FILE})"
 
         def run() -> str:
             # A small run has few steps, so LoRA learns faster than with the paper's lr 2e-5.
             config = TrainConfig.small_budget(epochs=self.settings.epochs, seed=self.settings.seed,
-                                              fusion_features=FUSION_FEATURES)
+                                              head_features=HEAD_FEATURES)
             train_ranker(self.data_dir, self.summaries, self.run_dir, config,
                          features=pd.read_parquet(self.features_path("train")), progress=True)
             log = json.loads((self.run_dir / TRAINING_LOG_FILE).read_text())
@@ -259,10 +257,10 @@ class Quickstart:
             trend = " -> ".join(f"{float(v):.3f}" for _, v in sorted(epochs.items(), key=lambda kv: int(kv[0])))
             trend = f"; mean {config.loss} loss per epoch {trend}"
             return (f"joint training of the LoRA SmolLM2 (+EfficientNet projector) and the tabular head over "
-                    f"{len(FUSION_FEATURES)} features{trend}; {describe()}")
+                    f"{len(HEAD_FEATURES)} features{trend}; {describe()}")
 
         def done() -> bool:
-            return (model_dir / "ranker_config.json").is_file() and (model_dir / FUSION_HEAD_FILE).is_file()
+            return (model_dir / "ranker_config.json").is_file() and saved_head_path(model_dir) is not None
 
         self.stage("train", done, run, describe)
 
@@ -384,7 +382,7 @@ class Quickstart:
         record = json.loads((self.repo_dir / MANIFEST_FILE).read_text())["hybrid"]
         counts = CollaborativeFeatures(record["recent_days"], time_unit=record["time_unit"]).fit(
             events_before_serving(self.data_dir)).transform(group, as_of=record["as_of"])
-        head = fusion_head(self.model_dir)
+        head = saved_head(self.model_dir)
         with torch.no_grad():
             head_logit = head(torch.as_tensor(counts[list(head.feature_names)].to_numpy(np.float32))).double().numpy()
         p_yes = 1.0 / (1.0 + np.exp(-group["llm_logit"].to_numpy(np.float64)))
@@ -409,7 +407,7 @@ class Quickstart:
                            f"{self.test_groups()} test users ranks their held-out last item against {negatives} "
                            "negatives. All rows score the same test groups.")
         notes = [f"- **{HYBRID}**: sigmoid(head logit + LLM logit), the LoRA-tuned SmolLM2's yes-minus-no logit "
-                 f"plus a tabular head over {', '.join(FUSION_FEATURES)}, trained jointly.",
+                 f"plus a tabular head over {', '.join(HEAD_FEATURES)}, trained jointly.",
                  f"- **{LLM_PART}**: the same run's scores file ranked by its `llm_logit` column, the LLM's "
                  "part of the hybrid without the head (not a separately trained LLM-only ranker).",
                  f"- **{SASREC}**: the compact SASRec whose score is the hybrid's `{RETRIEVAL_COLUMN}` feature, "

@@ -81,8 +81,8 @@ class ItemSummary(Operator):
     model : str, optional
         Hub id or local folder. Default for ``textualizer``: the embedded SmolLM2; ``mllm``
         needs one. Must be a string (the loaded model is never pickled).
-    mode : {"fusion", "image_only"}, default "fusion"
-        ``fusion`` fuses an image description and a text summary (the paper);
+    mode : {"image_and_text", "image_only"}, default "image_and_text"
+        ``image_and_text`` combines an image description and a text summary (the paper);
         ``image_only`` keeps the image description alone (the authors' code).
     settings : GenerationSettings
         Greedy by default; ``batch_size`` items are generated together, batched by length.
@@ -111,7 +111,7 @@ class ItemSummary(Operator):
         *,
         backend: str = "textualizer",
         model: Optional[Union[str, os.PathLike]] = None,
-        mode: str = "fusion",
+        mode: str = "image_and_text",
         settings: GenerationSettings = GenerationSettings(),
         budgets: TokenBudgets = TokenBudgets(),
         on_empty: str = "skip",

@@ -20,6 +20,8 @@ from merlin_mllm.baselines import SequentialSettings, sequential_scores, train_s
 from merlin_mllm.data.collaborative import (
     DEFAULT_RECENT_DAYS,
     FEATURE_COLUMNS,
+    HEAD_FEATURES,
+    RETRIEVAL_COLUMN,
     SECONDS_PER_DAY,
     CollaborativeFeatures,
     collaborative_features,
@@ -27,7 +29,7 @@ from merlin_mllm.data.collaborative import (
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.splits import split_cuts, split_rows, training_events
 from merlin_mllm.data.tables import Tags, read_table
-from merlin_mllm.pipelines.features import FUSION_FEATURES, RETRIEVAL_COLUMN, add_retrieval_scores, fusion_feature_rows
+from merlin_mllm.pipelines.hybrid import add_retrieval_scores, hybrid_feature_rows
 
 PROTOCOLS = ("leave-last-out", "timeline")
 SPLITS = ("train", "valid", "test")
@@ -78,7 +80,7 @@ def test_every_count_is_a_brute_force_count_as_of_the_row(folders, protocol, spl
     rows = split_rows(folder, split)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        featured = fusion_feature_rows(folder, split, retrieval=False)
+        featured = hybrid_feature_rows(folder, split, retrieval=False)
     expected = brute_force_counts(read_table(folder / "events"), rows)
     assert_counts(featured, expected)
     # Rows keep their order and columns; the check is not vacuous: some counts are positive, and
@@ -176,12 +178,12 @@ def test_retrieval_model_trains_on_events_before_the_split(folders, protocol):
     split = "valid"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = fusion_feature_rows(folder, split, seed=3, settings=TINY_SEQUENTIAL)
+        rows = hybrid_feature_rows(folder, split, seed=3, settings=TINY_SEQUENTIAL)
     baseline = train_sequential_baseline("sasrec", folder, 3, split=split, settings=TINY_SEQUENTIAL)
     expected = sequential_scores(baseline, folder, split)
     np.testing.assert_allclose(rows[RETRIEVAL_COLUMN].to_numpy(), expected["score"].to_numpy(), rtol=1e-6, atol=1e-6)
-    assert set(FUSION_FEATURES) <= set(rows.columns)
-    assert np.isfinite(rows[list(FUSION_FEATURES)].to_numpy(np.float64)).all()
+    assert set(HEAD_FEATURES) <= set(rows.columns)
+    assert np.isfinite(rows[list(HEAD_FEATURES)].to_numpy(np.float64)).all()
 
 
 def test_retrieval_score_matches_rows_in_any_order(folders):

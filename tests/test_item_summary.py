@@ -235,7 +235,7 @@ def test_mllm_batched_equals_one_by_one(tiny_mllm, images, spy_on):
         "mllm", model=tiny_mllm, settings=GenerationSettings(**{**TINY_MLLM.__dict__, "batch_size": 1})
     ).summarize(frame)
     assert batched == single and all(batched), batched
-    # Fusion: describe image + summarise text + fuse for the two items with images, one text
+    # image_and_text: describe image + summarise text + combine for the two items with images, one text
     # summary for the item without: 7 prompts, in 3 generate() calls when batched.
     assert report.llm_calls == single_report.llm_calls == 7
     assert batch_calls == 3 and spy.calls - batch_calls == 7
@@ -245,14 +245,14 @@ def test_mllm_batched_equals_one_by_one(tiny_mllm, images, spy_on):
 def test_mllm_image_only_mode_prompts_differ(tiny_mllm, images, spy_on):
     frame = mllm_frame(images)
     spy = spy_on(tiny_mllm.model)
-    ItemSummarizer("mllm", model=tiny_mllm, settings=TINY_MLLM, mode="fusion").summarize(frame)
-    fusion_prompts = spy.texts(tiny_mllm.tokenizer)
+    ItemSummarizer("mllm", model=tiny_mllm, settings=TINY_MLLM, mode="image_and_text").summarize(frame)
+    combine_prompts = spy.texts(tiny_mllm.tokenizer)
     spy.prompts.clear()
     _, report = ItemSummarizer("mllm", model=tiny_mllm, settings=TINY_MLLM, mode="image_only").summarize(frame)
     image_only_prompts = spy.texts(tiny_mllm.tokenizer)
 
     assert report.llm_calls == 3  # two image descriptions + the text of the item without image
-    assert sum("Combine them" in p for p in fusion_prompts) == 2
+    assert sum("Combine them" in p for p in combine_prompts) == 2
     assert not any("Combine them" in p for p in image_only_prompts)
     image_token = tiny_mllm.processor.image_token_id
     with_image = [ids for ids in spy.prompts if image_token in ids]
@@ -263,7 +263,7 @@ def test_mllm_special_token_titles_do_not_add_image_tokens(tiny_mllm, images, sp
     frame = pd.DataFrame({"item_id": [1, 2], "title": [NASTY_TITLE, CLEAN_TITLE],
                           "description": ["x", "x"], "image_path": [images["cat"], images["cat"]]})
     spy = spy_on(tiny_mllm.model)
-    _, report = ItemSummarizer("mllm", model=tiny_mllm, settings=TINY_MLLM, mode="fusion").summarize(frame)
+    _, report = ItemSummarizer("mllm", model=tiny_mllm, settings=TINY_MLLM, mode="image_and_text").summarize(frame)
     assert report.llm_calls == 6
     tok = tiny_mllm.tokenizer
     nasty = [ids for ids in spy.prompts if "[" in tok.decode(ids)]

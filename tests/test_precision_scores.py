@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from merlin_mllm.ranker import RankerModel
-from merlin_mllm.serving.artifacts import RankerStep
+from merlin_mllm.serving.ranker_step import RankerStep
 
 # slow: on a CPU without native bf16 (AVX2 only), bf16 runs emulated, far slower than fp32.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]

@@ -80,7 +80,7 @@ def test_rows_are_what_they_say(first_and_second_run):
     features = pd.read_parquet(out / "features" / "test.parquet")
     sasrec = json.loads((out / "eval" / "sasrec.json").read_text())
     assert sasrec["auc"] == pytest.approx(auc(features["label"], features["retrieval_score"]), abs=1e-12)
-    assert (out / "ranker" / "model" / "fusion_head.safetensors").is_file()
+    assert (out / "ranker" / "model" / "hybrid_head.safetensors").is_file()
     assert json.loads((out / "triton_repo" / "export.json").read_text())["hybrid"]["retrieval_input"] == "retrieval_scores"
 
 

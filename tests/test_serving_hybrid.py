@@ -22,7 +22,6 @@ bug, and the tolerance stays 1e-5.
 from __future__ import annotations
 
 import filecmp
-import inspect
 import shutil
 import warnings
 from types import SimpleNamespace
@@ -31,10 +30,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, FEATURE_COLUMNS, CollaborativeFeatures
+from merlin_mllm.data.collaborative import (
+    DEFAULT_RECENT_DAYS,
+    FEATURE_COLUMNS,
+    HEAD_FEATURES,
+    RETRIEVAL_COLUMN,
+    CollaborativeFeatures,
+)
 from merlin_mllm.pipelines.config import TrainConfig
-from merlin_mllm.pipelines.features import FUSION_FEATURES
-from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, RETRIEVAL_FEATURE, FeatureStep, RankerStep, RequestError
+from merlin_mllm.serving.ranker_step import RankerStep
+from merlin_mllm.serving.steps import ARTIFACTS_DIR, FeatureStep, RequestError
 from merlin_mllm.serving.client import RerankClient, RerankError
 from merlin_mllm.serving.export import events_before_serving, export
 from merlin_mllm.serving.tritonserver import TritonServer
@@ -42,18 +47,18 @@ from merlin_mllm.serving.tritonserver import TritonServer
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", image=False, lora_dropout=0.0,
-              batch_size=4, validate=False, fusion_features=FUSION_FEATURES, fusion_hidden=(4,))
+              batch_size=4, validate=False, head_features=HEAD_FEATURES, head_hidden=(4,))
 UNKNOWN_USER = 10**9
 
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    """A leave-last-out 20-user folder, each split's fusion features as of each row's time (SASRec
+    """A leave-last-out 20-user folder, each split's head features as of each row's time (SASRec
     retrieval score included), a hybrid trained one step on them, its Triton export (default
     events), and its evaluation on the test rows with their counts as of the export's serving time."""
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
-    from merlin_mllm.pipelines.features import fusion_feature_rows
+    from merlin_mllm.pipelines.hybrid import hybrid_feature_rows
     from merlin_mllm.pipelines.training import train_ranker
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
@@ -63,7 +68,7 @@ def hybrid(tmp_path_factory):
                     n_negatives_test=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        features = {split: fusion_feature_rows(data, split, seed=0) for split in ("train", "test")}
+        features = {split: hybrid_feature_rows(data, split, seed=0) for split in ("train", "test")}
     summaries = recent_titles_summaries(data, last=3)
     run = root / "run"
     train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=1, **CONFIG), features=features["train"],
@@ -77,7 +82,7 @@ def hybrid(tmp_path_factory):
     result = evaluate_ranker(data, summaries, run, root / "eval" / "test.json", features=at_serving,
                              progress=False)
     evaluated = pd.read_parquet(result["run"]["scores"]).merge(
-        at_serving[["group_id", "item_id", *FUSION_FEATURES]], on=["group_id", "item_id"], validate="1:1")
+        at_serving[["group_id", "item_id", *HEAD_FEATURES]], on=["group_id", "item_id"], validate="1:1")
     return SimpleNamespace(root=root, data=data, features=features, at_serving=at_serving, summaries=summaries,
                            run=run, evaluated=evaluated, repo=repo, manifest=manifest)
 
@@ -86,12 +91,12 @@ def groups(evaluated: pd.DataFrame):
     """(user_id, item ids, retrieval scores, evaluate's scores) per test group."""
     for _, group in evaluated.groupby("group_id", sort=True):
         yield (int(group["user_id"].iloc[0]), group["item_id"].astype(int).tolist(),
-               group[RETRIEVAL_FEATURE].to_numpy(np.float32), group["score"].to_numpy())
+               group[RETRIEVAL_COLUMN].to_numpy(np.float32), group["score"].to_numpy())
 
 
 def far_and_clipped(head, retrieval: np.ndarray):
     """``retrieval`` with its first score set to 1e30, and to the head's training maximum."""
-    top = float(head.feature_max[list(head.feature_names).index(RETRIEVAL_FEATURE)])
+    top = float(head.feature_max[list(head.feature_names).index(RETRIEVAL_COLUMN)])
     assert np.isfinite(top) and top < 1e30
     far, clipped = retrieval.astype(np.float32), retrieval.astype(np.float32)
     far[0], clipped[0] = 1e30, top
@@ -103,35 +108,31 @@ def test_export_carries_the_head_and_the_fitted_features(hybrid):
     from google.protobuf import text_format
 
     from merlin_mllm.data.splits import training_events
-    from merlin_mllm.pipelines.features import RETRIEVAL_COLUMN, fusion_feature_rows
-    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
+    from merlin_mllm.ranker.config import HEAD_FILE
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import tritonclient.grpc.model_config_pb2 as mc
 
     record = hybrid.manifest["hybrid"]
-    assert record["feature_names"] == list(FUSION_FEATURES) and record["retrieval_input"] == "retrieval_scores"
+    assert record["feature_names"] == list(HEAD_FEATURES) and record["retrieval_input"] == "retrieval_scores"
     events = training_events(hybrid.data, "test")
     assert record["events"] == len(events) and record["recent_days"] == DEFAULT_RECENT_DAYS
     # served as of the first second after the last logged event: every one of them counts
     assert record["as_of"] == int(events["timestamp"].max()) + 1 and record["time_unit"] == "s"
-    # serving never imports the pipelines: its copies of their rule and constants are kept equal here
     pd.testing.assert_frame_equal(events_before_serving(hybrid.data), events)
-    assert RETRIEVAL_FEATURE == RETRIEVAL_COLUMN
-    assert DEFAULT_RECENT_DAYS == inspect.signature(fusion_feature_rows).parameters["recent_days"].default
     # the head travels with the ranker, byte for byte
-    assert filecmp.cmp(hybrid.run / "model" / FUSION_HEAD_FILE,
-                       hybrid.repo / "mllm_ranker" / "1" / ARTIFACTS_DIR / "ranker" / FUSION_HEAD_FILE, shallow=False)
+    assert filecmp.cmp(hybrid.run / "model" / HEAD_FILE,
+                       hybrid.repo / "mllm_ranker" / "1" / ARTIFACTS_DIR / "ranker" / HEAD_FILE, shallow=False)
     assert (hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR / "head_features" / "collaborative" / "workflow.pkl").is_file()
     # the head's features flow from the features model to the ranker
     configs = {name: text_format.Parse((hybrid.repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
                for name in ("mllm_rerank", "mllm_features", "mllm_ranker")}
     features_out = {o.name: list(o.dims) for o in configs["mllm_features"].output}
     ranker_in = {i.name: list(i.dims) for i in configs["mllm_ranker"].input}
-    assert features_out["fusion_features"] == ranker_in["fusion_features"] == [-1, len(FUSION_FEATURES)]
+    assert features_out["head_features"] == ranker_in["head_features"] == [-1, len(HEAD_FEATURES)]
     steps = configs["mllm_rerank"].ensemble_scheduling.step
-    assert dict(steps[0].output_map)["fusion_features"] == dict(steps[1].input_map)["fusion_features"]
+    assert dict(steps[0].output_map)["head_features"] == dict(steps[1].input_map)["head_features"]
     assert dict(steps[0].input_map)["retrieval_scores"] == "retrieval_scores"
     retrieval = next(i for i in configs["mllm_rerank"].input if i.name == "retrieval_scores")
     assert retrieval.optional and retrieval.data_type == mc.TYPE_FP32 and list(retrieval.dims) == [-1]
@@ -140,30 +141,30 @@ def test_export_carries_the_head_and_the_fitted_features(hybrid):
 def test_features_model_computes_the_test_rows_features_as_of_serving(hybrid):
     step = FeatureStep.load(hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR)
     test = hybrid.at_serving
-    got = step.head_features.compute(test["user_id"], test["item_id"], test[RETRIEVAL_FEATURE])
-    np.testing.assert_array_equal(got, test[list(FUSION_FEATURES)].to_numpy(np.float32))
+    got = step.head_features.compute(test["user_id"], test["item_id"], test[RETRIEVAL_COLUMN])
+    np.testing.assert_array_equal(got, test[list(HEAD_FEATURES)].to_numpy(np.float32))
     # ... which are not the counts as of each row's own time that offline evaluation uses (the
     # test rows happened before the serving time): comparing with those would compare two questions.
     as_of_row = hybrid.features["test"][list(FEATURE_COLUMNS)].to_numpy(np.float32)
     assert (as_of_row != test[list(FEATURE_COLUMNS)].to_numpy(np.float32)).any(axis=1).sum() >= 10
     # a user and an item the events never saw count 0 (log 1 = 0)
     unseen = step.head_features.compute([UNKNOWN_USER], [int(test["item_id"].iloc[0])], [0.0])
-    assert unseen[0, list(FUSION_FEATURES).index("user_log_count")] == 0.0
+    assert unseen[0, list(HEAD_FEATURES).index("user_log_count")] == 0.0
 
 
 def test_in_process_steps_equal_evaluate(hybrid):
     features = FeatureStep.load(hybrid.repo / "mllm_features" / "1" / ARTIFACTS_DIR)
     ranker = RankerStep.load(hybrid.repo / "mllm_ranker" / "1" / ARTIFACTS_DIR, device="cpu")
-    assert ranker.head is not None and ranker.head.feature_names == tuple(FUSION_FEATURES)
+    assert ranker.head is not None and ranker.head.feature_names == tuple(HEAD_FEATURES)
     for user, items, retrieval, expected in list(groups(hybrid.evaluated))[:4]:
         batch = features.prepare(np.array([[user]]), np.array([items]), None, retrieval.reshape(1, -1))
-        assert batch["fusion_features"].shape == (1, len(items), len(FUSION_FEATURES))
+        assert batch["head_features"].shape == (1, len(items), len(HEAD_FEATURES))
         scores = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([items]),
-                                   batch["fusion_features"])
+                                   batch["head_features"])
         np.testing.assert_allclose(scores[0], expected, rtol=0, atol=1e-5)
     # each part, as evaluate_ranker keeps it
     group = hybrid.evaluated[hybrid.evaluated["group_id"] == hybrid.evaluated["group_id"].iloc[0]]
-    parts = ranker.hybrid_parts(1 / (1 + np.exp(-group["llm_logit"].to_numpy())), group[list(FUSION_FEATURES)])
+    parts = ranker.hybrid_parts(1 / (1 + np.exp(-group["llm_logit"].to_numpy())), group[list(HEAD_FEATURES)])
     np.testing.assert_allclose(parts["head_logit"], group["head_logit"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts["score"], group["score"], rtol=0, atol=1e-9)
     # A retrieval score far beyond the training range scores as the range's end (it used to give 0.0).
@@ -172,7 +173,7 @@ def test_in_process_steps_equal_evaluate(hybrid):
     for name, scores in (("far", far), ("clipped", clipped)):
         batch = features.prepare(np.array([[user]]), np.array([items]), None, scores.reshape(1, -1))
         got[name] = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([items]),
-                                      batch["fusion_features"])[0]
+                                      batch["head_features"])[0]
     assert np.isfinite(got["far"]).all() and got["far"][0] > 0.0
     np.testing.assert_allclose(got["far"], got["clipped"], rtol=0, atol=1e-7)
     with pytest.raises(RequestError, match="send the input 'retrieval_scores'"):
@@ -207,16 +208,16 @@ def test_merlin_systems_operator_passes_retrieval_scores(hybrid):
 
 
 def test_unservable_head_columns_and_stray_events_are_refused(hybrid, tmp_path):
-    from merlin_mllm.ranker.config import FUSION_HEAD_FILE
-    from merlin_mllm.ranker.fusion import TabularFusionHead
+    from merlin_mllm.ranker.config import HEAD_FILE
+    from merlin_mllm.ranker.hybrid import HybridHead
 
     model = tmp_path / "model"
     shutil.copytree(hybrid.run / "model", model)
-    TabularFusionHead(["item_log_count", "genre_match"], hidden=()).save(model / FUSION_HEAD_FILE)
+    HybridHead(["item_log_count", "genre_match"], hidden=()).save(model / HEAD_FILE)
     with pytest.raises(ValueError, match=r"reads column\(s\) \['genre_match'\], which the served features model cannot"):
         export(model, hybrid.summaries, hybrid.data, tmp_path / "repo")
-    (model / FUSION_HEAD_FILE).unlink()
-    with pytest.raises(ValueError, match="no fusion head .* not a hybrid"):
+    (model / HEAD_FILE).unlink()
+    with pytest.raises(ValueError, match="no hybrid head .* not a hybrid"):
         export(model, hybrid.summaries, hybrid.data, tmp_path / "repo", events=events_before_serving(hybrid.data))
     assert not (tmp_path / "repo").exists()
 
@@ -242,10 +243,10 @@ def test_served_hybrid_scores_equal_evaluate(hybrid, server):
             assert result.known_user is True
             assert [i for i, _ in result.ranked] == [items[j] for j in np.argsort(-result.scores, kind="stable")]
         # A served retrieval score of 1e30 is clipped to the training range (it used to give 0.0).
-        from merlin_mllm.serving.export import fusion_head
+        from merlin_mllm.ranker.hybrid import saved_head
 
         user, items, retrieval, _ = next(groups(evaluated))
-        far, clipped = far_and_clipped(fusion_head(hybrid.run), retrieval)
+        far, clipped = far_and_clipped(saved_head(hybrid.run), retrieval)
         far_scores = client.rank(user, items, top_k=len(items), retrieval_scores=far).scores
         assert np.isfinite(far_scores).all() and far_scores[0] > 0.0
         np.testing.assert_allclose(far_scores, client.rank(user, items, top_k=len(items), retrieval_scores=clipped).scores,

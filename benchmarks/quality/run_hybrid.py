@@ -15,7 +15,7 @@ are fitted or early-stopped on valid.
 Rows, every one scored on the same test groups of a protocol's folder:
 
 * non-LLM, computed here: popularity and recent popularity (as of the row); SASRec and GRU4Rec
-  (compact); the **non-LLM fusion** (``TabularFusionHead`` over the collaborative features and
+  (compact); the **non-LLM fusion** (``HybridHead`` over the collaborative features and
   the SASRec score, trained on the training split's groups, early-stopped on valid); the late
   fusion of [log(1 + popularity), SASRec score] by a logistic regression fitted on valid.
 * LLM rows, read from score files made elsewhere (``--llm-scores``, once per training seed): LLM
@@ -67,18 +67,17 @@ from benchmarks.common import WORK, log, write_json
 HERE = Path(__file__).resolve().parent
 
 from merlin_mllm import baselines  # noqa: E402
-from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS  # noqa: E402
+from merlin_mllm.data.collaborative import (  # noqa: E402
+    DEFAULT_RECENT_DAYS,
+    HEAD_FEATURES,
+    RETRIEVAL_COLUMN,
+    collaborative_features,
+)
 from merlin_mllm.data.prepare import DEFAULT_MAX_HISTORY, prepare_dataset  # noqa: E402
 from merlin_mllm.data.splits import split_rows  # noqa: E402
 from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores, ranking_metrics  # noqa: E402
 from merlin_mllm.ranker.saved import TRAIN_CONFIG_FILE  # noqa: E402
-from merlin_mllm.pipelines.features import (  # noqa: E402
-    FUSION_FEATURES,
-    RETRIEVAL_COLUMN,
-    add_retrieval_scores,
-    collaborative_features,
-)
-from merlin_mllm.pipelines.fusion import FusionSettings, fusion_scores, train_fusion_head  # noqa: E402
+from merlin_mllm.pipelines.hybrid import HeadSettings, add_retrieval_scores, head_scores, train_head  # noqa: E402
 
 #: The global timeline first (the primary table), then leave-last-out and the paper's protocol.
 PROTOCOLS = ("timeline", "leave-last-out", "paper")
@@ -109,7 +108,7 @@ ROWS = (
             "merlin_mllm.baselines compact SASRec, trained on the test split's training-time events"),
     RowSpec("gru4rec", "GRU4Rec (compact)", "non_llm", "the compact GRU4Rec, same events"),
     RowSpec("fusion", "Non-LLM fusion", "non_llm",
-            "TabularFusionHead(hidden=(16,)) over item_log_count, item_log_recent_count, user_log_count and "
+            "HybridHead(hidden=(16,)) over item_log_count, item_log_recent_count, user_log_count and "
             "the SASRec score; trained on the training split's groups with each split's own training-time "
             "features and SASRec, the epoch chosen by valid AUC"),
     RowSpec("late_fusion", "Late fusion [log(1+pop), SASRec]", "non_llm",
@@ -153,7 +152,7 @@ class ProtocolStages:
     """The cached stages of one protocol's folder (see the module docstring)."""
 
     def __init__(self, protocol: str, work: Path, users: int, recent_days: float,
-                 sequential: baselines.SequentialSettings, fusion: FusionSettings):
+                 sequential: baselines.SequentialSettings, fusion: HeadSettings):
         self.protocol = protocol
         self.root = work / (f"{protocol}_all" if not users else f"{protocol}_u{users}")
         self.data = self.root / "data"
@@ -244,7 +243,7 @@ class ProtocolStages:
             self.data, recent_days=self.recent_days).transform(self.rows(split)))
 
     def hybrid_inputs(self, split: str, seed: int) -> pd.DataFrame:
-        """``split``'s rows with FUSION_FEATURES (SASRec seed ``seed``), also written for the hybrid runs."""
+        """``split``'s rows with HEAD_FEATURES (SASRec seed ``seed``), also written for the hybrid runs."""
         sasrec = self.sequential("sasrec", split, seed)[["group_id", "item_id", "score"]]
         frame = self.features(split).merge(sasrec.rename(columns={"score": RETRIEVAL_COLUMN}),
                                            on=["group_id", "item_id"], how="left", validate="1:1")
@@ -263,11 +262,11 @@ class ProtocolStages:
             import torch  # the head trains in torch; one thread (the CPU is shared)
 
             torch.set_num_threads(1)
-            fit = train_fusion_head(inputs["train"], inputs["valid"], FUSION_FEATURES, seed=seed,
-                                    settings=self.fusion_settings)
+            fit = train_head(inputs["train"], inputs["valid"], HEAD_FEATURES, seed=seed,
+                             settings=self.fusion_settings, recent_days=self.recent_days)
             torch.save(fit.head.state_dict(), self.cache / f"fusion_s{seed}.head.pt")
             (self.cache / f"fusion_s{seed}.fit.json").write_text(json.dumps(fit.summary(), indent=1) + "\n")
-            return fusion_scores(fit.head, inputs["test"])[SCORE_COLUMNS]
+            return head_scores(fit.head, inputs["test"])[SCORE_COLUMNS]
         return self.cached_frame(f"fusion_s{seed}", compute)
 
     def stage_seconds_total(self) -> dict:
@@ -280,7 +279,7 @@ class ProtocolStages:
         valid = self.hybrid_inputs("valid", seed)
         return {column: round(ranking_metrics(valid["label"].to_numpy(), valid[column].to_numpy(),
                                               valid["group_id"].to_numpy(), ks=(5,))["auc"], 4)
-                for column in FUSION_FEATURES}
+                for column in HEAD_FEATURES}
 
     def fusion_fit(self, seed: int) -> dict:
         return json.loads((self.cache / f"fusion_s{seed}.fit.json").read_text())
@@ -460,7 +459,7 @@ def run_protocol(stages: ProtocolStages, seeds: List[int], external: Dict[str, L
         fits.append({k: fit[k] for k in ("seed", "best_epoch", "best_valid_auc", "epochs_run", "seconds")})
     scores["fusion"] = [t[1] for t in triples]
     rows["fusion"] = measured_row(ROW_BY_KEY["fusion"], triples, slices, {
-        "features": list(FUSION_FEATURES), "fits": fits,
+        "features": list(HEAD_FEATURES), "fits": fits,
         "wall_time_covers": "the three splits' features and SASRec models, and the head's training"})
     log(f"  {stages.protocol}: non-LLM fusion AUC {rows['fusion']['all']['auc']:.4f}")
 
@@ -689,7 +688,7 @@ def main(argv=None) -> int:
     sequential = baselines.SequentialSettings()
     if args.sequential_epochs is not None:
         sequential.epochs = args.sequential_epochs
-    fusion = FusionSettings()
+    fusion = HeadSettings()
     started_wall, started_cpu = time.time(), time.process_time()
     protocols = {}
     with warnings.catch_warnings():
@@ -704,7 +703,7 @@ def main(argv=None) -> int:
         "dataset": "ml-100k", "users": args.users or "all",
         "max_history": {p: DEFAULT_MAX_HISTORY[p] for p in args.protocols}, "data_seed": DATA_SEED,
         "n_negatives_test": N_NEGATIVES_TEST, "seeds": args.seeds,
-        "features": {"columns": list(FUSION_FEATURES), "recent_days": args.recent_days,
+        "features": {"columns": list(HEAD_FEATURES), "recent_days": args.recent_days,
                      "counted": "Counted for each row from the folder's events strictly before the row's timestamp "
                                 "(merlin_mllm.data.collaborative); SASRec trained per split on the events before "
                                 "the split's cut (merlin_mllm.data.splits.training_events), scoring each row from "

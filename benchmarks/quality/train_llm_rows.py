@@ -8,8 +8,8 @@ Rows (per protocol, one seed, the same recipe):
 
 * ``llm_only``: the ranker alone, recent-titles user context, groups / listwise / prompt v2,
   ``TrainConfig.small_budget(epochs=1, image=False)``; scored on valid (for the late fusion) and test.
-* ``hybrid_tabular``: the same ranker trained jointly with a ``TabularFusionHead`` over
-  ``run_hybrid.py``'s fusion features (``hybrid_inputs/<split>_s0.parquet``); scored on test.
+* ``hybrid_tabular``: the same ranker trained jointly with a ``HybridHead`` over
+  ``run_hybrid.py``'s head features (``hybrid_inputs/<split>_s0.parquet``); scored on test.
 * ``<row>_k<K>``: the same, trained on a folder prepared with ``train_negatives=K`` (``data_k<K>/``,
   same valid and test rows; its training rows' features in ``hybrid_inputs_k<K>/``).
 * ``<row>_s<S>``: the same, trained with seed S (default 42): one run per seed, for the seeds
@@ -49,11 +49,11 @@ def record_stage(row_dir: Path, stage: str, seconds: float, cpu_seconds: float) 
 
 def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
     """The protocol's folder again with ``negatives`` training negatives per target, and its training
-    rows' fusion features. Valid and test are drawn from their own seeded streams, so they are the
+    rows' head features. Valid and test are drawn from their own seeded streams, so they are the
     same rows as the base folder's (checked), and reuse its ``hybrid_inputs``."""
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.data.tables import read_table
-    from merlin_mllm.pipelines.features import fusion_feature_rows
+    from merlin_mllm.pipelines.hybrid import write_feature_table
 
     root = work / f"{protocol}_all"
     data_dir = root / f"data_k{negatives}"
@@ -65,16 +65,13 @@ def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
         columns = ["group_id", "user_id", "item_id", "label", "target_position"]
         if not base[columns].equals(variant[columns]):
             raise RuntimeError(f"{data_dir}/{split} differs from {root / 'data' / split}")
-    features = root / f"hybrid_inputs_k{negatives}" / "train_s0.parquet"
-    if not features.is_file():
-        features.parent.mkdir(parents=True, exist_ok=True)
-        fusion_feature_rows(data_dir, "train", seed=0).drop(columns=["history_item_ids"]).to_parquet(features, index=False)
+    write_feature_table(data_dir, "train", root / f"hybrid_inputs_k{negatives}" / "train_s0.parquet", seed=0)
     return data_dir
 
 
 def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
-    from merlin_mllm.pipelines.features import FUSION_FEATURES
+    from merlin_mllm.data.collaborative import HEAD_FEATURES
     from merlin_mllm.ranker.saved import MODEL_DIR
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
@@ -96,7 +93,7 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
         # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
         context = {"user_context": "titles"} if hybrid else {}
         config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=seed,
-                                          fusion_features=FUSION_FEATURES if hybrid else None, **context)
+                                          head_features=HEAD_FEATURES if hybrid else None, **context)
         features = root / (f"hybrid_inputs_k{negatives}" if negatives else "hybrid_inputs") / "train_s0.parquet"
         train_ranker(data_dir, summaries, row_dir, config, features=features if hybrid else None)
     else:

@@ -1,8 +1,12 @@
-"""Collaborative tabular features of candidate rows, as of each row's time, by an NVTabular workflow.
+"""The hybrid's tabular features of candidate rows, as of each row's time, by an NVTabular workflow.
 
-The hybrid ranker (issue 16) and its non-LLM control score a (user, candidate) row with a small
-head over these columns, next to the LLM's logit. They are what a Merlin ranking pipeline knows
-about the row at the moment it is scored (issue 21: point in time):
+The hybrid ranker (issue 16; :mod:`merlin_mllm.ranker.hybrid`) and its non-LLM control score a
+(user, candidate) row with a small head over :data:`HEAD_FEATURES`, next to the LLM's logit: the
+collaborative columns below and :data:`RETRIEVAL_COLUMN`, the upstream retrieval stage's score
+(computed by :mod:`merlin_mllm.pipelines.hybrid` offline, sent with each request when served).
+This module is the one home of those column names and of the recent window's default. The
+collaborative columns are what a Merlin ranking pipeline knows about the row at the moment it
+is scored (issue 21: point in time):
 
 =========================  =======  ==========  =====================================================
 column                     dtype    tags        meaning, for a row (user, item) at time t
@@ -45,6 +49,7 @@ Usage::
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -68,11 +73,15 @@ with warnings.catch_warnings():
 from merlin_mllm.data.images import REPORT_FILE
 from merlin_mllm.data.splits import read_prepared
 
-__all__ = ["FEATURE_COLUMNS", "DEFAULT_RECENT_DAYS", "SECONDS_PER_DAY", "TIME_UNITS", "AsOfCount",
+__all__ = ["FEATURE_COLUMNS", "RETRIEVAL_COLUMN", "HEAD_FEATURES", "DEFAULT_RECENT_DAYS", "SECONDS_PER_DAY", "TIME_UNITS", "AsOfCount",
            "CollaborativeFeatures", "collaborative_features", "folder_time_unit"]
 
 #: The workflow's output columns, in the order :attr:`CollaborativeFeatures.feature_names` gives.
 FEATURE_COLUMNS = ("item_log_count", "item_log_recent_count", "user_log_count")
+#: The upstream retrieval stage's score of a candidate row.
+RETRIEVAL_COLUMN = "retrieval_score"
+#: The hybrid head's default input columns: the collaborative columns plus the retrieval score.
+HEAD_FEATURES = (*FEATURE_COLUMNS, RETRIEVAL_COLUMN)
 #: The recent window's width (days) unless a caller names one: training, evaluation and serving alike.
 DEFAULT_RECENT_DAYS = 30.0
 SECONDS_PER_DAY = 86_400
@@ -365,6 +374,39 @@ class CollaborativeFeatures:
         if self.workflow is None:
             raise RuntimeError("CollaborativeFeatures.output_schema needs fit first")
         return self.workflow.output_schema.select_by_name(list(FEATURE_COLUMNS))
+
+    def settings(self) -> dict:
+        """JSON-ready: what :meth:`load` needs besides the saved workflow."""
+        return {"recent_days": self.recent_days, "time_unit": self.time_unit, "latest_event": self.latest_event,
+                "n_events": int(self.n_events), "user_column": self.user_column, "item_column": self.item_column,
+                "time_column": self.time_column}
+
+    def save(self, folder: PathLike) -> Path:
+        """Write the fitted workflow (``Workflow.save``, with its AsOfCount statistics) to ``folder``.
+
+        The settings (:meth:`settings`) are the caller's to keep, e.g. beside it in a JSON file.
+        """
+        if self.workflow is None:
+            raise RuntimeError("CollaborativeFeatures.save needs fit first")
+        # Workflow.save points its statistics at the saved folder: save a copy, so this object
+        # keeps reading its own.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            copy.deepcopy(self.workflow).save(str(folder))
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: PathLike, settings: dict) -> "CollaborativeFeatures":
+        """The fitted features from a folder written by :meth:`save` and their :meth:`settings`."""
+        features = cls(settings["recent_days"], user_column=settings["user_column"],
+                       item_column=settings["item_column"], time_column=settings["time_column"],
+                       time_unit=settings["time_unit"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            features.workflow = nvt.Workflow.load(str(folder))
+        features.latest_event = settings["latest_event"]
+        features.n_events = settings["n_events"]
+        return features
 
 
 def collaborative_features(data_dir: PathLike, *, recent_days: float = DEFAULT_RECENT_DAYS) -> CollaborativeFeatures:

@@ -107,14 +107,17 @@ class TrainConfig:
         "summary", "What the prompt's user part holds: summary (the user summary, the paper's), titles (the last "
         "context_titles titles of the history: no user summaries needed) or both", resume=True)
     context_titles: int = _setting(5, "Titles in the user part with user_context titles or both", resume=True)
-    fusion_features: Optional[Tuple[str, ...]] = _setting(
-        None, "Train a hybrid: these tabular feature columns (e.g. merlin_mllm.pipelines.features.FUSION_FEATURES) "
-        "feed a TabularFusionHead whose logit is added to the LLM's yes-minus-no logit, trained jointly (loss binary "
+    head_features: Optional[Tuple[str, ...]] = _setting(
+        None, "Train a hybrid: these tabular feature columns (e.g. merlin_mllm.data.collaborative.HEAD_FEATURES) "
+        "feed a HybridHead whose logit is added to the LLM's yes-minus-no logit, trained jointly (loss binary "
         "or listwise). train_ranker then needs features=<rows with these columns>. None: the LLM alone", resume=True)
-    fusion_hidden: Tuple[int, ...] = _setting((16,), "Hidden widths of the hybrid's head (() makes it linear)",
-                                              resume=True)
-    fusion_lr: Optional[float] = _setting(None, "Learning rate of the hybrid's head during joint training (default: lr)")
-    fusion_warm_start: bool = _setting(
+    head_hidden: Tuple[int, ...] = _setting((16,), "Hidden widths of the hybrid's head (() makes it linear)",
+                                            resume=True)
+    head_lr: Optional[float] = _setting(None, "Learning rate of the hybrid's head during joint training (default: lr)")
+    head_recent_days: Optional[float] = _setting(
+        None, "The recent window (days) the hybrid's item_log_recent_count was counted with, saved with the head so "
+        "that serving counts alike. None: merlin_mllm.data.collaborative.DEFAULT_RECENT_DAYS", resume=True)
+    head_warm_start: bool = _setting(
         True, "Fit the hybrid's head on the training rows alone before joint training, so the LLM learns what the "
         "tabular features miss rather than relearning item popularity", resume=True)
     precision: str = _setting(
@@ -174,24 +177,26 @@ class TrainConfig:
         if self.user_context not in USER_CONTEXTS:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         _check_int("context_titles", self.context_titles, low=1)
-        if self.fusion_features is not None:
-            if isinstance(self.fusion_features, str) or not len(self.fusion_features) \
-                    or not all(isinstance(c, str) and c for c in self.fusion_features):
-                raise ValueError(f"fusion_features must be None or a non-empty sequence of column names, "
-                                 f"not {self.fusion_features!r}")
-            self.fusion_features = tuple(self.fusion_features)
-            if len(set(self.fusion_features)) != len(self.fusion_features):
-                raise ValueError(f"fusion_features repeat a column: {list(self.fusion_features)}")
+        if self.head_features is not None:
+            if isinstance(self.head_features, str) or not len(self.head_features) \
+                    or not all(isinstance(c, str) and c for c in self.head_features):
+                raise ValueError(f"head_features must be None or a non-empty sequence of column names, "
+                                 f"not {self.head_features!r}")
+            self.head_features = tuple(self.head_features)
+            if len(set(self.head_features)) != len(self.head_features):
+                raise ValueError(f"head_features repeat a column: {list(self.head_features)}")
             if self.loss == "lm":
-                raise ValueError("a hybrid (fusion_features) trains with loss='binary' or 'listwise': 'lm' is a loss "
+                raise ValueError("a hybrid (head_features) trains with loss='binary' or 'listwise': 'lm' is a loss "
                                  "over the LLM's vocabulary, which the tabular head has no part in")
-        if isinstance(self.fusion_hidden, (str, bytes)) or not all(
-                isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in self.fusion_hidden):
-            raise ValueError(f"fusion_hidden must be a sequence of positive integers, not {self.fusion_hidden!r}")
-        self.fusion_hidden = tuple(int(w) for w in self.fusion_hidden)
-        if self.fusion_lr is not None:
-            _check_number("fusion_lr", self.fusion_lr, positive=True)
-        _check_bool("fusion_warm_start", self.fusion_warm_start)
+        if isinstance(self.head_hidden, (str, bytes)) or not all(
+                isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in self.head_hidden):
+            raise ValueError(f"head_hidden must be a sequence of positive integers, not {self.head_hidden!r}")
+        self.head_hidden = tuple(int(w) for w in self.head_hidden)
+        if self.head_lr is not None:
+            _check_number("head_lr", self.head_lr, positive=True)
+        if self.head_recent_days is not None:
+            _check_number("head_recent_days", self.head_recent_days, positive=True)
+        _check_bool("head_warm_start", self.head_warm_start)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         _check_int("devices", self.devices, low=-1)

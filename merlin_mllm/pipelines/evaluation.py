@@ -52,10 +52,10 @@ from merlin_mllm.data.images import dataset_image_root
 from merlin_mllm.images import ImageLoadError
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.pipelines.features import attach_features
+from merlin_mllm.pipelines.hybrid import attach_features
 from merlin_mllm.pipelines.training import load_rows
-from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE
-from merlin_mllm.ranker.fusion import TabularFusionHead, hybrid_probability
+from merlin_mllm.ranker.config import EMBEDDED, HEAD_FILE
+from merlin_mllm.ranker.hybrid import HybridHead, hybrid_probability, saved_head
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
 from merlin_mllm.summaries.rows import SummarySource
@@ -198,7 +198,7 @@ def evaluate_ranker(
         The longest prompt in tokens (longer ones get a shorter user summary, as in training).
         Default: the training run's (:func:`~merlin_mllm.ranker.saved.trained_max_length`).
     features : path or DataFrame, optional
-        For a hybrid ranker (its folder holds ``fusion_head.safetensors``): ``split``'s rows with
+        For a hybrid ranker (its folder holds ``hybrid_head.safetensors``): ``split``'s rows with
         the head's feature columns, matched on (group_id, item_id). The score is then
         sigmoid(head logit + LLM logit), and the scores file also keeps ``llm_logit`` and
         ``head_logit``, so each part's share can be measured.
@@ -236,16 +236,15 @@ def evaluate_ranker(
               if ranker.prompt.image_mode != "processor" else None)
     rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed,
                      user_context=ranker.config.user_context, context_titles=ranker.config.context_titles)
-    head = None
-    if not zero_shot and model_dir is not None and (Path(model_dir) / FUSION_HEAD_FILE).exists():
-        head = TabularFusionHead.load(Path(model_dir) / FUSION_HEAD_FILE)
+    head = saved_head(model_dir) if not zero_shot and model_dir is not None else None
+    if head is not None:
         if features is None:
-            raise ValueError(f"{model_dir} is a hybrid ranker (it has {FUSION_HEAD_FILE}): pass features=<{split} rows "
+            raise ValueError(f"{model_dir} is a hybrid ranker (it has {HEAD_FILE}): pass features=<{split} rows "
                              f"with {list(head.feature_names)}>")
         # Checked before any scoring: a missing feature fails now, not after the LLM pass.
         rows = attach_features(rows, features, head.feature_names, what=f"{split} rows")
     elif features is not None:
-        raise ValueError(f"features were given, but {model_dir} has no fusion head ({FUSION_HEAD_FILE}): it is not a hybrid")
+        raise ValueError(f"features were given, but {model_dir} has no hybrid head ({HEAD_FILE}): it is not a hybrid")
     fingerprint = _fingerprint(ranker, model_dir, data_dir, split, zero_shot, max_groups, max_length)
 
     done: Dict[int, np.ndarray] = {}
@@ -311,7 +310,7 @@ def evaluate_ranker(
             "base_model": ranker.config.base_model,
             "zero_shot": bool(zero_shot),
             "use_images": bool(ranker.config.use_images),
-            "fusion_features": list(head.feature_names) if head is not None else None,
+            "head_features": list(head.feature_names) if head is not None else None,
             "split": split,
             "data_dir": str(Path(data_dir).resolve()),
             "max_groups": max_groups,
@@ -355,7 +354,7 @@ def _score_group(ranker: RankerModel, cutter: Optional[Callable[[], TokenizeProm
     return ranker.score(summary, candidates, batch_size=batch_size), 0
 
 
-def _hybrid_scores(table: pd.DataFrame, head: TabularFusionHead) -> pd.DataFrame:
+def _hybrid_scores(table: pd.DataFrame, head: HybridHead) -> pd.DataFrame:
     """``table`` with the LLM's P(yes) turned into the hybrid's: ``llm_logit`` = logit(P(yes)),
     ``head_logit`` = the head's, ``score`` = sigmoid(their sum)."""
     with torch.no_grad():

@@ -112,7 +112,7 @@ def summarize_items_on_cluster(
     *,
     backend: str = "textualizer",
     model: Optional[str] = None,
-    mode: str = "fusion",
+    mode: str = "image_and_text",
     settings: GenerationSettings = GenerationSettings(),
     budgets: TokenBudgets = TokenBudgets(),
     on_empty: str = "skip",

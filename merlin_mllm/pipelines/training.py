@@ -66,16 +66,16 @@ with warnings.catch_warnings():
     from pytorch_lightning.loggers import CSVLogger
     from pytorch_lightning.strategies import DDPStrategy
 
+from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
 from merlin_mllm.data.prepare import ROW_TAGS
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.config import TrainConfig
-from merlin_mllm.pipelines.features import attach_features
-from merlin_mllm.pipelines.fusion import FusionSettings, train_fusion_head
+from merlin_mllm.pipelines.hybrid import HeadSettings, attach_features, train_head
 from merlin_mllm.ranker.block import RankerMerlinModel
-from merlin_mllm.ranker.config import EMBEDDED, FUSION_HEAD_FILE, ITEM_IMAGES_FILE
+from merlin_mllm.ranker.config import EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
 from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
-from merlin_mllm.ranker.fusion import TabularFusionHead
+from merlin_mllm.ranker.hybrid import HybridHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import (CHECKPOINT_DIR, LAST_CHECKPOINT, MODEL_DIR, TRAIN_CONFIG_FILE, TRAINING_LOG_FILE,
@@ -92,7 +92,7 @@ __all__ = [
     "RankerDataModule",
     "group_size",
     "shuffle_groups",
-    "fusion_head_for",
+    "initial_head",
 ]
 
 #: Settings that must match for a checkpoint to be resumed: TrainConfig's resume fields, and
@@ -101,7 +101,7 @@ __all__ = [
 RESUME_KEYS = TrainConfig.resume_fields() + ("image_encoder",)
 PASSTHROUGH_COLUMNS = ("item_id", "user_id", "group_id", "label")
 #: Full-batch epochs of the hybrid head's warm start (no validation rows here to stop on): the
-#: non-LLM fusion's fits early-stopped on ML-100k's valid splits (benchmarks/quality/run_hybrid.py,
+#: non-LLM head's fits early-stopped on ML-100k's valid splits (benchmarks/quality/run_hybrid.py,
 #: both protocols, seeds 0-2) peaked at epochs 35 to 184, median 57.
 WARM_START_EPOCHS = 60
 
@@ -431,6 +431,8 @@ def _check_resume(out_dir: Path, settings: dict, resume: bool) -> Optional[Path]
         return None
     if config_file.exists():
         saved = json.loads(config_file.read_text())
+        # Runs saved before the hybrid had one name call its settings fusion_*.
+        saved.update({f"head_{k[len('fusion_'):]}": v for k, v in list(saved.items()) if k.startswith("fusion_")})
         changed = {k: (saved.get(k), settings.get(k)) for k in RESUME_KEYS if saved.get(k) != settings.get(k)}
         if changed:
             raise ValueError(
@@ -475,9 +477,10 @@ def train_ranker(
         the launching script, so code after this call runs in every process (guard it with
         ``os.environ.get("LOCAL_RANK", "0") == "0"``).
     features : path or DataFrame, optional
-        With ``config.fusion_features`` (a hybrid): the training split's rows with those columns,
-        matched on (group_id, item_id), e.g. ``fusion_feature_rows(data_dir, "train")``. The
-        head is saved beside the ranker (``model/fusion_head.safetensors``).
+        With ``config.head_features`` (a hybrid): the training split's rows with those columns,
+        matched on (group_id, item_id), e.g. ``write_feature_table(data_dir, "train", path)``
+        (:mod:`merlin_mllm.pipelines.hybrid`). The head is saved beside the ranker
+        (``model/hybrid_head.safetensors``, with its columns and ``config.head_recent_days``).
     progress : bool
         Progress bars.
 
@@ -518,14 +521,14 @@ def train_ranker(
 
     context = dict(user_context=config.user_context, context_titles=config.context_titles)
     train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed, **context)
-    head, fusion_columns = None, list(config.fusion_features or ())
-    if fusion_columns:
+    head, head_columns = None, list(config.head_features or ())
+    if head_columns:
         if features is None:
-            raise ValueError(f"fusion_features {fusion_columns} need features=<the training rows with those columns>")
-        train_rows = attach_features(train_rows, features, fusion_columns, what="training rows")
-        head = fusion_head_for(config, train_rows)
+            raise ValueError(f"head_features {head_columns} need features=<the training rows with those columns>")
+        train_rows = attach_features(train_rows, features, head_columns, what="training rows")
+        head = initial_head(config, train_rows)
     elif features is not None:
-        raise ValueError("features were given but config.fusion_features is None: name the columns the head reads")
+        raise ValueError("features were given but config.head_features is None: name the columns the head reads")
     too_few = config.too_few_steps(len(train_rows), max(1, config.devices)) if is_launcher else None
     if too_few:
         log.warning(too_few)
@@ -533,13 +536,13 @@ def train_ranker(
     if config.validate and (data_dir / "valid").exists() and head is None:  # a hybrid has no valid features here
         valid_rows = load_rows(data_dir, "valid", summaries, max_groups=config.max_groups, seed=config.seed, **context)
     train_data = tokenize_rows(train_rows, ranker, max_length=config.max_length, item_features=table,
-                               extra_columns=fusion_columns)
+                               extra_columns=head_columns)
     valid_data = (tokenize_rows(valid_rows, ranker, max_length=config.max_length, item_features=table)
                   if valid_rows is not None else None)
     datamodule = RankerDataModule(train_data, valid_data, batch_size=config.batch_size, seed=config.seed, groups=groups)
 
     merlin_model = RankerMerlinModel(ranker, train_data.schema["label"], lr=config.lr, projector_lr=config.projector_lr,
-                                     groups=groups, fusion_head=head, fusion_lr=config.fusion_lr)
+                                     groups=groups, head=head, head_lr=config.head_lr)
     if is_launcher:
         (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     record = TrainingRecord(out_dir)
@@ -565,29 +568,30 @@ def train_ranker(
         if table is not None:
             table.save(model_dir / ITEM_IMAGES_FILE)
         if head is not None:
-            merlin_model.fusion_head.save(model_dir / FUSION_HEAD_FILE)
+            merlin_model.head.save(model_dir / HEAD_FILE)
         _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, checkpoint, started)
     if trainer.world_size > 1:
         trainer.strategy.barrier("ranker-saved")
     return model_dir
 
 
-def fusion_head_for(config: TrainConfig, train_rows: pd.DataFrame) -> TabularFusionHead:
+def initial_head(config: TrainConfig, train_rows: pd.DataFrame) -> HybridHead:
     """The hybrid's head as joint training starts, deterministic given ``config.seed``.
 
-    Its scaling is set from the training rows. With ``fusion_warm_start`` it is first fitted on
-    them alone (the non-LLM fusion's recipe), so that joint training starts from the
+    Its scaling is set from the training rows. With ``head_warm_start`` it is first fitted on
+    them alone (the non-LLM head's recipe), so that joint training starts from the
     collaborative score and the LLM's gradient is what that score gets wrong.
     """
-    columns = list(config.fusion_features)
-    if config.fusion_warm_start:
-        fit = train_fusion_head(train_rows, None, columns, seed=config.seed,
-                                settings=FusionSettings(hidden=config.fusion_hidden, epochs=WARM_START_EPOCHS))
-        log.info("fusion head warm start: %d full-batch epochs on %d training rows, final loss %.4f",
+    columns = list(config.head_features)
+    recent_days = config.head_recent_days or DEFAULT_RECENT_DAYS
+    if config.head_warm_start:
+        fit = train_head(train_rows, None, columns, seed=config.seed, recent_days=recent_days,
+                         settings=HeadSettings(hidden=config.head_hidden, epochs=WARM_START_EPOCHS))
+        log.info("hybrid head warm start: %d full-batch epochs on %d training rows, final loss %.4f",
                  len(fit.train_loss), len(train_rows), fit.train_loss[-1])
         return fit.head
     torch.manual_seed(config.seed)
-    return TabularFusionHead(columns, config.fusion_hidden).fit_scaling(train_rows[columns])
+    return HybridHead(columns, config.head_hidden, recent_days=recent_days).fit_scaling(train_rows[columns])
 
 
 def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, checkpoint, started):

@@ -21,12 +21,11 @@ Pieces
     output). Merlin hands a loss only the (B,) predictions, which cannot carry the
     full-vocabulary term, so the loss reads the answer logits that its block kept from the
     forward pass of the same step.
-:class:`HybridLoss`
-    The loss of a hybrid (``fusion_head`` given): the ranker's ``binary`` or ``listwise`` loss
-    on ``head(features) + logit(Yes) - logit(No)`` (:func:`merlin_mllm.ranker.fusion.hybrid_loss`),
-    the groups read from the ranker block's last forward pass.
+A hybrid (``head`` given) uses :class:`merlin_mllm.ranker.hybrid.HybridScore` as the block and
+:class:`~merlin_mllm.ranker.hybrid.HybridLoss` as the loss (the ranker's ``binary`` or
+``listwise`` loss on ``head(features) + logit(Yes) - logit(No)``).
 :class:`RankerMerlinModel` (an ``mm.Model``)
-    ``mm.Model(RankerBlock(ranker), YesNoOutput(target))``, or with a ``fusion_head``
+    ``mm.Model(RankerBlock(ranker), YesNoOutput(target))``, or with a ``head``
     ``mm.Model(HybridScore(head, llm=RankerBlock(ranker)), YesNoOutput(target))``, plus what
     training a LoRA model needs: AdamW over the trainable parameters only (LoRA at ``lr``, the image projector at
     ``projector_lr``), compact checkpoints (trainable tensors only; the frozen base is rebuilt
@@ -69,13 +68,13 @@ with warnings.catch_warnings():
     from merlin.schema import ColumnSchema, Schema
 
 from merlin_mllm.ranker.batches import batch_from_ragged
-from merlin_mllm.ranker.fusion import HybridScore, TabularFusionHead, hybrid_loss
 from merlin_mllm.ranker.groups import GroupOutput
+from merlin_mllm.ranker.hybrid import HybridHead, HybridLoss, HybridScore
 from merlin_mllm.ranker.model import RankerModel, RankerOutput
 from merlin_mllm.ranker.packing import CandidateGroup
 from merlin_mllm.ranker.prompt import EncodedPrompt
 
-__all__ = ["RankerBlock", "YesNoOutput", "AnswerTokenLoss", "HybridLoss", "RankerMerlinModel"]
+__all__ = ["RankerBlock", "YesNoOutput", "AnswerTokenLoss", "RankerMerlinModel"]
 
 
 class RankerBlock(mm.Block):
@@ -209,33 +208,6 @@ class AnswerTokenLoss(nn.Module):
         return self._block.ranker.compute_loss(output, labels)
 
 
-class HybridLoss(nn.Module):
-    """Merlin loss ``(predictions, targets) -> loss`` of a :class:`HybridScore` around a :class:`RankerBlock`.
-
-    Parameters
-    ----------
-    hybrid : HybridScore
-        Its ``llm`` is the ranker block; its last logit is what the loss reads.
-    """
-
-    def __init__(self, hybrid: HybridScore):
-        super().__init__()
-        object.__setattr__(self, "_hybrid", hybrid)  # not a submodule: the model registers it
-
-    def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        block = self._hybrid.llm
-        output, logit = block.pop_output(), self._hybrid.pop_logit()
-        rows = predictions.reshape(-1).shape[0]
-        if output is None or logit is None or logit.shape[0] != rows:
-            raise RuntimeError("HybridLoss must be computed right after its HybridScore's forward pass on the same batch")
-        labels = targets.reshape(-1).round().long()
-        name = block.ranker.config.loss
-        group_index = output.group_index if isinstance(output, GroupOutput) else None
-        if name == "listwise" and group_index is None:
-            raise RuntimeError("the listwise loss needs groups: train the hybrid with batching='groups'")
-        return hybrid_loss(name, logit, labels, group_index)
-
-
 class YesNoOutput(mm.BinaryOutput):
     """Binary output P(yes) = sigmoid(logit_Yes - logit_No) with the ranker's answer-token loss.
 
@@ -287,11 +259,11 @@ class RankerMerlinModel(mm.Model):
         Passed to :class:`RankerBlock`.
     groups : bool
         Batches of whole groups, each one packed sequence (passed to :class:`RankerBlock`).
-    fusion_head : TabularFusionHead, optional
-        Train a hybrid: the score is ``fusion_head(features) + logit(Yes) - logit(No)``, the
+    head : HybridHead, optional
+        Train a hybrid: the score is ``head(features) + logit(Yes) - logit(No)``, the
         head trained jointly with the LoRA weights (loss ``binary`` or ``listwise``). The batch
         must carry the head's feature columns.
-    fusion_lr : float, optional
+    head_lr : float, optional
         Learning rate of the head (default ``lr``).
     """
 
@@ -306,18 +278,18 @@ class RankerMerlinModel(mm.Model):
         prompt_column: str = "prompt_ids",
         item_column: str = "item_id",
         groups: bool = False,
-        fusion_head: Optional[TabularFusionHead] = None,
-        fusion_lr: Optional[float] = None,
+        head: Optional[HybridHead] = None,
+        head_lr: Optional[float] = None,
     ):
         if isinstance(target, str):
             target = ColumnSchema(target)
         block = RankerBlock(ranker, prompt_column=prompt_column, item_column=item_column, groups=groups)
-        if fusion_head is not None:
+        if head is not None:
             if ranker.config.loss == "lm":
-                raise ValueError("a hybrid (fusion_head) trains with loss='binary' or 'listwise', not 'lm'")
-            block = HybridScore(fusion_head.to(ranker.device), llm=block)
+                raise ValueError("a hybrid (head) trains with loss='binary' or 'listwise', not 'lm'")
+            block = HybridScore(head.to(ranker.device), llm=block)
         super().__init__(block, YesNoOutput(target, block))
-        self.fusion_lr = None if fusion_lr is None else float(fusion_lr)
+        self.head_lr = None if head_lr is None else float(head_lr)
         self.lr = float(lr)
         self.projector_lr = None if projector_lr is None else float(projector_lr)
         self.weight_decay = float(weight_decay)
@@ -330,7 +302,7 @@ class RankerMerlinModel(mm.Model):
         return first.llm.ranker if isinstance(first, HybridScore) else first.ranker
 
     @property
-    def fusion_head(self) -> Optional[TabularFusionHead]:
+    def head(self) -> Optional[HybridHead]:
         """The hybrid's tabular head, or None for the LLM alone."""
         first = self.first()
         return first.head if isinstance(first, HybridScore) else None
@@ -349,8 +321,8 @@ class RankerMerlinModel(mm.Model):
             raise ValueError("the ranker has no trainable parameters (zero-shot?): nothing to train")
         for group in groups:
             group.pop("name", None)
-        if self.fusion_head is not None:
-            groups.append({"params": list(self.fusion_head.parameters()), "lr": self.fusion_lr or self.lr,
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "lr": self.head_lr or self.lr,
                            "weight_decay": self.weight_decay})
         return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
 

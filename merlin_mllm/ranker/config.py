@@ -7,7 +7,7 @@ model)::
     adapter/                   peft save_pretrained: LoRA weights  (ADAPTER_DIR; not zero-shot)
     projector.safetensors      the image projector                 (PROJECTOR_FILE; embedded with images)
     item_images.safetensors    the item image table, next to it    (ITEM_IMAGES_FILE; training and serving)
-    fusion_head.safetensors    the hybrid's tabular head + .json   (FUSION_HEAD_FILE; trained with fusion features)
+    hybrid_head.safetensors    the hybrid's tabular head           (HEAD_FILE; a hybrid: merlin_mllm.ranker.hybrid)
 
 These names are defined here only; training, evaluation and serving import them.
 """
@@ -33,7 +33,8 @@ __all__ = [
     "ADAPTER_DIR",
     "PROJECTOR_FILE",
     "ITEM_IMAGES_FILE",
-    "FUSION_HEAD_FILE",
+    "HEAD_FILE",
+    "LEGACY_HEAD_FILE",
     "EMBEDDED",
     "is_saved_ranker",
 ]
@@ -43,7 +44,9 @@ CONFIG_FILE = "ranker_config.json"
 ADAPTER_DIR = "adapter"
 PROJECTOR_FILE = "projector.safetensors"
 ITEM_IMAGES_FILE = "item_images.safetensors"
-FUSION_HEAD_FILE = "fusion_head.safetensors"
+HEAD_FILE = "hybrid_head.safetensors"
+#: What folders saved before the hybrid had one name call the head (still read).
+LEGACY_HEAD_FILE = "fusion_head.safetensors"
 #: The embedded model's name, as ``base_model`` and as ``backend`` (the backend names are those
 #: of :data:`merlin_mllm.ranker.backends.BACKENDS`).
 EMBEDDED = "embedded"

@@ -3,8 +3,10 @@ merlin.systems operator.
 
 - :mod:`merlin_mllm.serving.export`: ``export`` writes the Triton model repository
   (``mllm_rerank`` = ``mllm_features`` -> ``mllm_ranker``).
-- :mod:`merlin_mllm.serving.artifacts`: what the two python-backend models load and run
-  (``FeatureStep``, ``RankerStep``, ``ServingLimits``), shared with the in-process path.
+- :mod:`merlin_mllm.serving.steps` and :mod:`merlin_mllm.serving.ranker_step`: what the two
+  python-backend models load and run (``FeatureStep`` with a hybrid's ``HeadFeatures``,
+  ``RankerStep``, ``ServingLimits``), shared with the in-process path;
+  :mod:`merlin_mllm.serving.triton_configs`: their ``config.pbtxt``.
 - :mod:`merlin_mllm.serving.tritonserver`: ``TritonServer``, the tritonserver of the
   nvidia-pytriton wheel.
 - :mod:`merlin_mllm.serving.client`: ``RerankClient`` and ``rank`` (gRPC or HTTP).
@@ -18,7 +20,8 @@ from merlin_mllm.exports import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["MANIFEST_FILE", "export", "prompt_token_limit", "user_summary_table"], "export"),
-    **dict.fromkeys(["FeatureStep", "RankerStep", "ServingLimits", "UnknownUserError"], "artifacts"),
+    **dict.fromkeys(["FeatureStep", "HeadFeatures", "ServingLimits", "UnknownUserError"], "steps"),
+    "RankerStep": "ranker_step",
     "TritonServer": "tritonserver",
     **dict.fromkeys(["RankResult", "RerankClient", "RerankError", "rank"], "client"),
     **dict.fromkeys(["MLLMRerank", "export_python_only"], "systems"),

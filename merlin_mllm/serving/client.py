@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from merlin_mllm.serving.artifacts import ENSEMBLE_MODEL, RETRIEVAL_INPUT
+from merlin_mllm.serving.steps import ENSEMBLE_MODEL, RETRIEVAL_INPUT
 
 __all__ = ["RerankClient", "RankResult", "RerankError", "rank", "DEFAULT_URLS", "PROTOCOLS"]
 

@@ -8,14 +8,14 @@ executor model, so it deploys wherever plain Triton ensembles do::
       mllm_rerank/config.pbtxt         the ensemble: mllm_features -> mllm_ranker
       mllm_rerank/1/                   (empty: ensembles have no files, but Triton wants the folder)
       mllm_features/config.pbtxt       python backend, KIND_CPU
-      mllm_features/1/model.py         copied from merlin_mllm/serving/triton_models/features.py
+      mllm_features/1/model.py         copied from merlin_mllm/serving/triton_models/features_model.py
       mllm_features/1/artifacts/       users.parquet, items.parquet, workflow/, features.json,
                                        head_features/ (a hybrid: the head's columns, the fitted
                                        CollaborativeFeatures workflow)
       mllm_ranker/config.pbtxt         python backend, KIND_GPU (--gpu) or KIND_CPU; dynamic batching
-      mllm_ranker/1/model.py           copied from merlin_mllm/serving/triton_models/ranker.py
+      mllm_ranker/1/model.py           copied from merlin_mllm/serving/triton_models/ranker_model.py
       mllm_ranker/1/artifacts/         ranker/ (adapter, projector, config; a hybrid's
-                                       fusion_head.safetensors), item_images.safetensors
+                                       hybrid_head.safetensors), item_images.safetensors
 
 Inputs of ``mllm_rerank`` (batch dimension first; one user per row):
 
@@ -36,14 +36,15 @@ sigmoid(head logit + LLM logit)), ``ranked_item_ids`` INT64 [-1] and ``ranked_sc
 ``known_user`` BOOL [1] (False: a cold start, the user had no exported summary and was scored
 with the generic empty-history summary).
 
-A hybrid ranker (its folder holds ``fusion_head.safetensors``: ``TrainConfig.fusion_features``)
-is served with its head. The features model computes the head's columns per (user, candidate)
-at request time: ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the
+A hybrid ranker (its folder holds ``hybrid_head.safetensors``: ``TrainConfig.head_features``)
+is served with its head (:mod:`merlin_mllm.ranker.hybrid`). The features model computes the
+head's columns per (user, candidate) at request time: ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the
 :class:`~merlin_mllm.data.collaborative.CollaborativeFeatures` workflow fitted, at export, on the
 events logged before serving (``events``; default :func:`events_before_serving`, the events
 before the test split's cut), counted as of the serving time (the first second after the latest
-of those events: all of them count, and the recent window ends at the latest; recorded as
-``as_of`` in the manifest), and ``retrieval_score`` from the request's ``retrieval_scores``.
+of those events: all of them count, and the recent window, the one the saved head records,
+ends at the latest; recorded as ``as_of`` in the manifest), and ``retrieval_score`` from the
+request's ``retrieval_scores``.
 Offline evaluation counts each test row as of its own time instead: the two give the same score
 for the same feature values (tests/test_serving_hybrid.py). A request to a hybrid that reads ``retrieval_score`` without
 ``retrieval_scores`` fails (INVALID_ARGUMENT, naming the input). The ranker model adds the
@@ -87,28 +88,25 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 import torch
-from google.protobuf import text_format
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Merlin and tritonclient warn about absent TensorFlow / CUDA
     import merlin.io
     import nvtabular as nvt
-    import tritonclient.grpc.model_config_pb2 as mc
 
-from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, CollaborativeFeatures, folder_time_unit
+from merlin_mllm.data.collaborative import CollaborativeFeatures, folder_time_unit
 from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.precision import check_precision
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.ranker.config import CONFIG_FILE, FUSION_HEAD_FILE, RankerConfig
-from merlin_mllm.ranker.fusion import TabularFusionHead
+from merlin_mllm.ranker.config import CONFIG_FILE, HEAD_FILE, RankerConfig
+from merlin_mllm.ranker.hybrid import HybridHead, saved_head
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
-from merlin_mllm.serving.artifacts import (
+from merlin_mllm.serving.steps import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
     FEATURES_MODEL,
-    FUSION_INPUT,
     IMAGE_COLUMN,
     ITEM_COLUMN,
     RANKER_MODEL,
@@ -118,9 +116,10 @@ from merlin_mllm.serving.artifacts import (
     RETRIEVAL_INPUT,
     FeatureStep,
     HeadFeatures,
-    RankerStep,
     ServingLimits,
 )
+from merlin_mllm.serving.ranker_step import RankerStep
+from merlin_mllm.serving.triton_configs import INPUTS, OUTPUTS, config_text, ensemble_config, features_config, ranker_config
 from merlin_mllm.summaries.rows import recent_titles_text, user_context_texts
 from merlin_mllm.summaries.store import open_store
 from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
@@ -134,7 +133,6 @@ __all__ = [
     "item_table",
     "fit_prompt_workflow",
     "load_export_ranker",
-    "fusion_head",
     "events_before_serving",
     "head_features_for",
     "config_text",
@@ -149,14 +147,6 @@ __all__ = [
 
 MANIFEST_FILE = "export.json"
 TRITON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
-#: (name, Triton dtype, dims without the batch dimension, optional) of the ensemble's inputs.
-INPUTS = (("user_id", "TYPE_INT64", [1], False), ("item_ids", "TYPE_INT64", [-1], False),
-          ("top_k", "TYPE_INT32", [1], True), (RETRIEVAL_INPUT, "TYPE_FP32", [-1], True))
-#: (name, Triton dtype, dims) of the ranker model's outputs; the ensemble passes them through.
-RANKER_OUTPUTS = (("scores", "TYPE_FP32", [-1]), ("ranked_item_ids", "TYPE_INT64", [-1]),
-                  ("ranked_scores", "TYPE_FP32", [-1]))
-#: The ensemble's outputs: the ranker's, plus the features model's cold-start flag.
-OUTPUTS = RANKER_OUTPUTS + (("known_user", "TYPE_BOOL", [1]),)
 #: Where each user's served summary comes from (see :func:`user_summary_table`).
 USER_SUMMARY_SOURCES = ("last_row", "store_latest")
 #: The folders and file of ``out_dir`` that an export owns (everything else is carried over).
@@ -206,12 +196,6 @@ def prompt_token_limit(model_dir, max_prompt_tokens: Optional[int] = None) -> Tu
     return trained_max_length(model_dir)
 
 
-def fusion_head(model_dir) -> Optional[TabularFusionHead]:
-    """The hybrid's tabular head saved beside the ranker (``fusion_head.safetensors``), or None."""
-    path = trained_model_dir(model_dir) / FUSION_HEAD_FILE
-    return TabularFusionHead.load(path) if path.is_file() else None
-
-
 def events_before_serving(data_dir) -> pd.DataFrame:
     """The events a deployment of a prepared folder has logged: those before the test split's cut.
 
@@ -232,22 +216,22 @@ def events_before_serving(data_dir) -> pd.DataFrame:
     return read_table(data_dir / "events").sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
 
 
-def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
+def head_features_for(head: Optional[HybridHead], data_dir, events=None,
                       recent_days: Optional[float] = None) -> Optional[HeadFeatures]:
     """What the features model needs to compute ``head``'s columns at request time (None: no head).
 
     Parameters
     ----------
-    head : TabularFusionHead or None
-        The hybrid's head (:func:`fusion_head`).
+    head : HybridHead or None
+        The hybrid's head (:func:`merlin_mllm.ranker.hybrid.saved_head`).
     data_dir : path
         The prepared dataset.
     events : DataFrame or path, optional
         The events logged before serving (``user_id``, ``item_id``, ``timestamp``), to fit the
         collaborative columns on. Default: :func:`events_before_serving`.
     recent_days : float, optional
-        The recent-count window (default :data:`DEFAULT_RECENT_DAYS`, the pipelines' default):
-        it must be the one the training features used. Its unit follows ``data_dir``'s
+        The recent-count window; default: the one the head records (``HybridHead.recent_days``,
+        what its training features were counted with). Its unit follows ``data_dir``'s
         timestamps (``report.json``).
 
     The counts are served as of the first second after the latest of ``events``
@@ -255,8 +239,8 @@ def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
     """
     if head is None:
         if events is not None or recent_days is not None:
-            raise ValueError("events / recent_days were given, but the ranker has no fusion head "
-                             f"({FUSION_HEAD_FILE}): it is not a hybrid")
+            raise ValueError("events / recent_days were given, but the ranker has no hybrid head "
+                             f"({HEAD_FILE}): it is not a hybrid")
         return None
     collaborative = None
     if HeadFeatures.collaborative_columns(head.feature_names):  # names checked before any fitting
@@ -264,7 +248,7 @@ def head_features_for(head: Optional[TabularFusionHead], data_dir, events=None,
             events = events_before_serving(data_dir)
         elif not isinstance(events, pd.DataFrame):
             events = read_table(events) if Path(events).is_dir() else pd.read_parquet(events)
-        collaborative = CollaborativeFeatures(DEFAULT_RECENT_DAYS if recent_days is None else float(recent_days),
+        collaborative = CollaborativeFeatures(head.recent_days if recent_days is None else float(recent_days),
                                               time_unit=folder_time_unit(data_dir))
         collaborative.fit(events)
     return HeadFeatures(head.feature_names, collaborative)
@@ -380,78 +364,6 @@ def fit_prompt_workflow(ranker, sample_items: pd.DataFrame, max_length: int = DE
                               ITEM_COLUMN: sample[ITEM_COLUMN].to_numpy(np.int64)})
         workflow.fit(merlin.io.Dataset(frame, cpu=True))
     return workflow
-
-
-# ---------------------------------------------------------------------------- configs
-def config_text(config) -> str:
-    """A model config protobuf as the text of a ``config.pbtxt``."""
-    return text_format.MessageToString(config)
-
-
-def ensemble_config(max_batch_size: int, n_head_features: int = 0):
-    """The ``mllm_rerank`` ensemble config (a ModelConfig protobuf); a hybrid's with ``n_head_features``."""
-    config = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=max_batch_size)
-    for name, dtype, dims, optional in INPUTS:
-        config.input.add(name=name, data_type=getattr(mc, dtype), dims=dims, optional=optional)
-    for name, dtype, dims in OUTPUTS:
-        config.output.add(name=name, data_type=getattr(mc, dtype), dims=dims)
-    features = config.ensemble_scheduling.step.add(model_name=FEATURES_MODEL, model_version=-1)
-    for name, *_ in INPUTS:
-        features.input_map[name] = name
-    for name in ("prompt_ids", "prompt_lengths", "top_k_resolved"):
-        features.output_map[name] = f"_{name}"
-    features.output_map["known_user"] = "known_user"  # straight to the ensemble's output
-    ranker = config.ensemble_scheduling.step.add(model_name=RANKER_MODEL, model_version=-1)
-    ranker.input_map["prompt_ids"] = "_prompt_ids"
-    ranker.input_map["prompt_lengths"] = "_prompt_lengths"
-    ranker.input_map["top_k_resolved"] = "_top_k_resolved"
-    ranker.input_map["item_ids"] = "item_ids"
-    if n_head_features:
-        features.output_map[FUSION_INPUT] = f"_{FUSION_INPUT}"
-        ranker.input_map[FUSION_INPUT] = f"_{FUSION_INPUT}"
-    for name, *_ in RANKER_OUTPUTS:
-        ranker.output_map[name] = name
-    return config
-
-
-def features_config(max_batch_size: int, instances: int, n_head_features: int = 0):
-    """The ``mllm_features`` python-backend config (CPU instances); a hybrid's with ``n_head_features``."""
-    config = mc.ModelConfig(name=FEATURES_MODEL, backend="python", max_batch_size=max_batch_size)
-    for name, dtype, dims, optional in INPUTS:
-        config.input.add(name=name, data_type=getattr(mc, dtype), dims=dims, optional=optional)
-    config.output.add(name="prompt_ids", data_type=mc.TYPE_INT64, dims=[-1, -1])
-    config.output.add(name="prompt_lengths", data_type=mc.TYPE_INT64, dims=[-1])
-    config.output.add(name="top_k_resolved", data_type=mc.TYPE_INT32, dims=[1])
-    config.output.add(name="known_user", data_type=mc.TYPE_BOOL, dims=[1])
-    if n_head_features:
-        config.output.add(name=FUSION_INPUT, data_type=mc.TYPE_FP32, dims=[-1, int(n_head_features)])
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    return config
-
-
-def ranker_config(max_batch_size: int, *, gpu: bool, instances: int, dynamic_batching: bool,
-                  max_batch_delay_us: int, precision: str, torch_threads: int, n_head_features: int = 0):
-    """The ``mllm_ranker`` python-backend config (GPU or CPU instances, dynamic batching); a hybrid's
-    (``n_head_features``) also reads the head's features of every candidate."""
-    config = mc.ModelConfig(name=RANKER_MODEL, backend="python", max_batch_size=max_batch_size)
-    # Ragged: requests with different candidate counts and prompt lengths may share a batch; the
-    # python backend hands them over as separate requests anyway.
-    config.input.add(name="prompt_ids", data_type=mc.TYPE_INT64, dims=[-1, -1], allow_ragged_batch=True)
-    config.input.add(name="prompt_lengths", data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=True)
-    config.input.add(name="item_ids", data_type=mc.TYPE_INT64, dims=[-1], allow_ragged_batch=True)
-    config.input.add(name="top_k_resolved", data_type=mc.TYPE_INT32, dims=[1])
-    if n_head_features:
-        config.input.add(name=FUSION_INPUT, data_type=mc.TYPE_FP32, dims=[-1, int(n_head_features)],
-                         allow_ragged_batch=True)
-    for name, dtype_name, dims in RANKER_OUTPUTS:
-        config.output.add(name=name, data_type=getattr(mc, dtype_name), dims=dims)
-    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(kind=kind, count=instances)
-    if dynamic_batching:
-        config.dynamic_batching.max_queue_delay_microseconds = int(max_batch_delay_us)
-    config.parameters["precision"].string_value = precision
-    config.parameters["torch_threads"].string_value = str(int(torch_threads))
-    return config
 
 
 def _write_model(staging: Path, name: str, config, model_py: Optional[str] = None) -> Path:
@@ -659,14 +571,14 @@ def export(
         users goes through in one pass (measured on an H200: 8 users x 21 candidates in one pass
         took 0.58x the time of scoring user by user, while 32-row passes took 1.18x).
     events : DataFrame or path, optional
-        Only for a hybrid ranker (``fusion_head.safetensors`` in ``model_dir``): the events
+        Only for a hybrid ranker (``hybrid_head.safetensors`` in ``model_dir``): the events
         logged before serving (``user_id``, ``item_id``, ``timestamp``), on which the
         collaborative features are fitted; a request is counted as of the first second after the
         latest of them. Default: :func:`events_before_serving`, i.e.
         ``training_events(data_dir, "test")``.
     recent_days : float, optional
-        Only for a hybrid: the collaborative features' recent window; the training features'
-        (default 30, ``fusion_feature_rows``' default).
+        Only for a hybrid: the collaborative features' recent window (default: the one the saved
+        head records, its training features').
     progress : bool
         Show progress bars (item image encoding, when the model folder lacks the table).
 
@@ -704,7 +616,7 @@ def export(
     staging = out_dir.with_name(f"{out_dir.name}.tmp-{token}")
     staging.mkdir()
     try:
-        head = fusion_head(model_dir)
+        head = saved_head(model_dir)
         head_features = head_features_for(head, data_dir, events, recent_days)
         n_head = len(head.feature_names) if head is not None else 0
         # Only its tokenizer, prompt and item table are used here, so float32 does; the served
@@ -718,14 +630,14 @@ def export(
         workflow = fit_prompt_workflow(ranker, items, max_length)
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
         features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances, n_head),
-                                    "features.py")
+                                    "features_model.py")
         features.save(features_dir / "1" / ARTIFACTS_DIR)
         ranker_dir = _write_model(
             staging, RANKER_MODEL,
             ranker_config(max_batch_size, gpu=gpu, instances=gpu_instances if gpu else cpu_instances,
                           dynamic_batching=dynamic_batching, max_batch_delay_us=max_batch_delay_us,
                           precision=precision, torch_threads=torch_threads, n_head_features=n_head),
-            "ranker.py",
+            "ranker_model.py",
         )
         table = ranker.item_features if ranker.config.use_images else None
         RankerStep.write(ranker_dir / "1" / ARTIFACTS_DIR, model_dir, table, batch_size=scoring_batch_size,

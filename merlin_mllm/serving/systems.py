@@ -1,7 +1,7 @@
 """``MLLMRerank``: the MLLM ranker as a merlin.systems operator (e.g. retrieval >> MLLM rerank).
 
 The operator runs the same feature and ranker steps as the Triton ensemble
-(:mod:`merlin_mllm.serving.artifacts`): each input row is one user with a list of candidate item
+(:mod:`merlin_mllm.serving.steps`, :mod:`merlin_mllm.serving.ranker_step`): each input row is one user with a list of candidate item
 ids; the output has, per row, P(yes) for every candidate in input order and the top-k.
 
 ==========================  ============================  ==========================================
@@ -19,7 +19,7 @@ column                      dtype                         meaning
 ``known_user``              bool                          False: a cold start (empty-history summary)
 ==========================  ============================  ==========================================
 
-A hybrid ranker (``fusion_head.safetensors`` beside it) is served as the Triton export serves
+A hybrid ranker (``hybrid_head.safetensors`` beside it) is served as the Triton export serves
 it: the head's collaborative features come from the ``CollaborativeFeatures`` workflow fitted on
 the events logged before serving, its ``retrieval_score`` from the retrieval column, which a
 head that reads it requires (the error names the column). Put the retrieval stage's scores in
@@ -70,8 +70,9 @@ with warnings.catch_warnings():
     from merlin.table import TensorColumn
 
 from merlin_mllm.models.loading import default_device
+from merlin_mllm.ranker.hybrid import saved_head
 from merlin_mllm.ranker.saved import trained_model_dir
-from merlin_mllm.serving.artifacts import (
+from merlin_mllm.serving.steps import (
     ARTIFACTS_DIR,
     ENSEMBLE_MODEL,
     RETRIEVAL_INPUT,
@@ -79,20 +80,19 @@ from merlin_mllm.serving.artifacts import (
     FEATURES_MODEL,
     RANKER_MODEL,
     FeatureStep,
-    RankerStep,
     RequestError,
     ServingLimits,
     rank_scores,
 )
 from merlin_mllm.serving.export import (
     fit_prompt_workflow,
-    fusion_head,
     head_features_for,
     item_table,
     load_export_ranker,
     prompt_token_limit,
     user_summary_table,
 )
+from merlin_mllm.serving.ranker_step import RankerStep
 from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
 
 __all__ = ["MLLMRerank", "PythonOnlyRuntime", "export_python_only"]
@@ -206,7 +206,7 @@ class MLLMRerank(BaseOperator):
             return
         if model_dir is None or summaries is None or data_dir is None:
             raise ValueError("MLLMRerank needs model_dir, summaries and data_dir (or use MLLMRerank.from_export)")
-        head = fusion_head(model_dir)
+        head = saved_head(model_dir)
         head_features = head_features_for(head, data_dir, events, recent_days)
         target = torch.device(device) if device is not None else default_device()
         with tempfile.TemporaryDirectory() as cache:
@@ -363,7 +363,7 @@ class MLLMRerank(BaseOperator):
             except RequestError as err:
                 raise ValueError(f"MLLMRerank, row {row} (user {int(user)}): {err}") from err
         try:  # a hybrid's head features, all rows in one workflow pass (None otherwise)
-            features = self._features.fusion_features(users_column, lists, retrieval)
+            features = self._features.head_inputs(users_column, lists, retrieval)
         except RequestError as err:
             raise ValueError(f"MLLMRerank: {err}") from err
         users, known = [], []

@@ -4,10 +4,10 @@ Two backends write the summaries:
 
 ``"mllm"``
     Any Hugging Face image-text-to-text model (LLaVA-NeXT, Qwen2-VL, Idefics3/SmolVLM, ...),
-    as in the paper. In the default ``mode="fusion"`` an item costs up to three prompts: the
-    model describes the image (content, colours, objects, visible text, notable details), then
-    summarises the title and description, then fuses the two into one paragraph. Before the
-    fusion the longer part is cut to at most ``BALANCE_RATIO`` times the length of the shorter
+    as in the paper. In the default ``mode="image_and_text"`` an item costs up to three prompts:
+    the model describes the image (content, colours, objects, visible text, notable details),
+    then summarises the title and description, then combines the two into one paragraph. Before
+    combining, the longer part is cut to at most ``BALANCE_RATIO`` times the length of the shorter
     one, so neither the picture nor the text dominates the result. ``mode="image_only"`` keeps
     the image description alone (what the authors' code does).
 ``"textualizer"`` (the offline default, and a cheap mode for large catalogues)
@@ -95,9 +95,12 @@ logger = logging.getLogger(__name__)
 #: Bump whenever a prompt below changes wording: it is part of every summary's store key.
 PROMPT_VERSION = "item-v1"
 BACKENDS = ("textualizer", "mllm")
-MODES = ("fusion", "image_only")
+MODES = ("image_and_text", "image_only")
+#: The name a mode has in the summary store's keys, where it differs from the mode's own: stores
+#: written before ``image_and_text`` had its name keyed it "fusion", and their summaries stay found.
+STORE_KEY_MODES = {"image_and_text": "fusion"}
 ON_EMPTY = ("skip", "error")
-#: Before fusion, the longer of (image description, text summary) is cut to at most this many
+#: Before combining, the longer of (image description, text summary) is cut to at most this many
 #: times the word count of the shorter one (never below ``MIN_BALANCED_WORDS``).
 BALANCE_RATIO = 1.5
 MIN_BALANCED_WORDS = 25
@@ -118,13 +121,13 @@ _TEXT_SUMMARY = (
     "Here is the text of a catalogue item.\n\n{text}\n\n"
     "Summarise what this item is in one paragraph of about {words} words. Do not use lists."
 )
-_FUSION = (
+_IMAGE_AND_TEXT = (
     "Two descriptions of the same catalogue item follow: one of its picture and one of its "
     "text.\n\nPicture: {image}\n\nText: {text}\n\n"
     "Combine them into one paragraph of about {words} words that gives the picture and the text "
     "equal weight and does not repeat itself."
 )
-_TEXTUALIZED_FUSION = (
+_TEXTUALIZED_IMAGE_AND_TEXT = (
     "Write one paragraph of about {words} words that describes this product for a shop "
     "catalogue, using both what its photo shows and its text.\n\n"
     "Photo (as seen by an image classifier): {labels}; main colours: {colours}.\n{text}"
@@ -279,7 +282,7 @@ class TextualizerBackend(_Backend):
                 if mode == "image_only" or not text:
                     prompt = _TEXTUALIZED_IMAGE_ONLY.format(words=n_words, labels=labels, colours=colours)
                 else:
-                    prompt = _TEXTUALIZED_FUSION.format(words=n_words, labels=labels, colours=colours, text=text)
+                    prompt = _TEXTUALIZED_IMAGE_AND_TEXT.format(words=n_words, labels=labels, colours=colours, text=text)
             conversations.append([{"role": "user", "content": prompt}])
         return conversations
 
@@ -328,24 +331,25 @@ class MLLMBackend(_Backend):
             for i in with_image
         ]
         image_part = dict(zip(with_image, run(describe)))
-        # The text is summarised when it is the only input, or when fusion needs it.
+        # The text is summarised when it is the only input, or when it is combined with the image's.
         needs_text = [
             i for i, row in enumerate(rows)
-            if row.has_text and (row.image is None or mode == "fusion")
+            if row.has_text and (row.image is None or mode == "image_and_text")
         ]
         text_part = dict(zip(needs_text, run([
             text_message(_TEXT_SUMMARY.format(text=_item_text(rows[i].title, rows[i].description), words=n_words))
             for i in needs_text
         ])))
         fuse = [i for i in with_image if i in text_part and image_part[i] and text_part[i]]
-        fusion_prompts = []
+        combine_prompts = []
         for i in fuse:
             # Model output goes back into a prompt: it is escaped like any untrusted text.
             image_text, text_text = balance_lengths(
                 escape_untrusted(image_part[i], self.tokenizer), escape_untrusted(text_part[i], self.tokenizer)
             )
-            fusion_prompts.append(text_message(_FUSION.format(words=n_words, image=image_text, text=text_text)))
-        fused = dict(zip(fuse, run(fusion_prompts)))
+            prompt = _IMAGE_AND_TEXT.format(words=n_words, image=image_text, text=text_text)
+            combine_prompts.append(text_message(prompt))
+        fused = dict(zip(fuse, run(combine_prompts)))
         summaries = []
         for i in range(len(rows)):
             if i in fused:
@@ -407,8 +411,8 @@ class ItemSummarizer:
         See the module docstring. ``textualizer`` works offline with the embedded models.
     model : str, path or LoadedModel, optional
         The LLM (textualizer; default: embedded SmolLM2) or MLLM (mllm; required).
-    mode : {"fusion", "image_only"}
-        ``fusion`` (the paper): image description + text summary fused into one paragraph.
+    mode : {"image_and_text", "image_only"}
+        ``image_and_text`` (the paper): image description + text summary combined into one paragraph.
         ``image_only`` (the authors' code): the image description alone; items without a usable
         image still get a summary of their text.
     settings : GenerationSettings
@@ -449,7 +453,7 @@ class ItemSummarizer:
 
     backend: str = "textualizer"
     model: Any = None
-    mode: str = "fusion"
+    mode: str = "image_and_text"
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     on_empty: str = "skip"
     store: Any = None
@@ -557,7 +561,7 @@ class ItemSummarizer:
         engine = self.engine
         inputs = {
             "backend": engine.name,
-            "mode": self.mode,
+            "mode": STORE_KEY_MODES.get(self.mode, self.mode),
             "title": row.title,
             "description": row.description,
             "image": row.image_token,
@@ -716,7 +720,7 @@ def summarize_items(
     *,
     backend: str = "textualizer",
     model: Any = None,
-    mode: str = "fusion",
+    mode: str = "image_and_text",
     settings: GenerationSettings = GenerationSettings(),
     on_empty: str = "skip",
     progress: bool = True,

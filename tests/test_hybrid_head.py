@@ -1,6 +1,8 @@
-"""The tabular fusion head and the hybrid score (merlin_mllm.ranker.fusion) and their trainer
-(merlin_mllm.pipelines.fusion): shapes, training on a separable toy set, the LLM part optional."""
+"""The hybrid's head and score (merlin_mllm.ranker.hybrid) and the head's trainer
+(merlin_mllm.pipelines.hybrid): shapes, training on a separable toy set, the LLM part optional."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -10,8 +12,8 @@ from torch import nn
 
 import merlin.models.torch as mm
 from merlin_mllm.metrics import auc
-from merlin_mllm.pipelines.fusion import FusionSettings, fusion_scores, train_fusion_head
-from merlin_mllm.ranker.fusion import HybridScore, TabularFusionHead
+from merlin_mllm.pipelines.hybrid import HeadSettings, head_scores, train_head
+from merlin_mllm.ranker.hybrid import HybridHead, HybridScore
 
 NAMES = ("item_log_count", "retrieval_score", "user_log_count")
 
@@ -31,7 +33,7 @@ def features_of(rows: pd.DataFrame) -> dict:
 
 
 def test_head_is_a_merlin_block_of_the_right_shape():
-    head = TabularFusionHead(NAMES, hidden=(8, 4))
+    head = HybridHead(NAMES, hidden=(8, 4))
     assert isinstance(head, mm.Block) and isinstance(head.mlp, mm.MLPBlock)
     # The LazyLinear layers are materialised: an optimizer made now sees every parameter.
     assert not any(isinstance(p, nn.parameter.UninitializedParameter) for p in head.parameters())
@@ -44,22 +46,22 @@ def test_head_is_a_merlin_block_of_the_right_shape():
     matrix = torch.as_tensor(rows[list(NAMES)].to_numpy(np.float32))
     torch.testing.assert_close(head(matrix), by_name)
     # The columns are stacked in feature_names order, not MLPBlock's sorted-key order.
-    reordered = TabularFusionHead(tuple(reversed(NAMES)), hidden=(8, 4))
+    reordered = HybridHead(tuple(reversed(NAMES)), hidden=(8, 4))
     reordered.load_state_dict(head.state_dict())
     assert not torch.allclose(reordered(features_of(rows)), by_name)
-    linear = TabularFusionHead(NAMES, hidden=())
+    linear = HybridHead(NAMES, hidden=())
     assert linear.mlp is None and linear(matrix).shape == (5,)
     with pytest.raises(KeyError, match="retrieval_score"):
         head({"item_log_count": torch.zeros(2), "user_log_count": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"\(B, 3\)"):
         head(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="non-empty"):
-        TabularFusionHead([])
+        HybridHead([])
 
 
 def test_fit_scaling_standardises_and_keeps_constant_columns_finite():
     rows = toy_rows(200, 1).assign(user_log_count=2.5)
-    head = TabularFusionHead(NAMES).fit_scaling(rows)
+    head = HybridHead(NAMES).fit_scaling(rows)
     np.testing.assert_allclose(head.feature_mean.numpy(), rows[list(NAMES)].mean().to_numpy(), rtol=1e-5)
     assert head.feature_std[2].item() == 1.0  # constant column: centred only
     assert torch.isfinite(head(features_of(rows))).all()
@@ -69,7 +71,7 @@ def test_inputs_are_clipped_to_the_training_range_in_memory_and_saved(tmp_path):
     """A value beyond anything seen in training (a retrieval score of 1e30) is scored as the
     training maximum, instead of letting the MLP extrapolate to an arbitrary logit."""
     train = toy_rows(200, 7)
-    head = TabularFusionHead(NAMES, hidden=(8,)).fit_scaling(train)
+    head = HybridHead(NAMES, hidden=(8,)).fit_scaling(train)
     np.testing.assert_allclose(head.feature_min.numpy(), train[list(NAMES)].min().to_numpy(), rtol=1e-6)
     np.testing.assert_allclose(head.feature_max.numpy(), train[list(NAMES)].max().to_numpy(), rtol=1e-6)
     rows = toy_rows(4, 8)
@@ -80,42 +82,42 @@ def test_inputs_are_clipped_to_the_training_range_in_memory_and_saved(tmp_path):
     torch.testing.assert_close(head(features_of(far)), head(features_of(clipped)))
     assert torch.isfinite(head(features_of(far))).all()
     # inside the range nothing changes: the same logits as without any bounds
-    unbounded = TabularFusionHead(NAMES, hidden=(8,))
+    unbounded = HybridHead(NAMES, hidden=(8,))
     unbounded.load_state_dict({**head.state_dict(), "feature_min": torch.full((3,), float("-inf")),
                                "feature_max": torch.full((3,), float("inf"))})
     torch.testing.assert_close(unbounded(features_of(train)), head(features_of(train)))
     assert not torch.allclose(unbounded(features_of(far)), head(features_of(far)))
     # the range travels with the saved head; a head saved without one stays unbounded
-    loaded = TabularFusionHead.load(head.save(tmp_path / "head.safetensors"))
+    loaded = HybridHead.load(head.save(tmp_path / "head.safetensors"))
     torch.testing.assert_close(loaded(features_of(far)), head(features_of(far)))
     from safetensors.torch import load_file, save_file
 
     state = {k: v for k, v in load_file(str(tmp_path / "head.safetensors")).items() if k not in ("feature_min", "feature_max")}
     save_file(state, str(tmp_path / "old.safetensors"), metadata={"feature_names": '["item_log_count", '
               '"retrieval_score", "user_log_count"]', "hidden": "[8]"})
-    old = TabularFusionHead.load(tmp_path / "old.safetensors")
+    old = HybridHead.load(tmp_path / "old.safetensors")
     assert torch.isinf(old.feature_max).all() and torch.isinf(old.feature_min).all()
     with pytest.raises(ValueError, match="training row 1 holds a non-finite"):
-        TabularFusionHead(NAMES).fit_scaling(train.iloc[:3].assign(retrieval_score=[0.0, np.inf, 1.0]))
+        HybridHead(NAMES).fit_scaling(train.iloc[:3].assign(retrieval_score=[0.0, np.inf, 1.0]))
 
 
 def test_trains_on_a_separable_toy_set():
     train, valid, test = toy_rows(400, 2), toy_rows(200, 3), toy_rows(300, 4)
-    fit = train_fusion_head(train, valid, NAMES, seed=0, settings=FusionSettings(epochs=150, patience=40))
+    fit = train_head(train, valid, NAMES, seed=0, settings=HeadSettings(epochs=150, patience=40))
     assert fit.best_valid_auc > 0.98 and 1 <= fit.best_epoch <= len(fit.train_loss) <= 150
     assert fit.train_loss[-1] < fit.train_loss[0]
-    scored = fusion_scores(fit.head, test)
+    scored = head_scores(fit.head, test)
     assert auc(scored["label"], scored["score"]) > 0.98
     assert set(fit.summary()) >= {"best_epoch", "best_valid_auc", "settings", "seconds"}
     # Same seed, same head.
-    again = train_fusion_head(train, valid, NAMES, seed=0, settings=FusionSettings(epochs=150, patience=40))
-    np.testing.assert_allclose(fusion_scores(again.head, test)["score"], scored["score"])
+    again = train_head(train, valid, NAMES, seed=0, settings=HeadSettings(epochs=150, patience=40))
+    np.testing.assert_allclose(head_scores(again.head, test)["score"], scored["score"])
     with pytest.raises(ValueError, match="lack column"):
-        train_fusion_head(train.drop(columns="retrieval_score"), valid, NAMES)
+        train_head(train.drop(columns="retrieval_score"), valid, NAMES)
 
 
 def test_hybrid_without_llm_equals_the_head_alone():
-    head = TabularFusionHead(NAMES)
+    head = HybridHead(NAMES)
     inputs = features_of(toy_rows(6, 5))
     hybrid = HybridScore(head)
     assert not hybrid.has_llm and hybrid.llm_logit(inputs) is None
@@ -125,7 +127,7 @@ def test_hybrid_without_llm_equals_the_head_alone():
 
 
 def test_hybrid_adds_the_llm_logit():
-    head = TabularFusionHead(NAMES)
+    head = HybridHead(NAMES)
     inputs = features_of(toy_rows(6, 6))
     llm_logit = torch.linspace(-2, 2, 6)
     from_column = HybridScore(head, llm_column="llm_logit")
@@ -148,3 +150,30 @@ def test_hybrid_adds_the_llm_logit():
     assert head.output_layer.weight.grad is not None
     with pytest.raises(ValueError, match="not both"):
         HybridScore(head, FakeRankerBlock(), llm_column="llm_logit")
+
+
+def test_the_saved_head_records_its_recent_window_and_old_folders_still_load(tmp_path):
+    from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
+    from merlin_mllm.ranker.config import HEAD_FILE, LEGACY_HEAD_FILE
+    from merlin_mllm.ranker.hybrid import saved_head, saved_head_path
+
+    rows = pd.DataFrame(np.arange(12, dtype=np.float64).reshape(4, 3), columns=list(NAMES))
+    head = HybridHead(NAMES, hidden=(), recent_days=7.5).fit_scaling(rows)
+    assert HybridHead.load(head.save(tmp_path / "h.safetensors")).recent_days == 7.5
+    with pytest.raises(ValueError, match="recent_days must be positive"):
+        HybridHead(NAMES, recent_days=0)
+    # A folder saved before the hybrid had one name: the head under its old file name, no window.
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(load_file(str(tmp_path / "h.safetensors")), str(folder / LEGACY_HEAD_FILE),
+              metadata={"feature_names": json.dumps(list(NAMES)), "hidden": "[]"})
+    assert saved_head_path(folder) == folder / LEGACY_HEAD_FILE
+    old = saved_head(folder)
+    assert old.feature_names == tuple(NAMES) and old.recent_days == DEFAULT_RECENT_DAYS
+    torch.testing.assert_close(old(torch.as_tensor(rows.to_numpy(np.float32))),
+                               head(torch.as_tensor(rows.to_numpy(np.float32))))
+    head.save(folder / HEAD_FILE)  # the current name wins
+    assert saved_head_path(folder) == folder / HEAD_FILE and saved_head(folder).recent_days == 7.5
+    assert saved_head(tmp_path / "nothing here") is None

@@ -1,4 +1,4 @@
-"""What the served ranker runs: the feature step and the ranker step, each loaded from a folder.
+"""The serving steps' contract (model, tensor and folder names, request errors and limits) and the feature step.
 
 The Triton export (:mod:`merlin_mllm.serving.export`) writes one folder per step into the
 version folder of its python-backend model, and the merlin.systems operator
@@ -16,8 +16,8 @@ Feature step (``mllm_features``), folder layout::
     head_features/    only for a hybrid ranker (:class:`HeadFeatures`): head_features.json (the
                       head's input columns, in its order, and the serving time ``as_of``) and
                       collaborative/, the fitted ``CollaborativeFeatures`` workflow
-                      (Workflow.save, with its AsOfCount statistics) when the head reads a
-                      collaborative column
+                      (``CollaborativeFeatures.save``, with its AsOfCount statistics) when the
+                      head reads a collaborative column
 
 Request -> per user: the user's summary, each candidate's title and has-image flag, then the
 workflow turns those rows into the token ids of the ranker's prompts. An unknown user (no
@@ -34,32 +34,23 @@ logged event: every logged event counts, and the recent window ends at the lates
 of each candidate). A hybrid whose head reads ``retrieval_score`` rejects
 a request without ``retrieval_scores``, naming the input.
 
-Ranker step (``mllm_ranker``), folder layout::
-
-    ranker/                    RankerModel.save_pretrained (config, LoRA adapter, projector), and
-                               fusion_head.safetensors for a hybrid (TabularFusionHead)
-    item_images.safetensors    ItemImageFeatures, looked up by item id (embedded model with images)
-    ranker.json                scoring settings (candidates per forward pass)
-
-Per user it calls :meth:`RankerModel.score_token_ids`, which runs the shared user prefix once
-and reuses its KV cache for every candidate. A hybrid's score is sigmoid(head logit + LLM
-logit), the LLM logit being logit(P(yes)) = logit(Yes) - logit(No), as
-``evaluate_ranker(..., features=...)`` scores it.
+The ranker step (``mllm_ranker``, :class:`merlin_mllm.serving.ranker_step.RankerStep`) takes
+the feature step's tensors to scores.
 
 Usage::
 
-    from merlin_mllm.serving.artifacts import FeatureStep, RankerStep, rank_scores
+    from merlin_mllm.serving.ranker_step import RankerStep
+    from merlin_mllm.serving.steps import FeatureStep, rank_scores
 
     features = FeatureStep.load("triton_repo/mllm_features/1/artifacts")
     ranker = RankerStep.load("triton_repo/mllm_ranker/1/artifacts")
     batch = features.prepare(np.array([[7]]), np.array([[12, 40, 3]]))   # hybrid: retrieval_scores=...
     scores = ranker.score_rows(batch["prompt_ids"], batch["prompt_lengths"], np.array([[12, 40, 3]]),
-                               batch.get("fusion_features"))
+                               batch.get("head_features"))
     ranked_ids, ranked_scores = rank_scores([12, 40, 3], scores[0], top_k=2)
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -81,15 +72,13 @@ __all__ = [
     "RANKER_MODEL",
     "ARTIFACTS_DIR",
     "RETRIEVAL_INPUT",
-    "RETRIEVAL_FEATURE",
-    "FUSION_INPUT",
+    "HEAD_FEATURES_INPUT",
     "RequestError",
     "UnknownUserError",
     "ServingLimits",
     "UNKNOWN_USER_POLICIES",
     "FeatureStep",
     "HeadFeatures",
-    "RankerStep",
     "rank_scores",
 ]
 
@@ -104,19 +93,14 @@ USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
 WORKFLOW_DIR = "workflow"
 FEATURES_CONFIG = "features.json"
-RANKER_DIR = "ranker"
-RANKER_CONFIG = "ranker.json"
 HEAD_FEATURES_DIR = "head_features"
 HEAD_FEATURES_CONFIG = "head_features.json"
 COLLABORATIVE_DIR = "collaborative"
 
 #: The ensemble's optional input carrying the retrieval stage's score of each candidate.
 RETRIEVAL_INPUT = "retrieval_scores"
-#: The head feature it fills (``merlin_mllm.pipelines.features.RETRIEVAL_COLUMN``; a test keeps
-#: them equal: serving never imports the pipelines).
-RETRIEVAL_FEATURE = "retrieval_score"
 #: The tensor from the feature step to the ranker step of a hybrid: (candidates, head features).
-FUSION_INPUT = "fusion_features"
+HEAD_FEATURES_INPUT = "head_features"
 
 #: Column names of the rows the workflow tokenizes.
 SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN, ITEM_COLUMN = "user_summary", "title", "has_image", "item_id"
@@ -183,16 +167,16 @@ def rank_scores(item_ids: Sequence[int], scores: Sequence[float], top_k: int) ->
 class HeadFeatures:
     """Request -> a hybrid head's input columns for every (user, candidate).
 
-    The columns are those the head was trained on (``TabularFusionHead.feature_names``, in its
-    order). Each is one of:
+    The columns are those the head was trained on (``HybridHead.feature_names``, in its
+    order). Each is one of :data:`merlin_mllm.data.collaborative.HEAD_FEATURES`:
 
     * ``item_log_count``, ``item_log_recent_count``, ``user_log_count``: computed by
       ``collaborative`` (:class:`merlin_mllm.data.collaborative.CollaborativeFeatures`), the
       NVTabular workflow fitted on the events logged before serving: its own ``transform``, on
       its own fitted statistics, every request as of one moment, ``as_of`` (offline evaluation
       counts each row as of its own time instead; given that moment, the two agree).
-    * ``retrieval_score``: the request's ``retrieval_scores``, the upstream retrieval stage's
-      score of each candidate.
+    * ``retrieval_score`` (``RETRIEVAL_COLUMN``): the request's ``retrieval_scores``, the
+      upstream retrieval stage's score of each candidate.
 
     Parameters
     ----------
@@ -216,7 +200,7 @@ class HeadFeatures:
         self.feature_names = tuple(str(name) for name in feature_names)
         self.collaborative_names = self.collaborative_columns(self.feature_names)
         if self.collaborative_names and (collaborative is None or getattr(collaborative, "workflow", None) is None):
-            raise ValueError(f"the fusion head reads {list(self.collaborative_names)}: give a fitted CollaborativeFeatures")
+            raise ValueError(f"the hybrid head reads {list(self.collaborative_names)}: give a fitted CollaborativeFeatures")
         self.collaborative = collaborative if self.collaborative_names else None
         self.as_of = None
         if self.collaborative is not None:
@@ -225,21 +209,23 @@ class HeadFeatures:
     @staticmethod
     def collaborative_columns(feature_names: Sequence[str]) -> Tuple[str, ...]:
         """The collaborative columns among a head's ``feature_names``; a column that cannot be served raises."""
-        from merlin_mllm.data.collaborative import FEATURE_COLUMNS
+        from merlin_mllm.data.collaborative import FEATURE_COLUMNS, HEAD_FEATURES, RETRIEVAL_COLUMN
 
         if not len(feature_names):
-            raise ValueError("a fusion head reads at least one feature column")
-        unknown = [name for name in feature_names if name not in (*FEATURE_COLUMNS, RETRIEVAL_FEATURE)]
+            raise ValueError("a hybrid head reads at least one feature column")
+        unknown = [name for name in feature_names if name not in HEAD_FEATURES]
         if unknown:
-            raise ValueError(f"the fusion head reads column(s) {unknown}, which the served features model cannot "
+            raise ValueError(f"the hybrid head reads column(s) {unknown}, which the served features model cannot "
                              f"compute at request time: it computes {list(FEATURE_COLUMNS)} from the events logged "
-                             f"before serving and {RETRIEVAL_FEATURE!r} from the request's {RETRIEVAL_INPUT!r}")
+                             f"before serving and {RETRIEVAL_COLUMN!r} from the request's {RETRIEVAL_INPUT!r}")
         return tuple(name for name in feature_names if name in FEATURE_COLUMNS)
 
     @property
     def needs_retrieval(self) -> bool:
         """Whether the head reads ``retrieval_score`` (then every request must send ``retrieval_scores``)."""
-        return RETRIEVAL_FEATURE in self.feature_names
+        from merlin_mllm.data.collaborative import RETRIEVAL_COLUMN
+
+        return RETRIEVAL_COLUMN in self.feature_names
 
     def save(self, folder: Union[str, os.PathLike]) -> Path:
         """Write ``head_features.json`` and, with collaborative columns, the fitted workflow (``collaborative/``)."""
@@ -249,18 +235,8 @@ class HeadFeatures:
         folder.mkdir(parents=True)
         config = {"feature_names": list(self.feature_names), "retrieval_input": RETRIEVAL_INPUT}
         if self.collaborative is not None:
-            collaborative = self.collaborative
-            # Workflow.save points its statistics at the saved folder: save a copy, so the live
-            # object keeps reading its own.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                copy.deepcopy(collaborative.workflow).save(str(folder / COLLABORATIVE_DIR))
-            config["collaborative"] = {
-                "as_of": self.as_of, "recent_days": collaborative.recent_days, "time_unit": collaborative.time_unit,
-                "latest_event": collaborative.latest_event, "n_events": int(collaborative.n_events),
-                "user_column": collaborative.user_column, "item_column": collaborative.item_column,
-                "time_column": collaborative.time_column,
-            }
+            self.collaborative.save(folder / COLLABORATIVE_DIR)
+            config["collaborative"] = {"as_of": self.as_of, **self.collaborative.settings()}
         (folder / HEAD_FEATURES_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
 
@@ -273,25 +249,14 @@ class HeadFeatures:
         config = json.loads((folder / HEAD_FEATURES_CONFIG).read_text(encoding="utf-8"))
         collaborative, as_of = None, None
         if "collaborative" in config:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import nvtabular as nvt
+            from merlin_mllm.data.collaborative import CollaborativeFeatures
 
-                from merlin_mllm.data.collaborative import CollaborativeFeatures
-
-                settings = config["collaborative"]
-                if "as_of" not in settings:
-                    raise ValueError(f"{folder / HEAD_FEATURES_CONFIG} was written before the features were counted "
-                                     "as of a time (no 'as_of'): export the hybrid again")
-                collaborative = CollaborativeFeatures(
-                    settings["recent_days"], user_column=settings["user_column"], item_column=settings["item_column"],
-                    time_column=settings["time_column"], time_unit=settings["time_unit"])
-                # The fitted statistics, as CollaborativeFeatures.fit left them (pickled with the
-                # AsOfCount operators).
-                collaborative.workflow = nvt.Workflow.load(str(folder / COLLABORATIVE_DIR))
-                collaborative.latest_event = settings["latest_event"]
-                collaborative.n_events = settings["n_events"]
-                as_of = settings["as_of"]
+            settings = config["collaborative"]
+            if "as_of" not in settings:
+                raise ValueError(f"{folder / HEAD_FEATURES_CONFIG} was written before the features were counted "
+                                 "as of a time (no 'as_of'): export the hybrid again")
+            collaborative = CollaborativeFeatures.load(folder / COLLABORATIVE_DIR, settings)
+            as_of = settings["as_of"]
         return cls(config["feature_names"], collaborative, as_of)
 
     def compute(self, user_ids: Sequence[int], item_ids: Sequence[int],
@@ -312,6 +277,8 @@ class HeadFeatures:
             ``retrieval_scores`` missing while the head needs it (naming the input), of another
             length than the rows, or not finite (naming the item).
         """
+        from merlin_mllm.data.collaborative import RETRIEVAL_COLUMN
+
         user_ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         if user_ids.shape != item_ids.shape:
@@ -320,7 +287,7 @@ class HeadFeatures:
         if self.needs_retrieval:
             if retrieval_scores is None:
                 raise RequestError(
-                    f"this export's ranker is a hybrid whose head reads {RETRIEVAL_FEATURE!r}: send the input "
+                    f"this export's ranker is a hybrid whose head reads {RETRIEVAL_COLUMN!r}: send the input "
                     f"{RETRIEVAL_INPUT!r} (FP32, the retrieval stage's score of each entry of item_ids)")
             scores = np.asarray(retrieval_scores, dtype=np.float64).reshape(-1)
             if scores.size != item_ids.size:
@@ -331,7 +298,7 @@ class HeadFeatures:
                 row = int(np.flatnonzero(bad)[0])
                 raise RequestError(f"{RETRIEVAL_INPUT}: the score of item {int(item_ids[row])} (user "
                                    f"{int(user_ids[row])}) is {scores[row]!r}, not a finite number")
-            columns[RETRIEVAL_FEATURE] = scores.astype(np.float32)
+            columns[RETRIEVAL_COLUMN] = scores.astype(np.float32)
         if self.collaborative is not None:
             rows = pd.DataFrame({self.collaborative.user_column: user_ids, self.collaborative.item_column: item_ids})
             with warnings.catch_warnings():
@@ -367,7 +334,7 @@ class FeatureStep:
         the user ids), for deployments where an unknown id is a bug upstream.
     head_features : HeadFeatures, optional
         For a hybrid ranker: the head's tabular features, added to each request's tensors as
-        ``fusion_features``.
+        ``head_features``.
 
     Attributes
     ----------
@@ -514,8 +481,8 @@ class FeatureStep:
                 probe = self._item_ids[:2]
                 self.head_features.compute(np.full(len(probe), -1), probe, np.zeros(len(probe)))
 
-    def fusion_features(self, user_ids: Sequence[int], item_lists: Sequence[Sequence[int]],
-                        retrieval_lists: Optional[Sequence[Sequence[float]]] = None) -> Optional[List[np.ndarray]]:
+    def head_inputs(self, user_ids: Sequence[int], item_lists: Sequence[Sequence[int]],
+                    retrieval_lists: Optional[Sequence[Sequence[float]]] = None) -> Optional[List[np.ndarray]]:
         """Per user row, the hybrid head's features of its candidates, float32 (candidates, features).
 
         None when the ranker is not a hybrid (``retrieval_lists`` is then not needed). The
@@ -588,7 +555,7 @@ class FeatureStep:
             ``prompt_lengths`` int64 (batch, candidates); ``top_k`` int32 (batch, 1) with the
             default filled in and capped at the number of candidates; ``known_user`` bool
             (batch, 1): False for a cold start (the user got ``empty_summary``); for a hybrid
-            also ``fusion_features`` float32 (batch, candidates, head features).
+            also ``head_features`` float32 (batch, candidates, head features).
 
         Raises
         ------
@@ -607,8 +574,8 @@ class FeatureStep:
                 raise RequestError(f"{RETRIEVAL_INPUT} has shape {list(retrieval_scores.shape)} but item_ids "
                                    f"{list(item_ids.shape)}: send one score per candidate item id")
         # Checked before the users are counted: a request refused for its features is no cold start.
-        fusion = self.fusion_features(user_ids, list(item_ids),
-                                      None if retrieval_scores is None else list(retrieval_scores))
+        head_inputs = self.head_inputs(user_ids, list(item_ids),
+                                       None if retrieval_scores is None else list(retrieval_scores))
         known = self.admit_users(user_ids)
         rows = [self.prompts(int(user), item_ids[row]) for row, user in enumerate(user_ids)]
         batch, count = item_ids.shape
@@ -619,174 +586,6 @@ class FeatureStep:
                 padded[row, column, : len(ids)] = ids
         resolved = np.minimum(resolved, count).astype(np.int32).reshape(batch, 1)
         out = {"prompt_ids": padded, "prompt_lengths": lengths, "top_k": resolved, "known_user": known.reshape(batch, 1)}
-        if fusion is not None:
-            out[FUSION_INPUT] = np.stack(fusion).astype(np.float32)
+        if head_inputs is not None:
+            out[HEAD_FEATURES_INPUT] = np.stack(head_inputs).astype(np.float32)
         return out
-
-
-# ---------------------------------------------------------------------------- ranker step
-class RankerStep:
-    """Token-id prompts -> P(yes) per candidate, with the shared user prefix computed once.
-
-    Parameters
-    ----------
-    ranker : RankerModel
-        With its item image table attached (embedded model with images).
-    batch_size : int
-        Candidates per forward pass.
-    head : TabularFusionHead, optional
-        A hybrid's head: the score is then sigmoid(head(features) + logit(P(yes))).
-    """
-
-    def __init__(self, ranker, batch_size: int = 32, head=None):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        self.ranker = ranker
-        self.batch_size = int(batch_size)
-        self.head = head.eval() if head is not None else None
-
-    @staticmethod
-    def write(folder: Union[str, os.PathLike], model_dir: Union[str, os.PathLike], item_features=None,
-              batch_size: int = 32, precision: Optional[str] = None) -> Path:
-        """Copy a saved ranker (its hybrid head too, and its item image table) into a step folder.
-
-        ``precision`` (:data:`~merlin_mllm.models.precision.PRECISIONS`): what the step runs in,
-        resolved where it loads ("auto" detects there); default: the saved ranker's.
-        """
-        from merlin_mllm.models.precision import check_precision
-        from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, FUSION_HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
-
-        folder, model_dir = Path(folder), Path(model_dir)
-        target = folder / RANKER_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        for name in (CONFIG_FILE, ADAPTER_DIR, PROJECTOR_FILE, FUSION_HEAD_FILE):
-            source = model_dir / name
-            if source.is_dir():
-                shutil.copytree(source, target / name)
-            elif source.is_file():
-                shutil.copy2(source, target / name)
-        if item_features is not None:
-            item_features.save(folder / ITEM_IMAGES_FILE)
-        elif (folder / ITEM_IMAGES_FILE).exists():
-            (folder / ITEM_IMAGES_FILE).unlink()
-        settings = {"batch_size": int(batch_size)}
-        if precision is not None:
-            settings["precision"] = check_precision(precision)
-        (folder / RANKER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-        return folder
-
-    @classmethod
-    def load(cls, folder: Union[str, os.PathLike], *, device=None, precision: Optional[str] = None,
-             batch_size: Optional[int] = None) -> "RankerStep":
-        """Load the ranker of a step folder onto ``device`` (default: CUDA when available), in
-        ``precision`` (default: the one :meth:`write` recorded, else the saved ranker's)."""
-        import torch
-
-        from merlin_mllm.models.loading import default_device
-        from merlin_mllm.ranker.config import FUSION_HEAD_FILE, ITEM_IMAGES_FILE
-        from merlin_mllm.ranker.features import ItemImageFeatures
-        from merlin_mllm.ranker.fusion import TabularFusionHead
-        from merlin_mllm.ranker.model import RankerModel
-
-        folder = Path(folder)
-        if not (folder / RANKER_DIR).is_dir():
-            raise FileNotFoundError(f"{folder / RANKER_DIR} not found: {folder} is not an exported ranker step")
-        device = torch.device(device) if device is not None else default_device()
-        table = ItemImageFeatures.load(folder / ITEM_IMAGES_FILE) if (folder / ITEM_IMAGES_FILE).exists() else None
-        settings = json.loads((folder / RANKER_CONFIG).read_text()) if (folder / RANKER_CONFIG).exists() else {}
-        ranker = RankerModel.from_pretrained(folder / RANKER_DIR, item_features=table, device=device,
-                                             precision=precision or settings.get("precision"))
-        # The head stays on the CPU in float32: a few hundred weights, scored as evaluation scores them.
-        head_path = folder / RANKER_DIR / FUSION_HEAD_FILE
-        head = TabularFusionHead.load(head_path) if head_path.is_file() else None
-        return cls(ranker, batch_size=batch_size or settings.get("batch_size", 32), head=head)
-
-    def hybrid_parts(self, p_yes: np.ndarray, features: np.ndarray) -> Dict[str, np.ndarray]:
-        """A hybrid's score of one user's candidates from the LLM's P(yes) and the head's features.
-
-        Exactly what ``evaluate_ranker(..., features=...)`` computes: ``llm_logit`` =
-        log(P) - log(1 - P) (= logit(Yes) - logit(No)), ``head_logit`` = the head on the
-        float32 features, ``score`` = sigmoid(their sum), all float64.
-        """
-        import torch
-
-        from merlin_mllm.ranker.fusion import hybrid_probability
-
-        if self.head is None:
-            raise ValueError("this ranker has no fusion head: it is not a hybrid")
-        p_yes = np.asarray(p_yes, dtype=np.float64).reshape(-1)
-        features = np.asarray(features, dtype=np.float32).reshape(len(p_yes), -1)
-        with torch.no_grad():
-            head_logit = self.head(torch.as_tensor(features)).double().numpy()
-        llm_logit, score = hybrid_probability(p_yes, head_logit)
-        return {"llm_logit": llm_logit, "head_logit": head_logit, "score": score}
-
-    def warm_up(self) -> None:
-        """Score two probe prompts, so the first client does not pay for first-call set-up."""
-        probe = self.ranker.prompt.encode("A user.", "An item", has_image=False).input_ids
-        self.ranker.score_token_ids([probe, probe[:-1] + probe[-1:]], None, batch_size=self.batch_size)
-
-    def score(self, prompts: Sequence[Sequence[int]], item_ids: Sequence[int],
-              features: Optional[np.ndarray] = None) -> np.ndarray:
-        """P(yes) (float64) of one user's candidates, in input order; a hybrid's score with ``features``."""
-        p_yes = self.ranker.score_token_ids([list(map(int, p)) for p in prompts],
-                                            [int(i) for i in item_ids], batch_size=self.batch_size)
-        return self._finish([p_yes], None if features is None else [features])[0]
-
-    def _finish(self, p_yes: List[np.ndarray], features: Optional[Sequence[np.ndarray]]) -> List[np.ndarray]:
-        # The LLM's P(yes) as it is, or a hybrid's score: a hybrid needs the head's features.
-        if self.head is None:
-            if features is not None:
-                raise ValueError("fusion features were given, but this ranker has no fusion head (not a hybrid)")
-            return p_yes
-        if features is None:
-            raise ValueError(f"this ranker is a hybrid: it needs the head's features {list(self.head.feature_names)} "
-                             "of every candidate (the feature step's fusion_features)")
-        if len(features) != len(p_yes):
-            raise ValueError(f"fusion features for {len(features)} users, but {len(p_yes)} users were scored")
-        return [self.hybrid_parts(p, f)["score"] for p, f in zip(p_yes, features)]
-
-    def score_users(self, users: Sequence[Tuple[Sequence[Sequence[int]], Sequence[int]]],
-                    features: Optional[Sequence[np.ndarray]] = None) -> List[np.ndarray]:
-        """P(yes) for several users' candidates at once (what a dynamic batch of requests holds).
-
-        Each user's prompt prefix is computed once, as in :meth:`score`; then the candidates of
-        *all* users go through the model together, ``batch_size`` rows per forward pass. A row
-        attends to its own user's cached prefix: the prefixes are right-padded to the longest
-        one in the pass and the padding is masked out, and each row's positions continue from
-        its own prefix length. So the scores equal per-user scoring (up to float rounding), but
-        the matrix products are larger, which is what a GPU needs to be busy.
-
-        Parameters
-        ----------
-        users : list of (prompts, item_ids)
-            Per user: the candidates' full prompt token ids and their item ids.
-        features : list of np.ndarray, optional
-            A hybrid's head features per user, (candidates, head features) each; required for
-            a hybrid (see :meth:`hybrid_parts`), refused otherwise.
-
-        Returns
-        -------
-        list of np.ndarray (float64), one per user, in input order: P(yes), or the hybrid's score.
-        """
-        return self._finish(self.ranker.score_users_token_ids(users, batch_size=self.batch_size), features)
-
-    @staticmethod
-    def unpad(prompt_ids: np.ndarray, prompt_lengths: np.ndarray, item_ids: np.ndarray) -> List[Tuple[list, np.ndarray]]:
-        """(prompts, item_ids) per user row from the feature step's padded tensors."""
-        prompt_ids = np.asarray(prompt_ids)
-        prompt_lengths = np.asarray(prompt_lengths).reshape(prompt_ids.shape[:2])
-        item_ids = np.asarray(item_ids).reshape(prompt_ids.shape[:2])
-        return [([prompt_ids[row, c, : int(prompt_lengths[row, c])] for c in range(prompt_ids.shape[1])], item_ids[row])
-                for row in range(prompt_ids.shape[0])]
-
-    def score_rows(self, prompt_ids: np.ndarray, prompt_lengths: np.ndarray, item_ids: np.ndarray,
-                   fusion_features: Optional[np.ndarray] = None) -> np.ndarray:
-        """Scores (batch, candidates) from the feature step's padded tensors, one user per row.
-
-        ``fusion_features`` (batch, candidates, head features): a hybrid's, from the feature step.
-        """
-        features = None if fusion_features is None else list(np.asarray(fusion_features))
-        return np.stack(self.score_users(self.unpad(prompt_ids, prompt_lengths, item_ids), features))

@@ -2,14 +2,14 @@
 
 Copied by ``merlin-mllm export`` into ``<repo>/mllm_features/1/model.py``. Its artefacts (user
 summaries, item titles and image flags, the fitted NVTabular workflow) sit beside it in
-``1/artifacts/``; the logic is :class:`merlin_mllm.serving.artifacts.FeatureStep`, so the server's
+``1/artifacts/``; the logic is :class:`merlin_mllm.serving.steps.FeatureStep`, so the server's
 Python must import ``merlin_mllm`` (``merlin-mllm serve`` puts this project's venv first on PATH).
 
 Inputs (batch dimension first):  user_id INT64 [1], item_ids INT64 [-1], top_k INT32 [1] (optional),
 retrieval_scores FP32 [-1] (optional: the retrieval stage's score of each candidate)
 Outputs: prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1], top_k_resolved INT32 [1],
 known_user BOOL [1] (False: a cold start, scored with the empty-history summary), and for a
-hybrid ranker fusion_features FP32 [-1, F] (the head's F tabular features of each candidate:
+hybrid ranker head_features FP32 [-1, F] (the head's F tabular features of each candidate:
 the fitted CollaborativeFeatures workflow's counts, and retrieval_score from retrieval_scores)
 
 A bad request (unknown item id, empty or too long candidate list, bad top_k; an unknown user
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from merlin_mllm.serving.artifacts import (
+from merlin_mllm.serving.steps import (
     ARTIFACTS_DIR,
-    FUSION_INPUT,
+    HEAD_FEATURES_INPUT,
     RETRIEVAL_INPUT,
     FeatureStep,
     RequestError,
@@ -72,8 +72,9 @@ class TritonPythonModel:
                     pb_utils.Tensor("top_k_resolved", prepared["top_k"].astype(self.output_dtypes["top_k_resolved"])),
                     pb_utils.Tensor("known_user", prepared["known_user"].astype(bool)),
                 ]
-                if FUSION_INPUT in prepared:  # a hybrid ranker: its head's features
-                    tensors.append(pb_utils.Tensor(FUSION_INPUT, prepared[FUSION_INPUT].astype(self.output_dtypes[FUSION_INPUT])))
+                if HEAD_FEATURES_INPUT in prepared:  # a hybrid ranker: its head's features
+                    head = prepared[HEAD_FEATURES_INPUT].astype(self.output_dtypes[HEAD_FEATURES_INPUT])
+                    tensors.append(pb_utils.Tensor(HEAD_FEATURES_INPUT, head))
                 if not prepared["known_user"].all():
                     unknown = user_ids.reshape(-1)[~prepared["known_user"].reshape(-1)]
                     self._log_cold_start(unknown, "served the empty-history summary")

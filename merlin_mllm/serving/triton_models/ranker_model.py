@@ -2,7 +2,7 @@
 
 Copied by ``merlin-mllm export`` into ``<repo>/mllm_ranker/1/model.py``. Its artefacts (the
 ranker with its LoRA adapter and projector, the item image table) sit beside it in
-``1/artifacts/``; the logic is :class:`merlin_mllm.serving.artifacts.RankerStep`. Each user row
+``1/artifacts/``; the logic is :class:`merlin_mllm.serving.steps.RankerStep`. Each user row
 is scored with the shared user prefix computed once (``RankerModel.score_token_ids``).
 
 An instance of kind GPU runs on its assigned device; ``parameters { key: "precision" }`` picks
@@ -12,7 +12,7 @@ threads of this process (0: its share of the CPUs among the model's CPU instance
 :func:`merlin_mllm.models.threads.set_torch_threads`, so instances do not oversubscribe them).
 
 Inputs (batch dimension first): prompt_ids INT64 [-1, -1], prompt_lengths INT64 [-1],
-item_ids INT64 [-1], top_k_resolved INT32 [1], and for a hybrid ranker fusion_features FP32
+item_ids INT64 [-1], top_k_resolved INT32 [1], and for a hybrid ranker head_features FP32
 [-1, F] (its head's features of each candidate, from mllm_features)
 Outputs: scores FP32 [-1] (input order; a hybrid's: sigmoid(head logit + LLM logit)),
 ranked_item_ids INT64 [-1], ranked_scores FP32 [-1]
@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 
 # Importing merlin_mllm (before torch) pins MKL's reproducible mode: see merlin_mllm/__init__.py.
 from merlin_mllm.models.threads import set_torch_threads
-from merlin_mllm.serving.artifacts import ARTIFACTS_DIR, FUSION_INPUT, RankerStep, RequestError, rank_scores
+from merlin_mllm.serving.steps import ARTIFACTS_DIR, HEAD_FEATURES_INPUT, RankerStep, RequestError, rank_scores
 
 
 def _version_dir(args) -> Path:
@@ -80,8 +80,8 @@ class TritonPythonModel:
                     pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy(),
                 )
                 top_k = int(pb_utils.get_input_tensor_by_name(request, "top_k_resolved").as_numpy().reshape(-1)[0])
-                fusion = pb_utils.get_input_tensor_by_name(request, FUSION_INPUT)  # a hybrid's head features
-                features = None if fusion is None else list(fusion.as_numpy())
+                head_features = pb_utils.get_input_tensor_by_name(request, HEAD_FEATURES_INPUT)  # a hybrid's
+                features = None if head_features is None else list(head_features.as_numpy())
                 parsed.append((index, rows, top_k, features))
             except Exception as err:
                 responses[index] = self._error(err)

@@ -1,26 +1,36 @@
-"""The hybrid ranker's score: a small tabular head, plus the LLM's yes-minus-no logit when there is one.
+"""The hybrid ranker: a small tabular head, plus the LLM's yes-minus-no logit when there is one.
 
-Issue 16's tabular fusion scores a (user, candidate) row with
+A hybrid scores a (user, candidate) row with
 
     logit = head(tabular features) + scale * (logit(Yes) - logit(No))
 
-where the features are the pipeline's collaborative columns (``item_log_count``,
-``item_log_recent_count``, ``user_log_count``: :mod:`merlin_mllm.data.collaborative`) and an
-upstream retrieval score. Leaving the LLM out gives the same head alone: the non-LLM control
-that says whether the LLM adds anything.
+where the features are :data:`merlin_mllm.data.collaborative.HEAD_FEATURES` (by default): the
+collaborative columns (``item_log_count``, ``item_log_recent_count``, ``user_log_count``: the
+point-in-time NVTabular operator of :mod:`merlin_mllm.data.collaborative`) and an upstream
+retrieval score. Leaving the LLM out gives the same head alone: the non-LLM control that says
+whether the LLM adds anything. Building the feature tables and training the head alone live one
+layer up, in :mod:`merlin_mllm.pipelines.hybrid`.
 
-Pieces (both ``merlin.models.torch`` Blocks, taking a Merlin batch's feature dict)
---------------------------------------------------------------------------------
-:class:`TabularFusionHead`
+Pieces (the two Blocks take a Merlin batch's feature dict)
+----------------------------------------------------------
+:class:`HybridHead`
     Named scalar feature columns -> clipped to the range seen in training -> standardised
     (fixed mean/std) -> ``mm.MLPBlock(hidden)`` -> ``Linear(., 1)`` -> one logit per row,
-    shape (B,). :meth:`~TabularFusionHead.fit_scaling` sets the range and the scaling from the
-    training rows; both are buffers, saved with the head.
+    shape (B,). :meth:`~HybridHead.fit_scaling` sets the range and the scaling from the
+    training rows; both are buffers, saved with the head. The saved file also records the
+    recent window its features were counted with (``recent_days``), which serving reads.
 :class:`HybridScore`
     ``head(inputs)`` plus the LLM's logit, from a module (e.g.
     :class:`merlin_mllm.ranker.block.RankerBlock`, trained jointly) or from a column of
     precomputed logits. :meth:`~HybridScore.head_logit` and :meth:`~HybridScore.llm_logit`
     keep each part's score available, so its share of the gain can be measured.
+:class:`HybridLoss`, :func:`hybrid_loss`
+    The ranker's ``binary`` or ``listwise`` loss on the hybrid logit (Merlin's loss interface,
+    and the function under it).
+:func:`hybrid_probability`
+    A hybrid's score from the LLM's P(yes) and the head's logit, as evaluation and serving give it.
+:func:`saved_head`
+    The head saved in a trained model folder (``HEAD_FILE``), or None for the LLM alone.
 
 Three properties of merlin.models.torch 23.12's ``MLPBlock`` shape the head: its layers are
 ``LazyLinear`` (so the head runs one dummy row at construction, and an optimizer made right
@@ -38,15 +48,15 @@ the training range is unchanged, so training is too.
 Usage::
 
     import torch
-    from merlin_mllm.ranker.fusion import HybridScore, TabularFusionHead
+    from merlin_mllm.ranker.hybrid import HybridHead, HybridScore, saved_head
 
-    head = TabularFusionHead(["item_log_count", "retrieval_score"], hidden=(16,))
+    head = HybridHead(["item_log_count", "retrieval_score"], hidden=(16,))
     head.fit_scaling(train_features)                  # (N, 2) array of the training rows
     logits = head({"item_log_count": counts, "retrieval_score": scores})          # (B,)
     hybrid = HybridScore(head, llm_column="llm_logit")  # or HybridScore(head, llm=ranker_block)
     hybrid({**features, "llm_logit": llm_logits})     # head logit + LLM logit
-    head.save("runs/ranker/model/fusion_head.safetensors")   # beside the ranker it was trained with
-    TabularFusionHead.load("runs/ranker/model/fusion_head.safetensors")
+    head.save("runs/ranker/model/hybrid_head.safetensors")   # beside the ranker it was trained with
+    saved_head("runs/ranker/model")                   # the head again (None: not a hybrid)
 """
 from __future__ import annotations
 
@@ -61,7 +71,11 @@ import torch
 from torch import nn
 
 from merlin_mllm import merlin_compat
+from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
+from merlin_mllm.ranker.config import HEAD_FILE, LEGACY_HEAD_FILE
+from merlin_mllm.ranker.groups import GroupOutput
 from merlin_mllm.ranker.losses import group_loss
+from merlin_mllm.ranker.saved import trained_model_dir
 
 merlin_compat.apply()
 
@@ -70,7 +84,8 @@ with warnings.catch_warnings():
     import merlin.models.torch as mm
     from merlin.models.torch.batch import Batch
 
-__all__ = ["TabularFusionHead", "HybridScore", "hybrid_loss", "hybrid_probability"]
+__all__ = ["HybridHead", "HybridScore", "HybridLoss", "hybrid_loss", "hybrid_probability", "saved_head_path",
+           "saved_head"]
 
 Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 #: A feature whose training spread is below this is only centred, not scaled (e.g. a user
@@ -78,7 +93,7 @@ Features = Union[torch.Tensor, Dict[str, torch.Tensor]]
 _MIN_STD = 1e-6
 
 
-class TabularFusionHead(mm.Block):
+class HybridHead(mm.Block):
     """An MLP from named scalar feature columns to one logit per row.
 
     Parameters
@@ -91,17 +106,24 @@ class TabularFusionHead(mm.Block):
         Dropout after each hidden layer.
     activation : type of nn.Module
         Activation after each hidden layer (default ReLU).
+    recent_days : float
+        The recent window (days) the training rows' ``item_log_recent_count`` was counted with
+        (:class:`~merlin_mllm.data.collaborative.CollaborativeFeatures`): saved with the head, so
+        that serving counts requests alike.
 
     Examples
     --------
-    >>> head = TabularFusionHead(["a", "b"], hidden=(4,))
+    >>> head = HybridHead(["a", "b"], hidden=(4,))
     >>> head({"a": torch.zeros(3), "b": torch.ones(3, 1)}).shape
     torch.Size([3])
     """
 
     def __init__(self, feature_names: Sequence[str], hidden: Sequence[int] = (16,), *,
-                 dropout: Optional[float] = None, activation=nn.ReLU):
+                 dropout: Optional[float] = None, activation=nn.ReLU, recent_days: float = DEFAULT_RECENT_DAYS):
         super().__init__()
+        if not recent_days > 0:
+            raise ValueError(f"recent_days must be positive, got {recent_days!r}")
+        self.recent_days = float(recent_days)
         if isinstance(feature_names, str) or not len(feature_names):
             raise ValueError(f"feature_names must be a non-empty sequence of column names, got {feature_names!r}")
         if len(set(feature_names)) != len(feature_names):
@@ -132,11 +154,11 @@ class TabularFusionHead(mm.Block):
             return matrix.float()
         missing = [name for name in self.feature_names if name not in inputs]
         if missing:
-            raise KeyError(f"TabularFusionHead needs feature column(s) {missing}; the inputs have {sorted(inputs)}")
+            raise KeyError(f"HybridHead needs feature column(s) {missing}; the inputs have {sorted(inputs)}")
         return torch.stack([inputs[name].reshape(-1).float() for name in self.feature_names], dim=1)
 
     @torch.no_grad()
-    def fit_scaling(self, features) -> "TabularFusionHead":
+    def fit_scaling(self, features) -> "HybridHead":
         """Standardise each column by its mean and std over ``features`` (the training rows), and
         clip it to their min and max.
 
@@ -147,7 +169,7 @@ class TabularFusionHead(mm.Block):
 
         Returns
         -------
-        TabularFusionHead
+        HybridHead
             ``self``.
         """
         if hasattr(features, "columns") or isinstance(features, dict):
@@ -178,20 +200,21 @@ class TabularFusionHead(mm.Block):
         return self.output_layer(x).squeeze(-1)
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write the head (weights, scaling, feature names, widths) to one safetensors file."""
+        """Write the head (weights, scaling, feature names, widths, recent window) to one safetensors file."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in self.state_dict().items()}
-        meta = {"feature_names": json.dumps(list(self.feature_names)), "hidden": json.dumps(list(self.hidden))}
+        meta = {"feature_names": json.dumps(list(self.feature_names)), "hidden": json.dumps(list(self.hidden)),
+                "recent_days": json.dumps(self.recent_days)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)  # a reader never sees half a head
         return path
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "TabularFusionHead":
+    def load(cls, path: Union[str, os.PathLike]) -> "HybridHead":
         """A head written by :meth:`save`, in eval mode."""
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -199,8 +222,10 @@ class TabularFusionHead(mm.Block):
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         if "feature_names" not in meta or "hidden" not in meta:
-            raise ValueError(f"{path} is not a TabularFusionHead file (no feature_names/hidden metadata)")
-        head = cls(json.loads(meta["feature_names"]), json.loads(meta["hidden"]))
+            raise ValueError(f"{path} is not a HybridHead file (no feature_names/hidden metadata)")
+        # A head saved before the recent window was recorded was trained with the default one.
+        head = cls(json.loads(meta["feature_names"]), json.loads(meta["hidden"]),
+                   recent_days=json.loads(meta.get("recent_days", "null")) or DEFAULT_RECENT_DAYS)
         state = load_file(str(path))
         # A head saved before the training range was recorded stays unclipped (its buffers' default).
         for name in ("feature_min", "feature_max"):
@@ -214,7 +239,7 @@ class HybridScore(mm.Block):
 
     Parameters
     ----------
-    head : TabularFusionHead
+    head : HybridHead
     llm : nn.Module, optional
         Maps the inputs (and ``batch``) to the LLM's logit(Yes) - logit(No), shape (B,): e.g. a
         :class:`merlin_mllm.ranker.block.RankerBlock`, trained jointly with the head.
@@ -226,14 +251,14 @@ class HybridScore(mm.Block):
 
     Examples
     --------
-    >>> head = TabularFusionHead(["a"], hidden=())
+    >>> head = HybridHead(["a"], hidden=())
     >>> hybrid = HybridScore(head, llm_column="llm_logit")
     >>> inputs = {"a": torch.ones(2), "llm_logit": torch.tensor([1.0, -1.0])}
     >>> torch.allclose(hybrid(inputs), head(inputs) + inputs["llm_logit"])
     True
     """
 
-    def __init__(self, head: TabularFusionHead, llm: Optional[nn.Module] = None, *,
+    def __init__(self, head: HybridHead, llm: Optional[nn.Module] = None, *,
                  llm_column: Optional[str] = None, learn_llm_scale: bool = False):
         super().__init__()
         if llm is not None and llm_column is not None:
@@ -281,6 +306,34 @@ class HybridScore(mm.Block):
         return logit
 
 
+class HybridLoss(nn.Module):
+    """Merlin loss ``(predictions, targets) -> loss`` of a :class:`HybridScore` around a ``RankerBlock``.
+
+    Parameters
+    ----------
+    hybrid : HybridScore
+        Its ``llm`` is the ranker block (:class:`merlin_mllm.ranker.block.RankerBlock`); its last
+        logit is what the loss reads.
+    """
+
+    def __init__(self, hybrid: HybridScore):
+        super().__init__()
+        object.__setattr__(self, "_hybrid", hybrid)  # not a submodule: the model registers it
+
+    def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        block = self._hybrid.llm
+        output, logit = block.pop_output(), self._hybrid.pop_logit()
+        rows = predictions.reshape(-1).shape[0]
+        if output is None or logit is None or logit.shape[0] != rows:
+            raise RuntimeError("HybridLoss must be computed right after its HybridScore's forward pass on the same batch")
+        labels = targets.reshape(-1).round().long()
+        name = block.ranker.config.loss
+        group_index = output.group_index if isinstance(output, GroupOutput) else None
+        if name == "listwise" and group_index is None:
+            raise RuntimeError("the listwise loss needs groups: train the hybrid with batching='groups'")
+        return hybrid_loss(name, logit, labels, group_index)
+
+
 def hybrid_loss(name: str, logit: torch.Tensor, labels, group_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ranker's ``binary`` or ``listwise`` loss (:mod:`merlin_mllm.ranker.losses`) on hybrid logits.
 
@@ -289,7 +342,7 @@ def hybrid_loss(name: str, logit: torch.Tensor, labels, group_index: Optional[to
     has no meaning here (the head adds no vocabulary logits) and is refused.
     """
     if name == "lm":
-        raise ValueError("a hybrid (fusion features) trains with loss='binary' or 'listwise'; "
+        raise ValueError("a hybrid (head features) trains with loss='binary' or 'listwise'; "
                          "'lm' is a loss over the LLM's vocabulary, which the tabular head has no part in")
     logit = logit.reshape(-1).float()
     pair = torch.stack([torch.zeros_like(logit), logit], dim=1)  # [No, Yes] with Yes - No = logit
@@ -306,3 +359,23 @@ def hybrid_probability(p_yes, head_logit) -> "tuple[np.ndarray, np.ndarray]":
     llm_logit = np.log(p_yes) - np.log1p(-p_yes)
     total = llm_logit + np.asarray(head_logit, dtype=np.float64).reshape(-1)
     return llm_logit, 1.0 / (1.0 + np.exp(-total))
+
+
+def saved_head_path(model_dir: Union[str, os.PathLike]) -> Optional[Path]:
+    """The head file of a saved ranker (:data:`~merlin_mllm.ranker.config.HEAD_FILE`), or None.
+
+    ``model_dir`` is the saved ranker or the run folder holding it (``trained_model_dir``).
+    Folders saved before the hybrid had one name hold it as ``LEGACY_HEAD_FILE``; it is read too.
+    """
+    model_dir = trained_model_dir(model_dir)
+    for name in (HEAD_FILE, LEGACY_HEAD_FILE):
+        path = model_dir / name
+        if path.is_file():
+            return path
+    return None
+
+
+def saved_head(model_dir: Union[str, os.PathLike]) -> Optional[HybridHead]:
+    """The hybrid's head saved in a ranker folder (the ranker's ``model/``), or None: not a hybrid."""
+    path = saved_head_path(model_dir)
+    return HybridHead.load(path) if path is not None else None
