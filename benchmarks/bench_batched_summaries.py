@@ -78,7 +78,7 @@ def synthetic_items(n: int, folder: Path) -> pd.DataFrame:
 
 
 def prepared_items(data_dir: Path, n: int) -> pd.DataFrame:
-    from merlin_mllm.data.images import dataset_image_root
+    from merlin_mllm.data.image_files import dataset_image_root
     from merlin_mllm.data.tables import read_table
 
     items = read_table(data_dir / "items").head(n).copy()

@@ -11,7 +11,7 @@ Import-time side effects: the package has exactly two, both listed here.
    imported (``merlin_mllm.ranker.block``, ``merlin_mllm.pipelines.training``); it is idempotent.
 
 Every package ``__init__`` below this one only lists its public names and imports them lazily
-(:mod:`merlin_mllm.exports`), with no other effect.
+(:mod:`merlin_mllm.lazy_exports`), with no other effect.
 """
 import os as _os
 

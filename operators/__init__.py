@@ -6,7 +6,7 @@ The operators are imported lazily: each pulls in NVTabular, torch and transforme
 """
 from __future__ import annotations
 
-from merlin_mllm.exports import lazy_exports
+from merlin_mllm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "ItemSummary": "item_summary",

@@ -97,7 +97,7 @@ class ItemSummary(Operator):
     image_root : str or path, optional
         The image root: relative image paths are read inside it and may not leave it. A
         prepared dataset folder works too (its ``report.json`` names the images folder; see
-        :func:`merlin_mllm.data.images.dataset_image_root`). A path outside the root is not
+        :func:`merlin_mllm.data.image_files.dataset_image_root`). A path outside the root is not
         read: the item is summarised from its text and counted in ``bad_images``.
     device : str, optional
         Default: CUDA when available, else CPU.

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from merlin_mllm.data.images import fetch_images, image_index
+from merlin_mllm.data.image_files import fetch_images, image_index
 
 
 def _image_bytes(fmt: str, colour) -> bytes:

@@ -23,10 +23,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from merlin_mllm import images as images_module
-from merlin_mllm.data.images import ImageRoot, dataset_image_root, image_index, record_image_root
+from merlin_mllm import image_loading as images_module
+from merlin_mllm.data.image_files import ImageRoot, dataset_image_root, image_index, record_image_root
 from merlin_mllm.data.tables import Tags, read_table, write_table
-from merlin_mllm.images import ImageLoadError, image_sha256
+from merlin_mllm.image_loading import ImageLoadError, image_sha256
 
 AMAZON = Path(__file__).parent / "fixtures" / "data" / "amazon"
 ITEM_TAGS = {"item_id": [Tags.ITEM_ID, Tags.CATEGORICAL], "title": [Tags.TEXT]}
@@ -111,7 +111,7 @@ def test_item_image_table_skips_and_names_paths_outside_the_root(layout, tmp_pat
 
     paths = ["inside.png", "../secret/outside.png", str(layout["outside"]), "link.png", None]
     ids = _write_items(layout["data"], paths)
-    with caplog.at_level(logging.WARNING, logger="merlin_mllm.ranker.features"):
+    with caplog.at_level(logging.WARNING, logger="merlin_mllm.ranker.image_features"):
         table = item_image_table(layout["data"], tmp_path / "cache.safetensors", progress=False)
     assert table.has_image_for(ids).tolist() == [True, False, False, True, False]
     assert sorted(table.skipped) == [2, 3]
@@ -127,7 +127,7 @@ def test_item_image_table_skips_and_names_paths_outside_the_root(layout, tmp_pat
 
 
 def test_from_images_with_a_root_never_opens_a_refused_path(layout, monkeypatch):
-    from merlin_mllm.ranker.features import ItemImageFeatures
+    from merlin_mllm.ranker.image_features import ItemImageFeatures
 
     opened = []
     real_open = images_module._open_image_file
@@ -205,7 +205,7 @@ def test_images_inside_the_output_are_recorded_relative_and_the_folder_can_move(
 
 # ------------------------------------------------------------------------------ hashing
 class _HashSpy:
-    """Stands in for hashlib in merlin_mllm.images: records the size of every update."""
+    """Stands in for hashlib in merlin_mllm.image_loading: records the size of every update."""
 
     def __init__(self):
         self.updates = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from merlin_mllm.images import ImageLoadError, is_missing, load_image, resolve_image_path
+from merlin_mllm.image_loading import ImageLoadError, is_missing, load_image, resolve_image_path
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -217,7 +217,7 @@ def test_image_paths_are_confined_to_the_root(tmp_path, picture, monkeypatch):
 
 def test_a_picture_over_a_limit_is_skipped_and_counted(tmp_path, picture, monkeypatch):
     """The ranker's image features skip and count an oversized picture like any unreadable one."""
-    from merlin_mllm.ranker.features import ItemImageFeatures
+    from merlin_mllm.ranker.image_features import ItemImageFeatures
 
     small = tmp_path / "small.png"
     small.write_bytes(_png_bytes(picture.resize((20, 12))))  # 240 pixels

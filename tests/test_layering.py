@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("base", ("merlin_mllm", "merlin_mllm.exports", "merlin_mllm.merlin_compat", "merlin_mllm.text",
-              "merlin_mllm.images", "merlin_mllm.metrics", "merlin_mllm.choices")),
+    ("base", ("merlin_mllm", "merlin_mllm.lazy_exports", "merlin_mllm.merlin_compat", "merlin_mllm.text",
+              "merlin_mllm.image_loading", "merlin_mllm.metrics", "merlin_mllm.choices")),
     ("models", ("merlin_mllm.models", "merlin_mllm.generation")),
     ("data", ("merlin_mllm.data",)),
     ("summaries", ("merlin_mllm.summaries",)),

@@ -383,11 +383,11 @@ def test_a_cached_table_from_another_encoder_is_refused_and_rebuilt(item_table, 
     import pandas as pd
 
     from merlin_mllm.data.tables import Tags, write_table
-    from merlin_mllm.ranker import features
+    from merlin_mllm.ranker import image_features
     from merlin_mllm.ranker.saved import item_image_table
 
     with monkeypatch.context() as patch:
-        patch.setattr(features, "ENCODER_NAME", "efficientnet-lite0-grid")
+        patch.setattr(image_features, "ENCODER_NAME", "efficientnet-lite0-grid")
         stale = item_table.save(tmp_path / "item_images.safetensors")
     with pytest.raises(ValueError, match="made by encoder 'efficientnet-lite0-grid'"):
         ItemImageFeatures.load(stale)

@@ -183,7 +183,7 @@ def test_title_leak_check_detects_a_leak_and_passes_a_clean_catalogue():
 
 
 def test_written_set_goes_through_prepare_dataset_with_local_images(tmp_path):
-    from merlin_mllm.data.images import dataset_image_root
+    from merlin_mllm.data.image_files import dataset_image_root
     from merlin_mllm.data.prepare import prepare_dataset
     from merlin_mllm.data.tables import read_table
 

@@ -70,7 +70,7 @@ with warnings.catch_warnings():
     from merlin.schema import Schema, Tags
     from nvtabular import ops
 
-from merlin_mllm.data.images import REPORT_FILE
+from merlin_mllm.data.image_files import REPORT_FILE
 from merlin_mllm.data.splits import read_prepared
 
 __all__ = ["FEATURE_COLUMNS", "RETRIEVAL_COLUMN", "HEAD_FEATURES", "DEFAULT_RECENT_DAYS", "SECONDS_PER_DAY", "TIME_UNITS", "AsOfCount",

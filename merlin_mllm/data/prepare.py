@@ -81,7 +81,7 @@ Output folder::
 Image paths: ``image_path`` is relative to the image root recorded as ``image_root`` in
 ``report.json`` (the ``images`` folder: absolute, or relative to ``out`` when it lies inside
 ``out``; ``null`` without images). Readers resolve the paths through
-:func:`merlin_mllm.data.images.dataset_image_root`, which keeps every read inside that root.
+:func:`merlin_mllm.data.image_files.dataset_image_root`, which keeps every read inside that root.
 Folders prepared before the root was recorded hold absolute paths and no ``image_root``: they
 are still read, their absolute paths as they are.
 
@@ -111,7 +111,7 @@ import pandas as pd
 
 from merlin_mllm.choices import NEGATIVE_SAMPLING, PROTOCOLS, TRAIN_TARGETS
 from merlin_mllm.data import processing
-from merlin_mllm.data.images import IMAGE_ROOT_KEY, image_index, record_image_root
+from merlin_mllm.data.image_files import IMAGE_ROOT_KEY, image_index, record_image_root
 from merlin_mllm.data.registry import dataset_entry
 from merlin_mllm.data.sources import BadLines, read_source
 from merlin_mllm.data.tables import Tags, write_table

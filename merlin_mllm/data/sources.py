@@ -372,7 +372,7 @@ def read_amazon2023(input: Optional[Path], bad: BadLines) -> Source:
     Items are keyed by ``parent_asin``. Item text: ``title`` is the product title and
     ``description`` joins the meta ``description`` paragraphs (the ``features`` bullets when
     there is no description). ``image_url`` is the main product image's ``large`` URL, for
-    :func:`merlin_mllm.data.images.fetch_images`.
+    :func:`merlin_mllm.data.image_files.fetch_images`.
 
     Parameters
     ----------

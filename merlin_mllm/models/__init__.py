@@ -11,7 +11,7 @@ Names are imported lazily, so ``from merlin_mllm.models import embedded`` does n
 """
 from __future__ import annotations
 
-from merlin_mllm.exports import lazy_exports
+from merlin_mllm.lazy_exports import lazy_exports
 
 _EXPORTS = dict.fromkeys(["LoadedModel", "default_device", "default_dtype", "load", "single_token_id"], "loading")
 _EXPORTS.update(dict.fromkeys(["PRECISIONS", "resolve_precision", "auto_precision"], "precision"))

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from merlin_mllm.images import load_image
+from merlin_mllm.image_loading import load_image
 from merlin_mllm.models import embedded
 from merlin_mllm.models.loading import default_device
 
@@ -88,7 +88,7 @@ COLOUR_PALETTE: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
     ("purple", (120, 40, 150)),
 )
 
-ImageLike = Any  # anything merlin_mllm.images.load_image accepts (path, bytes, PIL image, array)
+ImageLike = Any  # anything merlin_mllm.image_loading.load_image accepts (path, bytes, PIL image, array)
 
 _labels_cache: Optional[List[str]] = None
 
@@ -134,7 +134,7 @@ def dominant_colours(image: ImageLike, k: int = 3, min_share: float = 0.05) -> L
     Parameters
     ----------
     image : path, bytes, PIL image or array
-        Anything :func:`merlin_mllm.images.load_image` accepts.
+        Anything :func:`merlin_mllm.image_loading.load_image` accepts.
     k : int
         At most this many names.
     min_share : float
@@ -215,7 +215,7 @@ def cell_colour_features(pixel_values: torch.Tensor) -> torch.Tensor:
 class VisionEncoder(nn.Module):
     """EfficientNet-Lite0 (ImageNet) as an image-feature extractor and labeller.
 
-    Inputs to every method are images in any form :func:`merlin_mllm.images.load_image`
+    Inputs to every method are images in any form :func:`merlin_mllm.image_loading.load_image`
     accepts (paths, encoded bytes, PIL images, uint8 arrays), one or a list. Images are resized
     to 224x224 (aspect ratio not kept, as in the model's own evaluation) and scaled to [-1, 1].
     All work runs batched under ``torch.inference_mode()``; outputs stay on the encoder's

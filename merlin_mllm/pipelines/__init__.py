@@ -14,7 +14,7 @@ quickstart. Names are imported lazily, on first use (``TrainConfig`` without tor
 """
 from __future__ import annotations
 
-from merlin_mllm.exports import lazy_exports
+from merlin_mllm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "config",

@@ -48,8 +48,8 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from merlin_mllm.data.images import dataset_image_root
-from merlin_mllm.images import ImageLoadError
+from merlin_mllm.data.image_files import dataset_image_root
+from merlin_mllm.image_loading import ImageLoadError
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.hybrid import attach_features

@@ -74,7 +74,7 @@ from merlin_mllm.pipelines.config import TrainConfig
 from merlin_mllm.pipelines.hybrid import HeadSettings, attach_features, train_head
 from merlin_mllm.ranker.block import RankerMerlinModel
 from merlin_mllm.ranker.config import EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
-from merlin_mllm.ranker.features import ENCODER_NAME, ItemImageFeatures
+from merlin_mllm.ranker.image_features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.hybrid import HybridHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS

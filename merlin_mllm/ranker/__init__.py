@@ -2,7 +2,7 @@
 
 * :mod:`merlin_mllm.ranker.prompt`: the prompt (user summary first, then the candidate's title and
   image, then the question), tokenized and split where the shared user prefix ends.
-* :mod:`merlin_mllm.ranker.features`: item-keyed image feature grids for the embedded model.
+* :mod:`merlin_mllm.ranker.image_features`: item-keyed image feature grids for the embedded model.
 * :mod:`merlin_mllm.ranker.model`: :class:`RankerModel` (LoRA, answer-only loss, shared-prefix
   scoring, save/load), a thin composition of:
 
@@ -10,7 +10,7 @@
   * :mod:`~merlin_mllm.ranker.backend`: the interface to a model family, implemented by
     :mod:`~merlin_mllm.ranker.embedded_backend` (SmolLM2 + projected EfficientNet grids) and
     :mod:`~merlin_mllm.ranker.hf_backend` (Hugging Face MLLMs, mrope), chosen in
-    :mod:`~merlin_mllm.ranker.backends`;
+    :mod:`~merlin_mllm.ranker.backend_registry`;
   * :mod:`~merlin_mllm.ranker.lora`: LoRA attachment and the merged-weights cache for scoring;
   * :mod:`~merlin_mllm.ranker.scoring`: shared-prefix KV-cache scoring, packed scoring and the
     reference scorers;
@@ -28,7 +28,7 @@ load the model code.
 """
 from __future__ import annotations
 
-from merlin_mllm.exports import lazy_exports
+from merlin_mllm.lazy_exports import lazy_exports
 
 #: Public names by the submodule that defines them.
 _EXPORTS = dict(
@@ -40,7 +40,7 @@ _EXPORTS = dict(
     **dict.fromkeys(["load_ranker", "item_image_table"], "saved"),
     RankerConfig="config",
     ImageProjector="embedded_backend",
-    ItemImageFeatures="features",
+    ItemImageFeatures="image_features",
 )
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ language model: how images enter (projected item grids, or the processor's pixel
 which extra inputs a forward pass takes, and how positions are numbered. The ranker, its
 scorers (:mod:`merlin_mllm.ranker.scoring`) and the Merlin block call only the methods below,
 so adding a model family means adding one subclass and naming it in
-:mod:`merlin_mllm.ranker.backends`.
+:mod:`merlin_mllm.ranker.backend_registry`.
 
 Interface
 ---------
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merlin_mllm.images import is_missing
+from merlin_mllm.image_loading import is_missing
 from merlin_mllm.ranker.config import RankerConfig
-from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.packing import MASKABLE_ATTENTION, attention_mask_for
 from merlin_mllm.ranker.prompt import Candidate, EncodedPrompt, RankerPrompt
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 from merlin_mllm.choices import USER_CONTEXTS
 from merlin_mllm.models.precision import DEFAULT_PRECISION, check_precision
 from merlin_mllm.models.vision import TOKEN_DIM
-from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.losses import check_loss_name
 from merlin_mllm.ranker.prompt import IMAGE_TOKEN, PROMPT_VERSION, check_prompt_version
 
@@ -48,7 +48,7 @@ HEAD_FILE = "hybrid_head.safetensors"
 #: What folders saved before the hybrid had one name call the head (still read).
 LEGACY_HEAD_FILE = "fusion_head.safetensors"
 #: The embedded model's name, as ``base_model`` and as ``backend`` (the backend names are those
-#: of :data:`merlin_mllm.ranker.backends.BACKENDS`).
+#: of :data:`merlin_mllm.ranker.backend_registry.BACKENDS`).
 EMBEDDED = "embedded"
 
 
@@ -159,7 +159,7 @@ class RankerConfig:
 
     def validate(self) -> None:
         """Refuse impossible settings (the backend name is checked where the backend is chosen,
-        :func:`merlin_mllm.ranker.backends.backend_class`)."""
+        :func:`merlin_mllm.ranker.backend_registry.backend_class`)."""
         check_loss_name(self.loss)
         check_precision(self.precision)
         check_prompt_version(self.prompt_version)

@@ -2,7 +2,7 @@
 
 An item's picture is a 7x7 grid of image tokens (49 x 1290: EfficientNet features plus each
 cell's colour statistics), precomputed per item in an
-:class:`~merlin_mllm.ranker.features.ItemImageFeatures` table. A trainable 2-layer GELU MLP
+:class:`~merlin_mllm.ranker.image_features.ItemImageFeatures` table. A trainable 2-layer GELU MLP
 (:class:`ImageProjector`, 1290 -> 576 -> 576) maps them into SmolLM2's embedding space, where
 they replace the embeddings of the prompt's 49 ``<image>`` placeholder tokens. In a packed
 candidate group (:mod:`merlin_mllm.ranker.packing`) a row holds one such block per candidate
@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from merlin_mllm.images import is_missing
+from merlin_mllm.image_loading import is_missing
 from merlin_mllm.models.loading import load
 from merlin_mllm.models.vision import VisionEncoder
 from merlin_mllm.ranker.backend import RankerBackend

@@ -74,7 +74,7 @@ Module-level helpers: ``pad_right(sequences, pad_id)``, ``batch_from_ragged(valu
 pad_id)``, ``answer_only_labels(input_ids, attention_mask, answer_ids)``, ``IGNORE_INDEX``
 (from :mod:`~merlin_mllm.ranker.batches`), ``RankerConfig`` (:mod:`~merlin_mllm.ranker.config`),
 ``ImageProjector`` (:mod:`~merlin_mllm.ranker.embedded_backend`), ``ItemImageFeatures``
-(:mod:`~merlin_mllm.ranker.features`), re-exported here.
+(:mod:`~merlin_mllm.ranker.image_features`), re-exported here.
 
 Composition
 -----------
@@ -82,7 +82,7 @@ Composition
 
 * :mod:`~merlin_mllm.ranker.config`: ``RankerConfig`` and the saved folder's file names;
 * :mod:`~merlin_mllm.ranker.backend` (interface), :mod:`~merlin_mllm.ranker.embedded_backend`,
-  :mod:`~merlin_mllm.ranker.hf_backend`, chosen in :mod:`~merlin_mllm.ranker.backends`:
+  :mod:`~merlin_mllm.ranker.hf_backend`, chosen in :mod:`~merlin_mllm.ranker.backend_registry`:
   the model family (loading, image inputs, positions);
 * :mod:`~merlin_mllm.ranker.lora`: attaching LoRA and the merged-weights cache for scoring;
 * :mod:`~merlin_mllm.ranker.scoring`: the scorers behind ``score*``;
@@ -120,11 +120,11 @@ from merlin_mllm.models.loading import default_device
 from merlin_mllm.models.precision import DEFAULT_PRECISION, PRECISIONS, precision_of_dtype, resolve_precision
 from merlin_mllm.ranker import groups, scoring
 from merlin_mllm.ranker.backend import RankerBackend
-from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
+from merlin_mllm.ranker.backend_registry import backend_class, backend_class_for_model
 from merlin_mllm.ranker.batches import IGNORE_INDEX, answer_only_labels, answer_positions, batch_from_ragged, pad_right
 from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, EMBEDDED, PROJECTOR_FILE, RankerConfig
 from merlin_mllm.ranker.embedded_backend import ImageProjector
-from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.groups import GroupOutput
 from merlin_mllm.ranker.lora import LoraMergeCache, attach_lora
 from merlin_mllm.ranker.packing import CandidateGroup

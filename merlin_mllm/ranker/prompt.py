@@ -73,7 +73,7 @@ from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from merlin_mllm.choices import PROMPT_VERSIONS
-from merlin_mllm.images import is_missing, load_image
+from merlin_mllm.image_loading import is_missing, load_image
 from merlin_mllm.models import embedded
 from merlin_mllm.text import escape_untrusted, truncate_tokens
 

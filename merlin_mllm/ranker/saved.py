@@ -29,11 +29,11 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from merlin_mllm.data.images import dataset_image_root
+from merlin_mllm.data.image_files import dataset_image_root
 from merlin_mllm.data.tables import read_table
-from merlin_mllm.ranker.backends import backend_class, backend_class_for_model
+from merlin_mllm.ranker.backend_registry import backend_class, backend_class_for_model
 from merlin_mllm.ranker.config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
-from merlin_mllm.ranker.features import ItemImageFeatures
+from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 
@@ -118,7 +118,7 @@ def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.Path
     ----------
     data_dir : str or path
         A prepared dataset. Its ``image_path`` values are read inside its image root
-        (:func:`merlin_mllm.data.images.dataset_image_root`: the ``image_root`` that
+        (:func:`merlin_mllm.data.image_files.dataset_image_root`: the ``image_root`` that
         ``report.json`` records; a folder prepared before roots were recorded reads relative
         paths inside ``data_dir`` and absolute ones as they are). An item whose path leaves the
         root is not read: it gets no image, and is named in the table's ``skipped`` and in the

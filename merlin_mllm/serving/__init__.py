@@ -16,7 +16,7 @@ Names are imported lazily, on first use.
 """
 from __future__ import annotations
 
-from merlin_mllm.exports import lazy_exports
+from merlin_mllm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["MANIFEST_FILE", "export", "prompt_token_limit", "user_summary_table"], "export"),

@@ -105,7 +105,7 @@ class RankerStep:
 
         from merlin_mllm.models.loading import default_device
         from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
-        from merlin_mllm.ranker.features import ItemImageFeatures
+        from merlin_mllm.ranker.image_features import ItemImageFeatures
         from merlin_mllm.ranker.hybrid import saved_head
         from merlin_mllm.ranker.model import RankerModel
 

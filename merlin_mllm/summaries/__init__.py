@@ -12,7 +12,7 @@ Names are imported lazily, on first use.
 """
 from __future__ import annotations
 
-from merlin_mllm.exports import lazy_exports
+from merlin_mllm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "SummaryReport": "report",

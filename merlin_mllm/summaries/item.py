@@ -30,7 +30,7 @@ What happens to awkward rows (the job never fails over one bad image):
 - an image path that leaves the image root (``image_root``: a ``..`` escape, or an absolute
   path outside it): not read at all, counted in ``bad_images`` like an unreadable image, and
   logged with the count and the first item it concerns;
-- an image file over the size limit (:func:`merlin_mllm.images.image_limits`): refused from its
+- an image file over the size limit (:func:`merlin_mllm.image_loading.image_limits`): refused from its
   size, before a byte of it is read or hashed, and counted in ``bad_images``;
 - neither a usable image nor any text: ``on_empty="skip"`` counts it in ``skipped`` and
   outputs ``""``; ``on_empty="error"`` raises ``ValueError`` naming the item;
@@ -73,8 +73,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from merlin_mllm.generation import GenerationSettings, GenerationStats, generate_chat, generate_multimodal
-from merlin_mllm.data.images import ImageRoot, dataset_image_root
-from merlin_mllm.images import ImageLoadError, image_sha256, is_missing, load_image
+from merlin_mllm.data.image_files import ImageRoot, dataset_image_root
+from merlin_mllm.image_loading import ImageLoadError, image_sha256, is_missing, load_image
 from merlin_mllm.models import LoadedModel, load
 from merlin_mllm.models.vision import MODEL_NAME, VisionEncoder, dominant_colours
 from merlin_mllm.summaries.report import SummaryReport
@@ -209,12 +209,12 @@ class _Row:
 def _sha256_of_image(source: Any) -> str:
     """sha256 of an image's encoded bytes, as ``"sha256:<hex>"``.
 
-    The size is checked against the loader's byte limit (:func:`merlin_mllm.images.image_limits`)
+    The size is checked against the loader's byte limit (:func:`merlin_mllm.image_loading.image_limits`)
     before anything is read; a file is then hashed in blocks, never held whole.
 
     Raises
     ------
-    merlin_mllm.images.ImageLoadError
+    merlin_mllm.image_loading.ImageLoadError
         The file is missing, unreadable, not a regular file or over the byte limit.
     TypeError
         ``source`` is neither a path nor bytes.
@@ -425,7 +425,7 @@ class ItemSummarizer:
     device : str, optional
     image_root : str or path, optional
         The image root that path values are confined to: a prepared dataset folder (its
-        ``report.json`` names the root; see :func:`merlin_mllm.data.images.dataset_image_root`)
+        ``report.json`` names the root; see :func:`merlin_mllm.data.image_files.dataset_image_root`)
         or a plain folder. Relative paths are taken relative to the root and may not leave it
         (``..``); absolute paths outside it are refused unless ``allow_absolute``, except in a
         folder with no recorded root (hand-made, or prepared before roots were recorded), whose
@@ -495,7 +495,7 @@ class ItemSummarizer:
 
         Raises
         ------
-        merlin_mllm.images.ImageLoadError
+        merlin_mllm.image_loading.ImageLoadError
             The path leaves the image root.
         """
         if isinstance(source, (str, os.PathLike)) and self._image_root is not None:

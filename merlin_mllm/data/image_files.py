@@ -13,13 +13,13 @@ retries transient failures with exponential backoff, and shows a progress bar.
 
 Each download is bounded: a connect timeout, a read timeout (the longest wait for the next bytes),
 a total time per attempt, and a size cap (by default the loader's file-size limit,
-:func:`merlin_mllm.images.image_limits`, so every file fetched can also be loaded). A response
+:func:`merlin_mllm.image_loading.image_limits`, so every file fetched can also be loaded). A response
 over the cap is refused from its ``Content-Length`` when it announces one, and otherwise read in
 chunks and dropped as soon as it passes the cap; it counts as a failure naming the URL.
 
 Usage::
 
-    from merlin_mllm.data.images import dataset_image_root, fetch_images
+    from merlin_mllm.data.image_files import dataset_image_root, fetch_images
     report = fetch_images({"B00ABC": "https://example.com/b00abc.jpg"}, "images/")
     report["downloaded"], report["failed"]
     path = dataset_image_root("data/amazon").resolve("B00ABC.jpg")   # ImageLoadError if it escapes
@@ -46,7 +46,7 @@ from typing import Mapping, Optional, Tuple, Union
 from PIL import Image
 from tqdm.auto import tqdm
 
-from merlin_mllm.images import image_limits, resolve_image_path
+from merlin_mllm.image_loading import image_limits, resolve_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class ImageRoot:
         leave it.
     allow_absolute : bool or None
         Whether an absolute path outside ``path`` is read. ``None``: the default of
-        :func:`merlin_mllm.images.resolve_image_path` (refused unless
+        :func:`merlin_mllm.image_loading.resolve_image_path` (refused unless
         ``MERLIN_MLLM_ALLOW_ABSOLUTE_IMAGE_PATHS`` is set); ``True`` for folders with no recorded
         root (prepared before roots were recorded), whose absolute paths are read as before.
     recorded : bool
@@ -131,7 +131,7 @@ class ImageRoot:
 
         Raises
         ------
-        merlin_mllm.images.ImageLoadError
+        merlin_mllm.image_loading.ImageLoadError
             The path climbs out of the root with ``..``, or is absolute and outside it while
             absolute paths are not allowed; the message names the path, the root and the flag.
         """

@@ -17,7 +17,7 @@ plus metadata naming the encoder, so a table made by another encoder is refused 
 
 Usage::
 
-    from merlin_mllm.ranker.features import ItemImageFeatures
+    from merlin_mllm.ranker.image_features import ItemImageFeatures
 
     table = ItemImageFeatures.from_images([10, 11, 12], ["a.jpg", None, "c.png"])
     table.summary()               # {'items': 3, 'with_image': 2, 'missing': 1, 'unreadable': 0}
@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from merlin_mllm.images import ImageLoadError, is_missing, load_image, resolve_image_path
+from merlin_mllm.image_loading import ImageLoadError, is_missing, load_image, resolve_image_path
 from merlin_mllm.models.vision import VisionEncoder
 
 __all__ = ["ItemImageFeatures", "FEATURES_FORMAT"]
@@ -134,7 +134,7 @@ class ItemImageFeatures:
         progress : bool
             Show a tqdm bar.
         root : str or path, optional
-            The image root of path sources (see :func:`merlin_mllm.images.resolve_image_path`):
+            The image root of path sources (see :func:`merlin_mllm.image_loading.resolve_image_path`):
             relative paths are read inside it; a path that leaves it (``..``, or an absolute path
             outside it unless ``allow_absolute``) is not read: the item is skipped, named in
             ``skipped`` and counted in the warning. ``None``: paths are used as given.

@@ -29,7 +29,7 @@ count it like any unreadable image.
 
 Usage::
 
-    from merlin_mllm.images import load_image, ImageLoadError
+    from merlin_mllm.image_loading import load_image, ImageLoadError
 
     image = load_image("data/items/42.jpg")        # PIL.Image.Image, mode "RGB"
     image = load_image(row["image_bytes"])         # same, from encoded bytes
@@ -174,7 +174,7 @@ def resolve_image_path(
     >>> resolve_image_path("../etc/passwd", "/data")
     Traceback (most recent call last):
     ...
-    merlin_mllm.images.ImageLoadError: cannot load image from ../etc/passwd: the path leaves the image root /data
+    merlin_mllm.image_loading.ImageLoadError: cannot load image from ../etc/passwd: the path leaves the image root /data
     """
     raw = os.fspath(path)
     if isinstance(raw, bytes):
