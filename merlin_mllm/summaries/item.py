@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -75,7 +74,7 @@ from tqdm.auto import tqdm
 from merlin_mllm.generation import GenerationSettings, GenerationStats, generate_chat, generate_multimodal
 from merlin_mllm.data.image_files import ImageRoot, dataset_image_root
 from merlin_mllm.image_loading import ImageLoadError, image_sha256, is_missing, load_image
-from merlin_mllm.models import LoadedModel, load
+from merlin_mllm.models.loading import LoadedModel, shared_model
 from merlin_mllm.models.vision import MODEL_NAME, VisionEncoder, dominant_colours
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore, open_store
@@ -361,14 +360,13 @@ class MLLMBackend(_Backend):
         return summaries, stats
 
 
-# One backend per (backend, model, device) and process: a Dask worker or an NVTabular transform
-# loads its models once, however many partitions it handles.
-_BACKENDS: Dict[Tuple[str, str, str], _Backend] = {}
-_BACKENDS_LOCK = threading.Lock()
-
-
 def get_backend(backend: str = "textualizer", model: Any = None, device: Optional[str] = None) -> _Backend:
-    """The process-wide backend for ``(backend, model, device)``, loaded on first use.
+    """The backend for ``(backend, model, device)``, its models loaded once per process.
+
+    The LLM or MLLM comes from the process-wide cache
+    (:func:`merlin_mllm.models.loading.shared_model`), the vision encoder from
+    :meth:`VisionEncoder.load` (one per device): a Dask worker or an NVTabular transform loads
+    them once, however many partitions it handles.
 
     Parameters
     ----------
@@ -384,20 +382,13 @@ def get_backend(backend: str = "textualizer", model: Any = None, device: Optiona
     if backend == "mllm" and model is None:
         raise ValueError("the mllm backend needs model=<hub id or local folder of an image-text-to-text model>")
 
-    def build(lm):
-        if backend == "mllm":
-            return MLLMBackend(lm)
-        return TextualizerBackend(lm, VisionEncoder.load(device=device or lm.device))
-
     if isinstance(model, LoadedModel):
-        return build(model)
-    cache_key = (backend, os.fspath(model) if model is not None else "", str(device))
-    with _BACKENDS_LOCK:
-        found = _BACKENDS.get(cache_key)
-        if found is None:
-            kind = "mllm" if backend == "mllm" else "llm"
-            found = _BACKENDS[cache_key] = build(load(os.fspath(model) if model is not None else None, device=device, kind=kind))
-        return found
+        lm = model
+    else:
+        lm = shared_model(model, device=device, kind="mllm" if backend == "mllm" else "llm")
+    if backend == "mllm":
+        return MLLMBackend(lm)
+    return TextualizerBackend(lm, VisionEncoder.load(device=device or lm.device))
 
 
 # ---------------------------------------------------------------------------------- summarizer
