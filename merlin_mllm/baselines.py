@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from merlin_mllm.data.collaborative import collaborative_features
 from merlin_mllm.data.splits import ROW_COLUMNS, read_prepared, split_rows, training_events
-from merlin_mllm.metrics import DEFAULT_KS, ranking_metrics
+from merlin_mllm.data.tables import read_table
+from merlin_mllm.metrics import DEFAULT_KS, auc_difference_interval, paired_scores, ranking_metrics
 
 # torch is imported inside the sequential baselines' functions only: popularity and the item
 # counts run without loading it.
@@ -54,6 +55,7 @@ __all__ = [
     "SEQUENTIAL_KINDS",
     "popularity_scores",
     "evaluate_popularity",
+    "item_prior_rows",
     "popularity_as_of_scores",
     "evaluate_popularity_as_of",
     "SequentialSettings",
@@ -154,6 +156,62 @@ def evaluate_popularity(data_dir: PathLike, out_json: PathLike, split: str = "te
     run = _count_run("popularity", data_dir, split,
                      counted=f"events before the {split} targets (merlin_mllm.data.splits.training_events)")
     return evaluate_scores(table, out_json, run, ks=ks, started=started)
+
+
+def item_prior_rows(data_dir: PathLike, prefix_data_dir: Optional[PathLike] = None) -> List[dict]:
+    """How far an item prior learned from the ranker's own training rows goes, next to popularity.
+
+    Scores the test groups of ``data_dir`` with item counts over different event sets: how often
+    each item is the positive of a training group; the same over ``prefix_data_dir``'s training
+    groups (an ``add_prefix_targets`` copy, optional); and every event of the training users after
+    their first (the positives the ranker would see if every prefix were a training group).
+
+    Parameters
+    ----------
+    data_dir : path
+        Output of ``prepare_dataset``.
+    prefix_data_dir : path, optional
+        Its ``add_prefix_targets`` copy; it must hold the same test groups.
+
+    Returns
+    -------
+    list of dict
+        One per scorer, popularity first: ``scorer``, ``events_counted``, ``auc``, ``hr@5`` and,
+        except for popularity, ``minus_popularity`` (the paired AUC difference and its interval).
+
+    Raises
+    ------
+    ValueError
+        If ``prefix_data_dir`` has other test groups than ``data_dir``.
+    """
+    data = Path(data_dir)
+    test = read_table(data / "test")[["group_id", "item_id", "label"]]
+    popularity = popularity_scores(data)
+    counted = int(len(training_events(data, "test")))
+    scorers = {"popularity (every event before the test targets)": (popularity, counted)}
+    sources = [("training positives", data)]
+    if prefix_data_dir:
+        sources.append(("block-prefix training positives", Path(prefix_data_dir)))
+    for name, folder in sources:
+        if not read_table(folder / "test")[["group_id", "item_id", "label"]].equals(test):
+            raise ValueError(f"{folder} has other test groups than {data}: the rows would not be comparable")
+        positives = read_table(folder / "train").query("label == 1")
+        scorers[name] = (item_count_scores(test, positives), int(len(positives)))
+    # Every prefix as a training group: each event of a training user after its first.
+    train_users = read_table(data / "train")["user_id"].unique()
+    events = read_table(data / "events")
+    every = events[events["user_id"].isin(train_users).to_numpy() & (events["position"] >= 1).to_numpy()]
+    scorers["every-prefix training positives"] = (item_count_scores(test, every), int(len(every)))
+    rows = []
+    for name, (scores, counted) in scorers.items():
+        metrics = ranking_metrics(scores["label"], scores["score"], scores["group_id"], ks=(5,))
+        row = {"scorer": name, "events_counted": counted, "auc": metrics["auc"], "hr@5": metrics["hr@5"]}
+        if not name.startswith("popularity"):
+            paired = paired_scores(scores, popularity, ("counts", "popularity"), where=name)
+            row["minus_popularity"] = auc_difference_interval(paired["label"], paired["score_counts"],
+                                                              paired["score_popularity"], paired["group_id"])
+        rows.append(row)
+    return rows
 
 
 def popularity_as_of_scores(data_dir: PathLike, split: str = "test", *,

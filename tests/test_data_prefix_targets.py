@@ -4,8 +4,6 @@ added row's user summary is a step of the chain the store already holds."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -118,11 +116,8 @@ def test_clear_errors(folders, tmp_path):
 
 
 def test_item_prior_ceiling_counts_training_positives(folders, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "quality"))
-    import item_prior_ceiling
-
     source, out, summary = folders
-    rows = {r["scorer"].split(" (")[0]: r for r in item_prior_ceiling.ceiling_rows(source, out)}
+    rows = {r["scorer"].split(" (")[0]: r for r in baselines.item_prior_rows(source, out)}
     assert rows["training positives"]["events_counted"] == summary["groups_before"]
     assert rows["block-prefix training positives"]["events_counted"] == summary["groups_before"] + summary["groups_added"]
     # Every prefix: each training user's events after its first (its target, the last, included).
@@ -145,4 +140,4 @@ def test_item_prior_ceiling_counts_training_positives(folders, tmp_path):
     other = tmp_path / "other"
     prepare_dataset("ml-100k", "paper", other, max_users=40, max_history=10, seed=6)
     with pytest.raises(ValueError, match="other test groups"):
-        item_prior_ceiling.ceiling_rows(source, other)
+        baselines.item_prior_rows(source, other)

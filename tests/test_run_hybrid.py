@@ -1,20 +1,17 @@
-"""benchmarks/quality/run_hybrid.py on an 80-user ML-100k folder: the non-LLM fusion beats random,
+"""``python -m benchmarks.quality.run_hybrid`` on an 80-user ML-100k folder: the non-LLM fusion beats random,
 every stage is cached, and LLM rows given as score files fill the hybrid summary."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from merlin_mllm.data.splits import split_rows
+from tests.benchmark_support import run_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
-
-import run_hybrid  # noqa: E402
+RUN_HYBRID = "benchmarks.quality.run_hybrid"
 
 FAST = ["--users", "80", "--protocols", "leave-last-out", "--seeds", "0", "--sequential-epochs", "5", "--resamples", "200"]
 
@@ -22,7 +19,7 @@ FAST = ["--users", "80", "--protocols", "leave-last-out", "--seeds", "0", "--seq
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("hybrid")
-    assert run_hybrid.main([*FAST, "--work", str(work), "--out", str(work)]) == 0
+    assert run_benchmark(RUN_HYBRID, [*FAST, "--work", str(work), "--out", str(work)]) == 0
     return work, json.loads((work / "hybrid_rows.json").read_text())
 
 
@@ -78,7 +75,7 @@ def test_llm_score_files_fill_the_hybrid_summary(first_run):
             frame = frame.assign(llm_logit=logit, head_logit=rng.normal(0, 1, len(rows)))
         frame.to_parquet(files[name], index=False)
     out = work / "with_llm"
-    assert run_hybrid.main([*FAST, "--work", str(work), "--out", str(out),
+    assert run_benchmark(RUN_HYBRID, [*FAST, "--work", str(work), "--out", str(out),
                             "--llm-scores", "leave-last-out", "llm_only", str(files["llm_test"]), str(files["llm_valid"]),
                             # three training seeds of the hybrid: one flag each
                             "--llm-scores", "leave-last-out", "hybrid_tabular", str(files["hybrid_test"]),
@@ -118,8 +115,8 @@ def test_score_files_of_other_rows_are_refused(first_run, tmp_path):
     wrong = tmp_path / "wrong.scores.parquet"
     rows.iloc[:-1].assign(score=0.5).to_parquet(wrong, index=False)
     with pytest.raises(ValueError, match="scored different rows"):
-        run_hybrid.main([*FAST, "--work", str(work), "--out", str(tmp_path),
+        run_benchmark(RUN_HYBRID, [*FAST, "--work", str(work), "--out", str(tmp_path),
                          "--llm-scores", "leave-last-out", "hybrid_tokens", str(wrong)])
     with pytest.raises(SystemExit, match="row must be one of"):
-        run_hybrid.main([*FAST, "--work", str(work), "--out", str(tmp_path),
+        run_benchmark(RUN_HYBRID, [*FAST, "--work", str(work), "--out", str(tmp_path),
                          "--llm-scores", "leave-last-out", "fusion", str(wrong)])

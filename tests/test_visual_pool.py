@@ -1,4 +1,4 @@
-"""Pooling replicates of the visual check (benchmarks/visual/pool_replicates.py) on written run folders.
+"""Pooling replicates of the visual check (``python -m benchmarks.visual.pool_replicates``) on written run folders.
 
 Each fake replicate is laid out like a finished ``run_visual.py`` run: ``results/results.json``
 with the run's settings and ``eval/MLLM-MSR_<arm>.scores.parquet`` with each arm's test scores.
@@ -6,18 +6,16 @@ with the run's settings and ``eval/MLLM-MSR_<arm>.scores.parquet`` with each arm
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "visual"))
+from merlin_mllm.metrics import auc
+from tests.benchmark_support import run_benchmark
 
-import pool_replicates  # noqa: E402
-
-from merlin_mllm.metrics import auc  # noqa: E402
+POOL = "benchmarks.visual.pool_replicates"
 
 
 def _write_run(folder: Path, seed: int, strength: float, *, epochs: int = 3, text_rows: int | None = None) -> Path:
@@ -40,7 +38,8 @@ def _write_run(folder: Path, seed: int, strength: float, *, epochs: int = 3, tex
 
 def test_pools_two_seeds_and_writes_the_table(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 0.5)
-    result = pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out"), "--resamples", "300"])
+    run_benchmark(POOL, ["--results", str(a), str(b), "--out", str(tmp_path / "out"), "--resamples", "300"])
+    result = json.loads((tmp_path / "out" / "replicates.json").read_text())
     per_run = []
     for folder in (a.parent.parent, b.parent.parent):
         image = pd.read_parquet(folder / "eval" / "MLLM-MSR_image.scores.parquet")
@@ -59,18 +58,18 @@ def test_pools_two_seeds_and_writes_the_table(tmp_path):
 def test_refuses_replicates_that_differ_in_more_than_the_seed(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 1.0, epochs=5)
     with pytest.raises(ValueError, match=r"differs .* in \['epochs'\]"):
-        pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])
+        run_benchmark(POOL, ["--results", str(a), str(b), "--out", str(tmp_path / "out")])
     c = _write_run(tmp_path / "c", 0, 1.0)
     with pytest.raises(ValueError, match="distinct seeds"):
-        pool_replicates.main(["--results", str(a), str(c), "--out", str(tmp_path / "out")])
+        run_benchmark(POOL, ["--results", str(a), str(c), "--out", str(tmp_path / "out")])
 
 
 def test_names_the_run_whose_arms_scored_different_rows(tmp_path):
     a, b = _write_run(tmp_path / "a", 0, 1.0), _write_run(tmp_path / "b", 1, 1.0, text_rows=100)
     with pytest.raises(ValueError, match=f"{b}: image and text scored different rows"):
-        pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])
+        run_benchmark(POOL, ["--results", str(a), str(b), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="results.json not found"):
-        pool_replicates.main(["--results", str(a), str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "out")])
+        run_benchmark(POOL, ["--results", str(a), str(tmp_path / "d" / "results.json"), "--out", str(tmp_path / "out")])
     (b.parent.parent / "eval" / "MLLM-MSR_image.scores.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="the image arm of .* has not been scored"):
-        pool_replicates.main(["--results", str(a), str(b), "--out", str(tmp_path / "out")])
+        run_benchmark(POOL, ["--results", str(a), str(b), "--out", str(tmp_path / "out")])

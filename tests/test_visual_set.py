@@ -1,4 +1,4 @@
-"""The visual-preference set builder (benchmarks/visual/visual_set.py) on small local images.
+"""The visual-preference set builder (merlin_mllm/data/visual_set.py) on small local images.
 
 Checks that the hidden attribute computed from pixels is right on pictures of known colours,
 that catalogue titles never name the attribute, that simulated histories follow the stated
@@ -8,7 +8,6 @@ through the project's own ``prepare_dataset("amazon2023", ...)`` with local imag
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "visual"))
-
-import visual_set  # noqa: E402
+from merlin_mllm.data import visual_set
 
 RED, ORANGE, YELLOW = (220, 30, 30), (240, 140, 20), (250, 210, 30)
 GREEN, BLUE, PURPLE = (40, 170, 60), (30, 80, 220), (140, 50, 200)

@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from merlin_mllm.data import visual_set
+
 from benchmarks.common import WORK, log
-from benchmarks.visual import visual_set
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = WORK / "visual"

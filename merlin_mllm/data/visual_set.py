@@ -27,9 +27,12 @@ drawn at random (the smaller count), so the category says nothing about the attr
 
 Simulation rule (:func:`simulate_users`): see that function.
 
+The set of the visual-preference check (``python -m benchmarks.visual.run_visual``, see
+``benchmarks/visual/README.md``), tested in ``tests/test_visual_set.py``.
+
 Usage::
 
-    from visual_set import load_emoji_items, build_catalogue, simulate_users, write_amazon_jsonl
+    from merlin_mllm.data.visual_set import load_emoji_items, build_catalogue, simulate_users, write_amazon_jsonl
     items = load_emoji_items("cache/npm/node_modules/emoji-datasource-google")
     catalogue = build_catalogue(items, seed=0, max_items=300)
     events = simulate_users(catalogue, n_users=300, seed=0)
