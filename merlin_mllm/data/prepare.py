@@ -102,6 +102,7 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -237,6 +238,231 @@ def _items_table(source, item_ids: dict, images: Optional[Path]) -> tuple[pd.Dat
     return items, stats
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """``prepare_dataset``'s settings, checked, with the dataset's and protocol's defaults filled in."""
+
+    protocol: str
+    max_history: int
+    max_users: int
+    k_user: int
+    k_item: int
+    on_bad_line: str
+    n_negatives_test: int
+    n_negatives_train: int
+    train_negatives: int
+    train_targets: str
+    train_negative_sampling: str
+    train_block_size: int
+    test_users: int
+
+    @property
+    def default_training(self) -> bool:
+        """Whether the training groups are the protocol's own (drawn once, as the paper does)."""
+        return (self.train_negatives == self.n_negatives_train and self.train_targets == "last"
+                and self.train_negative_sampling == "uniform")
+
+    def negatives(self, split: str) -> int:
+        """Negatives per group of ``split`` in the protocol's draw."""
+        return self.n_negatives_test if split == "test" else self.n_negatives_train
+
+    def recorded(self) -> dict:
+        """The ``settings`` that ``report.json`` records."""
+        return {
+            "max_history": self.max_history,
+            "max_users": self.max_users,
+            "min_user_interactions": self.k_user,
+            "min_item_interactions": self.k_item,
+            "on_bad_line": self.on_bad_line,
+            "n_negatives_test": self.n_negatives_test,
+            "n_negatives_train": self.n_negatives_train,
+            "train_negatives": int(self.train_negatives),
+            "train_targets": self.train_targets,
+            "train_negative_sampling": self.train_negative_sampling,
+            "train_block_size": int(self.train_block_size),
+            "test_users": int(self.test_users),
+        }
+
+
+def _settings(k_core_default: tuple[int, int], protocol: str, cut_settings: dict, *, max_history, max_users, min_user_interactions,
+              min_item_interactions, on_bad_line, n_negatives_test, n_negatives_train, train_negatives, train_targets,
+              train_negative_sampling, train_block_size, test_users) -> _Settings:
+    """The checked settings of one ``prepare_dataset`` call (``protocol``: its current name;
+    ``k_core_default``: the dataset's k-core thresholds)."""
+    k_user_default, k_item_default = k_core_default
+    if protocol != "timeline" and any(value is not None for value in cut_settings.values()):
+        raise ValueError(f"cut times are for the timeline protocol only, not {protocol!r}")
+    if isinstance(test_users, bool) or not isinstance(test_users, (int, np.integer)) or test_users < 0:
+        raise ValueError(f"test_users must be an integer >= 0, got {test_users!r}")
+    if test_users and protocol != "timeline":
+        raise ValueError(f"test_users is for the timeline protocol only, not {protocol!r}")
+    if test_users and not 0 < test_users <= max_users:
+        raise ValueError(f"test_users ({test_users}) needs max_users >= test_users, got max_users={max_users}")
+    if max_history is None:
+        max_history = DEFAULT_MAX_HISTORY[protocol]
+    k_user = k_user_default if min_user_interactions is None else min_user_interactions
+    k_item = k_item_default if min_item_interactions is None else min_item_interactions
+    _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
+                    train_negatives, train_targets, train_negative_sampling, train_block_size)
+    return _Settings(protocol, max_history, max_users, k_user, k_item, on_bad_line, n_negatives_test,
+                     n_negatives_train, n_negatives_train if train_negatives is None else train_negatives,
+                     train_targets, train_negative_sampling, train_block_size, test_users)
+
+
+def _k_core_events(source, settings: _Settings) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The source's interactions deduplicated, then their k-core; and what ``report.json`` counts of them."""
+    raw = source.interactions
+    if raw.empty:
+        raise ValueError(f"no interactions were read from {source.files.get('interactions')}")
+    deduped, n_duplicates = processing.drop_duplicates(raw)
+    core, k_core_rounds = processing.k_core(deduped, settings.k_user, settings.k_item)
+    if core.empty:
+        raise ValueError(f"no interactions survive the ({settings.k_user}, {settings.k_item}) k-core; "
+                         "lower min_user_interactions/min_item_interactions")
+    counts = {
+        "raw_interactions": int(len(raw)),
+        "duplicates_removed": int(n_duplicates),
+        "after_dedup": {"users": int(deduped["user_key"].nunique()), "items": int(deduped["item_key"].nunique()),
+                        "interactions": int(len(deduped))},
+        "after_k_core": {"users": int(core["user_key"].nunique()), "items": int(core["item_key"].nunique()),
+                         "interactions": int(len(core)), "rounds": int(k_core_rounds)},
+    }
+    return deduped, core, counts
+
+
+def _chosen_events(core: pd.DataFrame, settings: _Settings, rngs: dict, cuts: Optional[dict]) -> tuple[pd.DataFrame, dict]:
+    """The chosen users' events, each user's latest ``max_history`` in time order, without the users
+    too short for the protocol; and what ``report.json`` counts of them."""
+    chosen = processing.sample_users(core, settings.max_users, rngs["users"], test_users=int(settings.test_users),
+                                     test_cut=cuts["test"]["timestamp"] if cuts else None)
+    events = processing.order_and_trim(chosen, settings.max_history, rngs["ties"])
+    # Users whose kept sequence cannot give every target a non-empty history are dropped.
+    lengths = events.groupby("user_key")["position"].transform("size")
+    needed = processing.MIN_EVENTS[settings.protocol]
+    too_short = events.loc[(lengths < needed).to_numpy(), "user_key"].nunique()
+    events = events[(lengths >= needed).to_numpy()]
+    if events.empty:
+        raise ValueError("no user has enough interactions left for the protocol")
+    return events, {"users_selected": int(chosen["user_key"].nunique()), "users_dropped_too_short": int(too_short)}
+
+
+def _protocol_targets(events: pd.DataFrame, settings: _Settings, rngs: dict, cuts: Optional[dict]) -> tuple[dict, dict]:
+    """Each split's targets by the protocol, less those without history; and how many those were."""
+    if settings.protocol == "paper":
+        targets = processing.paper_targets(events, rngs["split"])
+    elif settings.protocol == "leave-last-out":
+        targets = processing.leave_last_out_targets(events)
+    else:
+        targets = processing.timeline_targets(events, cuts["valid"]["timestamp"], cuts["test"]["timestamp"])
+    without_history = {}
+    for split in processing.SPLITS:
+        targets[split], without_history[split] = processing.with_history_only(targets[split])
+    if not len(targets["test"].user_id):
+        raise ValueError("no test target is left with a history; check the cuts or max_users")
+    return targets, without_history
+
+
+@dataclass(frozen=True)
+class _NegativePool:
+    """What every negative draw reads: the candidate items (ids 1..``n_items``), each user's
+    items to avoid, on the timeline each item's first k-core time, the popularity weights."""
+
+    n_items: int
+    histories: dict
+    first_seen: Optional[np.ndarray]
+    weights: Optional[np.ndarray]
+    user_names: dict
+
+    def check(self, targets, n_negatives: int, what: str, weights: Optional[np.ndarray] = None) -> None:
+        processing.check_negatives(targets, n_negatives, self.n_items, self.histories, what, weights=weights,
+                                   user_names=self.user_names, first_seen=self.first_seen)
+
+    def rows(self, targets, n_negatives: int, rng, first_group: int, desc: str,
+             weights: Optional[np.ndarray] = None) -> pd.DataFrame:
+        return processing.build_rows(targets, n_negatives, self.n_items, self.histories, rng, first_group,
+                                     desc=desc, weights=weights, first_seen=self.first_seen)
+
+
+def _check_draws(pool: _NegativePool, targets: dict, extra_targets, settings: _Settings) -> None:
+    """Every draw of :func:`_draw_rows`, checked before any is made (and long before anything is written)."""
+    for split in ("valid", "test"):
+        pool.check(targets[split], settings.negatives(split), f"{split} groups")
+    pool.check(targets["train"], settings.n_negatives_train, "train groups")
+    if not settings.default_training:
+        for what, wanted in (("train groups", targets["train"]),
+                             (f"{settings.train_targets} train targets", extra_targets)):
+            pool.check(wanted, int(settings.train_negatives), what, weights=pool.weights)
+
+
+def _draw_rows(pool: _NegativePool, targets: dict, extra_targets, settings: _Settings, rngs: dict,
+               events: pd.DataFrame) -> tuple[dict, np.ndarray]:
+    """Each split's rows (positive, then its negatives), in candidate ids; and the ids the
+    protocol's draw refers to (with ``events``), which keep the first output ids."""
+    rows: dict[str, pd.DataFrame] = {}
+    next_group = 0
+    for split in processing.SPLITS:
+        rows[split] = pool.rows(targets[split], settings.negatives(split), rngs[split], next_group,
+                                f"{split} negatives")
+        next_group += len(targets[split].user_id)
+    # The protocol's training groups fix the item ids (see the module docstring); other training
+    # options replace them afterwards, from their own random stream.
+    used = np.unique(np.concatenate([events["item_id"].to_numpy()] + [f["item_id"].to_numpy() for f in rows.values()]))
+    if not settings.default_training:
+        rng, k = rngs["train_groups"], int(settings.train_negatives)
+        rows["train"] = pd.concat([
+            pool.rows(targets["train"], k, rng, 0, "train negatives", weights=pool.weights),
+            pool.rows(extra_targets, k, rng, next_group, f"{settings.train_targets} train negatives",
+                      weights=pool.weights),
+        ], ignore_index=True)
+    return rows, used
+
+
+def _output_item_ids(candidate_ids: dict, used: np.ndarray, added: np.ndarray) -> dict:
+    """Item key -> output id: ``used`` first, then ``added`` (both candidate ids), each in natural order."""
+    key_of = {index: key for key, index in candidate_ids.items()}
+    item_ids = _contiguous_ids([key_of[int(index)] for index in used])
+    for key in processing.natural_order([key_of[int(index)] for index in added]):
+        item_ids[key] = len(item_ids) + 1
+    return item_ids
+
+
+def _renumbered(events: pd.DataFrame, rows: dict, renumber: dict) -> tuple[pd.DataFrame, dict]:
+    """``events`` and ``rows`` with candidate item ids turned into output ids, the rows with their histories."""
+    events = events.assign(item_id=events["item_id"].map(renumber).astype(np.int64))
+    rows = {split: frame.assign(item_id=frame["item_id"].map(renumber).astype(np.int64)) for split, frame in rows.items()}
+    sequences = {int(user): group["item_id"].to_numpy() for user, group in events.groupby("user_id", sort=False)}
+    return events, {split: with_history(frame, sequences) for split, frame in rows.items()}
+
+
+def _users_table(user_ids: dict, targets: dict, protocol: str) -> pd.DataFrame:
+    users = pd.DataFrame(
+        {
+            "user_id": np.fromiter(user_ids.values(), dtype=np.int64, count=len(user_ids)),
+            "user_key": pd.Series(list(user_ids.keys()), dtype=object),
+        }
+    )
+    if protocol == "paper":
+        split_of = {int(user): split for split in processing.SPLITS for user in targets[split].user_id}
+        users["split"] = users["user_id"].map(split_of)
+    else:
+        # leave-last-out: every user has a target in every split; timeline: any user may have one
+        # in any split (which ones: read the rows).
+        users["split"] = "all"
+    return users
+
+
+def _source_report(source, bad: BadLines, images_folder: Optional[Path], out: Path) -> dict:
+    """What ``report.json`` records of the raw files: where they were, their time unit, the lines skipped."""
+    return {
+        "files": {**source.files, "images": str(images_folder) if images_folder is not None else None},
+        IMAGE_ROOT_KEY: record_image_root(images_folder, out) if images_folder is not None else None,
+        "timestamp_unit": source.timestamp_unit,
+        "malformed_lines_skipped": bad.total,
+        "malformed_lines_by_file": dict(sorted(bad.by_file.items())),
+        "malformed_line_examples": bad.examples,
+    }
+
+
 def prepare_dataset(
     dataset: str,
     protocol: str,
@@ -333,28 +559,17 @@ def prepare_dataset(
     dict
         The report, also written to ``out/report.json``.
     """
-    k_user_default, k_item_default = dataset_entry(dataset).k_core  # raises for an unknown name
+    k_core_default = dataset_entry(dataset).k_core  # raises for an unknown name
     protocol = protocol_name(protocol)
     cut_settings = {"valid_cut": valid_cut, "test_cut": test_cut, "valid_quantile": valid_cut_quantile,
                     "test_quantile": test_cut_quantile}
-    if protocol != "timeline" and any(value is not None for value in cut_settings.values()):
-        raise ValueError(f"cut times are for the timeline protocol only, not {protocol!r}")
-    if isinstance(test_users, bool) or not isinstance(test_users, (int, np.integer)) or test_users < 0:
-        raise ValueError(f"test_users must be an integer >= 0, got {test_users!r}")
-    if test_users and protocol != "timeline":
-        raise ValueError(f"test_users is for the timeline protocol only, not {protocol!r}")
-    if test_users and not 0 < test_users <= max_users:
-        raise ValueError(f"test_users ({test_users}) needs max_users >= test_users, got max_users={max_users}")
-    if max_history is None:
-        max_history = DEFAULT_MAX_HISTORY[protocol]
-    k_user = k_user_default if min_user_interactions is None else min_user_interactions
-    k_item = k_item_default if min_item_interactions is None else min_item_interactions
-    _check_settings(protocol, max_history, max_users, n_negatives_test, n_negatives_train, k_user, k_item,
-                    train_negatives, train_targets, train_negative_sampling, train_block_size)
-    if train_negatives is None:
-        train_negatives = n_negatives_train
-    default_training = (train_negatives == n_negatives_train and train_targets == "last"
-                        and train_negative_sampling == "uniform")
+    settings = _settings(
+        k_core_default, protocol, cut_settings, max_history=max_history, max_users=max_users,
+        min_user_interactions=min_user_interactions, min_item_interactions=min_item_interactions,
+        on_bad_line=on_bad_line, n_negatives_test=n_negatives_test, n_negatives_train=n_negatives_train,
+        train_negatives=train_negatives, train_targets=train_targets, train_negative_sampling=train_negative_sampling,
+        train_block_size=train_block_size, test_users=test_users,
+    )
     bad = BadLines(on_bad_line)
     out = Path(out)
     images_folder = Path(images) if images is not None else None
@@ -363,27 +578,10 @@ def prepare_dataset(
     rngs = _spawn_rngs(seed)
 
     source = read_source(dataset, input, bad)
-    raw = source.interactions
-    if raw.empty:
-        raise ValueError(f"no interactions were read from {source.files.get('interactions')}")
-    deduped, n_duplicates = processing.drop_duplicates(raw)
-    core, k_core_rounds = processing.k_core(deduped, k_user, k_item)
-    if core.empty:
-        raise ValueError(
-            f"no interactions survive the ({k_user}, {k_item}) k-core; lower min_user_interactions/min_item_interactions"
-        )
+    deduped, core, core_counts = _k_core_events(source, settings)
     # Checked before the users are chosen or anything drawn: the cuts depend on the k-core only.
     cuts = processing.timeline_cuts(core["timestamp"].to_numpy(), **cut_settings) if protocol == "timeline" else None
-    chosen = processing.sample_users(core, max_users, rngs["users"], test_users=int(test_users),
-                                     test_cut=cuts["test"]["timestamp"] if cuts else None)
-    events = processing.order_and_trim(chosen, max_history, rngs["ties"])
-
-    # Users whose kept sequence cannot give every target a non-empty history are dropped.
-    lengths = events.groupby("user_key")["position"].transform("size")
-    too_short = events.loc[(lengths < processing.MIN_EVENTS[protocol]).to_numpy(), "user_key"].nunique()
-    events = events[(lengths >= processing.MIN_EVENTS[protocol]).to_numpy()]
-    if events.empty:
-        raise ValueError("no user has enough interactions left for the protocol")
+    events, choice_counts = _chosen_events(core, settings, rngs, cuts)
 
     user_ids = _contiguous_ids(events["user_key"].unique())
     # Negatives come from every k-core item (see the module docstring); ids are renumbered
@@ -393,89 +591,31 @@ def prepare_dataset(
         user_id=events["user_key"].map(user_ids).astype(np.int64),
         item_id=events["item_key"].map(candidate_ids).astype(np.int64),
     ).sort_values(["user_id", "position"], kind="stable")
-    histories = user_histories(deduped, user_ids, candidate_ids)
-
     events = events.assign(earlier=processing.earlier_events(events))
-    if protocol == "paper":
-        targets = processing.paper_targets(events, rngs["split"])
-    elif protocol == "leave-last-out":
-        targets = processing.leave_last_out_targets(events)
-    else:
-        targets = processing.timeline_targets(events, cuts["valid"]["timestamp"], cuts["test"]["timestamp"])
-    without_history = {}
-    for split in processing.SPLITS:
-        targets[split], without_history[split] = processing.with_history_only(targets[split])
-    if not len(targets["test"].user_id):
-        raise ValueError("no test target is left with a history; check the cuts or max_users")
+    targets, without_history = _protocol_targets(events, settings, rngs, cuts)
     extra_targets = processing.prefix_targets(events, targets["train"], train_targets, int(train_block_size))
-    # On the timeline a row's negatives are the items seen (k-core, any user) before its time.
-    first_seen = processing.first_seen_times(core, candidate_ids, len(candidate_ids)) if protocol == "timeline" else None
+
     weights = None
     if train_negative_sampling == "popularity":
         weights = processing.popularity_weights(events, [targets["valid"], targets["test"]], len(candidate_ids),
                                                 before=cuts["valid"]["timestamp"] if cuts else None)
-    key_of_user = {index: key for key, index in user_ids.items()}
-    # Every draw is checked before any is made (and long before anything is written).
-    for split in ("valid", "test"):
-        processing.check_negatives(targets[split], n_negatives_test if split == "test" else n_negatives_train,
-                                   len(candidate_ids), histories, f"{split} groups", user_names=key_of_user,
-                                   first_seen=first_seen)
-    processing.check_negatives(targets["train"], n_negatives_train, len(candidate_ids), histories, "train groups",
-                               user_names=key_of_user, first_seen=first_seen)
-    if not default_training:
-        for what, wanted in (("train groups", targets["train"]), (f"{train_targets} train targets", extra_targets)):
-            processing.check_negatives(wanted, int(train_negatives), len(candidate_ids), histories, what,
-                                       weights=weights, user_names=key_of_user, first_seen=first_seen)
-    rows: dict[str, pd.DataFrame] = {}
-    next_group = 0
-    for split in processing.SPLITS:
-        n_negatives = n_negatives_test if split == "test" else n_negatives_train
-        rows[split] = processing.build_rows(
-            targets[split], n_negatives, len(candidate_ids), histories, rngs[split], next_group,
-            desc=f"{split} negatives", first_seen=first_seen,
-        )
-        next_group += len(targets[split].user_id)
-    # The protocol's training groups fix the item ids (see the module docstring); other training
-    # options replace them afterwards, from their own random stream.
-    key_of = {index: key for key, index in candidate_ids.items()}
-    used = np.unique(np.concatenate([events["item_id"].to_numpy()] + [f["item_id"].to_numpy() for f in rows.values()]))
-    if not default_training:
-        rng = rngs["train_groups"]
-        rows["train"] = pd.concat([
-            processing.build_rows(targets["train"], int(train_negatives), len(candidate_ids), histories, rng, 0,
-                                  desc="train negatives", weights=weights, first_seen=first_seen),
-            processing.build_rows(extra_targets, int(train_negatives), len(candidate_ids), histories, rng, next_group,
-                                  desc=f"{train_targets} train negatives", weights=weights, first_seen=first_seen),
-        ], ignore_index=True)
+    pool = _NegativePool(
+        n_items=len(candidate_ids),
+        histories=user_histories(deduped, user_ids, candidate_ids),
+        # On the timeline a row's negatives are the items seen (k-core, any user) before its time.
+        first_seen=processing.first_seen_times(core, candidate_ids, len(candidate_ids)) if protocol == "timeline" else None,
+        weights=weights,
+        user_names={index: key for key, index in user_ids.items()},
+    )
+    _check_draws(pool, targets, extra_targets, settings)
+    rows, used = _draw_rows(pool, targets, extra_targets, settings, rngs, events)
     added = np.setdiff1d(rows["train"]["item_id"].to_numpy(), used)
-    item_ids = _contiguous_ids([key_of[int(index)] for index in used])
-    for key in processing.natural_order([key_of[int(index)] for index in added]):
-        item_ids[key] = len(item_ids) + 1
-    renumber = {candidate_ids[key]: index for key, index in item_ids.items()}
-    events = events.assign(item_id=events["item_id"].map(renumber).astype(np.int64))
-    for split, frame in rows.items():
-        rows[split] = frame.assign(item_id=frame["item_id"].map(renumber).astype(np.int64))
-    sequences = {int(user): group["item_id"].to_numpy() for user, group in events.groupby("user_id", sort=False)}
-    for split, frame in rows.items():
-        rows[split] = with_history(frame, sequences)
+    item_ids = _output_item_ids(candidate_ids, used, added)
+    events, rows = _renumbered(events, rows, {candidate_ids[key]: index for key, index in item_ids.items()})
 
     images_folder = images_folder or source.default_images
     items, image_stats = _items_table(source, item_ids, images_folder)
-
-    users = pd.DataFrame(
-        {
-            "user_id": np.fromiter(user_ids.values(), dtype=np.int64, count=len(user_ids)),
-            "user_key": pd.Series(list(user_ids.keys()), dtype=object),
-        }
-    )
-    if protocol == "paper":
-        split_of = {int(user): split for split in processing.SPLITS for user in targets[split].user_id}
-        users["split"] = users["user_id"].map(split_of)
-    else:
-        # leave-last-out: every user has a target in every split; timeline: any user may have one
-        # in any split (which ones: read the rows).
-        users["split"] = "all"
-
+    users = _users_table(user_ids, targets, protocol)
     event_columns = ["user_id", "item_id", "timestamp", "position"] + (["rating"] if "rating" in events else [])
     _write_outputs(out, rows, events[event_columns], items, users, len(user_ids), len(item_ids))
 
@@ -483,37 +623,10 @@ def prepare_dataset(
         "dataset": dataset,
         "protocol": protocol,
         "seed": seed,
-        "settings": {
-            "max_history": max_history,
-            "max_users": max_users,
-            "min_user_interactions": k_user,
-            "min_item_interactions": k_item,
-            "on_bad_line": on_bad_line,
-            "n_negatives_test": n_negatives_test,
-            "n_negatives_train": n_negatives_train,
-            "train_negatives": int(train_negatives),
-            "train_targets": train_targets,
-            "train_negative_sampling": train_negative_sampling,
-            "train_block_size": int(train_block_size),
-            "test_users": int(test_users),
-        },
-        "files": {**source.files, "images": str(images_folder) if images_folder is not None else None},
-        IMAGE_ROOT_KEY: record_image_root(images_folder, out) if images_folder is not None else None,
-        "timestamp_unit": source.timestamp_unit,
-        "raw_interactions": int(len(raw)),
-        "malformed_lines_skipped": bad.total,
-        "malformed_lines_by_file": dict(sorted(bad.by_file.items())),
-        "malformed_line_examples": bad.examples,
-        "duplicates_removed": int(n_duplicates),
-        "after_dedup": {"users": int(deduped["user_key"].nunique()), "items": int(deduped["item_key"].nunique()), "interactions": int(len(deduped))},
-        "after_k_core": {
-            "users": int(core["user_key"].nunique()),
-            "items": int(core["item_key"].nunique()),
-            "interactions": int(len(core)),
-            "rounds": int(k_core_rounds),
-        },
-        "users_selected": int(chosen["user_key"].nunique()),
-        "users_dropped_too_short": int(too_short),
+        "settings": settings.recorded(),
+        **_source_report(source, bad, images_folder, out),
+        **core_counts,
+        **choice_counts,
         "targets_without_history": without_history,
         "kept": {"users": len(user_ids), "items": len(item_ids), "events": int(len(events))},
         "negatives_drawn_from_items": len(candidate_ids),
