@@ -48,7 +48,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 
 from benchmarks.common import REPO, write_json
 
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     for name in args.runs:
         batching, loss, version = RUNS[name]
         run_dir = work / name
-        config = TrainConfig.small_budget(batching=batching, loss=loss, prompt_version=version, image=False,
+        config = TrainConfig.small_budget(batching=batching, loss=loss, prompt_version=version, use_images=False,
                                           epochs=args.epochs, validate=False, seed=args.seed, resume=False)
         tick, cpu = time.perf_counter(), time.process_time()
         train_ranker(data, summaries, run_dir, config, progress=False)

@@ -21,7 +21,7 @@ from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
 from merlin_mllm.models.precision import PRECISIONS
-from merlin_mllm.pipelines.config import BATCHINGS, DEFAULT_RECIPE, RECIPES, TrainConfig
+from merlin_mllm.pipelines.train_config import BATCHINGS, DEFAULT_RECIPE, RECIPES, TrainConfig
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.text import TokenBudgets
 
@@ -298,8 +298,10 @@ def train(
     summaries: Optional[Path] = typer.Option(None, help="Summary store with the user summaries (`summarize users`); "
                                                        "not needed with --user-context titles"),
     out: Path = typer.Option(..., help="Run folder: checkpoints/ (resumed if present) and model/"),
-    model: Optional[str] = typer.Option(None, help="Base MLLM id or folder; default: embedded SmolLM2 + EfficientNet-Lite0"),
-    no_image: bool = typer.Option(False, "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
+    # TrainConfig.base_model / use_images; --model and --no-image are the familiar spellings.
+    base_model: Optional[str] = typer.Option(None, "--base-model", "--model", help="Base MLLM id or folder; default: "
+                                             "embedded SmolLM2 + EfficientNet-Lite0"),
+    no_images: bool = typer.Option(False, "--no-images", "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
     recipe: str = typer.Option(DEFAULT_RECIPE, metavar="|".join(RECIPES), help=_RECIPE_HELP),
     epochs: Optional[int] = _recipe_option("epochs"),
     max_steps: int = _train_option("max_steps"),
@@ -343,8 +345,8 @@ def train(
                                                       batch_size=batch_size).items() if value is not None}
         columns = _head_columns(hybrid or head_features is not None or features is not None, head_features)
         config = TrainConfig.recipe(
-            recipe, model=model, image=not no_image, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
+            recipe, base_model=base_model, use_images=not no_images, lora_r=lora_r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
             strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss, prompt_version=prompt_version,
             user_context=user_context, context_titles=context_titles, head_features=columns, precision=precision,
             **chosen,
@@ -387,7 +389,7 @@ def evaluate(
     computed here from the prepared folder.
     """
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
-    from merlin_mllm.ranker.config import HEAD_FILE
+    from merlin_mllm.ranker.ranker_config import HEAD_FILE
 
     if model is None and not zero_shot:
         typer.echo("error: give --model, or --zero-shot to score the base model", err=True)

@@ -42,11 +42,11 @@ from merlin_mllm.data.collaborative import HEAD_FEATURES, RETRIEVAL_COLUMN, Coll
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.generation import GenerationSettings
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 from merlin_mllm.pipelines.evaluation import evaluate_ranker
 from merlin_mllm.pipelines.hybrid import write_feature_table
 from merlin_mllm.pipelines.training import train_ranker
-from merlin_mllm.ranker.config import HEAD_FILE
+from merlin_mllm.ranker.ranker_config import HEAD_FILE
 from merlin_mllm.ranker.hybrid import hybrid_probability, saved_head, saved_head_path
 from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
 from merlin_mllm.reporting import protocol_summary, write_quickstart_report

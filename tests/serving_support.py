@@ -15,7 +15,7 @@ from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker import ItemImageFeatures, RankerModel
-from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
+from merlin_mllm.ranker.ranker_config import ITEM_IMAGES_FILE
 from merlin_mllm.summaries.rows import recent_titles_summaries
 
 #: Items whose id is a multiple of this get an image grid (so prompts mix text-only and image items).

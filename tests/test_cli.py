@@ -74,7 +74,7 @@ def test_data_prepare_help_lists_the_registered_datasets():
 # train_config.json, here with max_length 200), passed to --model as such or as its model/.
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from merlin_mllm.pipelines.config import TrainConfig
+    from merlin_mllm.pipelines.train_config import TrainConfig
     from merlin_mllm.pipelines.training import saved_settings
     from merlin_mllm.ranker.saved import MODEL_DIR, TRAIN_CONFIG_FILE
     from tests.serving_support import build_dataset, build_ranker, summary_table

@@ -27,7 +27,7 @@ import sys
 from merlin_mllm.pipelines import TrainConfig, train_ranker
 
 data_dir, summaries, out_dir, model = sys.argv[1:5]
-config = TrainConfig(model=model, image=False, epochs=2, grad_accum=1, batch_size=2, lr=1e-3, max_groups=12,
+config = TrainConfig(base_model=model, use_images=False, epochs=2, grad_accum=1, batch_size=2, lr=1e-3, max_groups=12,
                      validate=False, devices=2, strategy="ddp", accelerator="cpu", seed=5)
 train_ranker(data_dir, summaries, out_dir, config, progress=False)
 """

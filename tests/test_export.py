@@ -322,7 +322,7 @@ def test_export_into_a_new_folder_and_refusals(built, tmp_path):
 
 def test_prompt_cut_comes_from_the_training_run(built, reference, tmp_path):
     """Served prompts are cut as training cut them: train_config.json's max_length, else 512."""
-    from merlin_mllm.pipelines.config import TrainConfig
+    from merlin_mllm.pipelines.train_config import TrainConfig
     from merlin_mllm.pipelines.training import saved_settings
     from merlin_mllm.ranker.saved import MODEL_DIR, TRAIN_CONFIG_FILE, trained_max_length, trained_model_dir
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from merlin_mllm.pipelines.config import BATCHINGS, TrainConfig
+from merlin_mllm.pipelines.train_config import BATCHINGS, TrainConfig
 from merlin_mllm.pipelines.training import RankerDataModule, group_size, shuffle_groups
 from tests.ranker_support import own_prompt_margins
 
@@ -142,7 +142,7 @@ def test_listwise_group_training_losses_equal_the_hand_computed_ones_across_a_re
 
     data, summaries = prepared
     run = tmp_path / "run"
-    config = dict(batching="groups", loss="listwise", prompt_version="2", image=False, lora_dropout=0.0,
+    config = dict(batching="groups", loss="listwise", prompt_version="2", use_images=False, lora_dropout=0.0,
                   batch_size=4, checkpoint_every_n_steps=1, validate=False)
     train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=1, **config), progress=False)
     after_one = tmp_path / "after_one"
@@ -181,7 +181,7 @@ def test_group_training_with_the_row_losses_runs_and_validates(prepared, tmp_pat
 
     data, summaries = prepared
     train_ranker(data, summaries, tmp_path / "run", TrainConfig.small_budget(
-        batching="groups", loss=loss, prompt_version="2", image=False, batch_size=8, epochs=1), progress=False)
+        batching="groups", loss=loss, prompt_version="2", use_images=False, batch_size=8, epochs=1), progress=False)
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     # 6 users x 1 training group of 4 rows, 2 groups per micro-batch; validation ran on valid groups.
     assert summary["rows_seen"] == 24 and summary["global_step"] == 3 and summary["val_loss"] is not None

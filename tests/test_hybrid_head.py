@@ -154,7 +154,7 @@ def test_hybrid_adds_the_llm_logit():
 
 def test_the_saved_head_records_its_recent_window_and_old_folders_still_load(tmp_path):
     from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
-    from merlin_mllm.ranker.config import HEAD_FILE, LEGACY_HEAD_FILE
+    from merlin_mllm.ranker.ranker_config import HEAD_FILE, LEGACY_HEAD_FILE
     from merlin_mllm.ranker.hybrid import saved_head, saved_head_path
 
     rows = pd.DataFrame(np.arange(12, dtype=np.float64).reshape(4, 3), columns=list(NAMES))

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from merlin_mllm.data.collaborative import FEATURE_COLUMNS
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 from tests.ranker_support import own_prompt_margins
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", image=False, lora_dropout=0.0,
+CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", use_images=False, lora_dropout=0.0,
               batch_size=4, validate=False, head_features=FEATURE_COLUMNS, head_hidden=(4,))
 
 
@@ -46,7 +46,7 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
     from merlin_mllm.pipelines.hybrid import attach_features
     from merlin_mllm.pipelines.training import initial_head, load_rows, train_ranker
-    from merlin_mllm.ranker.config import HEAD_FILE
+    from merlin_mllm.ranker.ranker_config import HEAD_FILE
     from merlin_mllm.ranker.hybrid import HybridHead
     from merlin_mllm.ranker.model import RankerModel
     from merlin_mllm.ranker.saved import load_ranker

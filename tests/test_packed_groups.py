@@ -15,7 +15,7 @@ import torch
 
 from merlin_mllm.models.tiny import tiny_mllm_path
 from merlin_mllm.ranker import Candidate, RankerModel
-from merlin_mllm.ranker.config import CONFIG_FILE, RankerConfig
+from merlin_mllm.ranker.ranker_config import CONFIG_FILE, RankerConfig
 from merlin_mllm.ranker.losses import group_loss, listwise_loss
 from merlin_mllm.ranker.packing import CandidateGroup, block_attention_mask, pack_groups
 from merlin_mllm.ranker.prompt import RankerPrompt, embedded_tokenizer

@@ -261,7 +261,7 @@ def test_block_trains_through_merlin_loader_and_lightning(data_dir, summaries):
 @pytest.fixture(scope="module")
 def trained(data_dir, summaries, tiny_text_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    model_dir = train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, epochs=1,
+    model_dir = train_ranker(data_dir, summaries, out, TrainConfig(base_model=tiny_text_model, use_images=False, epochs=1,
                              grad_accum=2, batch_size=4, lr=1e-3, max_groups=8), progress=False)
     return out, model_dir
 
@@ -276,7 +276,7 @@ def test_training_writes_a_loadable_model_and_resumes_from_its_checkpoint(traine
     lora_b = [v for k, v in loaded.trainable_state_dict().items() if "lora_B" in k]
     assert lora_b and any(float(v.abs().sum()) > 0 for v in lora_b)  # B starts at 0: it trained
 
-    train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, epochs=2,
+    train_ranker(data_dir, summaries, out, TrainConfig(base_model=tiny_text_model, use_images=False, epochs=2,
                  grad_accum=2, batch_size=4, lr=1e-3, max_groups=8), progress=False)
     second = json.loads((out / "training.json").read_text())
     assert second["resumed_from"].endswith("last.ckpt")
@@ -285,13 +285,13 @@ def test_training_writes_a_loadable_model_and_resumes_from_its_checkpoint(traine
     assert [s["optimizer_step"] for s in second["micro_batch_losses"]] == [0, 0, 1, 1, 2, 2, 3, 3]
 
     with pytest.raises(ValueError, match="lora_r"):
-        train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, lora_r=4, epochs=3,
+        train_ranker(data_dir, summaries, out, TrainConfig(base_model=tiny_text_model, use_images=False, lora_r=4, epochs=3,
                      max_groups=8), progress=False)
 
 
 def test_a_run_without_validation_checkpoints_its_epoch_end(data_dir, summaries, tiny_text_model, tmp_path):
     # 16 rows in batches of 4: 4 steps per epoch; the step checkpoint falls at step 3, not at the end.
-    settings = dict(model=tiny_text_model, image=False, grad_accum=1, batch_size=4, lr=1e-3, max_groups=8,
+    settings = dict(base_model=tiny_text_model, use_images=False, grad_accum=1, batch_size=4, lr=1e-3, max_groups=8,
                     validate=False, checkpoint_every_n_steps=3)
     train_ranker(data_dir, summaries, tmp_path, TrainConfig(epochs=1, **settings), progress=False)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -399,7 +399,7 @@ def test_a_checkpoint_from_another_image_encoder_is_refused_by_name(trained, dat
     config["image_encoder"] = "efficientnet-lite0-grid"
     (out / "train_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"other settings \{'image_encoder': \('efficientnet-lite0-grid', None\)\}"):
-        train_ranker(data_dir, summaries, out, TrainConfig(model=tiny_text_model, image=False, epochs=3,
+        train_ranker(data_dir, summaries, out, TrainConfig(base_model=tiny_text_model, use_images=False, epochs=3,
                      grad_accum=2, batch_size=4, lr=1e-3, max_groups=8), progress=False)
 
 
@@ -409,7 +409,7 @@ def test_a_copied_run_folder_resumes_and_keeps_one_last_checkpoint(trained, data
     out = tmp_path / "continued"
     shutil.copytree(trained[0], out)
     before = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    settings = dict(model=tiny_text_model, image=False, grad_accum=2, batch_size=4, lr=1e-3, max_groups=8)
+    settings = dict(base_model=tiny_text_model, use_images=False, grad_accum=2, batch_size=4, lr=1e-3, max_groups=8)
     epochs = json.loads((out / "training.json").read_text())["epochs_completed"]
     train_ranker(data_dir, summaries, out, TrainConfig(epochs=epochs + 1, **settings), progress=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]

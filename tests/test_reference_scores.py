@@ -32,7 +32,7 @@ from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.tiny import tiny_mllm_path
 from merlin_mllm.ranker import RankerModel
 from merlin_mllm.pipelines.evaluation import evaluate_ranker
-from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
+from merlin_mllm.ranker.ranker_config import ITEM_IMAGES_FILE
 from merlin_mllm.summaries.rows import recent_titles_summaries
 from merlin_mllm.serving.client import RerankClient
 from merlin_mllm.serving.export import export

@@ -37,7 +37,7 @@ from merlin_mllm.data.collaborative import (
     RETRIEVAL_COLUMN,
     CollaborativeFeatures,
 )
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 from merlin_mllm.serving.ranker_step import RankerStep
 from merlin_mllm.serving.steps import ARTIFACTS_DIR, FeatureStep, RequestError
 from merlin_mllm.serving.client import RerankClient, RerankError
@@ -46,7 +46,7 @@ from merlin_mllm.serving.tritonserver import TritonServer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", image=False, lora_dropout=0.0,
+CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", use_images=False, lora_dropout=0.0,
               batch_size=4, validate=False, head_features=HEAD_FEATURES, head_hidden=(4,))
 UNKNOWN_USER = 10**9
 
@@ -108,7 +108,7 @@ def test_export_carries_the_head_and_the_fitted_features(hybrid):
     from google.protobuf import text_format
 
     from merlin_mllm.data.splits import training_events
-    from merlin_mllm.ranker.config import HEAD_FILE
+    from merlin_mllm.ranker.ranker_config import HEAD_FILE
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,7 +208,7 @@ def test_merlin_systems_operator_passes_retrieval_scores(hybrid):
 
 
 def test_unservable_head_columns_and_stray_events_are_refused(hybrid, tmp_path):
-    from merlin_mllm.ranker.config import HEAD_FILE
+    from merlin_mllm.ranker.ranker_config import HEAD_FILE
     from merlin_mllm.ranker.hybrid import HybridHead
 
     model = tmp_path / "model"

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
 
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 
 
 def test_defaults_are_the_papers_recipe():
     config = TrainConfig()
-    assert (config.model, config.image, config.lora_r, config.lora_alpha, config.lora_dropout) == (None, True, 8, 16, 0.05)
+    assert (config.base_model, config.use_images, config.lora_r, config.lora_alpha, config.lora_dropout) == (None, True, 8, 16, 0.05)
     assert (config.lr, config.projector_lr, config.epochs, config.max_steps) == (2e-5, None, 1, -1)
     assert (config.grad_accum, config.max_length, config.batch_size, config.seed) == (8, 512, 4, 42)
     # Groups by default (benchmarks/group_training_quality.json), with their resolved loss and prompt.
@@ -61,8 +62,8 @@ def test_resume_and_saved_fields():
     ({"loss": "focal"}, "loss"),
     ({"devices": 0}, "devices"),
     ({"max_groups": 0}, "max_groups"),
-    ({"model": ""}, "model"),
-    ({"image": "yes"}, "image"),
+    ({"base_model": ""}, "base_model"),
+    ({"use_images": "yes"}, "use_images"),
     ({"checkpoint_every_n_steps": 0}, "checkpoint_every_n_steps"),
 ])
 def test_bad_values_are_refused_naming_the_field(changes, field):
@@ -75,6 +76,20 @@ def test_a_changed_copy_is_checked_too():
         dataclasses.replace(TrainConfig(), batch_size=0)
 
 
+def test_a_run_saved_under_older_names_reads_with_todays(tmp_path):
+    """train_config.json of a run saved before TrainConfig took RankerConfig's names (model, image)
+    and before the hybrid had one name (fusion_*) reads with today's keys, so the run still resumes."""
+    from merlin_mllm.ranker.saved import TRAIN_CONFIG_FILE, read_train_config
+
+    (tmp_path / TRAIN_CONFIG_FILE).write_text(json.dumps({"model": "embedded", "image": False, "fusion_hidden": [16],
+                                                          "lr": 1e-3}))
+    assert read_train_config(tmp_path) == {"base_model": "embedded", "use_images": False, "head_hidden": [16], "lr": 1e-3}
+    assert read_train_config(tmp_path / "no_run") is None
+    saved = TrainConfig(use_images=False).saved_fields()
+    assert {"base_model", "use_images"} <= set(saved) and not {"model", "image"} & set(saved)
+    assert {"base_model", "use_images"} <= set(TrainConfig.resume_fields())
+
+
 def test_importing_it_loads_no_torch():
     code = "import sys, merlin_mllm.pipelines as p; p.TrainConfig(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
@@ -82,7 +97,7 @@ def test_importing_it_loads_no_torch():
 
 # ------------------------------------------------------------------------- recipes and the step warning
 def test_recipes_by_name():
-    from merlin_mllm.pipelines.config import DEFAULT_RECIPE, RECIPES
+    from merlin_mllm.pipelines.train_config import DEFAULT_RECIPE, RECIPES
 
     assert DEFAULT_RECIPE == "small-budget" and set(RECIPES) == {"small-budget", "paper"}
     small = TrainConfig.recipe("small-budget")
@@ -105,7 +120,7 @@ def test_optimizer_steps_count_micro_batches_accumulation_epochs_and_max_steps()
 
 
 def test_too_few_steps_warns_with_the_numbers():
-    from merlin_mllm.pipelines.config import MIN_LR_STEPS
+    from merlin_mllm.pipelines.train_config import MIN_LR_STEPS
 
     warning = TrainConfig.recipe("paper").too_few_steps(64)
     assert warning is not None

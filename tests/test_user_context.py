@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -49,12 +49,12 @@ def test_context_texts_come_from_each_rows_own_history(prepared):
 def test_titles_context_trains_without_summaries_and_evaluates_the_same_texts(prepared, tmp_path):
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
     from merlin_mllm.pipelines.training import load_rows, train_ranker
-    from merlin_mllm.ranker.config import RankerConfig
+    from merlin_mllm.ranker.ranker_config import RankerConfig
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
     run = tmp_path / "run"
     train_ranker(prepared, None, run, TrainConfig.small_budget(
-        max_steps=1, image=False, validate=False, batch_size=4, user_context="titles", context_titles=3), progress=False)
+        max_steps=1, use_images=False, validate=False, batch_size=4, user_context="titles", context_titles=3), progress=False)
     config = RankerConfig.read(run / "model")
     assert (config.user_context, config.context_titles) == ("titles", 3)
     assert json.loads((run / "train_config.json").read_text())["user_context"] == "titles"

@@ -54,8 +54,8 @@ LLM_ROWS = {
 
 def llm_train_settings(epochs: int = LLM_EPOCHS) -> dict:
     # Imported here: the pipelines pull in the Merlin stack, which summaries_on_gpu.py's GPU
-    # machine does not have (merlin_mllm.pipelines.config itself is light).
-    from merlin_mllm.pipelines.config import TrainConfig
+    # machine does not have (merlin_mllm.pipelines.train_config itself is light).
+    from merlin_mllm.pipelines.train_config import TrainConfig
 
     budget = TrainConfig.small_budget()
     return dict(lr=budget.lr, batch_size=budget.batch_size, grad_accum=budget.grad_accum, epochs=epochs)
@@ -282,7 +282,7 @@ class LLMStages:
         # validate=False: the validation loss is only reported, never used to pick a model; skipping
         # it saves scoring the valid rows twice per run on this shared CPU.
         train_data = self.prefix_data() if kind == "full_prefixes" else self.data
-        train_ranker(train_data, store, run_dir, TrainConfig(image=kind != "text_only", seed=self.seed, validate=False, batching="rows",
+        train_ranker(train_data, store, run_dir, TrainConfig(use_images=kind != "text_only", seed=self.seed, validate=False, batching="rows",
                      **llm_train_settings(epochs)), progress=True)
         train_seconds = time.time() - started
         result = evaluate_ranker(self.data, store, run_dir / MODEL_DIR, eval_json, max_groups=self.max_groups, progress=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 
 from benchmarks.common import QUALITY_RESULTS, WORK, write_json
 

@@ -7,7 +7,7 @@ loses at most a few minutes. Run one at a time: two torch jobs thrash the 2-core
 Rows (per protocol, one seed, the same recipe):
 
 * ``llm_only``: the ranker alone, recent-titles user context, groups / listwise / prompt v2,
-  ``TrainConfig.small_budget(epochs=1, image=False)``; scored on valid (for the late fusion) and test.
+  ``TrainConfig.small_budget(epochs=1, use_images=False)``; scored on valid (for the late fusion) and test.
 * ``hybrid_tabular``: the same ranker trained jointly with a ``HybridHead`` over
   ``run_hybrid.py``'s head features (``hybrid_inputs/<split>_s0.parquet``); scored on test.
 * ``<row>_k<K>``: the same, trained on a folder prepared with ``train_negatives=K`` (``data_k<K>/``,
@@ -92,7 +92,7 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
             return
         # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
         context = {"user_context": "titles"} if hybrid else {}
-        config = TrainConfig.small_budget(epochs=1, image=False, validate=False, seed=seed,
+        config = TrainConfig.small_budget(epochs=1, use_images=False, validate=False, seed=seed,
                                           head_features=HEAD_FEATURES if hybrid else None, **context)
         features = root / (f"hybrid_inputs_k{negatives}" if negatives else "hybrid_inputs") / "train_s0.parquet"
         train_ranker(data_dir, summaries, row_dir, config, features=features if hybrid else None)

@@ -7,9 +7,9 @@ project's normal pipeline twice on the same rows:
 
 * **image arm** (MLLM-MSR): items prepared with their pictures -> textualizer item summaries
   (EfficientNet labels + dominant colours + SmolLM2) -> recurrent user summaries -> LoRA ranker
-  that sees each candidate's picture (``TrainConfig(image=True)``);
+  that sees each candidate's picture (``TrainConfig(use_images=True)``);
 * **text arm** (MLLM-MSR_I): the same rows prepared without pictures -> text-only item
-  summaries -> recurrent user summaries -> ranker without pictures (``image=False``).
+  summaries -> recurrent user summaries -> ranker without pictures (``use_images=False``).
 
 Both arms are evaluated with ``evaluate_ranker`` on the same test candidates, next to a
 popularity baseline, a zero-shot ranker, and a "visual majority" reference that knows each
@@ -179,7 +179,7 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
 
     out = args.cache / f"ranker_{arm}"
     if (out / TRAINING_LOG_FILE).is_file() and (out / MODEL_DIR).is_dir():
-        from merlin_mllm.ranker.config import CONFIG_FILE, RankerConfig
+        from merlin_mllm.ranker.ranker_config import CONFIG_FILE, RankerConfig
 
         saved = json.loads((out / TRAINING_LOG_FILE).read_text())
         # A model trained on image tokens of another size (before the colour features) is stale.
@@ -192,7 +192,7 @@ def train_arm(args, arm: str, data_dir: Path) -> Path:
     if stale.exists():
         stale.unlink()
     return train_ranker(
-        data_dir, args.cache / f"store_{arm}", out, TrainConfig(image=(arm == "image"), lr=args.lr,
+        data_dir, args.cache / f"store_{arm}", out, TrainConfig(use_images=(arm == "image"), lr=args.lr,
         projector_lr=args.projector_lr, epochs=args.epochs, grad_accum=args.grad_accum,
         batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
         validate=False, batching="rows"), progress=args.progress,

@@ -1,6 +1,6 @@
 """Pipelines: the jobs that run the ranker over a prepared dataset, on the Merlin stack.
 
-- :mod:`merlin_mllm.pipelines.config`: ``TrainConfig``, the training settings (validated when made).
+- :mod:`merlin_mllm.pipelines.train_config`: ``TrainConfig``, the training settings (validated when made).
 - :mod:`merlin_mllm.pipelines.training`: ``train_ranker``, LoRA SFT through Merlin's dataloader
   and Lightning (``load_rows``, ``tokenize_rows``, ``RankerDataModule``).
 - :mod:`merlin_mllm.pipelines.evaluation`: ``evaluate_ranker``, ranking metrics of a trained or
@@ -17,7 +17,7 @@ from __future__ import annotations
 from merlin_mllm.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "TrainConfig": "config",
+    "TrainConfig": "train_config",
     **dict.fromkeys(["RankerDataModule", "load_rows", "tokenize_rows", "train_ranker"], "training"),
     **dict.fromkeys(["evaluate_ranker", "plot_evaluation"], "evaluation"),
     **dict.fromkeys(["dask_client", "summarize_items_on_cluster", "summarize_users_on_cluster"], "summaries"),

@@ -70,16 +70,16 @@ from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
 from merlin_mllm.data.prepare import ROW_TAGS
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.pipelines.config import TrainConfig
+from merlin_mllm.pipelines.train_config import TrainConfig
 from merlin_mllm.pipelines.hybrid import HeadSettings, attach_features, train_head
 from merlin_mllm.ranker.block import RankerMerlinModel
-from merlin_mllm.ranker.config import EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
+from merlin_mllm.ranker.ranker_config import EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
 from merlin_mllm.ranker.image_features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.hybrid import HybridHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import (CHECKPOINT_DIR, LAST_CHECKPOINT, MODEL_DIR, TRAIN_CONFIG_FILE, TRAINING_LOG_FILE,
-                                      item_image_table)
+                                      item_image_table, read_train_config)
 from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, user_context_texts
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,11 @@ WARM_START_EPOCHS = 60
 
 def saved_settings(config: TrainConfig, data_dir: Union[str, os.PathLike]) -> Dict:
     """What ``train_config.json`` (and ``training.json``'s ``settings``) record of a run: the
-    config's saved fields (``model`` resolved, ``strategy`` as text), the image encoder and the data."""
+    config's saved fields (``base_model`` resolved, ``strategy`` as text), the image encoder and the data."""
     return {
         **config.saved_fields(),
-        "model": config.model or EMBEDDED,
-        "image_encoder": ENCODER_NAME if config.image else None,
+        "base_model": config.base_model or EMBEDDED,
+        "image_encoder": ENCODER_NAME if config.use_images else None,
         "strategy": str(config.strategy),
         "data_dir": str(Path(data_dir).resolve()),
     }
@@ -425,14 +425,11 @@ def _strategy(strategy, devices: int, accelerator: str):
 def _check_resume(out_dir: Path, settings: dict, resume: bool) -> Optional[Path]:
     """The checkpoint to resume from, if any; refused (naming the fields) when the saved
     ``train_config.json`` differs from ``settings`` in a :data:`RESUME_KEYS` field."""
-    config_file = out_dir / TRAIN_CONFIG_FILE
     checkpoint = out_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if not resume or not checkpoint.exists():
         return None
-    if config_file.exists():
-        saved = json.loads(config_file.read_text())
-        # Runs saved before the hybrid had one name call its settings fusion_*.
-        saved.update({f"head_{k[len('fusion_'):]}": v for k, v in list(saved.items()) if k.startswith("fusion_")})
+    saved = read_train_config(out_dir)
+    if saved is not None:
         changed = {k: (saved.get(k), settings.get(k)) for k in RESUME_KEYS if saved.get(k) != settings.get(k)}
         if changed:
             raise ValueError(
@@ -502,7 +499,7 @@ def train_ranker(
 
     device = torch.device("cuda", _local_rank()) if accelerator == "gpu" else torch.device("cpu")
     ranker = RankerModel.build(
-        settings["model"], use_images=config.image, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+        settings["base_model"], use_images=config.use_images, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
         prompt_version=config.prompt_version, user_context=config.user_context, context_titles=config.context_titles,
         precision=config.precision,
@@ -514,8 +511,8 @@ def train_ranker(
         ranker.set_item_features(table)
     elif ranker.config.use_images:
         raise ValueError(
-            f"{settings['model']}: Hugging Face MLLMs expand image tokens from the pixels, which the "
-            "token-id pipeline does not carry; train them with image=False (text-only), or use the "
+            f"{settings['base_model']}: Hugging Face MLLMs expand image tokens from the pixels, which the "
+            "token-id pipeline does not carry; train them with use_images=False (text-only), or use the "
             "embedded model for images"
         )
 

@@ -6,7 +6,7 @@
 * :mod:`merlin_mllm.ranker.model`: :class:`RankerModel` (LoRA, answer-only loss, shared-prefix
   scoring, save/load), a thin composition of:
 
-  * :mod:`~merlin_mllm.ranker.config`: :class:`RankerConfig` and the saved folder's file names;
+  * :mod:`~merlin_mllm.ranker.ranker_config`: :class:`RankerConfig` and the saved folder's file names;
   * :mod:`~merlin_mllm.ranker.backend`: the interface to a model family, implemented by
     :mod:`~merlin_mllm.ranker.embedded_backend` (SmolLM2 + projected EfficientNet grids) and
     :mod:`~merlin_mllm.ranker.hf_backend` (Hugging Face MLLMs, mrope), chosen in
@@ -38,7 +38,7 @@ _EXPORTS = dict(
     CandidateGroup="packing",
     GroupOutput="groups",
     **dict.fromkeys(["load_ranker", "item_image_table"], "saved"),
-    RankerConfig="config",
+    RankerConfig="ranker_config",
     ImageProjector="embedded_backend",
     ItemImageFeatures="image_features",
 )

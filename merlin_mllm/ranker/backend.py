@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merlin_mllm.image_loading import is_missing
-from merlin_mllm.ranker.config import RankerConfig
+from merlin_mllm.ranker.ranker_config import RankerConfig
 from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.packing import MASKABLE_ATTENTION, attention_mask_for
 from merlin_mllm.ranker.prompt import Candidate, EncodedPrompt, RankerPrompt

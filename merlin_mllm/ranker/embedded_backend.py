@@ -20,7 +20,7 @@ from merlin_mllm.image_loading import is_missing
 from merlin_mllm.models.loading import load
 from merlin_mllm.models.vision import VisionEncoder
 from merlin_mllm.ranker.backend import RankerBackend
-from merlin_mllm.ranker.config import EMBEDDED, RankerConfig
+from merlin_mllm.ranker.ranker_config import EMBEDDED, RankerConfig
 from merlin_mllm.ranker.prompt import Candidate, add_image_token
 
 __all__ = ["EmbeddedBackend", "ImageProjector"]

@@ -21,7 +21,7 @@ import torch
 from merlin_mllm.models.loading import load
 from merlin_mllm.ranker.backend import RankerBackend
 from merlin_mllm.ranker.batches import pad_right
-from merlin_mllm.ranker.config import RankerConfig
+from merlin_mllm.ranker.ranker_config import RankerConfig
 from merlin_mllm.ranker.prompt import EncodedPrompt
 
 __all__ = ["HFBackend", "PER_TOKEN_KEYS"]

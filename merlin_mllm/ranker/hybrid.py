@@ -72,7 +72,7 @@ from torch import nn
 
 from merlin_mllm import merlin_compat
 from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
-from merlin_mllm.ranker.config import HEAD_FILE, LEGACY_HEAD_FILE
+from merlin_mllm.ranker.ranker_config import HEAD_FILE, LEGACY_HEAD_FILE
 from merlin_mllm.ranker.groups import GroupOutput
 from merlin_mllm.ranker.losses import group_loss
 from merlin_mllm.ranker.saved import trained_model_dir
@@ -362,7 +362,7 @@ def hybrid_probability(p_yes, head_logit) -> "tuple[np.ndarray, np.ndarray]":
 
 
 def saved_head_path(model_dir: Union[str, os.PathLike]) -> Optional[Path]:
-    """The head file of a saved ranker (:data:`~merlin_mllm.ranker.config.HEAD_FILE`), or None.
+    """The head file of a saved ranker (:data:`~merlin_mllm.ranker.ranker_config.HEAD_FILE`), or None.
 
     ``model_dir`` is the saved ranker or the run folder holding it (``trained_model_dir``).
     Folders saved before the hybrid had one name hold it as ``LEGACY_HEAD_FILE``; it is read too.

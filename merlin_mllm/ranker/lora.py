@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from merlin_mllm.ranker.config import RankerConfig
+from merlin_mllm.ranker.ranker_config import RankerConfig
 
 __all__ = ["attach_lora", "lora_target_regex", "LoraMergeCache"]
 

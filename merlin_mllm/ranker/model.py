@@ -72,7 +72,7 @@ is_trainable=False) -> RankerModel`` / ``ranker.save_pretrained(path)``
     For optimizers and compact checkpoints.
 Module-level helpers: ``pad_right(sequences, pad_id)``, ``batch_from_ragged(values, offsets,
 pad_id)``, ``answer_only_labels(input_ids, attention_mask, answer_ids)``, ``IGNORE_INDEX``
-(from :mod:`~merlin_mllm.ranker.batches`), ``RankerConfig`` (:mod:`~merlin_mllm.ranker.config`),
+(from :mod:`~merlin_mllm.ranker.batches`), ``RankerConfig`` (:mod:`~merlin_mllm.ranker.ranker_config`),
 ``ImageProjector`` (:mod:`~merlin_mllm.ranker.embedded_backend`), ``ItemImageFeatures``
 (:mod:`~merlin_mllm.ranker.image_features`), re-exported here.
 
@@ -80,7 +80,7 @@ Composition
 -----------
 ``RankerModel`` is thin; its parts live next to it:
 
-* :mod:`~merlin_mllm.ranker.config`: ``RankerConfig`` and the saved folder's file names;
+* :mod:`~merlin_mllm.ranker.ranker_config`: ``RankerConfig`` and the saved folder's file names;
 * :mod:`~merlin_mllm.ranker.backend` (interface), :mod:`~merlin_mllm.ranker.embedded_backend`,
   :mod:`~merlin_mllm.ranker.hf_backend`, chosen in :mod:`~merlin_mllm.ranker.backend_registry`:
   the model family (loading, image inputs, positions);
@@ -122,7 +122,7 @@ from merlin_mllm.ranker import groups, scoring
 from merlin_mllm.ranker.backend import RankerBackend
 from merlin_mllm.ranker.backend_registry import backend_class, backend_class_for_model
 from merlin_mllm.ranker.batches import IGNORE_INDEX, answer_only_labels, answer_positions, batch_from_ragged, pad_right
-from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, EMBEDDED, PROJECTOR_FILE, RankerConfig
+from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, CONFIG_FILE, EMBEDDED, PROJECTOR_FILE, RankerConfig
 from merlin_mllm.ranker.embedded_backend import ImageProjector
 from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.groups import GroupOutput

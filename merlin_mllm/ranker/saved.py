@@ -2,7 +2,7 @@
 
 A training run (``train_ranker``'s ``out/``) is one folder; these names are defined here only::
 
-    model/                 the saved ranker (MODEL_DIR; its own layout: merlin_mllm.ranker.config)
+    model/                 the saved ranker (MODEL_DIR; its own layout: merlin_mllm.ranker.ranker_config)
     checkpoints/last.ckpt  the resumable training state (CHECKPOINT_DIR, LAST_CHECKPOINT)
     train_config.json      the run's settings, max_length among them (TRAIN_CONFIG_FILE)
     training.json          the training log: losses, row counts, timings (TRAINING_LOG_FILE)
@@ -13,6 +13,7 @@ A training run (``train_ranker``'s ``out/``) is one folder; these names are defi
   computed once into a cache file.
 * :func:`trained_model_dir`: the saved ranker a run folder (or the ranker folder itself) names.
 * :func:`trained_max_length`: the prompt cut the run that trained a ranker recorded.
+* :func:`read_train_config`: a run's recorded settings, older runs' keys read as today's.
 
 Usage::
 
@@ -32,15 +33,15 @@ import numpy as np
 from merlin_mllm.data.image_files import dataset_image_root
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.ranker.backend_registry import backend_class, backend_class_for_model
-from merlin_mllm.ranker.config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
+from merlin_mllm.ranker.ranker_config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
 from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_ranker", "item_image_table", "trained_model_dir", "trained_max_length", "MODEL_DIR",
-           "CHECKPOINT_DIR", "LAST_CHECKPOINT", "TRAIN_CONFIG_FILE", "TRAINING_LOG_FILE"]
+__all__ = ["load_ranker", "item_image_table", "trained_model_dir", "trained_max_length", "read_train_config",
+           "MODEL_DIR", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "TRAIN_CONFIG_FILE", "TRAINING_LOG_FILE", "LEGACY_TRAIN_KEYS"]
 
 #: The saved ranker's folder inside a run folder (``out/model``).
 MODEL_DIR = "model"
@@ -49,6 +50,9 @@ LAST_CHECKPOINT = "last.ckpt"
 #: The run's settings (``TrainConfig.saved_fields`` and more), beside ``model/``.
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAINING_LOG_FILE = "training.json"
+#: Keys of ``train_config.json`` as older runs wrote them -> today's (``TrainConfig`` took
+#: ``RankerConfig``'s names for the base model and the image switch).
+LEGACY_TRAIN_KEYS = {"model": "base_model", "image": "use_images"}
 
 
 def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Optional[Path] = None,
@@ -191,8 +195,33 @@ def trained_max_length(model_dir) -> Tuple[int, str]:
         record = model_dir.parent / TRAIN_CONFIG_FILE
         if model_dir.name == MODEL_DIR and record.is_file():
             try:
-                return int(json.loads(record.read_text(encoding="utf-8"))["max_length"]), str(record)
+                return int(read_train_config(model_dir.parent)["max_length"]), str(record)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{record}: cannot read the training run's max_length ({exc}); "
                                  "pass the prompt length explicitly") from exc
     return DEFAULT_MAX_PROMPT_TOKENS, "default"
+
+
+def read_train_config(run_dir: Union[str, os.PathLike]) -> Optional[dict]:
+    """The settings a training run recorded (``run_dir/train_config.json``), or None without one.
+
+    A run folder written by an older merlin-mllm reads with today's keys: ``model`` and
+    ``image`` as ``base_model`` and ``use_images`` (:data:`LEGACY_TRAIN_KEYS`), the hybrid's
+    ``fusion_*`` settings as ``head_*``, so such a run still resumes.
+
+    Raises
+    ------
+    ValueError
+        When the file is not valid JSON.
+    """
+    path = Path(run_dir) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    # Compat shim for run folders already on disk (see the docstring); nothing writes these keys now.
+    for old, new in LEGACY_TRAIN_KEYS.items():
+        if old in settings and new not in settings:
+            settings[new] = settings.pop(old)
+    for key in [k for k in settings if k.startswith("fusion_")]:
+        settings.setdefault("head_" + key[len("fusion_"):], settings.pop(key))
+    return settings

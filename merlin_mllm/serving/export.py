@@ -99,7 +99,7 @@ from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.precision import check_precision
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
-from merlin_mllm.ranker.config import CONFIG_FILE, HEAD_FILE, RankerConfig
+from merlin_mllm.ranker.ranker_config import CONFIG_FILE, HEAD_FILE, RankerConfig
 from merlin_mllm.ranker.hybrid import HybridHead, saved_head
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir

@@ -69,7 +69,7 @@ class RankerStep:
         resolved where it loads ("auto" detects there); default: the saved ranker's.
         """
         from merlin_mllm.models.precision import check_precision
-        from merlin_mllm.ranker.config import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
+        from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
         from merlin_mllm.ranker.hybrid import saved_head_path
 
         folder, model_dir = Path(folder), Path(model_dir)
@@ -104,7 +104,7 @@ class RankerStep:
         import torch
 
         from merlin_mllm.models.loading import default_device
-        from merlin_mllm.ranker.config import ITEM_IMAGES_FILE
+        from merlin_mllm.ranker.ranker_config import ITEM_IMAGES_FILE
         from merlin_mllm.ranker.image_features import ItemImageFeatures
         from merlin_mllm.ranker.hybrid import saved_head
         from merlin_mllm.ranker.model import RankerModel

@@ -72,11 +72,13 @@ class TrainConfig:
         On construction, naming the field, when a value is out of range.
     """
 
-    model: Optional[str] = _setting(
+    # base_model and use_images are RankerConfig's names for the same settings (train_config.json
+    # of older runs says model and image: merlin_mllm.ranker.saved.read_train_config reads both).
+    base_model: Optional[str] = _setting(
         None, "None/'embedded' (SmolLM2 + EfficientNet-Lite0), or a Hugging Face id/folder (text-only "
-        "through this pipeline: image=False)", resume=True)
-    image: bool = _setting(True, "Show candidate images (embedded model); False: the text-only ablation (MLLM-MSR_I)",
-                           resume=True)
+        "through this pipeline: use_images=False)", resume=True)
+    use_images: bool = _setting(True, "Show candidate images (embedded model); False: the text-only ablation "
+                                "(MLLM-MSR_I)", resume=True)
     lora_r: int = _setting(8, "LoRA rank (the paper's 8)", resume=True)
     lora_alpha: int = _setting(16, "LoRA alpha", resume=True)
     lora_dropout: float = _setting(0.05, "LoRA dropout, in [0, 1)", resume=True)
@@ -140,10 +142,10 @@ class TrainConfig:
                                                  "epoch end)", saved=False)
 
     def __post_init__(self):
-        if self.model is not None and (not isinstance(self.model, str) or not self.model):
-            raise ValueError(f"model must be None or a non-empty model id/folder, not {self.model!r}")
-        _check_bool("image", self.image)
-        self.image = bool(self.image)
+        if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
+            raise ValueError(f"base_model must be None or a non-empty model id/folder, not {self.base_model!r}")
+        _check_bool("use_images", self.use_images)
+        self.use_images = bool(self.use_images)
         _check_int("lora_r", self.lora_r, low=1)
         _check_number("lora_alpha", self.lora_alpha, positive=True)
         _check_number("lora_dropout", self.lora_dropout)
