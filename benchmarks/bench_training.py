@@ -35,7 +35,7 @@ Usage::
     python -m benchmarks.bench_training --threads 1      # about 10 minutes on a busy 2-core CPU
     python -m benchmarks.bench_training --steps 2 --skip-generate   # smoke run
 
-Writes ``benchmarks/training.json`` (``--out``).
+Writes ``benchmarks/speed/training.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ import psutil
 import torch
 
 from benchmarks.bench_scoring import language_model_params, matmul_flops
-from benchmarks.common import write_json
+from benchmarks.common import SPEED_RESULTS, write_json
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker import Candidate, ItemImageFeatures, RankerModel
 from merlin_mllm.summaries.rows import recent_titles_summaries
 
-OUT = Path(__file__).resolve().parent / "training.json"
+OUT = SPEED_RESULTS / "training.json"
 NEGATIVES = 7
 LR = 5e-4
 

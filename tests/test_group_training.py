@@ -192,7 +192,7 @@ def test_group_training_with_the_row_losses_runs_and_validates(prepared, tmp_pat
 def test_the_defaults_are_what_the_committed_measurement_chose():
     from pathlib import Path
 
-    measured = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "group_training_quality.json").read_text())
+    measured = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "quality" / "group_training_quality.json").read_text())
     decision, runs = measured["decision"], measured["runs"]
     config = TrainConfig()
     assert (config.batching, config.loss) == (decision["default_batching"], decision["default_loss"])

@@ -16,7 +16,7 @@ def test_defaults_are_the_papers_recipe():
     assert (config.base_model, config.use_images, config.lora_r, config.lora_alpha, config.lora_dropout) == (None, True, 8, 16, 0.05)
     assert (config.lr, config.projector_lr, config.epochs, config.max_steps) == (2e-5, None, 1, -1)
     assert (config.grad_accum, config.max_length, config.batch_size, config.seed) == (8, 512, 4, 42)
-    # Groups by default (benchmarks/group_training_quality.json), with their resolved loss and prompt.
+    # Groups by default (benchmarks/quality/group_training_quality.json), with their resolved loss and prompt.
     assert (config.batching, config.loss, config.prompt_version) == ("groups", "listwise", "2")
     assert (TrainConfig(batching="rows").loss, TrainConfig(batching="rows").prompt_version) == ("lm", "1")
     assert (config.devices, config.strategy, config.accelerator, config.max_groups) == (1, "auto", None, None)

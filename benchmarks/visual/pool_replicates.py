@@ -24,9 +24,10 @@ import pandas as pd
 
 from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.common import VISUAL_RESULTS
+
 # Settings that may differ between replicates: the seed is the point, the rest are locations/logging.
-PER_REPLICATE = {"seed", "cache", "results_dir", "arms", "progress", "package_dir"}
+PER_REPLICATE = {"seed", "cache", "results_dir", "results_name", "arms", "progress", "package_dir"}
 
 
 def load_replicate(results_file: Path) -> dict:
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, nargs="+", required=True,
                         help="results.json of finished run_visual.py runs, one per seed")
-    parser.add_argument("--out", type=Path, default=HERE, help="where replicates.json / replicates.md go")
+    parser.add_argument("--out", type=Path, default=VISUAL_RESULTS, help="where replicates.json / replicates.md go")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
     if len(args.results) < 2:

@@ -26,8 +26,8 @@ Usage::
     # the measured run (README "Run it" shows the same split over two processes with --arms):
     nohup .venv/bin/python -m benchmarks.visual.run_visual --no-zero-shot > benchmarks/results/visual/run.log 2>&1 &
 
-Prints a table and writes ``results.json`` and ``results.md`` into ``--results-dir``
-(default: this folder).
+Prints a table and writes ``results.json`` and ``results.md`` (``--results-name``) into
+``--results-dir`` (default: ``benchmarks/visual/``, beside the other committed visual results).
 """
 from __future__ import annotations
 
@@ -45,9 +45,8 @@ import pandas as pd
 
 from merlin_mllm.data import visual_set
 
-from benchmarks.common import WORK, log
+from benchmarks.common import VISUAL_RESULTS, WORK, log
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = WORK / "visual"
 
 
@@ -269,7 +268,7 @@ def colour_word_share(data_dir: Path, store: Path) -> float:
 
 def write_results(args, results: dict) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (args.results_dir / f"{args.results_name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     lines = [
         "# Visual-preference check: measured results",
         "",
@@ -312,14 +311,16 @@ def write_results(args, results: dict) -> None:
         f"text arm {results['colour_words_in_user_summaries']['text']:.2f}.",
         "",
     ]
-    (args.results_dir / "results.md").write_text("\n".join(lines))
+    (args.results_dir / f"{args.results_name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="stage cache (npm package, data, stores, runs)")
-    parser.add_argument("--results-dir", type=Path, default=HERE, help="where results.json/results.md go")
+    parser.add_argument("--results-dir", type=Path, default=VISUAL_RESULTS, help="where the results files go")
+    parser.add_argument("--results-name", default="results",
+                        help="their name: NAME.json and NAME.md (the replicates: results_seed1, results_seed2)")
     parser.add_argument("--package-version", default=visual_set.PACKAGE_VERSION)
     parser.add_argument("--package-dir", type=Path, help="an installed emoji-datasource-google folder (skips npm)")
     parser.add_argument("--users", type=int, default=50)

@@ -12,7 +12,7 @@ Two ways compute the same answer logits, each candidate seeing its own full prom
     as one right-padded batch after it, as the shared-prefix scorer does. Two forwards per group.
 
 Which one trains is decided by measurement (``benchmarks/bench_training.py``, results in
-``benchmarks/training.json``): on the 2-core CPU (one thread, a busy machine), SmolLM2-135M with
+``benchmarks/speed/training.json``): on the 2-core CPU (one thread, a busy machine), SmolLM2-135M with
 LoRA r=8 and AdamW, prompt version 2 groups of 1 + 7 ML-100k candidates (131 prefix tokens, 17
 per candidate), forward + backward + step ran 1.53 candidate rows/s packed and 1.29 expanded
 (packing 1.18x faster; independent rows of prompt version 1 at batch 8: 0.36). Both compute the

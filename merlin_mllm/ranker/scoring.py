@@ -7,7 +7,7 @@
 * :func:`score_packed`, :func:`score_packed_token_ids`: one user's prefix and candidates packed
   into one row with a block attention mask (:mod:`merlin_mllm.ranker.packing`); families that
   cannot pack run the shared-prefix path instead (logged). Not the default: for 1 + 20
-  candidates (``benchmarks/training.json``) it was about as fast as the shared KV cache on
+  candidates (``benchmarks/speed/training.json``) it was about as fast as the shared KV cache on
   text-only version 1 prompts (1.02x) and faster on version 2 (1.38x), but with 49 image tokens
   per candidate the packed row's quadratic attention made it slower (0.62x).
 * :func:`score_independent`: the reference, one full forward per candidate with LoRA unmerged.

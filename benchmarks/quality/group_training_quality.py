@@ -31,10 +31,10 @@ seed on 40 users, so only large differences show; the JSON keeps the intervals.
 
 Usage::
 
-    .venv/bin/python -m benchmarks.group_training_quality            # 16 CPU-minutes (26 on a busy 2-core CPU)
-    .venv/bin/python -m benchmarks.group_training_quality --users 12 --runs groups-listwise rows-lm  # smoke
+    .venv/bin/python -m benchmarks.quality.group_training_quality            # 16 CPU-minutes (26 on a busy 2-core CPU)
+    .venv/bin/python -m benchmarks.quality.group_training_quality --users 12 --runs groups-listwise rows-lm  # smoke
 
-Writes ``benchmarks/group_training_quality.json`` (``--out``).
+Writes ``benchmarks/quality/group_training_quality.json`` (``--out``).
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ import torch
 
 from merlin_mllm.pipelines.train_config import TrainConfig
 
-from benchmarks.common import REPO, write_json
+from benchmarks.common import QUALITY_RESULTS, WORK, write_json
 
-OUT = REPO / "benchmarks" / "group_training_quality.json"
+OUT = QUALITY_RESULTS / "group_training_quality.json"
 #: run name -> (batching, loss, prompt version)
 RUNS = {
     "rows-lm": ("rows", "lm", "1"),
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--valid-negatives", type=int, default=9)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(DEFAULT_RUNS))
-    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "results" / "group_training_quality")
+    parser.add_argument("--work", type=Path, default=WORK / "group_training_quality")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if BASELINE not in args.runs:
