@@ -130,7 +130,7 @@ def timed_summaries(lm, frame: pd.DataFrame, settings) -> dict:
 def worker_rows(items: pd.DataFrame, n: int, settings, work: Path) -> list:
     """items/s of summarize_items_on_cluster with 1 and 2 workers on ``n`` normal items."""
     from merlin_mllm.pipelines.summaries import dask_client, summarize_items_on_cluster
-    from merlin_mllm.summaries.item import get_backend
+    from merlin_mllm.summaries.item_backends import get_backend
 
     data = work / "workers_data"
     (data / "items").mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ from merlin.schema import Schema, Tags
 from nvtabular.ops.operator import ColumnSelector, Operator
 
 from merlin_mllm.generation import GenerationSettings
-from merlin_mllm.summaries.item import BACKENDS, MODES, ON_EMPTY, ItemSummarizer
+from merlin_mllm.summaries.item import MODES, ON_EMPTY, ItemSummarizer
+from merlin_mllm.summaries.item_backends import BACKENDS
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.text import TokenBudgets
 

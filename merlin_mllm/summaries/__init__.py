@@ -2,7 +2,8 @@
 
 - :mod:`merlin_mllm.summaries.store`: ``SummaryStore``, the content-addressed, append-only store.
 - :mod:`merlin_mllm.summaries.report`: ``SummaryReport``, the counts every run returns.
-- :mod:`merlin_mllm.summaries.item`: item summaries (``summarize_items``).
+- :mod:`merlin_mllm.summaries.item`: item summaries (``summarize_items``, ``ItemSummarizer``); the
+  backends that write them, with their prompts, in ``item_backends``.
 - :mod:`merlin_mllm.summaries.user`: recurrent user-preference summaries, the jobs
   (``summarize_users``, ``update_users``); their parts: ``user_summarizer`` (the engine),
   ``user_prompts``, ``user_history`` (item table, row histories, history lines) and

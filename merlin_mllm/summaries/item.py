@@ -1,14 +1,14 @@
 """Item summaries: stage 1 of MLLM-MSR, one paragraph per catalogue item from its image and text.
 
-Two backends write the summaries:
+Two backends write the summaries (:mod:`merlin_mllm.summaries.item_backends`, with their prompts):
 
 ``"mllm"``
     Any Hugging Face image-text-to-text model (LLaVA-NeXT, Qwen2-VL, Idefics3/SmolVLM, ...),
     as in the paper. In the default ``mode="image_and_text"`` an item costs up to three prompts:
     the model describes the image (content, colours, objects, visible text, notable details),
     then summarises the title and description, then combines the two into one paragraph. Before
-    combining, the longer part is cut to at most ``BALANCE_RATIO`` times the length of the shorter
-    one, so neither the picture nor the text dominates the result. ``mode="image_only"`` keeps
+    combining, the longer part is cut to at most ``item_backends.BALANCE_RATIO`` times the length
+    of the shorter one, so neither the picture nor the text dominates the result. ``mode="image_only"`` keeps
     the image description alone (what the authors' code does).
 ``"textualizer"`` (the offline default, and a cheap mode for large catalogues)
     The embedded EfficientNet-Lite0 turns the image into words (its top ImageNet labels and the
@@ -38,12 +38,13 @@ What happens to awkward rows (the job never fails over one bad image):
   nothing stored (a later run tries again).
 
 Every summary is stored in a :class:`~merlin_mllm.summaries.store.SummaryStore` under a key made
-of ``kind="item"``, the model id, :data:`PROMPT_VERSION`, the output-relevant generation
-settings and the inputs (cut and escaped title and description, the budgets they were cut to,
-sha256 of the image bytes, backend and mode). A summary in the store is never generated again; new ones are written as soon as their
-batch finishes, so a crash loses at most the batch in flight. Each item's current summary is
-also published as a ref (namespace ``"item"``, name ``str(item_id)``), which is how the user
-stage finds the summaries of history items.
+of ``kind="item"``, the model id, :data:`~merlin_mllm.summaries.item_backends.PROMPT_VERSION`,
+the output-relevant generation settings and the inputs (cut and escaped title and description,
+the budgets they were cut to, sha256 of the image bytes, backend and mode). A summary in the
+store is never generated again; new ones are written as soon as their batch finishes, so a crash
+loses at most the batch in flight. Each item's current summary is also published as a ref
+(namespace ``"item"``, name ``str(item_id)``), which is how the user stage finds the summaries
+of history items.
 
 Image counts (``missing_images`` / ``bad_images``) cover every item of the run, generated or
 reused (a reused summary remembers, in the store, whether its image was usable).
@@ -66,332 +67,30 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from merlin_mllm.generation import GenerationSettings, GenerationStats, generate_chat, generate_multimodal
 from merlin_mllm.data.image_files import ImageRoot, dataset_image_root
+from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.image_loading import ImageLoadError, image_sha256, is_missing, load_image
-from merlin_mllm.models.loading import LoadedModel, shared_model
-from merlin_mllm.models.vision import MODEL_NAME, VisionEncoder, dominant_colours
+from merlin_mllm.summaries.item_backends import BACKENDS, PROMPT_VERSION, ItemBackend, ItemRow, get_backend
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore, open_store
 from merlin_mllm.text import TokenBudgets, escape_untrusted, truncate_tokens
 
-__all__ = [
-    "PROMPT_VERSION",
-    "BACKENDS",
-    "MODES",
-    "ItemSummarizer",
-    "summarize_items",
-    "get_backend",
-]
+__all__ = ["MODES", "ON_EMPTY", "ItemSummarizer", "summarize_items"]
 
 logger = logging.getLogger(__name__)
 
-#: Bump whenever a prompt below changes wording: it is part of every summary's store key.
-PROMPT_VERSION = "item-v1"
-BACKENDS = ("textualizer", "mllm")
 MODES = ("image_and_text", "image_only")
 #: The name a mode has in the summary store's keys, where it differs from the mode's own: stores
 #: written before ``image_and_text`` had its name keyed it "fusion", and their summaries stay found.
 STORE_KEY_MODES = {"image_and_text": "fusion"}
 ON_EMPTY = ("skip", "error")
-#: Before combining, the longer of (image description, text summary) is cut to at most this many
-#: times the word count of the shorter one (never below ``MIN_BALANCED_WORDS``).
-BALANCE_RATIO = 1.5
-MIN_BALANCED_WORDS = 25
-#: Textualizer: ImageNet labels per image, and the probability a label after the first needs.
-TEXTUALIZER_LABELS = 3
-TEXTUALIZER_MIN_PROB = 0.05
-TEXTUALIZER_COLOURS = 3
-
-# ---------------------------------------------------------------------------------- prompts
-# The wording is this project's own; the steps follow the paper's stage 1.
-
-_IMAGE_DESCRIPTION = (
-    "Describe this product image in one continuous paragraph of about {words} words. Cover what "
-    "it shows, its colours, the objects in it, any text that is visible, and anything else that "
-    "stands out. Do not use lists or headings."
-)
-_TEXT_SUMMARY = (
-    "Here is the text of a catalogue item.\n\n{text}\n\n"
-    "Summarise what this item is in one paragraph of about {words} words. Do not use lists."
-)
-_IMAGE_AND_TEXT = (
-    "Two descriptions of the same catalogue item follow: one of its picture and one of its "
-    "text.\n\nPicture: {image}\n\nText: {text}\n\n"
-    "Combine them into one paragraph of about {words} words that gives the picture and the text "
-    "equal weight and does not repeat itself."
-)
-_TEXTUALIZED_IMAGE_AND_TEXT = (
-    "Write one paragraph of about {words} words that describes this product for a shop "
-    "catalogue, using both what its photo shows and its text.\n\n"
-    "Photo (as seen by an image classifier): {labels}; main colours: {colours}.\n{text}"
-)
-_TEXTUALIZED_IMAGE_ONLY = (
-    "Write one paragraph of about {words} words that describes the photo of a product.\n\n"
-    "An image classifier saw: {labels}; main colours: {colours}."
-)
-_TEXTUALIZED_TEXT_ONLY = (
-    "Write one paragraph of about {words} words that describes this product for a shop "
-    "catalogue.\n\n{text}"
-)
 
 
-def _target_words(settings: GenerationSettings) -> int:
-    # About 0.6 English words per token leaves room to finish the paragraph within the budget.
-    return max(15, int(settings.max_new_tokens * 0.6))
-
-
-def _item_text(title: str, description: str) -> str:
-    lines = []
-    if title:
-        lines.append(f"Title: {title}")
-    if description:
-        lines.append(f"Description: {description}")
-    return "\n".join(lines)
-
-
-def _words(text: str) -> List[str]:
-    return text.split()
-
-
-def balance_lengths(image_part: str, text_part: str, ratio: float = BALANCE_RATIO) -> Tuple[str, str]:
-    """Cut the longer of two texts to at most ``ratio`` times the shorter one's word count.
-
-    The paper balances the image description and the text summary before fusing them, so the
-    fused summary is not dominated by whichever the model happened to write at length.
-
-    Examples
-    --------
-    >>> balance_lengths("a b c d e f g h i j " * 10, "short text")[0].count(" ") < 100
-    True
-    """
-    a, b = _words(image_part), _words(text_part)
-    limit = max(MIN_BALANCED_WORDS, int(ratio * min(len(a), len(b))))
-    if len(a) > limit:
-        image_part = " ".join(a[:limit])
-    if len(b) > limit:
-        text_part = " ".join(b[:limit])
-    return image_part, text_part
-
-
-# ---------------------------------------------------------------------------------- rows
-@dataclass
-class _Row:
-    """One item as the summarizer sees it (texts already escaped)."""
-
-    position: int
-    item_id: Any
-    title: str
-    description: str
-    image_source: Any = None  # path or bytes as given; None when missing
-    image_token: Optional[str] = None  # "sha256:<hex>", "unreadable" or None (missing)
-    image_problem: Optional[str] = None  # why the image could not be used
-    key: Optional[str] = None
-    image: Any = None  # the decoded PIL image, only while the row's batch runs
-    text_tokens: int = 0  # tokens of the (cut) title + description: the batching order
-    truncated: int = 0  # how many of title and description were cut to their budget
-
-    @property
-    def has_text(self) -> bool:
-        return bool(self.title or self.description)
-
-    @property
-    def label(self) -> str:
-        return f"item {self.item_id}" if self.item_id is not None else f"row {self.position}"
-
-
-def _sha256_of_image(source: Any) -> str:
-    """sha256 of an image's encoded bytes, as ``"sha256:<hex>"``.
-
-    The size is checked against the loader's byte limit (:func:`merlin_mllm.image_loading.image_limits`)
-    before anything is read; a file is then hashed in blocks, never held whole.
-
-    Raises
-    ------
-    merlin_mllm.image_loading.ImageLoadError
-        The file is missing, unreadable, not a regular file or over the byte limit.
-    TypeError
-        ``source`` is neither a path nor bytes.
-    """
-    return image_sha256(source)
-
-
-# ---------------------------------------------------------------------------------- backends
-class _Backend:
-    name: str
-    model_id: str
-    tokenizer: Any  # the one whose special tokens are escaped in item text
-    lm: Any
-
-    def key_extras(self) -> dict:
-        return {}
-
-    def summarize(self, rows: List[_Row], mode: str, settings: GenerationSettings) -> Tuple[List[str], GenerationStats]:
-        raise NotImplementedError
-
-
-class TextualizerBackend(_Backend):
-    """Image -> words with the vision encoder, then words + text -> paragraph with a text LLM.
-
-    Parameters
-    ----------
-    lm : merlin_mllm.models.LoadedModel
-        A text LLM (``kind="llm"``).
-    vision : merlin_mllm.models.vision.VisionEncoder
-    """
-
-    name = "textualizer"
-
-    def __init__(self, lm, vision):
-        if lm.kind != "llm":
-            raise ValueError(f"the textualizer backend needs a text LLM; {lm.model_id} is an {lm.kind}")
-        self.lm, self.vision, self.tokenizer = lm, vision, lm.tokenizer
-        self.model_id = f"{lm.model_id}+vision:{MODEL_NAME}"
-
-    def key_extras(self) -> dict:
-        return {"labels": TEXTUALIZER_LABELS, "min_prob": TEXTUALIZER_MIN_PROB, "colours": TEXTUALIZER_COLOURS}
-
-    def image_words(self, images: Sequence[Any]) -> List[Tuple[str, str]]:
-        """(labels, colours) phrases per image, e.g. ("Egyptian cat, tabby", "brown, grey")."""
-        if not images:
-            return []
-        top = self.vision.top_labels(list(images), k=TEXTUALIZER_LABELS)
-        words = []
-        for image, labels in zip(images, top):
-            names = [name for rank, (name, p) in enumerate(labels) if rank == 0 or p >= TEXTUALIZER_MIN_PROB]
-            colours = dominant_colours(image, k=TEXTUALIZER_COLOURS) or ["mixed"]
-            words.append((", ".join(names), ", ".join(colours)))
-        return words
-
-    def conversations(self, rows: List[_Row], mode: str, settings: GenerationSettings) -> List[List[dict]]:
-        words = iter(self.image_words([row.image for row in rows if row.image is not None]))
-        n_words = _target_words(settings)
-        conversations = []
-        for row in rows:
-            text = _item_text(row.title, row.description)
-            if row.image is None:
-                prompt = _TEXTUALIZED_TEXT_ONLY.format(words=n_words, text=text)
-            else:
-                labels, colours = next(words)
-                if mode == "image_only" or not text:
-                    prompt = _TEXTUALIZED_IMAGE_ONLY.format(words=n_words, labels=labels, colours=colours)
-                else:
-                    prompt = _TEXTUALIZED_IMAGE_AND_TEXT.format(words=n_words, labels=labels, colours=colours, text=text)
-            conversations.append([{"role": "user", "content": prompt}])
-        return conversations
-
-    def summarize(self, rows, mode, settings):
-        conversations = self.conversations(rows, mode, settings)
-        return generate_chat(self.lm, conversations, settings)
-
-
-class MLLMBackend(_Backend):
-    """The paper's stage 1 with an image-text-to-text model: describe, summarise, fuse.
-
-    Parameters
-    ----------
-    lm : merlin_mllm.models.LoadedModel
-        An MLLM (``kind="mllm"``) with its processor.
-    """
-
-    name = "mllm"
-
-    def __init__(self, lm):
-        if lm.kind != "mllm":
-            raise ValueError(
-                f"the mllm backend needs an image-text-to-text model; {lm.model_id} loaded as a text "
-                "LLM (use backend='textualizer' for text LLMs)"
-            )
-        self.lm, self.tokenizer, self.model_id = lm, lm.processor, lm.model_id
-
-    def summarize(self, rows, mode, settings):
-        n_words = _target_words(settings)
-        stats = GenerationStats()
-
-        def run(conversations):
-            if not conversations:
-                return []
-            texts, step = generate_multimodal(self.lm, conversations, settings)
-            stats.add(step)
-            return texts
-
-        def text_message(prompt):
-            return [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-
-        with_image = [i for i, row in enumerate(rows) if row.image is not None]
-        describe = [
-            [{"role": "user", "content": [{"type": "image", "image": rows[i].image},
-                                          {"type": "text", "text": _IMAGE_DESCRIPTION.format(words=n_words)}]}]
-            for i in with_image
-        ]
-        image_part = dict(zip(with_image, run(describe)))
-        # The text is summarised when it is the only input, or when it is combined with the image's.
-        needs_text = [
-            i for i, row in enumerate(rows)
-            if row.has_text and (row.image is None or mode == "image_and_text")
-        ]
-        text_part = dict(zip(needs_text, run([
-            text_message(_TEXT_SUMMARY.format(text=_item_text(rows[i].title, rows[i].description), words=n_words))
-            for i in needs_text
-        ])))
-        fuse = [i for i in with_image if i in text_part and image_part[i] and text_part[i]]
-        combine_prompts = []
-        for i in fuse:
-            # Model output goes back into a prompt: it is escaped like any untrusted text.
-            image_text, text_text = balance_lengths(
-                escape_untrusted(image_part[i], self.tokenizer), escape_untrusted(text_part[i], self.tokenizer)
-            )
-            prompt = _IMAGE_AND_TEXT.format(words=n_words, image=image_text, text=text_text)
-            combine_prompts.append(text_message(prompt))
-        fused = dict(zip(fuse, run(combine_prompts)))
-        summaries = []
-        for i in range(len(rows)):
-            if i in fused:
-                summaries.append(fused[i])
-            elif i in image_part and (mode == "image_only" or not text_part.get(i)):
-                summaries.append(image_part[i])
-            else:
-                summaries.append(text_part.get(i, "") or image_part.get(i, ""))
-        return summaries, stats
-
-
-def get_backend(backend: str = "textualizer", model: Any = None, device: Optional[str] = None) -> _Backend:
-    """The backend for ``(backend, model, device)``, its models loaded once per process.
-
-    The LLM or MLLM comes from the process-wide cache
-    (:func:`merlin_mllm.models.loading.shared_model`), the vision encoder from
-    :meth:`VisionEncoder.load` (one per device): a Dask worker or an NVTabular transform loads
-    them once, however many partitions it handles.
-
-    Parameters
-    ----------
-    backend : {"textualizer", "mllm"}
-    model : str, path or LoadedModel, optional
-        ``textualizer``: a text LLM (default: the embedded SmolLM2). ``mllm``: an
-        image-text-to-text model (required). A ``LoadedModel`` is used as is (not cached).
-    device : str, optional
-        Default: CUDA when available, else CPU.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    if backend == "mllm" and model is None:
-        raise ValueError("the mllm backend needs model=<hub id or local folder of an image-text-to-text model>")
-
-    if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        lm = shared_model(model, device=device, kind="mllm" if backend == "mllm" else "llm")
-    if backend == "mllm":
-        return MLLMBackend(lm)
-    return TextualizerBackend(lm, VisionEncoder.load(device=device or lm.device))
-
-
-# ---------------------------------------------------------------------------------- summarizer
 @dataclass
 class ItemSummarizer:
     """Summarise items (title, description, image) into one paragraph each, with a store.
@@ -465,14 +164,14 @@ class ItemSummarizer:
             raise ValueError(f"settings.batch_size must be at least 1, not {self.settings.batch_size}")
         if not isinstance(self.budgets, TokenBudgets):
             raise TypeError(f"budgets must be a TokenBudgets, not {type(self.budgets).__name__}")
-        self._backend: Optional[_Backend] = None
+        self._backend: Optional[ItemBackend] = None
         self._image_root: Optional[ImageRoot] = (
             dataset_image_root(self.image_root) if self.image_root is not None else None
         )
 
     # -------------------------------------------------------------- pieces
     @property
-    def engine(self) -> _Backend:
+    def engine(self) -> ItemBackend:
         """The loaded backend (models load on first use, once per process)."""
         if self._backend is None:
             self._backend = get_backend(self.backend, self.model, self.device)
@@ -493,7 +192,7 @@ class ItemSummarizer:
             return self._image_root.resolve(source, allow_absolute=self.allow_absolute)
         return source
 
-    def _rows(self, frame: pd.DataFrame, title: str, description: str, image: str, item_id: str) -> List[_Row]:
+    def _rows(self, frame: pd.DataFrame, title: str, description: str, image: str, item_id: str) -> List[ItemRow]:
         tokenizer = self.engine.tokenizer
         n = len(frame)
 
@@ -506,13 +205,13 @@ class ItemSummarizer:
             return escape_untrusted(cut.text, tokenizer).strip(), cut
 
         rows = []
-        outside_root: List[_Row] = []
+        outside_root: List[ItemRow] = []
         for position, (iid, raw_title, raw_desc, source) in enumerate(
             zip(column(item_id), column(title), column(description), column(image))
         ):
             title_text, title_cut = fitted(raw_title, self.budgets.title)
             desc_text, desc_cut = fitted(raw_desc, self.budgets.description)
-            row = _Row(
+            row = ItemRow(
                 position=position,
                 item_id=None if is_missing(iid) else (iid.item() if hasattr(iid, "item") else iid),
                 title=title_text,
@@ -531,7 +230,7 @@ class ItemSummarizer:
                     rows.append(row)
                     continue
                 try:
-                    row.image_token = _sha256_of_image(row.image_source)
+                    row.image_token = image_sha256(row.image_source)
                 except TypeError:
                     row.image_token, row.image_problem = "unreadable", f"unsupported image value {type(source).__name__}"
                 except ImageLoadError as exc:
@@ -548,7 +247,7 @@ class ItemSummarizer:
             )
         return rows
 
-    def _key(self, row: _Row) -> str:
+    def _key(self, row: ItemRow) -> str:
         engine = self.engine
         inputs = {
             "backend": engine.name,
@@ -561,13 +260,13 @@ class ItemSummarizer:
         }
         return SummaryStore.key("item", engine.model_id, PROMPT_VERSION, self.settings.key(), inputs)
 
-    def _empty(self, row: _Row, report: SummaryReport) -> None:
+    def _empty(self, row: ItemRow, report: SummaryReport) -> None:
         what = f" (its image is unusable: {row.image_problem})" if row.image_problem else ""
         if self.on_empty == "error":
             raise ValueError(f"{row.label} has no title, no description and no image{what}: nothing to summarise")
         report.skipped += 1
 
-    def _decode(self, row: _Row, report: SummaryReport) -> None:
+    def _decode(self, row: ItemRow, report: SummaryReport) -> None:
         """Decode the row's image (or note why it cannot be used); count image problems."""
         row.image = None
         if row.image_token is None:
@@ -630,7 +329,7 @@ class ItemSummarizer:
             usable.append(row)
 
         cached = store.get_many(row.key for row in usable) if store is not None else {}
-        pending: Dict[str, List[_Row]] = {}  # one generation per key, even for repeated items
+        pending: Dict[str, List[ItemRow]] = {}  # one generation per key, even for repeated items
         refs: Dict[str, str] = {}
         for row in usable:
             if row.key in cached:
@@ -663,8 +362,8 @@ class ItemSummarizer:
         report.rows = sum(1 for text in outputs if text)
         return outputs, report
 
-    def _run_batch(self, groups: List[List[_Row]], outputs: List[str], report: SummaryReport, store) -> None:
-        batch: List[_Row] = []
+    def _run_batch(self, groups: List[List[ItemRow]], outputs: List[str], report: SummaryReport, store) -> None:
+        batch: List[ItemRow] = []
         for group in groups:
             head = group[0]
             self._decode(head, report)
