@@ -31,7 +31,7 @@ from merlin_mllm.summaries.store import SummaryStore
 from merlin_mllm.summaries.user import summarize_users, update_users
 from merlin_mllm.summaries.user_summarizer import UserSummaryConfig
 
-from benchmarks.common import SPEED_RESULTS, write_json
+from benchmarks.common import SPEED_RESULTS, markdown_table, write_json
 
 
 def _prepare_default(folder: Path, users: int, seed: int) -> Path:
@@ -128,9 +128,8 @@ def main(argv=None) -> dict:
         ("full recompute", result["full_recompute"]),
     ]
     print(f"\n{n_users} users, {len(events)} events, {len(new)} new (block size {args.block_size})")
-    print(f"{'way':<20} {'LLM calls':>10} {'tokens':>8} {'seconds':>8}")
-    for name, r in rows:
-        print(f"{name:<20} {r['llm_calls']:>10} {r['new_tokens']:>8} {r['seconds']:>8}")
+    print("\n".join(markdown_table(["way", "LLM calls", "tokens", "seconds"],
+                                   [(name, r["llm_calls"], r["new_tokens"], r["seconds"]) for name, r in rows])))
     print(f"full / incremental: {result['calls_ratio']}x calls, {result['tokens_ratio']}x tokens; "
           f"expected incremental calls {expected_calls}; same final summaries: {same}, same texts: {same_texts}")
     return write_json(args.out, result)

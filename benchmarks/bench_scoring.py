@@ -115,7 +115,7 @@ def language_model_params(ranker) -> int:
     return sum(p.numel() for p in decoder.parameters() if p is not embedding)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded", help="'embedded' or an HF MLLM id/folder")
     parser.add_argument("--negatives", type=int, default=20, help="candidates besides the positive")
@@ -128,8 +128,30 @@ def main(argv=None) -> dict:
                         help="ranker prompt layout: '2' (what train's default, groups, uses) or '1'")
     parser.add_argument("--skip-forward-per-candidate", action="store_true")
     parser.add_argument("--out", default=str(SPEED_RESULTS / "scoring.json"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def print_report(result: dict) -> None:
+    """The run's table: each way's time, speed-up over ``generate()`` and max |dp|; the roofline shares."""
+    setup, machine, roof = result["setup"], result["machine"], result["roofline"]
+    print(f"\n{setup['candidates']} candidates ({setup['image_tokens_per_candidate']} image tokens each), "
+          f"prefix {setup['prefix_tokens']} tokens, candidate part {setup['candidate_tokens_mean']:.0f} tokens; "
+          f"{machine['device']} {machine['dtype']}, {machine['threads']} threads")
+    print(f"{'way':<10}{'seconds':>10}{'speedup':>10}{'max |dp|':>12}")
+    for name in ("generate", "forward", "shared"):
+        if name in result["ways"]:
+            way = result["ways"][name]
+            print(f"{name:<10}{way['seconds']:>10.3f}{way['speedup_vs_generate']:>9.2f}x"
+                  f"{way['max_abs_dp_vs_generate']:>12.2e}")
+    print(f"\nmatmul roofline {roof['matmul_gflops']:.1f} GFLOP/s; forward {roof['forward_gflops']:.1f} GFLOP/s "
+          f"= {100 * roof['forward_fraction']:.0f}% ({roof['forward_padded_tokens']} tokens, "
+          f"{setup['language_model_params'] / 1e6:.1f}M params); "
+          f"shared scoring {roof['shared_scoring_gflops']:.1f} GFLOP/s = {100 * roof['shared_scoring_fraction']:.0f}%")
+    print("targets:", json.dumps(result["targets"]))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from merlin_mllm.models.loading import default_device, default_dtype
@@ -228,21 +250,7 @@ def main(argv=None) -> dict:
         "forward_at_least_60pct_roofline": result["roofline"]["forward_fraction"] >= 0.60,
     }
 
-    print(f"\n{count} candidates ({image_tokens[:1] and image_tokens[0]} image tokens each), "
-          f"prefix {prefix_tokens} tokens, candidate part {np.mean(candidate_tokens):.0f} tokens; "
-          f"{device} {result['machine']['dtype']}, {torch.get_num_threads()} threads")
-    print(f"{'way':<10}{'seconds':>10}{'speedup':>10}{'max |dp|':>12}")
-    for name in ("generate", "forward", "shared"):
-        if name in result["ways"]:
-            way = result["ways"][name]
-            print(f"{name:<10}{way['seconds']:>10.3f}{way['speedup_vs_generate']:>9.2f}x"
-                  f"{way['max_abs_dp_vs_generate']:>12.2e}")
-    roof = result["roofline"]
-    print(f"\nmatmul roofline {roof['matmul_gflops']:.1f} GFLOP/s; forward {roof['forward_gflops']:.1f} GFLOP/s "
-          f"= {100 * roof['forward_fraction']:.0f}% ({padded_tokens} tokens, {params / 1e6:.1f}M params); "
-          f"shared scoring {roof['shared_scoring_gflops']:.1f} GFLOP/s = {100 * roof['shared_scoring_fraction']:.0f}%")
-    print("targets:", json.dumps(result["targets"]))
-
+    print_report(result)
     return write_json(args.out, result)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import SPEED_RESULTS, write_json
+from benchmarks.common import SPEED_RESULTS, markdown_table, write_json
 
 
 def _percentile(values, q):
@@ -277,19 +277,19 @@ def main(argv=None) -> dict:
     }
 
     print(f"\n1 user x {args.candidates} candidates, {os.cpu_count()} CPUs, torch threads {in_process['torch_threads']}")
-    print(f"{'measurement':<34} {'requests':>8} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>7} {'failed':>6}")
     rows = [("in-process RankerModel.score", in_process["ranker_score"]),
             ("in-process serving steps", in_process["serving_steps"]),
             ("Triton, 1 client", latency)]
     for label in ("dynamic_batching", "no_batching"):
         rows.append((f"Triton, {args.clients} clients, {label.replace('_', ' ')}", results[label]["throughput"]))
     rows.append((f"load run {args.load_seconds:.0f} s, {args.clients} clients", results["dynamic_batching"]["load"]))
-    for name, r in rows:
-        completed = r.get("completed", r.get("requests"))
+    def cells(name: str, r: dict) -> tuple:
+        milliseconds = [f"{r[k]:.0f}" if r.get(k) is not None else "-" for k in ("p50_ms", "p99_ms")]
         rate = f"{r['requests_per_s']:.2f}" if "requests_per_s" in r else "-"
-        p50 = f"{r['p50_ms']:.0f}" if r.get("p50_ms") is not None else "-"
-        p99 = f"{r['p99_ms']:.0f}" if r.get("p99_ms") is not None else "-"
-        print(f"{name:<34} {completed:>8} {p50:>9} {p99:>9} {rate:>7} {r.get('failed', 0):>6}")
+        return (name, r.get("completed", r.get("requests")), *milliseconds, rate, r.get("failed", 0))
+
+    print("\n".join(markdown_table(["measurement", "requests", "p50 ms", "p99 ms", "req/s", "failed"],
+                                   [cells(name, r) for name, r in rows])))
     print(f"Triton p50 / in-process p50: {overhead:.3f}x; ranker executions vs requests with dynamic batching: "
           f"{results['dynamic_batching']['ranker_stats']}")
     return write_json(args.out, result)

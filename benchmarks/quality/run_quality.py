@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from benchmarks.common import WORK, log
+from benchmarks.common import WORK, log, markdown_table
 
 HERE = Path(__file__).resolve().parent
 PROTOCOLS = ("paper", "leave-last-out")
@@ -340,8 +340,7 @@ def markdown(results: dict) -> str:
     lines = []
     for block in results["tables"]:
         lines += [f"### {block['title']}", "",
-                  "| row | AUC | HR@5 | MRR@5 | NDCG@5 | seeds | wall s / seed | test users |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  *markdown_table(["row", "AUC", "HR@5", "MRR@5", "NDCG@5", "seeds", "wall s / seed", "test users"])]
         for row in block["rows"]:
             cells = []
             for metric in METRICS:
@@ -352,6 +351,96 @@ def markdown(results: dict) -> str:
             lines += [""] + [f"- {n}" for n in block["notes"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def subset_table(args, protocol: str, recbole: Optional[dict], llm_protocols: List[str], llm_done: List[str]) -> dict:
+    """The table of ``protocol`` on the ``--users`` subset: the baselines, then the MLLM-MSR rows
+    when ``protocol`` is in ``llm_protocols`` (``llm_done``: protocols whose stores it may reuse; it is
+    appended to)."""
+    work = args.work / f"{protocol}_u{args.users}"
+    data = work / "data"
+    report = prepare(protocol, args.users, data)
+    test_users = report["users_per_split"]["test"]
+    log(f"{protocol}: {report['kept']['users']} users, {report['kept']['items']} items, {test_users} test users")
+    rows: List[dict] = []
+    for name, records in baseline_rows(data, work / "rows", args.seeds, recbole).items():
+        rows.append(summarise(name, records, test_users))
+    rows = [r for r in rows if r is not None]
+    if protocol in llm_protocols:
+        # Earlier protocols' stores share most summaries (same users, items and histories).
+        stages = LLMStages(data, work, args.llm_seed, None,
+                           list(args.seed_store) + [args.work / f"{p}_u{args.users}" for p in llm_done])
+        llm_done.append(protocol)
+        unfinished = []
+        for name, kind in LLM_ROWS.items():
+            path = work / "rows" / f"llm_{kind}.json"
+            if args.table_only and not path.is_file():
+                unfinished.append(name)
+                continue
+            log(f"  {name} ...")
+            record = cached(path, lambda: stages.row(kind))
+            log(f"  {name}: AUC {record['auc']:.3f} HR@5 {record['hr@5']:.3f} ({record['wall_seconds']:.0f} s)")
+            rows.append(summarise(name, [record], test_users))
+        notes = [f"{k}: {v['seconds']:.0f} s ({v['result'].split(', LLM calls')[0]})" for k, v in stages.stages.items()]
+        stage_note = "shared stages (not in the rows' wall time): " + "; ".join(notes)
+        if unfinished:
+            stage_note += f". Not finished in the time box (re-run without --table-only to finish): {', '.join(unfinished)}"
+    else:
+        stage_note = "MLLM-MSR rows not run for this protocol (--llm-protocols)"
+    return {"title": f"{protocol} protocol, {report['kept']['users']} users "
+                     f"({'all' if not args.users else f'random {args.users}, seed {DATA_SEED}'}), 1 + 20 candidates",
+            "protocol": protocol, "users_kept": report["kept"]["users"], "items": report["kept"]["items"],
+            "test_users": test_users, "train_rows": report["rows_per_split"]["train"],
+            "rows": rows, "notes": [stage_note]}
+
+
+def all_users_table(args, protocol: str, recbole: Optional[dict]) -> dict:
+    """The table of ``protocol`` on every ML-100k user: the baselines, and the MLLM-MSR rows asked for
+    by ``--all-users-llm-rows`` (with the longer and block-prefix runs)."""
+    full = args.work / f"{protocol}_all" / "data"
+    full_report = prepare(protocol, 0, full)
+    full_rows = [summarise(name, records, full_report["users_per_split"]["test"])
+                 for name, records in baseline_rows(full, full.parent / "rows", args.seeds,
+                                                    recbole if args.all_users_recbole else None).items()]
+    full_rows = [r for r in full_rows if r is not None]
+    full_notes = []
+    if args.all_users_llm_rows and protocol in args.all_users_llm_protocols:
+        # All users: the summaries take ~2 h on a 2-core CPU, so they are usually made on a
+        # GPU first (summaries_on_gpu.py --work <work>/<protocol>_all) and reused from there.
+        stages = LLMStages(full, full.parent, args.llm_seed, None, [])
+        runs = [(name, kind, LLM_EPOCHS) for name, kind in LLM_ROWS.items() if kind in args.all_users_llm_rows]
+        runs += [("MLLM-MSR", "full", e) for e in sorted(set(args.all_users_longer_epochs))]
+        runs += [("MLLM-MSR", "full_prefixes", e) for e in sorted(set(args.all_users_prefix_epochs))]
+        for name, kind, epochs in runs:
+            label = row_label(name, epochs, kind)
+            path = full.parent / "rows" / f"llm_{run_name(kind, epochs)}.json"
+            if args.table_only and not path.is_file():
+                full_notes.append(f"{label}: not finished (re-run without --table-only)")
+                continue
+            log(f"  all users: {label} ...")
+            record = cached(path, lambda: stages.row(kind, epochs))
+            log(f"  all users: {label}: AUC {record['auc']:.3f} ({record['wall_seconds']:.0f} s)")
+            full_rows.append(summarise(label, [record], full_report["users_per_split"]["test"]))
+            if record.get("continued_from"):
+                full_notes.append(f"{label}: continues the {record['continued_from']} run from its checkpoint; "
+                                  "its wall time is the extra epochs plus scoring")
+        gpu = full.parent / "summaries_on_gpu.json"
+        if gpu.is_file():
+            made = json.loads(gpu.read_text())
+            full_notes.append(f"summaries made by summaries_on_gpu.py on {made['device']} "
+                              f"(batch {made['batch']}), reused here")
+        full_notes.append("shared stages (not in the rows' wall time): "
+                          + "; ".join(f"{k}: {v['seconds']:.0f} s" for k, v in stages.stages.items()))
+        full_notes += llm_gain_notes(full, full.parent / "eval", [(k, e) for _, k, e in runs if k in ("full", "full_prefixes")])
+        skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
+        full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
+    what = "baselines only" if not full_notes else "baselines and " + ", ".join(
+        n for n, k in LLM_ROWS.items() if k in args.all_users_llm_rows)
+    return {"title": f"{protocol} protocol, all {full_report['kept']['users']} users: {what} "
+                     "(not comparable row-for-row with the subset table above)", "notes": full_notes,
+            "protocol": protocol, "users_kept": full_report["kept"]["users"],
+            "items": full_report["kept"]["items"], "test_users": full_report["users_per_split"]["test"],
+            "train_rows": full_report["rows_per_split"]["train"], "rows": full_rows}
 
 
 def main(argv=None) -> int:
@@ -407,86 +496,9 @@ def main(argv=None) -> int:
     llm_protocols = args.protocols if args.llm_protocols is None else args.llm_protocols
     llm_done: List[str] = []
     for protocol in args.protocols:
-        work = args.work / f"{protocol}_u{args.users}"
-        data = work / "data"
-        report = prepare(protocol, args.users, data)
-        test_users = report["users_per_split"]["test"]
-        log(f"{protocol}: {report['kept']['users']} users, {report['kept']['items']} items, {test_users} test users")
-        rows: List[dict] = []
-        for name, records in baseline_rows(data, work / "rows", args.seeds, recbole).items():
-            rows.append(summarise(name, records, test_users))
-        rows = [r for r in rows if r is not None]
-        if protocol in llm_protocols:
-            # Earlier protocols' stores share most summaries (same users, items and histories).
-            stages = LLMStages(data, work, args.llm_seed, None,
-                               list(args.seed_store) + [args.work / f"{p}_u{args.users}" for p in llm_done])
-            llm_done.append(protocol)
-            unfinished = []
-            for name, kind in LLM_ROWS.items():
-                path = work / "rows" / f"llm_{kind}.json"
-                if args.table_only and not path.is_file():
-                    unfinished.append(name)
-                    continue
-                log(f"  {name} ...")
-                record = cached(path, lambda: stages.row(kind))
-                log(f"  {name}: AUC {record['auc']:.3f} HR@5 {record['hr@5']:.3f} ({record['wall_seconds']:.0f} s)")
-                rows.append(summarise(name, [record], test_users))
-            notes = [f"{k}: {v['seconds']:.0f} s ({v['result'].split(', LLM calls')[0]})" for k, v in stages.stages.items()]
-            stage_note = "shared stages (not in the rows' wall time): " + "; ".join(notes)
-            if unfinished:
-                stage_note += f". Not finished in the time box (re-run without --table-only to finish): {', '.join(unfinished)}"
-        else:
-            stage_note = "MLLM-MSR rows not run for this protocol (--llm-protocols)"
-        tables.append({"title": f"{protocol} protocol, {report['kept']['users']} users "
-                                f"({'all' if not args.users else f'random {args.users}, seed {DATA_SEED}'}), 1 + 20 candidates",
-                       "protocol": protocol, "users_kept": report["kept"]["users"], "items": report["kept"]["items"],
-                       "test_users": test_users, "train_rows": report["rows_per_split"]["train"],
-                       "rows": rows, "notes": [stage_note]})
+        tables.append(subset_table(args, protocol, recbole, llm_protocols, llm_done))
         if args.all_users_baselines and args.users:
-            full = args.work / f"{protocol}_all" / "data"
-            full_report = prepare(protocol, 0, full)
-            full_rows = [summarise(name, records, full_report["users_per_split"]["test"])
-                         for name, records in baseline_rows(full, full.parent / "rows", args.seeds,
-                                                            recbole if args.all_users_recbole else None).items()]
-            full_rows = [r for r in full_rows if r is not None]
-            full_notes = []
-            if args.all_users_llm_rows and protocol in args.all_users_llm_protocols:
-                # All users: the summaries take ~2 h on a 2-core CPU, so they are usually made on a
-                # GPU first (summaries_on_gpu.py --work <work>/<protocol>_all) and reused from there.
-                stages = LLMStages(full, full.parent, args.llm_seed, None, [])
-                runs = [(name, kind, LLM_EPOCHS) for name, kind in LLM_ROWS.items() if kind in args.all_users_llm_rows]
-                runs += [("MLLM-MSR", "full", e) for e in sorted(set(args.all_users_longer_epochs))]
-                runs += [("MLLM-MSR", "full_prefixes", e) for e in sorted(set(args.all_users_prefix_epochs))]
-                for name, kind, epochs in runs:
-                    label = row_label(name, epochs, kind)
-                    path = full.parent / "rows" / f"llm_{run_name(kind, epochs)}.json"
-                    if args.table_only and not path.is_file():
-                        full_notes.append(f"{label}: not finished (re-run without --table-only)")
-                        continue
-                    log(f"  all users: {label} ...")
-                    record = cached(path, lambda: stages.row(kind, epochs))
-                    log(f"  all users: {label}: AUC {record['auc']:.3f} ({record['wall_seconds']:.0f} s)")
-                    full_rows.append(summarise(label, [record], full_report["users_per_split"]["test"]))
-                    if record.get("continued_from"):
-                        full_notes.append(f"{label}: continues the {record['continued_from']} run from its checkpoint; "
-                                          "its wall time is the extra epochs plus scoring")
-                gpu = full.parent / "summaries_on_gpu.json"
-                if gpu.is_file():
-                    made = json.loads(gpu.read_text())
-                    full_notes.append(f"summaries made by summaries_on_gpu.py on {made['device']} "
-                                      f"(batch {made['batch']}), reused here")
-                full_notes.append("shared stages (not in the rows' wall time): "
-                                  + "; ".join(f"{k}: {v['seconds']:.0f} s" for k, v in stages.stages.items()))
-                full_notes += llm_gain_notes(full, full.parent / "eval", [(k, e) for _, k, e in runs if k in ("full", "full_prefixes")])
-                skipped = [n for n, k in LLM_ROWS.items() if k not in args.all_users_llm_rows]
-                full_notes.append(f"not run on all users (CPU time): {', '.join(skipped)}")
-            what = "baselines only" if not full_notes else "baselines and " + ", ".join(
-                n for n, k in LLM_ROWS.items() if k in args.all_users_llm_rows)
-            tables.append({"title": f"{protocol} protocol, all {full_report['kept']['users']} users: {what} "
-                                    "(not comparable row-for-row with the subset table above)", "notes": full_notes,
-                           "protocol": protocol, "users_kept": full_report["kept"]["users"],
-                           "items": full_report["kept"]["items"], "test_users": full_report["users_per_split"]["test"],
-                           "train_rows": full_report["rows_per_split"]["train"], "rows": full_rows})
+            tables.append(all_users_table(args, protocol, recbole))
     results = {"dataset": "ml-100k", "max_history": MAX_HISTORY, "data_seed": DATA_SEED, "users": args.users,
                "llm_settings": {**llm_train_settings(), "max_new_tokens": MAX_NEW_TOKENS, "llm_seed": args.llm_seed,
                                 "model": "embedded SmolLM2-135M-Instruct + EfficientNet-Lite0"},

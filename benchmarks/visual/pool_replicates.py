@@ -24,7 +24,7 @@ import pandas as pd
 
 from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores
 
-from benchmarks.common import VISUAL_RESULTS
+from benchmarks.common import VISUAL_RESULTS, markdown_table
 
 # Settings that may differ between replicates: the seed is the point, the rest are locations/logging.
 PER_REPLICATE = {"seed", "cache", "results_dir", "results_name", "arms", "progress", "package_dir"}
@@ -79,8 +79,8 @@ def pool(replicates: list, resamples: int = 2000) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| replicate (seed) | test users | MLLM-MSR (images) AUC | MLLM-MSR_I (text) AUC | image minus text | 95% bootstrap interval |",
-             "|---|---|---|---|---|---|"]
+    lines = markdown_table(["replicate (seed)", "test users", "MLLM-MSR (images) AUC", "MLLM-MSR_I (text) AUC",
+                            "image minus text", "95% bootstrap interval"])
     for r in result["replicates"]:
         g = r["image_minus_text"]
         lines.append(f"| {r['seed']} | {r['test_users']} | {r['auc_image']:.3f} | {r['auc_text']:.3f} | "

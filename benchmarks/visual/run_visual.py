@@ -315,7 +315,7 @@ def write_results(args, results: dict) -> None:
     print("\n".join(lines))
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="stage cache (npm package, data, stores, runs)")
     parser.add_argument("--results-dir", type=Path, default=VISUAL_RESULTS, help="where the results files go")
@@ -344,18 +344,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--progress", action="store_true", help="tqdm bars (off by default: logs stay short)")
     parser.add_argument("--arms", nargs="+", choices=("image", "text"), default=["image", "text"],
                         help="run only these arms (two processes can share the work); results need both")
-    args = parser.parse_args(argv)
-    args.cache = args.cache.resolve()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    timings = {}
+    return parser.parse_args(argv)
 
-    package_dir = args.package_dir or install_package(args.cache, args.package_version)
-    catalogue, events, reviews, set_info, balanced = build_set(args, package_dir)
-    log(f"set: {json.dumps(set_info)}")
-    folders = prepare_arms(args, reviews, package_dir)
-    timings["set_and_prepare"] = round(time.time() - started, 1)
 
+def run_arms(args, folders: dict, timings: dict) -> tuple[dict, dict]:
+    """Summaries, training and scoring of ``args.arms``; each arm's stage times and summary
+    reports come from the run that did its work (``arm_<arm>.json`` in the cache)."""
     summaries, model_dirs = {}, {}
     for arm in ("image", "text"):
         record_file = args.cache / f"arm_{arm}.json"
@@ -383,14 +377,12 @@ def main(argv=None) -> dict:
             summaries[arm] = record["summaries"]
         elif arm in args.arms:
             raise RuntimeError(f"{record_file} missing after the {arm} arm ran")
-    if set(args.arms) != {"image", "text"}:
-        log(f"arms {args.arms} done; run again with both arms to write the results")
-        return {}
-    if args.zero_shot:
-        tick = time.time()
-        evaluate_arm(args, "zero_shot_image_summaries", folders["image"], args.cache / "store_image", None, zero_shot=True)
-        timings["eval_zero_shot"] = round(time.time() - tick, 1)
+    return summaries, model_dirs
 
+
+def score_methods(args, folders: dict, events: pd.DataFrame, model_dirs: dict) -> tuple[pd.DataFrame, dict, dict]:
+    """The test rows and every method's metrics (the references and the rankers), and the two
+    arms' test scores."""
     test = _test_frame(folders["image"], events)
     methods = {}
 
@@ -415,6 +407,31 @@ def main(argv=None) -> dict:
         add(name, scores, sees, {"evaluate_ranker": {k: result[k] for k in ("auc", "hr@5", "ndcg@5")}})
         if not zero_shot:
             arm_scores[arm] = scores
+    return test, methods, arm_scores
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.cache = args.cache.resolve()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    timings = {}
+
+    package_dir = args.package_dir or install_package(args.cache, args.package_version)
+    catalogue, events, reviews, set_info, balanced = build_set(args, package_dir)
+    log(f"set: {json.dumps(set_info)}")
+    folders = prepare_arms(args, reviews, package_dir)
+    timings["set_and_prepare"] = round(time.time() - started, 1)
+    summaries, model_dirs = run_arms(args, folders, timings)
+    if set(args.arms) != {"image", "text"}:
+        log(f"arms {args.arms} done; run again with both arms to write the results")
+        return {}
+    if args.zero_shot:
+        tick = time.time()
+        evaluate_arm(args, "zero_shot_image_summaries", folders["image"], args.cache / "store_image", None, zero_shot=True)
+        timings["eval_zero_shot"] = round(time.time() - tick, 1)
+
+    test, methods, arm_scores = score_methods(args, folders, events, model_dirs)
     # Same test rows in both arms (checked at prepare time): pair them by (group, item).
     from merlin_mllm.metrics import auc_difference_interval, paired_scores
     from merlin_mllm.ranker.saved import TRAINING_LOG_FILE
