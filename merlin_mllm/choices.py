@@ -12,7 +12,8 @@ Usage::
 """
 from __future__ import annotations
 
-__all__ = ["PROTOCOLS", "TRAIN_TARGETS", "NEGATIVE_SAMPLING", "USER_CONTEXTS", "LOSSES", "PROMPT_VERSIONS"]
+__all__ = ["PROTOCOLS", "TRAIN_TARGETS", "NEGATIVE_SAMPLING", "USER_CONTEXTS", "LOSSES", "PROMPT_VERSIONS",
+           "USER_SUMMARY_SOURCES", "UNKNOWN_USER_POLICIES", "SERVER_PROTOCOLS"]
 
 #: How ``data prepare`` splits a dataset (:mod:`merlin_mllm.data.prepare`).
 PROTOCOLS = ("paper", "leave-last-out", "timeline")
@@ -34,3 +35,11 @@ LOSSES = {
 }
 #: Every ranker prompt layout this code renders (:mod:`merlin_mllm.ranker.prompt`): version -> layout.
 PROMPT_VERSIONS = {"1": "candidate, then question", "2": "question, then candidate"}
+#: Where each served user's summary comes from (:func:`merlin_mllm.serving.export.user_summary_table`):
+#: the user's last row (what evaluation scored) or the summary store's latest (live).
+USER_SUMMARY_SOURCES = ("last_row", "store_latest")
+#: What serving does with a user it has no summary for (:class:`merlin_mllm.serving.steps.FeatureStep`):
+#: score the empty-history summary, or reject the request naming the id.
+UNKNOWN_USER_POLICIES = ("empty_summary", "error")
+#: How the client talks to Triton (:class:`merlin_mllm.serving.client.RerankClient`).
+SERVER_PROTOCOLS = ("grpc", "http")

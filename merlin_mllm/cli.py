@@ -16,7 +16,8 @@ from typing import Optional
 
 import typer
 
-from merlin_mllm.choices import LOSSES, NEGATIVE_SAMPLING, PROMPT_VERSIONS, PROTOCOLS, TRAIN_TARGETS, USER_CONTEXTS
+from merlin_mllm.choices import (LOSSES, NEGATIVE_SAMPLING, PROMPT_VERSIONS, PROTOCOLS, SERVER_PROTOCOLS, TRAIN_TARGETS,
+                                 UNKNOWN_USER_POLICIES, USER_CONTEXTS, USER_SUMMARY_SOURCES)
 from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
@@ -473,8 +474,9 @@ def export_cmd(
     max_batch_size: int = typer.Option(8, help="Users per request / per dynamic batch"),
     dynamic_batching: bool = typer.Option(True, help="Triton dynamic batching on the ranker"),
     max_batch_delay_us: int = typer.Option(2000, help="Dynamic batcher queue delay (microseconds)"),
-    user_summaries: str = typer.Option("last_row", help="last_row (what evaluate scored) | store_latest (live)"),
-    unknown_users: str = typer.Option("empty_summary", metavar="empty_summary|error",
+    user_summaries: str = typer.Option("last_row", metavar="|".join(USER_SUMMARY_SOURCES),
+                                       help="last_row (what evaluate scored) | store_latest (live)"),
+    unknown_users: str = typer.Option("empty_summary", metavar="|".join(UNKNOWN_USER_POLICIES),
                                       help="A user with no summary: score with the empty-history summary "
                                            "(reply known_user=false), or reject the request naming the id"),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest served prompt in tokens (default: the "
@@ -517,7 +519,7 @@ def query_cmd(
     user: int = typer.Option(..., help="User id"),
     items: str = typer.Option(..., help="Candidate item ids, comma-separated: 12,40,3"),
     url: Optional[str] = typer.Option(None, help="host:port (default localhost:8001 for grpc, localhost:8000 for http)"),
-    protocol: str = typer.Option("grpc", help="grpc | http"),
+    protocol: str = typer.Option("grpc", metavar="|".join(SERVER_PROTOCOLS), help="How to talk to the server"),
     top_k: Optional[int] = typer.Option(None, help="Ranked items to return (default: the export's top_k)"),
     titles: Optional[Path] = typer.Option(None, help="Prepared data folder: show item titles"),
     as_json: bool = typer.Option(False, "--json", help="Print the answer as JSON"),

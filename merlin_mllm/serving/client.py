@@ -29,11 +29,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from merlin_mllm.choices import SERVER_PROTOCOLS
 from merlin_mllm.serving.steps import ENSEMBLE_MODEL, RETRIEVAL_INPUT
 
-__all__ = ["RerankClient", "RankResult", "RerankError", "rank", "DEFAULT_URLS", "PROTOCOLS"]
+__all__ = ["RerankClient", "RankResult", "RerankError", "rank", "DEFAULT_URLS"]
 
-PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
@@ -103,8 +103,8 @@ class RerankClient:
 
     def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model_name: str = ENSEMBLE_MODEL,
                  timeout: Optional[float] = None):
-        if protocol not in PROTOCOLS:
-            raise RerankError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        if protocol not in SERVER_PROTOCOLS:
+            raise RerankError(f"protocol must be one of {SERVER_PROTOCOLS}, not {protocol!r}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.model_name = model_name

@@ -94,6 +94,7 @@ with warnings.catch_warnings():
     import merlin.io
     import nvtabular as nvt
 
+from merlin_mllm.choices import UNKNOWN_USER_POLICIES, USER_SUMMARY_SOURCES
 from merlin_mllm.data.collaborative import CollaborativeFeatures, folder_time_unit
 from merlin_mllm.data.splits import training_events
 from merlin_mllm.data.tables import read_table
@@ -112,7 +113,6 @@ from merlin_mllm.serving.steps import (
     RANKER_MODEL,
     SUMMARY_COLUMN,
     TITLE_COLUMN,
-    UNKNOWN_USER_POLICIES,
     RETRIEVAL_INPUT,
     FeatureStep,
     HeadFeatures,
@@ -139,16 +139,12 @@ __all__ = [
     "INPUTS",
     "OUTPUTS",
     "MANIFEST_FILE",
-    "USER_SUMMARY_SOURCES",
-    "UNKNOWN_USER_POLICIES",
     "prompt_token_limit",
     "exchange_paths",
 ]
 
 MANIFEST_FILE = "export.json"
 TRITON_MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
-#: Where each user's served summary comes from (see :func:`user_summary_table`).
-USER_SUMMARY_SOURCES = ("last_row", "store_latest")
 #: The folders and file of ``out_dir`` that an export owns (everything else is carried over).
 OWNED = (FEATURES_MODEL, RANKER_MODEL, ENSEMBLE_MODEL, MANIFEST_FILE)
 

@@ -62,6 +62,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from merlin_mllm.choices import UNKNOWN_USER_POLICIES
+
 # torch, nvtabular and the ranker are imported inside the functions that use them: the feature
 # model's Triton process and the client (which imports this module for ENSEMBLE_MODEL) then
 # never load torch or the model code.
@@ -76,7 +78,6 @@ __all__ = [
     "RequestError",
     "UnknownUserError",
     "ServingLimits",
-    "UNKNOWN_USER_POLICIES",
     "FeatureStep",
     "HeadFeatures",
     "rank_scores",
@@ -105,8 +106,6 @@ HEAD_FEATURES_INPUT = "head_features"
 #: Column names of the rows the workflow tokenizes.
 SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN, ITEM_COLUMN = "user_summary", "title", "has_image", "item_id"
 PROMPT_COLUMN = "prompt_ids"
-#: What the feature step does with a user it has no summary for (see :class:`FeatureStep`).
-UNKNOWN_USER_POLICIES = ("empty_summary", "error")
 
 
 class RequestError(ValueError):
