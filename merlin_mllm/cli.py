@@ -23,6 +23,7 @@ from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
 from merlin_mllm.models.precision import PRECISIONS
 from merlin_mllm.pipelines.train_config import BATCHINGS, DEFAULT_RECIPE, RECIPES, TrainConfig
+from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS  # torch-free
 from merlin_mllm.serving.tritonserver import TritonServer
 from merlin_mllm.text import TokenBudgets
 
@@ -480,7 +481,8 @@ def export_cmd(
                                       help="A user with no summary: score with the empty-history summary "
                                            "(reply known_user=false), or reject the request naming the id"),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest served prompt in tokens (default: the "
-                                                    "training run's max_length, as training cut prompts; else 512)"),
+                                                    f"training run's max_length, as training cut prompts; else "
+                                                    f"{DEFAULT_MAX_PROMPT_TOKENS})"),
     precision: Optional[str] = typer.Option(None, metavar="|".join(PRECISIONS), help=_PRECISION_HELP
                                             + "; auto is decided by each ranker instance on the serving machine"),
 ):
