@@ -81,6 +81,8 @@ Composition
 ``RankerModel`` is thin; its parts live next to it:
 
 * :mod:`~merlin_mllm.ranker.ranker_config`: ``RankerConfig`` and the saved folder's file names;
+* :mod:`~merlin_mllm.ranker.assembly`: what ``build`` and ``from_pretrained`` share (precision,
+  backend, answer ids, LoRA, projector) and the saved folder's checks;
 * :mod:`~merlin_mllm.ranker.backend` (interface), :mod:`~merlin_mllm.ranker.embedded_backend`,
   :mod:`~merlin_mllm.ranker.hf_backend`, chosen in :mod:`~merlin_mllm.ranker.backend_registry`:
   the model family (loading, image inputs, positions);
@@ -113,23 +115,23 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from merlin_mllm.models.loading import default_device
-from merlin_mllm.models.precision import DEFAULT_PRECISION, PRECISIONS, precision_of_dtype, resolve_precision
+from merlin_mllm.models.precision import DEFAULT_PRECISION
 from merlin_mllm.ranker import groups, scoring
+from merlin_mllm.ranker.assembly import assemble, saved_parts
 from merlin_mllm.ranker.backend import RankerBackend
-from merlin_mllm.ranker.backend_registry import backend_class, backend_class_for_model
+from merlin_mllm.ranker.backend_registry import backend_class_for_model
 from merlin_mllm.ranker.batches import IGNORE_INDEX, answer_only_labels, answer_positions, batch_from_ragged, pad_right
-from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, CONFIG_FILE, EMBEDDED, PROJECTOR_FILE, RankerConfig
+from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, EMBEDDED, PROJECTOR_FILE, RankerConfig
 from merlin_mllm.ranker.embedded_backend import ImageProjector
 from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.groups import GroupOutput
-from merlin_mllm.ranker.lora import LoraMergeCache, attach_lora
+from merlin_mllm.ranker.lora import LoraMergeCache
 from merlin_mllm.ranker.packing import CandidateGroup
 from merlin_mllm.ranker.losses import binary_loss, check_labels, lm_loss
-from merlin_mllm.ranker.prompt import PROMPT_VERSION, Candidate, RankerPrompt, check_prompt_version
+from merlin_mllm.ranker.prompt import PROMPT_VERSION, Candidate, RankerPrompt
 
 __all__ = [
     "RankerConfig",
@@ -279,42 +281,7 @@ class RankerModel(nn.Module):
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
             precision=precision,
         )
-        return cls._assemble(config, device=device, dtype=dtype, item_features=item_features)
-
-    @classmethod
-    def _assemble(cls, config: RankerConfig, *, device, dtype, item_features=None,
-                  adapter_dir: Optional[Path] = None, projector_file: Optional[Path] = None,
-                  is_trainable: bool = True) -> "RankerModel":
-        family = backend_class(config.backend)
-        config.validate()
-        device = torch.device(device) if device is not None else default_device()
-        if dtype is None:
-            # Resolved on the machine that loads the ranker ("auto" detects; the config keeps "auto").
-            dtype = resolve_precision(config.precision, device).dtype
-        elif precision_of_dtype(dtype) in PRECISIONS:
-            config.precision = precision_of_dtype(dtype)  # the config says what the weights are
-        backend = family.load(config, device=device, dtype=dtype)
-        no_id, yes_id = backend.prompt.answer_token_ids()
-        if config.no_token_id is not None and (config.no_token_id, config.yes_token_id) != (no_id, yes_id):
-            raise ValueError(
-                f"the saved answer ids (No={config.no_token_id}, Yes={config.yes_token_id}) differ "
-                f"from this tokenizer's ({no_id}, {yes_id}): wrong base model?"
-            )
-        config.no_token_id, config.yes_token_id = no_id, yes_id
-
-        backbone = attach_lora(backend.hf_model, config, device=device, adapter_dir=adapter_dir,
-                               is_trainable=is_trainable)
-        projector = backend.projector
-        if projector is not None:
-            if projector_file is not None:
-                projector.load_state_dict(load_file(str(projector_file), device=str(device)))
-            projector.requires_grad_(not config.zero_shot and is_trainable)
-
-        if item_features is not None and backend.uses_item_images(config):
-            config.check_item_features(item_features)
-        model = cls(backend, backbone, item_features)
-        model.eval()
-        return model
+        return assemble(cls, config, device=device, dtype=dtype, item_features=item_features)
 
     @classmethod
     def from_pretrained(
@@ -342,27 +309,9 @@ class RankerModel(nn.Module):
         is_trainable : bool
             True to continue training (LoRA and projector get gradients).
         """
-        path = Path(path)
-        config_file = path / CONFIG_FILE
-        config = RankerConfig.read(path)
-        if precision is not None:
-            config.precision = precision
-        try:
-            check_prompt_version(config.prompt_version)
-        except ValueError as exc:
-            raise ValueError(f"{config_file}: trained with a prompt this merlin-mllm cannot render ({exc}); "
-                             "scores would not be comparable") from exc
-        adapter_dir = projector_file = None
-        if not config.zero_shot:
-            adapter_dir = path / ADAPTER_DIR
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"{adapter_dir}/adapter_config.json not found (LoRA adapter missing)")
-        if backend_class(config.backend).uses_item_images(config):
-            projector_file = path / PROJECTOR_FILE
-            if not projector_file.is_file():
-                raise FileNotFoundError(f"{projector_file} not found (image projector weights missing)")
-        return cls._assemble(config, device=device, dtype=dtype, item_features=item_features,
-                             adapter_dir=adapter_dir, projector_file=projector_file, is_trainable=is_trainable)
+        config, adapter_dir, projector_file = saved_parts(Path(path), precision)
+        return assemble(cls, config, device=device, dtype=dtype, item_features=item_features,
+                        adapter_dir=adapter_dir, projector_file=projector_file, is_trainable=is_trainable)
 
     def save_pretrained(self, path: Union[str, os.PathLike]) -> Path:
         """Write the adapter, the projector and the config into ``path`` (base weights are not copied).
