@@ -226,9 +226,10 @@ def popularity_as_of_scores(data_dir: PathLike, split: str = "test", *,
     Parameters
     ----------
     data_dir : path
-        Output of ``prepare_dataset``.
+        Output of ``prepare_dataset``; every event of its ``events/`` is counted, each for the
+        rows after it.
     split : str
-        The split to score (default ``"test"``).
+        The split whose rows are scored (default ``"test"``).
     recent_days : float, optional
         Count only the events of the ``recent_days`` days before the row's time (recent
         popularity); default: all earlier events.
