@@ -96,11 +96,11 @@ class TrainConfig:
     loss: Optional[str] = _setting(
         None, "lm: full-vocabulary NLL of the answer token (the paper); binary: CE over [No, Yes]; listwise: softmax "
         "over each group's yes-minus-no logits (batching='groups' only). Default: listwise with groups (it ranked "
-        "best on held-out groups, benchmarks/group_training_quality.json), lm with rows", resume=True)
+        "best on held-out groups, benchmarks/quality/group_training_quality.json), lm with rows", resume=True)
     batching: str = _setting(
         "groups", "groups (default): micro-batches of whole groups (a user's positive and its K negatives, K set by "
         "`data prepare --train-negatives`), each run as one packed pass, 4x the rows per CPU-second and at least "
-        "the rows' held-out AUC (benchmarks/group_training_quality.json); rows: candidate rows shuffled one by one, "
+        "the rows' held-out AUC (benchmarks/quality/group_training_quality.json); rows: candidate rows shuffled one by one, "
         "each its whole prompt (the reference scores')", resume=True)
     prompt_version: Optional[str] = _setting(
         None, "Ranker prompt layout: '1' (candidate, then the question) or '2' (the question in the part a user's "
