@@ -198,3 +198,30 @@ def test_retrieval_score_matches_rows_in_any_order(folders):
     assert scored.index.equals(shuffled.index)
     with pytest.raises(ValueError, match="not rows of split 'train'"):
         add_retrieval_scores(split_rows(folder, "test").head(3), folder, "train", baseline=baseline)
+
+
+def test_the_feature_table_is_written_once_and_remade_when_its_recipe_changes(folders, tmp_path):
+    """write_feature_table: the one builder of the feature parquet the CLI, the quickstart and the
+    benchmarks hand to training; a table made with the same split, window and seed is reused."""
+    from merlin_mllm.pipelines.hybrid import write_feature_table
+
+    folder = folders["leave-last-out"]
+    path = tmp_path / "features_test.parquet"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert write_feature_table(folder, "test", path, columns=FEATURE_COLUMNS) == path
+        written = pd.read_parquet(path)
+        assert "history_item_ids" not in written.columns
+        expected = hybrid_feature_rows(folder, "test", retrieval=False)
+        np.testing.assert_array_equal(written[list(FEATURE_COLUMNS)].to_numpy(),
+                                      expected[list(FEATURE_COLUMNS)].to_numpy())
+        stamp = path.stat().st_mtime_ns
+        write_feature_table(folder, "test", path, columns=FEATURE_COLUMNS)
+        assert path.stat().st_mtime_ns == stamp  # reused
+        write_feature_table(folder, "test", path, columns=FEATURE_COLUMNS, recent_days=7)
+        assert path.stat().st_mtime_ns != stamp  # another window: made again
+        shorter = pd.read_parquet(path)["item_log_recent_count"].to_numpy()
+        assert (shorter <= written["item_log_recent_count"].to_numpy()).all()
+        assert (shorter < written["item_log_recent_count"].to_numpy()).any()
+        with pytest.raises(ValueError, match=r"gives no feature \['genre_match'\]"):
+            write_feature_table(folder, "test", tmp_path / "other.parquet", columns=[*FEATURE_COLUMNS, "genre_match"])
