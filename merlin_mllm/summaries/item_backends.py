@@ -71,12 +71,7 @@ def _target_words(settings: GenerationSettings) -> int:
 
 
 def _item_text(title: str, description: str) -> str:
-    lines = []
-    if title:
-        lines.append(f"Title: {title}")
-    if description:
-        lines.append(f"Description: {description}")
-    return "\n".join(lines)
+    return "\n".join(f"{label}: {text}" for label, text in (("Title", title), ("Description", description)) if text)
 
 
 def _words(text: str) -> List[str]:

@@ -134,10 +134,7 @@ class ItemTexts:
                  budgets: TokenBudgets = TokenBudgets(), on_unknown_item: str = "error"):
         if on_unknown_item not in ("error", "skip"):
             raise ValueError(f"on_unknown_item must be 'error' or 'skip', not {on_unknown_item!r}")
-        self.items = items
-        self.store = store
-        self.model = model
-        self.budgets = budgets
+        self.items, self.store, self.model, self.budgets = items, store, model, budgets
         self.on_unknown_item = on_unknown_item
         self._lines: Dict[int, str] = {}
         self.without_summary: set = set()
