@@ -4,6 +4,7 @@ planted next-item pattern)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -81,6 +82,27 @@ def test_training_events_drop_the_split_targets_and_what_follows(tiny_paper, tmp
     assert training_events(temporal, "test")["item_id"].tolist() == [1, 2, 3, 4, 5]
     assert training_events(temporal, "valid")["item_id"].tolist() == [1, 2, 3, 4]
     assert training_events(temporal, "train")["item_id"].tolist() == [1, 2, 3]
+
+
+def test_prepared_tables_read_each_table_once_and_give_the_same_events(tiny_paper, monkeypatch):
+    from merlin_mllm.data import splits
+
+    reads = []
+    real_read = splits.read_table
+    monkeypatch.setattr(splits, "read_table", lambda path: reads.append(Path(path).name) or real_read(path))
+    data = splits.PreparedTables(tiny_paper)
+    assert Path(data) == tiny_paper and str(data) == str(tiny_paper)  # still the folder to path-taking code
+    shared = {split: training_events(data, split) for split in ("test", "valid", "train")}
+    data.split("test")
+    assert sorted(reads) == ["events", "test", "train", "valid"]  # each table once, however often it is used
+    for split, events in shared.items():
+        assert events.equals(training_events(tiny_paper, split))  # the same events as from the folder itself
+    # Each caller gets its own copy: changing one does not change what the next one reads.
+    items = data.items
+    items["title"] = "changed"
+    assert data.items["title"].tolist() == [f"item {i}" for i in range(1, 8)]
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.split("holdout")
 
 
 def test_popularity_scores_match_hand_counts(tiny_paper):

@@ -35,10 +35,16 @@ event before every row of the valid and test splits.
 Both the baselines and the hybrid ranker's features (training), and the export (serving) read
 them from here, so served features are counted from the events the test rows' features were.
 
+A job that reads a folder's tables in several places opens it once as :class:`PreparedTables` and
+passes that down: it is a path (``os.PathLike``) to anything that takes ``data_dir``, and the
+functions here, given one, read each table from disk once.
+
 Usage::
 
-    from merlin_mllm.data.splits import split_rows, training_events
-    events = training_events("data/ml100k", "test")   # see the rule above
+    from merlin_mllm.data.splits import PreparedTables, split_rows, training_events
+    data = PreparedTables("data/ml100k")             # reads nothing yet
+    data.items, data.split("test")                   # each read on first use, then shared
+    events = training_events(data, "test")            # see the rule above (a path works too)
     cuts = split_cuts("data/ml100k_timeline")          # SplitCuts(valid=..., test=...), or None
 """
 from __future__ import annotations
@@ -52,8 +58,8 @@ import pandas as pd
 
 from merlin_mllm.data.tables import read_table
 
-__all__ = ["SPLIT_ORDER", "ROW_COLUMNS", "SplitCuts", "read_prepared", "split_cuts", "split_rows",
-           "training_events"]
+__all__ = ["SPLIT_ORDER", "ROW_COLUMNS", "PreparedTables", "prepared_tables", "SplitCuts", "read_prepared",
+           "split_cuts", "split_rows", "training_events"]
 
 SPLIT_ORDER = ("train", "valid", "test")
 ROW_COLUMNS = ["group_id", "user_id", "item_id", "label", "target_position"]
@@ -66,6 +72,63 @@ def read_prepared(path: Path, what: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path} (expected the output of prepare_dataset)")
     return read_table(path)
+
+
+class PreparedTables(os.PathLike):
+    """A prepared folder whose tables are each read once, on first use, and then shared.
+
+    It is also the folder's path (``os.fspath``, ``Path(tables)``), so it can be passed wherever a
+    ``data_dir`` is taken; the readers of this package (and those that call
+    :func:`prepared_tables`) then use its tables instead of reading the files again.
+
+    Parameters
+    ----------
+    folder : path
+        Output of ``prepare_dataset``.
+    """
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+        self._tables: dict = {}
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.folder)
+
+    def __str__(self) -> str:
+        # Messages that name ``data_dir`` keep naming the folder.
+        return str(self.folder)
+
+    def __repr__(self) -> str:
+        return f"PreparedTables({str(self.folder)!r}, read={sorted(self._tables)})"
+
+    def table(self, name: str, what: Optional[str] = None) -> pd.DataFrame:
+        """The table ``name`` (``"items"``, ``"events"``, ``"users"`` or a split), a copy of the
+        one read; a FileNotFoundError naming ``what`` (default: the name) when it is absent."""
+        if name not in self._tables:
+            self._tables[name] = read_prepared(self.folder / name, what or f"{name} table")
+        return self._tables[name].copy()
+
+    @property
+    def items(self) -> pd.DataFrame:
+        return self.table("items", "items table")
+
+    @property
+    def events(self) -> pd.DataFrame:
+        return self.table("events", "events table")
+
+    def split(self, split: str) -> pd.DataFrame:
+        """The rows of ``split``, checked as :func:`split_rows` checks them."""
+        _check_split(split)
+        rows = self.table(split, f"split {split!r}")
+        missing = [c for c in ROW_COLUMNS if c not in rows.columns]
+        if missing:
+            raise ValueError(f"{self.folder / split}: rows lack column(s) {missing}")
+        return rows
+
+
+def prepared_tables(data_dir: Union[PathLike, PreparedTables]) -> PreparedTables:
+    """``data_dir`` itself when it is :class:`PreparedTables`, else the folder opened as one."""
+    return data_dir if isinstance(data_dir, PreparedTables) else PreparedTables(data_dir)
 
 
 class SplitCuts(NamedTuple):
@@ -105,13 +168,7 @@ def split_rows(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
     ValueError
         If a column is missing (naming the folder) or the split is unknown.
     """
-    _check_split(split)
-    path = Path(data_dir) / split
-    rows = read_prepared(path, f"split {split!r}")
-    missing = [c for c in ROW_COLUMNS if c not in rows.columns]
-    if missing:
-        raise ValueError(f"{path}: rows lack column(s) {missing}")
-    return rows
+    return prepared_tables(data_dir).split(split)
 
 
 def training_events(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
@@ -130,16 +187,17 @@ def training_events(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
         The kept rows of ``events/`` (user_id, item_id, position, ...), sorted by user and position.
     """
     _check_split(split)
-    data_dir = Path(data_dir)
-    events = read_prepared(data_dir / "events", "events table")
+    data = prepared_tables(data_dir)
+    data_dir = data.folder
+    events = data.events
     for column in ("user_id", "item_id", "position"):
         if column not in events.columns:
             raise ValueError(f"{data_dir / 'events'}: events lack column {column!r}")
     cuts = split_cuts(data_dir) if (data_dir / "report.json").exists() else None
     if cuts is not None:
-        return _timeline_events(data_dir, events, split, cuts)
+        return _timeline_events(data, events, split, cuts)
     later = SPLIT_ORDER[SPLIT_ORDER.index(split):]
-    cutoffs = [split_rows(data_dir, s)[["user_id", "target_position"]] for s in later if (data_dir / s).exists()]
+    cutoffs = [data.split(s)[["user_id", "target_position"]] for s in later if (data_dir / s).exists()]
     if split not in [s for s in later if (data_dir / s).exists()]:
         raise FileNotFoundError(f"split folder not found: {data_dir / split}")
     cutoff = pd.concat(cutoffs, ignore_index=True).groupby("user_id")["target_position"].min()
@@ -148,15 +206,16 @@ def training_events(data_dir: PathLike, split: str = "test") -> pd.DataFrame:
     return events[keep].sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
 
 
-def _timeline_events(data_dir: Path, events: pd.DataFrame, split: str, cuts: SplitCuts) -> pd.DataFrame:
+def _timeline_events(data: PreparedTables, events: pd.DataFrame, split: str, cuts: SplitCuts) -> pd.DataFrame:
     """The timeline rule of the module docstring."""
+    data_dir = data.folder
     if not (data_dir / split).exists():
         raise FileNotFoundError(f"split folder not found: {data_dir / split}")
     if "timestamp" not in events.columns:
         raise ValueError(f"{data_dir / 'events'}: events lack column 'timestamp'")
     limit = pd.Series(cuts.test if split == "test" else cuts.valid, index=events.index)
     if split == "train":
-        train = split_rows(data_dir, "train")
+        train = data.split("train")
         first = train.groupby("user_id")["target_position"].min()  # events strictly before its time
         own = events["user_id"].map(first)
         keep = (events["timestamp"] < limit) & (own.isna() | (events["position"] < own.fillna(0)))

@@ -68,7 +68,7 @@ with warnings.catch_warnings():
 
 from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
 from merlin_mllm.data.prepare import ROW_TAGS
-from merlin_mllm.data.tables import read_table
+from merlin_mllm.data.splits import prepared_tables
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.train_config import TrainConfig
 from merlin_mllm.pipelines.hybrid import HeadSettings, attach_features, train_head
@@ -151,11 +151,12 @@ def load_rows(
     DataFrame
         The split's columns plus ``title``, ``image_path`` and ``user_summary``, in file order.
     """
-    data_dir = Path(data_dir)
+    data = prepared_tables(data_dir)  # a PreparedTables passed in keeps its tables: each read once
+    data_dir = data.folder
     split_dir = data_dir / split
     if not split_dir.exists():
         raise FileNotFoundError(f"split folder not found: {split_dir}")
-    rows = read_table(split_dir)
+    rows = data.table(split)
     needed = ["user_id", "item_id", "label", "group_id"]
     missing = [c for c in needed if c not in rows.columns]
     if missing:
@@ -164,7 +165,7 @@ def load_rows(
         groups = np.sort(rows["group_id"].unique())
         chosen = np.random.default_rng(seed).choice(groups, size=int(max_groups), replace=False)
         rows = rows[rows["group_id"].isin(chosen).to_numpy()].reset_index(drop=True)
-    items = read_table(data_dir / "items")
+    items = data.items
     columns = ["item_id", "title"] + (["image_path"] if "image_path" in items.columns else [])
     frame = rows.merge(items[columns], on="item_id", how="left", validate="many_to_one", indicator=True)
     unknown = frame["_merge"] != "both"
@@ -176,7 +177,7 @@ def load_rows(
     frame = frame.drop(columns="_merge")
     if "image_path" not in frame.columns:
         frame["image_path"] = None
-    frame["user_summary"] = user_context_texts(summaries, data_dir, frame, context=user_context, titles=context_titles,
+    frame["user_summary"] = user_context_texts(summaries, data, frame, context=user_context, titles=context_titles,
                                                partial_block=partial_block_rule(data_dir, split))
     return frame
 

@@ -31,7 +31,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from merlin_mllm.data.image_files import dataset_image_root
-from merlin_mllm.data.tables import read_table
+from merlin_mllm.data.splits import prepared_tables
 from merlin_mllm.ranker.backend_registry import backend_class, backend_class_for_model
 from merlin_mllm.ranker.ranker_config import CONFIG_FILE, EMBEDDED, ITEM_IMAGES_FILE, RankerConfig, is_saved_ranker
 from merlin_mllm.ranker.image_features import ItemImageFeatures
@@ -134,7 +134,7 @@ def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.Path
     allow_absolute : bool, optional
         Read absolute paths outside the image root; default: the root's own rule.
     """
-    items = read_table(Path(data_dir) / "items")
+    items = prepared_tables(data_dir).items
     item_ids = items["item_id"].to_numpy(np.int64)
     path = Path(path)
     if path.exists():
@@ -157,7 +157,7 @@ def item_image_table(data_dir: Union[str, os.PathLike], path: Union[str, os.Path
 
 
 def _catalogue_item_ids(data_dir) -> np.ndarray:
-    return read_table(Path(data_dir) / "items")["item_id"].to_numpy(np.int64)
+    return prepared_tables(data_dir).items["item_id"].to_numpy(np.int64)
 
 
 def trained_model_dir(path: Union[str, os.PathLike]) -> Path:

@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import pandas as pd
 
 from merlin_mllm.choices import USER_CONTEXTS
+from merlin_mllm.data.splits import prepared_tables
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR, open_store
 from merlin_mllm.summaries.user_history import history_lists
@@ -67,7 +68,7 @@ def row_histories(data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List
     """Each row's history (item ids before its target): its ``history_item_ids``, else from ``events/``."""
     if "history_item_ids" in rows.columns:
         return [tuple(int(i) for i in h) if h is not None else () for h in rows["history_item_ids"]]
-    events = read_table(Path(data_dir) / "events")
+    events = prepared_tables(data_dir).events
     return [tuple(h) for h in history_lists(events, rows["user_id"], rows["target_position"])]
 
 
@@ -105,7 +106,7 @@ def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame, partial_blo
     texts = dict(zip(keys, stored_summary_texts(store, list(keys.values()))))
     if not tails or not any(tails.values()):
         return [texts[lookup[h]] for h in histories]
-    titles = read_table(data_dir / "items").set_index("item_id")["title"]
+    titles = prepared_tables(data_dir).items.set_index("item_id")["title"]
     out = []
     for h in histories:
         if not tails[h]:
@@ -183,7 +184,7 @@ def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, 
     summary = row_summaries(summaries, data_dir, rows, partial_block=partial_block) if context != "titles" else None
     if context == "summary":
         return summary
-    items = read_table(Path(data_dir) / "items").set_index("item_id")["title"]
+    items = prepared_tables(data_dir).items.set_index("item_id")["title"]
     recent = [recent_titles_text(history, items, titles) for history in row_histories(data_dir, rows)]
     if context == "titles":
         return recent
