@@ -49,6 +49,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from merlin_mllm.data.image_files import dataset_image_root
+from merlin_mllm.data.splits import prepared_tables
 from merlin_mllm.image_loading import ImageLoadError
 from merlin_mllm.metrics import DEFAULT_KS, hit_rate_curve, ranking_metrics
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
@@ -221,6 +222,7 @@ def evaluate_ranker(
     scores_path = Path(f"{stem}.scores.parquet")
     partial_path = Path(f"{stem}.partial.parquet")
     plot_path = Path(f"{stem}.png")
+    data = prepared_tables(data_dir)  # each table read once, then passed down
 
     if model_dir is not None and trained_model_dir(model_dir) != Path(model_dir):
         model_dir = trained_model_dir(model_dir)  # the run folder `train --out` wrote
@@ -228,13 +230,9 @@ def evaluate_ranker(
         max_length, max_length_source = trained_max_length(model_dir)
     else:
         max_length, max_length_source = int(max_length), "argument"
-    ranker = load_ranker(model_dir, data_dir, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress,
+    ranker = load_ranker(model_dir, data, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress,
                          precision=precision)
-    # Training's cut (TokenizePrompt.encode_row), built when a prompt first needs it; prompts with
-    # processor-expanded images cannot be made from text, so they are never cut.
-    cutter = (functools.cache(lambda: TokenizePrompt.for_ranker(ranker, max_length=max_length))
-              if ranker.prompt.image_mode != "processor" else None)
-    rows = load_rows(data_dir, split, summaries, max_groups=max_groups, seed=seed,
+    rows = load_rows(data, split, summaries, max_groups=max_groups, seed=seed,
                      user_context=ranker.config.user_context, context_titles=ranker.config.context_titles)
     head = saved_head(model_dir) if not zero_shot and model_dir is not None else None
     if head is not None:
@@ -246,63 +244,17 @@ def evaluate_ranker(
     elif features is not None:
         raise ValueError(f"features were given, but {model_dir} has no hybrid head ({HEAD_FILE}): it is not a hybrid")
     fingerprint = _fingerprint(ranker, model_dir, data_dir, split, zero_shot, max_groups, max_length)
+    done = _resumed_scores(partial_path, fingerprint, out_json) if resume else {}
 
-    done: Dict[int, np.ndarray] = {}
-    if resume and partial_path.exists():
-        partial = pd.read_parquet(partial_path)
-        if len(partial) and (partial["fingerprint"] == fingerprint).all():
-            done = {int(g): part.sort_values("position")["score"].to_numpy() for g, part in partial.groupby("group_id")}
-            log.info("resuming %s: %d groups already scored", out_json, len(done))
-        else:
-            partial_path.unlink()
-
-    rows = rows.reset_index(drop=True)
-    if ranker.config.use_images and ranker.config.backend != EMBEDDED:  # the prompt opens the files itself
-        rows["image_path"] = _confined_image_paths(rows["image_path"], data_dir)
-    rows["position"] = rows.groupby("group_id").cumcount()
-    groups = list(rows.groupby("group_id", sort=True))
-    pending: List[pd.DataFrame] = []
-    scoring_seconds = 0.0
-    scored_now = 0
-    prompts_cut = 0
-    for group_id, group in tqdm(groups, desc=f"scoring {split}", unit="group", disable=not progress):
-        if int(group_id) in done:
-            continue
-        texts = group["user_summary"].unique()
-        if len(texts) != 1:
-            raise ValueError(f"group {group_id} has {len(texts)} different user summaries; a group is one user")
-        tick = time.perf_counter()
-        candidates = _candidates(group, ranker)
-        scores, cut = _score_group(ranker, cutter, max_length, str(texts[0]), candidates, batch_size, group_id)
-        prompts_cut += cut
-        scoring_seconds += time.perf_counter() - tick
-        scored_now += 1
-        done[int(group_id)] = scores
-        pending.append(pd.DataFrame({"group_id": int(group_id), "position": group["position"].to_numpy(),
-                                     "score": scores, "fingerprint": fingerprint}))
-        if len(pending) >= _FLUSH_EVERY_GROUPS:
-            _append_partial(partial_path, pending)
-            pending = []
-    if pending:
-        _append_partial(partial_path, pending)
-
-    scored = pd.concat(
-        [pd.DataFrame({"group_id": g, "position": np.arange(len(s)), "score": s}) for g, s in done.items()],
-        ignore_index=True,
-    )
-    table = rows.merge(scored, on=["group_id", "position"], how="left", validate="one_to_one")
-    if table["score"].isna().any():  # a partial file from another row set would leave holes
-        raise RuntimeError(f"{int(table['score'].isna().sum())} rows were not scored; delete {partial_path} and re-run")
-    columns = ["group_id", "user_id", "item_id", "label", "score"]
-    if head is not None:
-        table = _hybrid_scores(table, head)
-        columns += ["llm_logit", "head_logit"]
-    table = table[columns]
+    rows = _numbered_rows(rows, ranker, data)
+    counts = _score_groups(rows, ranker, max_length, batch_size, done, fingerprint, partial_path, split, progress)
+    table = _scores_table(rows, done, head, partial_path)
     table.to_parquet(scores_path, index=False)
 
     metrics = ranking_metrics(table["label"].to_numpy(), table["score"].to_numpy(), table["group_id"].to_numpy(), ks=ks)
     name = "zero-shot " + str(ranker.config.base_model) if zero_shot else str(model_dir)
     plot_evaluation(table, plot_path, title=f"{name} on {split} (AUC {metrics['auc']:.3f})")
+    scoring_seconds, scored_now = counts["scoring_seconds"], counts["scored_now"]
     result = {
         **metrics,
         "run": {
@@ -316,12 +268,12 @@ def evaluate_ranker(
             "max_groups": max_groups,
             "max_length": max_length,
             "max_length_source": max_length_source,
-            "prompts_cut_now": prompts_cut,
+            "prompts_cut_now": counts["prompts_cut"],
             "device": str(ranker.device),
             "dtype": str(ranker.dtype).replace("torch.", ""),
             "precision": ranker.config.precision,
             "groups_scored_now": scored_now,
-            "groups_resumed": len(groups) - scored_now,
+            "groups_resumed": counts["groups"] - scored_now,
             "scoring_seconds": round(scoring_seconds, 2),
             "seconds_per_group": round(scoring_seconds / scored_now, 4) if scored_now else None,
             "seconds": round(time.time() - started, 1),
@@ -333,6 +285,84 @@ def evaluate_ranker(
     if partial_path.exists():
         partial_path.unlink()
     return result
+
+
+def _resumed_scores(partial_path: Path, fingerprint: str, out_json: Path) -> Dict[int, np.ndarray]:
+    """Group id -> scores already in ``partial_path`` from the same run (``fingerprint``); a
+    partial file of another run is deleted."""
+    if not partial_path.exists():
+        return {}
+    partial = pd.read_parquet(partial_path)
+    if len(partial) and (partial["fingerprint"] == fingerprint).all():
+        done = {int(g): part.sort_values("position")["score"].to_numpy() for g, part in partial.groupby("group_id")}
+        log.info("resuming %s: %d groups already scored", out_json, len(done))
+        return done
+    partial_path.unlink()
+    return {}
+
+
+def _numbered_rows(rows: pd.DataFrame, ranker: RankerModel, data) -> pd.DataFrame:
+    """``rows`` with a fresh index and ``position`` (the row's place in its group), their image
+    paths confined to the dataset's image root where the prompt opens the files itself."""
+    rows = rows.reset_index(drop=True)
+    if ranker.config.use_images and ranker.config.backend != EMBEDDED:  # the prompt opens the files itself
+        rows["image_path"] = _confined_image_paths(rows["image_path"], data)
+    rows["position"] = rows.groupby("group_id").cumcount()
+    return rows
+
+
+def _score_groups(rows: pd.DataFrame, ranker: RankerModel, max_length: int, batch_size: int,
+                  done: Dict[int, np.ndarray], fingerprint: str, partial_path: Path, split: str,
+                  progress: bool) -> Dict[str, Any]:
+    """Score every group of ``rows`` that ``done`` lacks, into ``done``, appending them to
+    ``partial_path`` as it goes; and the counts: ``groups``, ``scored_now``, ``prompts_cut``,
+    ``scoring_seconds``."""
+    # Training's cut (TokenizePrompt.encode_row), built when a prompt first needs it; prompts with
+    # processor-expanded images cannot be made from text, so they are never cut.
+    cutter = (functools.cache(lambda: TokenizePrompt.for_ranker(ranker, max_length=max_length))
+              if ranker.prompt.image_mode != "processor" else None)
+    groups = list(rows.groupby("group_id", sort=True))
+    pending: List[pd.DataFrame] = []
+    counts = {"groups": len(groups), "scored_now": 0, "prompts_cut": 0, "scoring_seconds": 0.0}
+    for group_id, group in tqdm(groups, desc=f"scoring {split}", unit="group", disable=not progress):
+        if int(group_id) in done:
+            continue
+        texts = group["user_summary"].unique()
+        if len(texts) != 1:
+            raise ValueError(f"group {group_id} has {len(texts)} different user summaries; a group is one user")
+        tick = time.perf_counter()
+        candidates = _candidates(group, ranker)
+        scores, cut = _score_group(ranker, cutter, max_length, str(texts[0]), candidates, batch_size, group_id)
+        counts["prompts_cut"] += cut
+        counts["scoring_seconds"] += time.perf_counter() - tick
+        counts["scored_now"] += 1
+        done[int(group_id)] = scores
+        pending.append(pd.DataFrame({"group_id": int(group_id), "position": group["position"].to_numpy(),
+                                     "score": scores, "fingerprint": fingerprint}))
+        if len(pending) >= _FLUSH_EVERY_GROUPS:
+            _append_partial(partial_path, pending)
+            pending = []
+    if pending:
+        _append_partial(partial_path, pending)
+    return counts
+
+
+def _scores_table(rows: pd.DataFrame, done: Dict[int, np.ndarray], head: Optional[HybridHead],
+                  partial_path: Path) -> pd.DataFrame:
+    """The scores file's table: each row's ids, label and score (the hybrid's, with its parts,
+    for a hybrid ranker)."""
+    scored = pd.concat(
+        [pd.DataFrame({"group_id": g, "position": np.arange(len(s)), "score": s}) for g, s in done.items()],
+        ignore_index=True,
+    )
+    table = rows.merge(scored, on=["group_id", "position"], how="left", validate="one_to_one")
+    if table["score"].isna().any():  # a partial file from another row set would leave holes
+        raise RuntimeError(f"{int(table['score'].isna().sum())} rows were not scored; delete {partial_path} and re-run")
+    columns = ["group_id", "user_id", "item_id", "label", "score"]
+    if head is not None:
+        table = _hybrid_scores(table, head)
+        columns += ["llm_logit", "head_logit"]
+    return table[columns]
 
 
 def _score_group(ranker: RankerModel, cutter: Optional[Callable[[], TokenizePrompt]], max_length: int, summary: str,
