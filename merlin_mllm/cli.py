@@ -141,14 +141,17 @@ _SCHEDULER_HELP = ("Address of an existing dask.distributed scheduler (tcp://hos
                    "its workers must see --data and --summaries at the same paths")
 
 
-def _on_cluster(workers: int, scheduler: Optional[str], run_here, run_on_cluster):
-    """``run_here()`` when neither --workers nor --scheduler is given, else ``run_on_cluster(client)``."""
+def _on_cluster(workers: int, scheduler: Optional[str], run_here, cluster_job: str, data: Path, summaries: Path,
+                options: dict) -> dict:
+    """``run_here(data, summaries, progress=True, **options)`` when neither --workers nor --scheduler
+    is given, else the job ``cluster_job`` of :mod:`merlin_mllm.pipelines.summaries` on a Dask client
+    (imported only then: Dask is slow to load)."""
     if not workers and not scheduler:
-        return run_here()
-    from merlin_mllm.pipelines.summaries import dask_client
+        return run_here(data, summaries, progress=True, **options)
+    from merlin_mllm.pipelines import summaries as cluster_jobs
 
-    with dask_client(workers=workers, scheduler=scheduler) as client:
-        return run_on_cluster(client)
+    with cluster_jobs.dask_client(workers=workers, scheduler=scheduler) as client:
+        return getattr(cluster_jobs, cluster_job)(data, summaries, client, **options)
 
 
 @summarize_app.command("items")
@@ -177,14 +180,7 @@ def summarize_items_cmd(
                        settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
                        budgets=TokenBudgets(title=title_tokens, description=description_tokens),
                        on_empty="skip" if skip_empty else "error")
-
-        def on_cluster(client):
-            from merlin_mllm.pipelines.summaries import summarize_items_on_cluster
-
-            return summarize_items_on_cluster(data, summaries, client, **options)
-
-        report = _on_cluster(workers, scheduler, lambda: summarize_items(data, summaries, progress=True, **options),
-                             on_cluster)
+        report = _on_cluster(workers, scheduler, summarize_items, "summarize_items_on_cluster", data, summaries, options)
     _print_report(report)
 
 
@@ -214,14 +210,7 @@ def summarize_users_cmd(
                        settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
                        budgets=TokenBudgets(title=title_tokens, history_item=history_item_tokens,
                                             previous_summary=previous_summary_tokens, history=history_tokens))
-
-        def on_cluster(client):
-            from merlin_mllm.pipelines.summaries import summarize_users_on_cluster
-
-            return summarize_users_on_cluster(data, summaries, client, **options)
-
-        report = _on_cluster(workers, scheduler, lambda: summarize_users(data, summaries, progress=True, **options),
-                             on_cluster)
+        report = _on_cluster(workers, scheduler, summarize_users, "summarize_users_on_cluster", data, summaries, options)
     _print_report(report)
 
 
