@@ -2,7 +2,7 @@
 
 Copied by ``merlin-mllm export`` into ``<repo>/mllm_ranker/1/model.py``. Its artefacts (the
 ranker with its LoRA adapter and projector, the item image table) sit beside it in
-``1/artifacts/``; the logic is :class:`merlin_mllm.serving.steps.RankerStep`. Each user row
+``1/artifacts/``; the logic is :class:`merlin_mllm.serving.ranker_step.RankerStep`. Each user row
 is scored with the shared user prefix computed once (``RankerModel.score_token_ids``).
 
 An instance of kind GPU runs on its assigned device; ``parameters { key: "precision" }`` picks
@@ -28,7 +28,8 @@ import triton_python_backend_utils as pb_utils
 
 # Importing merlin_mllm (before torch) pins MKL's reproducible mode: see merlin_mllm/__init__.py.
 from merlin_mllm.models.threads import set_torch_threads
-from merlin_mllm.serving.steps import ARTIFACTS_DIR, HEAD_FEATURES_INPUT, RankerStep, RequestError, rank_scores
+from merlin_mllm.serving.ranker_step import RankerStep
+from merlin_mllm.serving.steps import ARTIFACTS_DIR, HEAD_FEATURES_INPUT, RequestError, rank_scores
 
 
 def _version_dir(args) -> Path:
