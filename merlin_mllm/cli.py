@@ -292,7 +292,8 @@ def train(
     # TrainConfig.base_model / use_images; --model and --no-image are the familiar spellings.
     base_model: Optional[str] = typer.Option(None, "--base-model", "--model", help="Base MLLM id or folder; default: "
                                              "embedded SmolLM2 + EfficientNet-Lite0"),
-    no_images: bool = typer.Option(False, "--no-images", "--no-image", help="Text-only ranker (the MLLM-MSR_I ablation)"),
+    no_images: bool = typer.Option(False, "--no-images", "--no-image",
+                                   help="Text-only ranker (the MLLM-MSR_I ablation)"),
     recipe: str = typer.Option(DEFAULT_RECIPE, metavar="|".join(RECIPES), help=_RECIPE_HELP),
     epochs: Optional[int] = _recipe_option("epochs"),
     max_steps: int = _train_option("max_steps"),
@@ -310,7 +311,8 @@ def train(
     loss: Optional[str] = typer.Option(None, metavar="|".join(LOSSES),
                                        help=TrainConfig.__dataclass_fields__["loss"].metadata["help"]),
     prompt_version: Optional[str] = typer.Option(
-        None, metavar="|".join(PROMPT_VERSIONS), help=TrainConfig.__dataclass_fields__["prompt_version"].metadata["help"]),
+        None, metavar="|".join(PROMPT_VERSIONS),
+        help=TrainConfig.__dataclass_fields__["prompt_version"].metadata["help"]),
     user_context: str = typer.Option(TrainConfig.user_context, metavar="|".join(USER_CONTEXTS),
                                      help=TrainConfig.__dataclass_fields__["user_context"].metadata["help"]),
     context_titles: int = _train_option("context_titles"),
@@ -337,9 +339,10 @@ def train(
         columns = _head_columns(hybrid or head_features is not None or features is not None, head_features)
         config = TrainConfig.recipe(
             recipe, base_model=base_model, use_images=not no_images, lora_r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, projector_lr=projector_lr, max_steps=max_steps, max_length=max_length, seed=seed, devices=devices,
-            strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss, prompt_version=prompt_version,
-            user_context=user_context, context_titles=context_titles, head_features=columns, precision=precision,
+            lora_dropout=lora_dropout, projector_lr=projector_lr, max_steps=max_steps, max_length=max_length,
+            seed=seed, devices=devices, strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss,
+            prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
+            head_features=columns, precision=precision,
             **chosen,
         )
         if summaries is None and config.user_context != "titles":

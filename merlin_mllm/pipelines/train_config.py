@@ -88,7 +88,8 @@ class TrainConfig:
     epochs: int = _setting(1, "Stop after this many epochs")
     max_steps: int = _setting(-1, "Stop after this many optimizer steps (-1: no step limit)")
     grad_accum: int = _setting(8, "Micro-batches per optimizer step")
-    max_length: int = _setting(DEFAULT_MAX_PROMPT_TOKENS, "Longest prompt in tokens; longer ones get a shorter user summary", resume=True)
+    max_length: int = _setting(DEFAULT_MAX_PROMPT_TOKENS, "Longest prompt in tokens; longer ones get a shorter user "
+                               "summary", resume=True)
     batch_size: int = _setting(4, "Candidate rows per micro-batch (per process); batching='groups': whole groups of "
                                   "up to this many rows (at least one group)")
     seed: int = _setting(42, "Seeds LoRA/projector initialisation, shuffling, the DDP shards and max_groups' choice",

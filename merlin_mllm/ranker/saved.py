@@ -41,7 +41,8 @@ from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 log = logging.getLogger(__name__)
 
 __all__ = ["load_ranker", "item_image_table", "trained_model_dir", "trained_max_length", "read_train_config",
-           "MODEL_DIR", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "TRAIN_CONFIG_FILE", "TRAINING_LOG_FILE", "LEGACY_TRAIN_KEYS"]
+           "MODEL_DIR", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "TRAIN_CONFIG_FILE", "TRAINING_LOG_FILE",
+           "LEGACY_TRAIN_KEYS"]
 
 #: The saved ranker's folder inside a run folder (``out/model``).
 MODEL_DIR = "model"
