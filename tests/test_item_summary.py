@@ -366,3 +366,20 @@ def test_item_summary_operator_refuses_bad_setup():
         ItemSummary(model=object())
     with pytest.raises(ValueError, match="mode must be one of"):
         ItemSummary(mode="both")
+
+
+def test_a_store_written_before_the_mode_was_renamed_is_still_read(smollm2, tmp_path):
+    """The default mode was called "fusion", and its name is part of every store key: summaries
+    written then are found by the renamed mode ("image_and_text"), none generated again."""
+    frame = pd.DataFrame({"item_id": [1, 2], "title": ["Red kettle", "Poster"],
+                          "description": ["Boils water fast.", "A film poster."], "image_path": [None, None]})
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2)
+    old = ItemSummarizer(model=smollm2, settings=settings, store=tmp_path / "store")
+    object.__setattr__(old, "mode", "fusion")  # what the summarizer was before the rename
+    written, report = old.summarize(frame)
+    assert report.generated == 2
+    texts, report = ItemSummarizer(model=smollm2, settings=settings, store=tmp_path / "store").summarize(frame)
+    assert texts == written and (report.generated, report.reused_from_store) == (0, 2)
+    _, report = ItemSummarizer(model=smollm2, settings=settings, store=tmp_path / "store",
+                               mode="image_only").summarize(frame)
+    assert report.generated == 2  # another mode is another key
