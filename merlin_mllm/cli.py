@@ -392,7 +392,7 @@ def evaluate(
         table = None
         head = None
         if model is not None and not zero_shot:
-            from merlin_mllm.ranker.hybrid import saved_head
+            from merlin_mllm.ranker.hybrid_head import saved_head
 
             head = saved_head(model)
         if head is not None:  # the features it was trained with: its columns, counted with its recent window

@@ -47,7 +47,7 @@ from merlin_mllm.pipelines.evaluation import evaluate_ranker
 from merlin_mllm.pipelines.hybrid import write_feature_table
 from merlin_mllm.pipelines.training import train_ranker
 from merlin_mllm.ranker.ranker_config import HEAD_FILE
-from merlin_mllm.ranker.hybrid import hybrid_probability, saved_head, saved_head_path
+from merlin_mllm.ranker.hybrid_head import hybrid_probability, saved_head, saved_head_path
 from merlin_mllm.ranker.saved import MODEL_DIR, TRAINING_LOG_FILE
 from merlin_mllm.reporting import protocol_summary, write_quickstart_report
 from merlin_mllm.serving.client import RerankClient

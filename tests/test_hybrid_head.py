@@ -1,4 +1,4 @@
-"""The hybrid's head and score (merlin_mllm.ranker.hybrid) and the head's trainer
+"""The hybrid's head and score (merlin_mllm.ranker.hybrid_head) and the head's trainer
 (merlin_mllm.pipelines.hybrid): shapes, training on a separable toy set, the LLM part optional."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 import merlin.models.torch as mm
 from merlin_mllm.metrics import auc
 from merlin_mllm.pipelines.hybrid import HeadSettings, head_scores, train_head
-from merlin_mllm.ranker.hybrid import HybridHead, HybridScore
+from merlin_mllm.ranker.hybrid_head import HybridHead, HybridScore
 
 NAMES = ("item_log_count", "retrieval_score", "user_log_count")
 
@@ -155,7 +155,7 @@ def test_hybrid_adds_the_llm_logit():
 def test_the_saved_head_records_its_recent_window_and_old_folders_still_load(tmp_path):
     from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
     from merlin_mllm.ranker.ranker_config import HEAD_FILE, LEGACY_HEAD_FILE
-    from merlin_mllm.ranker.hybrid import saved_head, saved_head_path
+    from merlin_mllm.ranker.hybrid_head import saved_head, saved_head_path
 
     rows = pd.DataFrame(np.arange(12, dtype=np.float64).reshape(4, 3), columns=list(NAMES))
     head = HybridHead(NAMES, hidden=(), recent_days=7.5).fit_scaling(rows)

@@ -47,7 +47,7 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     from merlin_mllm.pipelines.hybrid import attach_features
     from merlin_mllm.pipelines.training import initial_head, load_rows, train_ranker
     from merlin_mllm.ranker.ranker_config import HEAD_FILE
-    from merlin_mllm.ranker.hybrid import HybridHead
+    from merlin_mllm.ranker.hybrid_head import HybridHead
     from merlin_mllm.ranker.model import RankerModel
     from merlin_mllm.ranker.saved import load_ranker
 

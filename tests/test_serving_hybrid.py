@@ -209,7 +209,7 @@ def test_merlin_systems_operator_passes_retrieval_scores(hybrid):
 
 def test_unservable_head_columns_and_stray_events_are_refused(hybrid, tmp_path):
     from merlin_mllm.ranker.ranker_config import HEAD_FILE
-    from merlin_mllm.ranker.hybrid import HybridHead
+    from merlin_mllm.ranker.hybrid_head import HybridHead
 
     model = tmp_path / "model"
     shutil.copytree(hybrid.run / "model", model)
@@ -243,7 +243,7 @@ def test_served_hybrid_scores_equal_evaluate(hybrid, server):
             assert result.known_user is True
             assert [i for i, _ in result.ranked] == [items[j] for j in np.argsort(-result.scores, kind="stable")]
         # A served retrieval score of 1e30 is clipped to the training range (it used to give 0.0).
-        from merlin_mllm.ranker.hybrid import saved_head
+        from merlin_mllm.ranker.hybrid_head import saved_head
 
         user, items, retrieval, _ = next(groups(evaluated))
         far, clipped = far_and_clipped(saved_head(hybrid.run), retrieval)

@@ -1,6 +1,6 @@
 """The hybrid's tabular features of candidate rows, as of each row's time, by an NVTabular workflow.
 
-The hybrid ranker (issue 16; :mod:`merlin_mllm.ranker.hybrid`) and its non-LLM control score a
+The hybrid ranker (issue 16; :mod:`merlin_mllm.ranker.hybrid_head`) and its non-LLM control score a
 (user, candidate) row with a small head over :data:`HEAD_FEATURES`, next to the LLM's logit: the
 collaborative columns below and :data:`RETRIEVAL_COLUMN`, the upstream retrieval stage's score
 (computed by :mod:`merlin_mllm.pipelines.hybrid` offline, sent with each request when served).

@@ -56,7 +56,7 @@ from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.hybrid import attach_features
 from merlin_mllm.pipelines.training import load_rows
 from merlin_mllm.ranker.ranker_config import EMBEDDED, HEAD_FILE
-from merlin_mllm.ranker.hybrid import HybridHead, hybrid_probability, saved_head
+from merlin_mllm.ranker.hybrid_head import HybridHead, hybrid_probability, saved_head
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
 from merlin_mllm.summaries.rows import SummarySource

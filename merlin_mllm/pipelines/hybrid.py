@@ -16,7 +16,7 @@ strictly before the row's timestamp):
   ``evaluate_ranker``.
 * :func:`attach_features`: labelled rows with the feature columns of such a table.
 
-The head alone (:func:`train_head`, :func:`head_scores`): :class:`merlin_mllm.ranker.hybrid.HybridHead`
+The head alone (:func:`train_head`, :func:`head_scores`): :class:`merlin_mllm.ranker.hybrid_head.HybridHead`
 trained with binary cross-entropy on the training split's groups (1 positive + negatives each),
 the non-LLM control of issue 16, and the joint training's warm start. After every epoch the
 pooled AUC on the validation rows is measured; the epoch with the best one is kept, and
@@ -59,7 +59,7 @@ from merlin_mllm.baselines import (
 )
 from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS, HEAD_FEATURES, RETRIEVAL_COLUMN, collaborative_features
 from merlin_mllm.metrics import auc
-from merlin_mllm.ranker.hybrid import HybridHead
+from merlin_mllm.ranker.hybrid_head import HybridHead
 
 __all__ = [
     "add_retrieval_scores",

@@ -75,7 +75,7 @@ from merlin_mllm.pipelines.hybrid import HeadSettings, attach_features, train_he
 from merlin_mllm.ranker.block import RankerMerlinModel
 from merlin_mllm.ranker.ranker_config import EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
 from merlin_mllm.ranker.image_features import ENCODER_NAME, ItemImageFeatures
-from merlin_mllm.ranker.hybrid import HybridHead
+from merlin_mllm.ranker.hybrid_head import HybridHead
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import (CHECKPOINT_DIR, LAST_CHECKPOINT, MODEL_DIR, TRAIN_CONFIG_FILE, TRAINING_LOG_FILE,

@@ -21,8 +21,8 @@ Pieces
     output). Merlin hands a loss only the (B,) predictions, which cannot carry the
     full-vocabulary term, so the loss reads the answer logits that its block kept from the
     forward pass of the same step.
-A hybrid (``head`` given) uses :class:`merlin_mllm.ranker.hybrid.HybridScore` as the block and
-:class:`~merlin_mllm.ranker.hybrid.HybridLoss` as the loss (the ranker's ``binary`` or
+A hybrid (``head`` given) uses :class:`merlin_mllm.ranker.hybrid_head.HybridScore` as the block and
+:class:`~merlin_mllm.ranker.hybrid_head.HybridLoss` as the loss (the ranker's ``binary`` or
 ``listwise`` loss on ``head(features) + logit(Yes) - logit(No)``).
 :class:`RankerMerlinModel` (an ``mm.Model``)
     ``mm.Model(RankerBlock(ranker), YesNoOutput(target))``, or with a ``head``
@@ -69,7 +69,7 @@ with warnings.catch_warnings():
 
 from merlin_mllm.ranker.batches import batch_from_ragged
 from merlin_mllm.ranker.groups import GroupOutput
-from merlin_mllm.ranker.hybrid import HybridHead, HybridLoss, HybridScore
+from merlin_mllm.ranker.hybrid_head import HybridHead, HybridLoss, HybridScore
 from merlin_mllm.ranker.model import RankerModel, RankerOutput
 from merlin_mllm.ranker.packing import CandidateGroup
 from merlin_mllm.ranker.prompt import EncodedPrompt

@@ -7,7 +7,7 @@ model)::
     adapter/                   peft save_pretrained: LoRA weights  (ADAPTER_DIR; not zero-shot)
     projector.safetensors      the image projector                 (PROJECTOR_FILE; embedded with images)
     item_images.safetensors    the item image table, next to it    (ITEM_IMAGES_FILE; training and serving)
-    hybrid_head.safetensors    the hybrid's tabular head           (HEAD_FILE; a hybrid: merlin_mllm.ranker.hybrid)
+    hybrid_head.safetensors    the hybrid's tabular head           (HEAD_FILE; a hybrid: merlin_mllm.ranker.hybrid_head)
 
 These names are defined here only; training, evaluation and serving import them.
 """

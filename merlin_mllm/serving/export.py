@@ -37,7 +37,7 @@ sigmoid(head logit + LLM logit)), ``ranked_item_ids`` INT64 [-1] and ``ranked_sc
 with the generic empty-history summary).
 
 A hybrid ranker (its folder holds ``hybrid_head.safetensors``: ``TrainConfig.head_features``)
-is served with its head (:mod:`merlin_mllm.ranker.hybrid`). The features model computes the
+is served with its head (:mod:`merlin_mllm.ranker.hybrid_head`). The features model computes the
 head's columns per (user, candidate) at request time: ``item_log_count``, ``item_log_recent_count``, ``user_log_count`` by the
 :class:`~merlin_mllm.data.collaborative.CollaborativeFeatures` workflow fitted, at export, on the
 events logged before serving (``events``; default :func:`events_before_serving`, the events
@@ -101,7 +101,7 @@ from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.precision import check_precision
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.ranker.ranker_config import CONFIG_FILE, HEAD_FILE, RankerConfig
-from merlin_mllm.ranker.hybrid import HybridHead, saved_head
+from merlin_mllm.ranker.hybrid_head import HybridHead, saved_head
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
 from merlin_mllm.serving.steps import (
@@ -219,7 +219,7 @@ def head_features_for(head: Optional[HybridHead], data_dir, events=None,
     Parameters
     ----------
     head : HybridHead or None
-        The hybrid's head (:func:`merlin_mllm.ranker.hybrid.saved_head`).
+        The hybrid's head (:func:`merlin_mllm.ranker.hybrid_head.saved_head`).
     data_dir : path
         The prepared dataset.
     events : DataFrame or path, optional

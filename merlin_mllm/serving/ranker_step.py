@@ -13,7 +13,7 @@ It takes the tensors of the feature step (:mod:`merlin_mllm.serving.steps`). Fol
 Per user it calls :meth:`RankerModel.score_token_ids`, which runs the shared user prefix once
 and reuses its KV cache for every candidate. A hybrid's score is sigmoid(head logit + LLM
 logit), the LLM logit being logit(P(yes)) = logit(Yes) - logit(No), as
-``evaluate_ranker(..., features=...)`` scores it (:func:`merlin_mllm.ranker.hybrid.hybrid_probability`).
+``evaluate_ranker(..., features=...)`` scores it (:func:`merlin_mllm.ranker.hybrid_head.hybrid_probability`).
 
 Usage::
 
@@ -70,7 +70,7 @@ class RankerStep:
         """
         from merlin_mllm.models.precision import check_precision
         from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
-        from merlin_mllm.ranker.hybrid import saved_head_path
+        from merlin_mllm.ranker.hybrid_head import saved_head_path
 
         folder, model_dir = Path(folder), Path(model_dir)
         target = folder / RANKER_DIR
@@ -106,7 +106,7 @@ class RankerStep:
         from merlin_mllm.models.loading import default_device
         from merlin_mllm.ranker.ranker_config import ITEM_IMAGES_FILE
         from merlin_mllm.ranker.image_features import ItemImageFeatures
-        from merlin_mllm.ranker.hybrid import saved_head
+        from merlin_mllm.ranker.hybrid_head import saved_head
         from merlin_mllm.ranker.model import RankerModel
 
         folder = Path(folder)
@@ -130,7 +130,7 @@ class RankerStep:
         """
         import torch
 
-        from merlin_mllm.ranker.hybrid import hybrid_probability
+        from merlin_mllm.ranker.hybrid_head import hybrid_probability
 
         if self.head is None:
             raise ValueError("this ranker has no hybrid head: it is not a hybrid")

@@ -70,7 +70,7 @@ with warnings.catch_warnings():
     from merlin.table import TensorColumn
 
 from merlin_mllm.models.loading import default_device
-from merlin_mllm.ranker.hybrid import saved_head
+from merlin_mllm.ranker.hybrid_head import saved_head
 from merlin_mllm.ranker.saved import trained_model_dir
 from merlin_mllm.serving.steps import (
     ARTIFACTS_DIR,

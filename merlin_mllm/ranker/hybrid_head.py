@@ -48,7 +48,7 @@ the training range is unchanged, so training is too.
 Usage::
 
     import torch
-    from merlin_mllm.ranker.hybrid import HybridHead, HybridScore, saved_head
+    from merlin_mllm.ranker.hybrid_head import HybridHead, HybridScore, saved_head
 
     head = HybridHead(["item_log_count", "retrieval_score"], hidden=(16,))
     head.fit_scaling(train_features)                  # (N, 2) array of the training rows
