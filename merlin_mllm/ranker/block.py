@@ -70,6 +70,7 @@ with warnings.catch_warnings():
 from merlin_mllm.ranker.batches import batch_from_ragged
 from merlin_mllm.ranker.groups import GroupOutput
 from merlin_mllm.ranker.hybrid_head import HybridHead, HybridLoss, HybridScore
+from merlin_mllm.ranker.losses import keep_for_loss, pop_kept
 from merlin_mllm.ranker.model import RankerModel, RankerOutput
 from merlin_mllm.ranker.packing import CandidateGroup
 from merlin_mllm.ranker.prompt import EncodedPrompt
@@ -110,7 +111,7 @@ class RankerBlock(mm.Block):
         self.group_column = group_column
         base = prompt_column[: -len("_ids")] if prompt_column.endswith("_ids") else prompt_column
         self.prefix_column = f"{base}_prefix_length"
-        object.__setattr__(self, "_last_output", None)
+        keep_for_loss(self, "_last_output", None)
 
     def forward(self, inputs: Dict[str, torch.Tensor], batch: Optional[Batch] = None) -> torch.Tensor:
         values_key, offsets_key = f"{self.prompt_column}__values", f"{self.prompt_column}__offsets"
@@ -130,7 +131,7 @@ class RankerBlock(mm.Block):
                 item_ids = item_ids.reshape(-1)
         output = self.ranker(ids, mask, item_ids=item_ids)
         # Kept for AnswerTokenLoss, which Merlin calls with the (B,) predictions only.
-        object.__setattr__(self, "_last_output", output)
+        keep_for_loss(self, "_last_output", output)
         return output.logits[:, 1] - output.logits[:, 0]
 
     def _forward_groups(self, inputs: Dict[str, torch.Tensor], batch: Optional[Batch]) -> torch.Tensor:
@@ -169,14 +170,12 @@ class RankerBlock(mm.Block):
             start = stop
         output = self.ranker.forward_groups(candidate_groups)
         # Kept for AnswerTokenLoss: the groups' loss (lm, binary or listwise) was computed above.
-        object.__setattr__(self, "_last_output", output)
+        keep_for_loss(self, "_last_output", output)
         return output.logits[:, 1] - output.logits[:, 0]
 
     def pop_output(self) -> Optional[Union[RankerOutput, GroupOutput]]:
         """The ranker output of the last forward pass, forgotten once read."""
-        output = self._last_output
-        object.__setattr__(self, "_last_output", None)
-        return output
+        return pop_kept(self, "_last_output")
 
 
 class AnswerTokenLoss(nn.Module):

@@ -74,7 +74,7 @@ from merlin_mllm import merlin_compat
 from merlin_mllm.data.collaborative import DEFAULT_RECENT_DAYS
 from merlin_mllm.ranker.ranker_config import HEAD_FILE, LEGACY_HEAD_FILE
 from merlin_mllm.ranker.groups import GroupOutput
-from merlin_mllm.ranker.losses import group_loss
+from merlin_mllm.ranker.losses import group_loss, keep_for_loss, pop_kept
 from merlin_mllm.ranker.saved import trained_model_dir
 
 merlin_compat.apply()
@@ -296,14 +296,12 @@ class HybridScore(mm.Block):
         if llm is not None:
             logit = logit + self.llm_scale * llm.to(logit.dtype)
         # Kept for the training loss, which Merlin calls with P = sigmoid(logit) only.
-        object.__setattr__(self, "_last_logit", logit)
+        keep_for_loss(self, "_last_logit", logit)
         return logit
 
     def pop_logit(self) -> Optional[torch.Tensor]:
         """The logit of the last forward pass, forgotten once read."""
-        logit = getattr(self, "_last_logit", None)
-        object.__setattr__(self, "_last_logit", None)
-        return logit
+        return pop_kept(self, "_last_logit")
 
 
 class HybridLoss(nn.Module):

@@ -26,7 +26,23 @@ import torch.nn.functional as F
 
 from merlin_mllm.choices import LOSSES
 
-__all__ = ["check_loss_name", "lm_loss", "binary_loss", "listwise_loss", "group_loss", "check_labels"]
+__all__ = ["keep_for_loss", "pop_kept", "check_loss_name", "lm_loss", "binary_loss", "listwise_loss", "group_loss", "check_labels"]
+
+
+def keep_for_loss(module: torch.nn.Module, name: str, value) -> None:
+    """Keep ``value`` on ``module`` for the loss that Merlin calls with the predictions only.
+
+    Set past ``nn.Module.__setattr__``, so that a kept tensor or output is never registered
+    as a buffer or submodule.
+    """
+    object.__setattr__(module, name, value)
+
+
+def pop_kept(module: torch.nn.Module, name: str):
+    """The value :func:`keep_for_loss` kept on ``module`` (``None`` if none), forgotten once read."""
+    value = getattr(module, name, None)
+    object.__setattr__(module, name, None)
+    return value
 
 
 def check_loss_name(name: str) -> str:
