@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from merlin_mllm.choices import PROTOCOLS  # every protocol is audited, a new one included
 from merlin_mllm.data.prepare import prepare_dataset
 from merlin_mllm.data.sources import BadLines, read_source
 from merlin_mllm.data.splits import split_cuts, training_events
 from merlin_mllm.data.tables import read_table
 
-PROTOCOLS = ("paper", "leave-last-out", "timeline")
 SPLITS = ("train", "valid", "test")
 USERS = 150
 
