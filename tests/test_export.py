@@ -400,3 +400,31 @@ def test_bad_inputs_are_clear_errors(built, tmp_path):
     pixel_model.save_pretrained(tmp_path / "pixel_ranker")
     with pytest.raises(ValueError, match="through its processor"):
         export(tmp_path / "pixel_ranker", store, data, tmp_path / "r5")
+
+
+def test_export_reads_each_prepared_table_once(built, tmp_path, monkeypatch):
+    """The export opens the prepared folder once and passes its tables down (no step re-reads them)."""
+    import sys
+
+    from merlin_mllm.data import tables
+
+    _, data, store, model, _, _ = built
+    reads = []
+    real_read = tables.read_table
+
+    def counting_read(path, *args, **kwargs):
+        path = Path(path)
+        if path.parent == Path(data):  # a table of the prepared folder (not the store, the ranker)
+            reads.append(path.name)
+        return real_read(path, *args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("merlin_mllm") and getattr(module, "read_table", None) is real_read:
+            monkeypatch.setattr(module, "read_table", counting_read)
+    again = export(model, store, data, tmp_path / "repo", max_candidates=50, top_k_default=5, max_batch_delay_us=500)
+    assert reads and len(reads) == len(set(reads)), f"tables read more than once: {sorted(reads)}"
+    assert "items" in reads
+    # And what it wrote from those tables is what the module's export wrote.
+    for name in ("users.parquet", "items.parquet"):
+        ours, theirs = (folder / "mllm_features" / "1" / "artifacts" / name for folder in (tmp_path / "repo", built[4]))
+        assert pd.read_parquet(ours).equals(pd.read_parquet(theirs)), name

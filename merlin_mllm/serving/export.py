@@ -96,7 +96,7 @@ with warnings.catch_warnings():
 
 from merlin_mllm.choices import UNKNOWN_USER_POLICIES, USER_SUMMARY_SOURCES
 from merlin_mllm.data.collaborative import CollaborativeFeatures, folder_time_unit
-from merlin_mllm.data.splits import training_events
+from merlin_mllm.data.splits import prepared_tables, training_events
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.models.precision import check_precision
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
@@ -204,12 +204,12 @@ def events_before_serving(data_dir) -> pd.DataFrame:
     DataFrame
         The kept rows of ``events/`` (user_id, item_id, timestamp, position, ...), by user and position.
     """
-    data_dir = Path(data_dir)
-    if (data_dir / "test").exists():
-        return training_events(data_dir, "test")
-    if not (data_dir / "events").exists():
-        raise FileNotFoundError(f"{data_dir / 'events'} not found: {data_dir} is not a prepared dataset")
-    return read_table(data_dir / "events").sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
+    data = prepared_tables(data_dir)
+    if (data.folder / "test").exists():
+        return training_events(data, "test")
+    if not (data.folder / "events").exists():
+        raise FileNotFoundError(f"{data.folder / 'events'} not found: {data} is not a prepared dataset")
+    return data.events.sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
 
 
 def head_features_for(head: Optional[HybridHead], data_dir, events=None,
@@ -250,19 +250,19 @@ def head_features_for(head: Optional[HybridHead], data_dir, events=None,
     return HeadFeatures(head.feature_names, collaborative)
 
 
-def _latest_rows(data_dir: Path) -> pd.DataFrame:
+def _latest_rows(data) -> pd.DataFrame:
     """Each user's most recent labelled row (largest target_position over every split)."""
     frames = []
     for split in ("train", "valid", "test"):
-        if (data_dir / split).exists():
-            rows = read_table(data_dir / split)
+        if (data.folder / split).exists():
+            rows = data.table(split)
             keep = [c for c in ("user_id", "target_position", "history_item_ids") if c in rows.columns]
             frames.append(rows[keep])
     if not frames:
-        raise FileNotFoundError(f"{data_dir} has no train/valid/test folders")
+        raise FileNotFoundError(f"{data} has no train/valid/test folders")
     rows = pd.concat(frames, ignore_index=True)
     if "target_position" not in rows.columns:
-        raise ValueError(f"{data_dir}: rows lack target_position")
+        raise ValueError(f"{data}: rows lack target_position")
     rows = rows.sort_values(["user_id", "target_position"], kind="stable")
     return rows.drop_duplicates("user_id", keep="last").reset_index(drop=True)
 
@@ -289,16 +289,16 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
         "titles" or "both" the text holds the last ``titles`` titles of the same history
         (:func:`merlin_mllm.summaries.rows.user_context_texts`), as in training.
     """
-    data_dir = Path(data_dir)
+    data = prepared_tables(data_dir)
     if source not in USER_SUMMARY_SOURCES:
         raise ValueError(f"user summary source must be one of {USER_SUMMARY_SOURCES}, not {source!r}")
     if source == "last_row":
-        rows = _latest_rows(data_dir)
-        texts = user_context_texts(summaries, data_dir, rows, context=context, titles=titles)
+        rows = _latest_rows(data)
+        texts = user_context_texts(summaries, data, rows, context=context, titles=titles)
         return pd.DataFrame({"user_id": rows["user_id"].astype(np.int64), SUMMARY_COLUMN: texts})
     if context == "titles":  # the titles of each user's whole known history; no store needed
-        events = read_table(data_dir / "events").sort_values(["user_id", "position"], kind="stable")
-        names = read_table(data_dir / "items").set_index("item_id")["title"]
+        events = data.events.sort_values(["user_id", "position"], kind="stable")
+        names = data.items.set_index("item_id")["title"]
         found = [(int(u), recent_titles_text(g["item_id"].tolist(), names, titles))
                  for u, g in events.groupby("user_id", sort=True)]
         return pd.DataFrame({"user_id": np.array([u for u, _ in found], dtype=np.int64),
@@ -313,7 +313,7 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
     table = pd.DataFrame({"user_id": np.array([u for u, t in found if t is not None], dtype=np.int64),
                           SUMMARY_COLUMN: [t for _, t in found if t is not None]})
     if context == "both":
-        recent = user_summary_table(None, data_dir, "store_latest", context="titles", titles=titles)
+        recent = user_summary_table(None, data, "store_latest", context="titles", titles=titles)
         table = table.merge(recent.rename(columns={SUMMARY_COLUMN: "recent"}), on="user_id", how="left")
         table[SUMMARY_COLUMN] = [f"{s}\n\n{r}" if isinstance(r, str) and r else s
                                  for s, r in zip(table[SUMMARY_COLUMN], table["recent"])]
@@ -323,10 +323,11 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
 
 def item_table(data_dir, ranker) -> pd.DataFrame:
     """``item_id``, ``title``, ``has_image`` of the whole catalogue (image flags from the ranker's table)."""
-    items = read_table(Path(data_dir) / "items")
+    data = prepared_tables(data_dir)
+    items = data.items
     missing = [c for c in (ITEM_COLUMN, TITLE_COLUMN) if c not in items.columns]
     if missing:
-        raise ValueError(f"{Path(data_dir) / 'items'} lacks column(s) {missing}")
+        raise ValueError(f"{data.folder / 'items'} lacks column(s) {missing}")
     frame = pd.DataFrame({ITEM_COLUMN: items[ITEM_COLUMN].astype(np.int64),
                           TITLE_COLUMN: items[TITLE_COLUMN].fillna("").astype(str)})
     table = ranker.item_features
@@ -586,7 +587,9 @@ def export(
     started = time.time()
     if scoring_batch_size is None:
         scoring_batch_size = 256 if gpu else 32
-    data_dir = Path(data_dir)
+    # Read once: every step below takes the same tables (an os.PathLike, so paths still work).
+    data = prepared_tables(data_dir)
+    data_dir = data.folder
     model_dir = trained_model_dir(model_dir)
     limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=int(top_k_default))
     for name, value in (("gpu_instances", gpu_instances), ("cpu_instances", cpu_instances),
@@ -613,16 +616,16 @@ def export(
     staging.mkdir()
     try:
         head = saved_head(model_dir)
-        head_features = head_features_for(head, data_dir, events, recent_days)
+        head_features = head_features_for(head, data, events, recent_days)
         n_head = len(head.feature_names) if head is not None else 0
         # Only its tokenizer, prompt and item table are used here, so float32 does; the served
         # precision is the one asked for, else the saved ranker's.
-        ranker = load_export_ranker(model_dir, data_dir, cache_dir=staging / ".cache", progress=progress,
+        ranker = load_export_ranker(model_dir, data, cache_dir=staging / ".cache", progress=progress,
                                     precision="float32")
         precision = check_precision(precision) if precision is not None else RankerConfig.read(model_dir).precision
-        users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
+        users = user_summary_table(summaries, data, user_summaries, context=ranker.config.user_context,
                                    titles=ranker.config.context_titles)
-        items = item_table(data_dir, ranker)
+        items = item_table(data, ranker)
         workflow = fit_prompt_workflow(ranker, items, max_length)
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
         features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances, n_head),
