@@ -65,7 +65,6 @@ from merlin_mllm import baselines
 from merlin_mllm.data.collaborative import (
     DEFAULT_RECENT_DAYS,
     HEAD_FEATURES,
-    RETRIEVAL_COLUMN,
     collaborative_features,
 )
 from merlin_mllm.data.prepare import DEFAULT_MAX_HISTORY, prepare_dataset
@@ -209,11 +208,8 @@ class ProtocolStages:
 
     def hybrid_inputs(self, split: str, seed: int) -> pd.DataFrame:
         """``split``'s rows with HEAD_FEATURES (SASRec seed ``seed``), also written for the hybrid runs."""
-        sasrec = self.sequential("sasrec", split, seed)[["group_id", "item_id", "score"]]
-        frame = self.features(split).merge(sasrec.rename(columns={"score": RETRIEVAL_COLUMN}),
-                                           on=["group_id", "item_id"], how="left", validate="1:1")
-        if frame[RETRIEVAL_COLUMN].isna().any():
-            raise RuntimeError(f"{self.protocol} {split}: SASRec scored different rows than the features")
+        # The SASRec row's own scores are the retrieval column: one trained model for both.
+        frame = add_retrieval_scores(self.features(split), self.data, split, scores=self.sequential("sasrec", split, seed))
         path = self.root / "hybrid_inputs" / f"{split}_s{seed}.parquet"
         if not path.is_file():
             atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))

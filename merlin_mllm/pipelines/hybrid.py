@@ -79,7 +79,7 @@ PathLike = Union[str, os.PathLike]
 def add_retrieval_scores(rows: pd.DataFrame, data_dir: PathLike, split: str = "test", *,
                          baseline: Optional[SequentialBaseline] = None, kind: str = "sasrec", seed: int = 0,
                          settings: Optional[SequentialSettings] = None,
-                         column: str = RETRIEVAL_COLUMN) -> pd.DataFrame:
+                         column: str = RETRIEVAL_COLUMN, scores: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """``rows`` of ``split`` with ``column`` = a compact sequential model's score of each row.
 
     The model is trained on the events logged before ``split`` is scored (so, for the training
@@ -101,15 +101,21 @@ def add_retrieval_scores(rows: pd.DataFrame, data_dir: PathLike, split: str = "t
     settings : SequentialSettings, optional
     column : str
         Name of the added column.
+    scores : DataFrame, optional
+        ``group_id``, ``item_id``, ``score`` of ``split``'s rows from a model already scored (so that
+        a benchmark's SASRec row and the head's retrieval column are one trained model); then
+        nothing is trained or scored here.
 
     Returns
     -------
     DataFrame
         A copy of ``rows`` plus ``column`` (float64), in row order.
     """
-    if baseline is None:
-        baseline = train_sequential_baseline(kind, data_dir, seed, split=split, settings=settings)
-    scored = sequential_scores(baseline, data_dir, split)[["group_id", "item_id", "score"]]
+    if scores is None:
+        if baseline is None:
+            baseline = train_sequential_baseline(kind, data_dir, seed, split=split, settings=settings)
+        scores = sequential_scores(baseline, data_dir, split)
+    scored = scores[["group_id", "item_id", "score"]]
     merged = rows[["group_id", "item_id"]].merge(scored, on=["group_id", "item_id"], how="left", validate="m:1")
     unmatched = merged["score"].isna().to_numpy()
     if unmatched.any():
