@@ -70,7 +70,7 @@ from merlin_mllm.data.collaborative import (
 from merlin_mllm.data.prepare import DEFAULT_MAX_HISTORY, prepare_dataset
 from merlin_mllm.data.splits import split_rows
 from merlin_mllm.metrics import auc, auc_difference_interval, paired_scores, ranking_metrics
-from merlin_mllm.ranker.saved import TRAIN_CONFIG_FILE
+from merlin_mllm.ranker.saved import read_train_config
 from merlin_mllm.pipelines.hybrid import HeadSettings, add_retrieval_scores, head_scores, train_head
 
 from benchmarks.common import WORK, log, write_json
@@ -376,9 +376,9 @@ def read_external(path: Path, reference: pd.DataFrame, score_kind: str, where: s
         run = json.loads(metrics_json.read_text()).get("run", {})
         info.update(run_seconds=run.get("seconds"), run_seed=run.get("seed"))
     # A run folder of train_llm_rows.py: the training seed, and every stage's time (training included).
-    stages, settings = path.parent / "stages.json", path.parent / TRAIN_CONFIG_FILE
-    if settings.is_file():
-        info["run_seed"] = json.loads(settings.read_text()).get("seed")
+    stages, settings = path.parent / "stages.json", read_train_config(path.parent)
+    if settings is not None:
+        info["run_seed"] = settings.get("seed")
     if stages.is_file():
         times = json.loads(stages.read_text())
         info["stages"] = times

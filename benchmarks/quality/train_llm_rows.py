@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import WORK as BENCHMARK_WORK, log
+from benchmarks.quality.run_hybrid import DATA_SEED, N_NEGATIVES_TEST
 
 HERE = Path(__file__).resolve().parent
 WORK = BENCHMARK_WORK / "hybrid"
@@ -58,7 +59,8 @@ def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
     root = work / f"{protocol}_all"
     data_dir = root / f"data_k{negatives}"
     if not (data_dir / "report.json").is_file():
-        prepare_dataset("ml-100k", protocol, data_dir, max_history=12, seed=42, n_negatives_test=20,
+        # run_hybrid's own data settings (the protocol's default max_history), so the rows match its folder.
+        prepare_dataset("ml-100k", protocol, data_dir, seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST,
                         train_negatives=negatives)
     for split in ("valid", "test"):
         base, variant = read_table(root / "data" / split), read_table(data_dir / split)
