@@ -85,11 +85,11 @@ def test_training_events_drop_the_split_targets_and_what_follows(tiny_paper, tmp
 
 
 def test_prepared_tables_read_each_table_once_and_give_the_same_events(tiny_paper, monkeypatch):
-    from merlin_mllm.data import splits
+    from merlin_mllm.data import splits, tables
 
     reads = []
-    real_read = splits.read_table
-    monkeypatch.setattr(splits, "read_table", lambda path: reads.append(Path(path).name) or real_read(path))
+    real_read = tables.read_table
+    monkeypatch.setattr(tables, "read_table", lambda path, *a, **k: reads.append(Path(path).name) or real_read(path, *a, **k))
     data = splits.PreparedTables(tiny_paper)
     assert Path(data) == tiny_paper and str(data) == str(tiny_paper)  # still the folder to path-taking code
     shared = {split: training_events(data, split) for split in ("test", "valid", "train")}

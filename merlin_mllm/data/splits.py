@@ -56,7 +56,7 @@ from typing import NamedTuple, Optional, Union
 
 import pandas as pd
 
-from merlin_mllm.data.tables import read_table
+from merlin_mllm.data.tables import read_named_table
 
 __all__ = ["SPLIT_ORDER", "ROW_COLUMNS", "PreparedTables", "prepared_tables", "SplitCuts", "read_prepared",
            "split_cuts", "split_rows", "training_events"]
@@ -69,9 +69,7 @@ PathLike = Union[str, os.PathLike]
 
 def read_prepared(path: Path, what: str) -> pd.DataFrame:
     """A table of a prepared folder; a FileNotFoundError naming ``what`` when it is absent."""
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path} (expected the output of prepare_dataset)")
-    return read_table(path)
+    return read_named_table(path, what, hint="expected the output of prepare_dataset")
 
 
 class PreparedTables(os.PathLike):

@@ -30,7 +30,7 @@ with warnings.catch_warnings():
     from merlin.schema.io.schema_bp import FeatureType
     from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
-__all__ = ["Tags", "write_table", "read_table", "read_schema"]
+__all__ = ["Tags", "write_table", "read_table", "read_named_table", "read_schema"]
 
 _MERLIN_METADATA_DIR = ".merlin"
 
@@ -133,3 +133,23 @@ def read_table(path: Path | str, columns: Optional[Sequence[str]] = None) -> pd.
         dataset = merlin.io.Dataset(str(path), engine="parquet", cpu=True)
         frame = dataset.to_ddf(columns=list(columns) if columns is not None else None).compute()
     return frame.reset_index(drop=True)
+
+
+def read_named_table(path: Path | str, what: str, required: Sequence[str] = (), hint: str = "") -> pd.DataFrame:
+    """:func:`read_table`, whose errors name ``what`` (e.g. ``"events table"``) and the path.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is missing (with ``hint`` appended, e.g. what was expected there).
+    ValueError
+        The table lacks one of the ``required`` columns (naming them).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
+    frame = read_table(path)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: {what} lacks column(s) {missing}")
+    return frame

@@ -76,7 +76,7 @@ from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.models.loading import model_id_of
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import SummaryStore
-from merlin_mllm.summaries.user_history import history_lists, read_items, read_table_with_columns
+from merlin_mllm.summaries.user_history import history_lists, read_items
 from merlin_mllm.summaries.user_store import record_config, resolve_config
 from merlin_mllm.summaries.user_summarizer import DEFAULT_BLOCK_SIZE, UserSummarizer, UserSummaryConfig
 from merlin_mllm.text import TokenBudgets
@@ -164,8 +164,11 @@ class UserSummaryRun:
         self.data_dir = data_dir = Path(data_dir)
         self.store = store = SummaryStore(summaries)
         self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings, budgets)
+        # Lazy: merlin.io (under data.tables) is a heavy import, and only the readers need it.
+        from merlin_mllm.data.tables import read_named_table
+
         items = read_items(data_dir / "items")
-        events = read_table_with_columns(data_dir / "events", ["user_id", "item_id", "position"], "events table")
+        events = read_named_table(data_dir / "events", "events table", ["user_id", "item_id", "position"])
         self.summarizer = UserSummarizer(store, items, self.config, model=model, progress=progress,
                                          on_unknown_item=on_unknown_item)
         self.report = report = SummaryReport()
@@ -174,7 +177,7 @@ class UserSummaryRun:
         self.labels: List[str] = []
         for split in splits:
             path = data_dir / split
-            rows = read_table_with_columns(path, ["user_id"], f"{split} rows")
+            rows = read_named_table(path, f"{split} rows", ["user_id"])
             if "history_item_ids" in rows.columns:
                 lists = [list(h) if h is not None else [] for h in rows["history_item_ids"]]
             elif "target_position" in rows.columns:
@@ -260,7 +263,9 @@ def update_users(
             "recurrent summaries only: re-run summarize_users(mode='direct') on the longer histories"
         )
     events_path = Path(events_path)
-    events = read_table_with_columns(events_path, ["user_id", "item_id", "timestamp"], "new events")
+    from merlin_mllm.data.tables import read_named_table  # lazy: see UserSummaryRun
+
+    events = read_named_table(events_path, "new events", ["user_id", "item_id", "timestamp"])
     events = events.sort_values(["user_id", "timestamp"], kind="stable")
     summarizer = UserSummarizer(store, read_items(items), config, model=model, progress=progress, on_unknown_item=on_unknown_item)
     report = SummaryReport()

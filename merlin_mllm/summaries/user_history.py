@@ -22,23 +22,6 @@ from merlin_mllm.text import TokenBudgets, fits_by_bytes, truncate_tokens
 _ITEM_TABLES: Dict[Tuple[str, float], pd.DataFrame] = {}
 
 
-def read_table_with_columns(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
-    """The parquet table at ``path``; errors name ``what`` (e.g. ``"events table"``) and the path.
-
-    Raises ``FileNotFoundError`` when ``path`` is missing, ``ValueError`` when ``columns`` are.
-    """
-    # Lazy: merlin.io (under data.tables) is a heavy import, and only the readers need it.
-    from merlin_mllm.data.tables import read_table
-
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    frame = read_table(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: {what} lacks column(s) {missing}")
-    return frame
-
-
 def read_items(items: Union[str, os.PathLike, pd.DataFrame]) -> pd.DataFrame:
     """The item table (``item_id``, ``title``, ``description``), indexed by item id.
 
