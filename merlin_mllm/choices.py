@@ -12,8 +12,8 @@ Usage::
 """
 from __future__ import annotations
 
-__all__ = ["PROTOCOLS", "TRAIN_TARGETS", "NEGATIVE_SAMPLING", "USER_CONTEXTS", "LOSSES", "PROMPT_VERSIONS",
-           "USER_SUMMARY_SOURCES", "UNKNOWN_USER_POLICIES", "SERVER_PROTOCOLS"]
+__all__ = ["PROTOCOLS", "TRAIN_TARGETS", "NEGATIVE_SAMPLING", "USER_CONTEXTS", "CANDIDATE_TEXTS", "LOSSES",
+           "PROMPT_VERSIONS", "USER_SUMMARY_SOURCES", "UNKNOWN_USER_POLICIES", "SERVER_PROTOCOLS"]
 
 #: How ``data prepare`` splits a dataset (:mod:`merlin_mllm.data.prepare`).
 PROTOCOLS = ("paper", "leave-last-out", "timeline")
@@ -27,6 +27,16 @@ NEGATIVE_SAMPLING = ("uniform", "popularity")
 #: the user summary (the paper's), the titles of the last N items of the history, or the summary
 #: followed by those titles.
 USER_CONTEXTS = ("summary", "titles", "both")
+#: What the prompt's candidate part holds (:func:`merlin_mllm.summaries.candidates.candidate_texts`):
+#: name -> what it is. The parts of a name are joined by ``+``, in that order.
+CANDIDATE_TEXTS = {
+    "title": "the item's title (the paper's)",
+    "title+attributes": "the title, then the catalogue attributes (prepared items' attributes: genres and year, "
+                        "category and brand)",
+    "summary": "the item summary of the first stage alone",
+    "title+summary": "the title, then the item summary",
+    "title+attributes+summary": "the title, the catalogue attributes, then the item summary",
+}
 #: The ranker's training losses (:mod:`merlin_mllm.ranker.losses`): name -> what it is.
 LOSSES = {
     "lm": "answer-token cross-entropy over the whole vocabulary",
