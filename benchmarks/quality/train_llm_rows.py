@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -71,12 +72,45 @@ def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
     return data_dir
 
 
-def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
+def run_row_stage(data_dir: Path, row_dir: Path, stage: str, *, seed: int, hybrid: bool, features_dir: Path,
+                  train_features_dir: Optional[Path] = None, config: Optional[dict] = None, summaries=None) -> None:
+    """Train (``stage="train"``) or score (``"valid"``/``"test"``) one LLM row in ``row_dir``.
+
+    The recipe of every LLM row: ``TrainConfig.small_budget(epochs=1, use_images=False)`` with the
+    recent-titles user context, one seed; a hybrid also trains the head over ``HEAD_FEATURES``
+    (``<features_dir>/<split>_s0.parquet``). ``config`` adds TrainConfig settings (an input arm of
+    ``llm_inputs.py``); ``summaries`` replaces the recent-titles summary table.
+    """
     from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
     from merlin_mllm.data.collaborative import HEAD_FEATURES
     from merlin_mllm.ranker.saved import MODEL_DIR
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
+    summaries = recent_titles_summaries(data_dir) if summaries is None else summaries
+    started, cpu = time.time(), time.process_time()
+    if stage == "train":
+        if (row_dir / MODEL_DIR).exists():
+            log(f"{row_dir.name}: trained already")
+            return
+        # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
+        settings = {"user_context": "titles"} if hybrid else {}
+        settings.update(config or {})
+        train_config = TrainConfig.small_budget(epochs=1, use_images=False, validate=False, seed=seed,
+                                                head_features=HEAD_FEATURES if hybrid else None, **settings)
+        features = (train_features_dir or features_dir) / "train_s0.parquet"
+        train_ranker(data_dir, summaries, row_dir, train_config, features=features if hybrid else None)
+    else:
+        out = row_dir / f"{stage}.json"
+        if out.exists():
+            log(f"{row_dir.name}: {stage} scored already")
+            return
+        features = features_dir / f"{stage}_s0.parquet" if hybrid else None
+        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, features=features)
+        log(f"{row_dir.name}: {stage} AUC {result['auc']:.4f}")
+    record_stage(row_dir, stage, time.time() - started, time.process_time() - cpu)
+
+
+def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     # row: llm_only | hybrid_tabular, optionally _k<K> (K negatives per training target), then _s<S> (seed S)
     name, _, seed_text = row.rpartition("_s")
     seed = int(seed_text) if name and seed_text.isdigit() else SEED
@@ -84,29 +118,9 @@ def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
     negatives = int(variant) if variant else None
     root = work / f"{protocol}_all"
     data_dir = prepare_variant(work, protocol, negatives) if negatives else root / "data"
-    row_dir = root / row
-    summaries = recent_titles_summaries(data_dir)
-    hybrid = kind == "hybrid_tabular"
-    started, cpu = time.time(), time.process_time()
-    if stage == "train":
-        if (row_dir / MODEL_DIR).exists():
-            log(f"{protocol}/{row}: trained already")
-            return
-        # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
-        context = {"user_context": "titles"} if hybrid else {}
-        config = TrainConfig.small_budget(epochs=1, use_images=False, validate=False, seed=seed,
-                                          head_features=HEAD_FEATURES if hybrid else None, **context)
-        features = root / (f"hybrid_inputs_k{negatives}" if negatives else "hybrid_inputs") / "train_s0.parquet"
-        train_ranker(data_dir, summaries, row_dir, config, features=features if hybrid else None)
-    else:
-        out = row_dir / f"{stage}.json"
-        if out.exists():
-            log(f"{protocol}/{row}: {stage} scored already")
-            return
-        features = root / "hybrid_inputs" / f"{stage}_s0.parquet" if hybrid else None
-        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, features=features)
-        log(f"{protocol}/{row}: {stage} AUC {result['auc']:.4f}")
-    record_stage(row_dir, stage, time.time() - started, time.process_time() - cpu)
+    run_row_stage(data_dir, root / row, stage, seed=seed, hybrid=kind == "hybrid_tabular",
+                  features_dir=root / "hybrid_inputs",
+                  train_features_dir=root / f"hybrid_inputs_k{negatives}" if negatives else None)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,241 @@
+"""What the LLM reads (issue 24): candidate text x user context x collaborative tokens, on the
+timeline protocol, all MovieLens-100k users.
+
+Every arm is the recipe of ``train_llm_rows.py`` (``TrainConfig.small_budget(epochs=1,
+use_images=False)``, groups / listwise / prompt v2) on ``run_hybrid.py``'s timeline folder, with
+one input changed (:data:`ARMS`), trained twice: as the **LLM only** and as the **hybrid** (the
+same ranker trained jointly with the ``HybridHead`` over ``HEAD_FEATURES``). The titles arm is the
+hybrid table's own LLM rows (``timeline_all/llm_only_s<S>``, ``hybrid_tabular_s<S>``): same
+recipe, same folder, same seeds, so its runs are reused, not repeated.
+
+The protocol, nothing tuned on test groups:
+
+1. every arm x kind is trained with seed 42 and scored on **valid** (stage ``valid``);
+2. the two arms with the best valid AUC as hybrids, and the titles arm, are scored on **test**
+   with seeds 42, 43 and 44 (``--report`` names them under ``chosen_for_test``);
+3. the report's differences are paired bootstraps over test users with the seeds as strata
+   (``run_hybrid.paired_difference``).
+
+Each stage is skipped when its output exists; training and scoring resume from their own
+checkpoints. Runs land in ``<work>/timeline_all/inputs/<arm>_<kind>_s<seed>/`` (git-ignored);
+``--report`` writes ``llm_inputs.json`` and ``llm_inputs.md`` here from whatever exists, with
+every missing stage listed as pending.
+
+Usage::
+
+    python -m benchmarks.quality.llm_inputs --stages attributes:hybrid:42:train attributes:hybrid:42:valid
+    python -m benchmarks.quality.llm_inputs --report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pandas as pd
+
+from benchmarks.common import log, markdown_table, write_json
+from benchmarks.quality.hybrid_table import METRICS
+from benchmarks.quality.run_hybrid import SCORE_COLUMNS, metrics_of, paired_difference, summarise
+from benchmarks.quality.train_llm_rows import WORK, run_row_stage
+
+HERE = Path(__file__).resolve().parent
+PROTOCOL = "timeline"
+KINDS = ("llm_only", "hybrid")
+SELECTION_SEED = 42
+TEST_SEEDS = (42, 43, 44)
+#: Arms sent to test besides the titles arm, chosen by valid AUC.
+ARMS_TO_TEST = 2
+
+
+@dataclass(frozen=True)
+class Arm:
+    what: str
+    #: TrainConfig settings that make this arm (recorded in the run's train_config.json).
+    config: Dict[str, object] = field(default_factory=dict)
+    #: What must exist before it can run, when it needs more than the prepared folder.
+    needs: Optional[str] = None
+
+
+ARMS = {
+    "titles": Arm("candidate title; the user's last 5 titles (the hybrid table's LLM rows)"),
+    "attributes": Arm("candidate title + genres and year; the user's last 5 titles",
+                      {"candidate_text": "title+attributes"}),
+    "ratings": Arm("candidate title; the user's last 5 titles, each with its rating", {"context_ratings": True}),
+    "attributes_ratings": Arm("candidate title + genres and year; the last 5 titles with their ratings",
+                              {"candidate_text": "title+attributes", "context_ratings": True}),
+    "collab": Arm("candidate title; the last 5 titles; one SASRec soft token after every title (LLaRA-style)",
+                  {"collab_tokens": True}),
+    "user_summary": Arm("candidate title; the ratings-aware recurrent summary of the whole history before the row",
+                        {"user_context": "summary"}, needs="the timeline folder's user-summary store"),
+    "user_summary_and_titles": Arm("candidate title; the recurrent summary, then the last 5 titles",
+                                   {"user_context": "both"}, needs="the timeline folder's user-summary store"),
+    "item_summary": Arm("candidate title + its stage-1 item summary; the last 5 titles",
+                        {"candidate_text": "title+summary"}, needs="the catalogue's item summaries"),
+}
+#: The arms that read the recurrent user summaries (the paper's claim is summary versus titles).
+SUMMARY_ARMS = ("user_summary", "user_summary_and_titles")
+
+
+def root(work: Path) -> Path:
+    return work / f"{PROTOCOL}_all"
+
+
+def run_dir(work: Path, arm: str, kind: str, seed: int) -> Path:
+    """Where an arm's run lives; the titles arm is the hybrid table's own LLM rows."""
+    if arm == "titles":
+        return root(work) / f"{'llm_only' if kind == 'llm_only' else 'hybrid_tabular'}_s{seed}"
+    return root(work) / "inputs" / f"{arm}_{kind}_s{seed}"
+
+
+def run_stage(work: Path, arm: str, kind: str, seed: int, stage: str) -> None:
+    if arm not in ARMS or kind not in KINDS or stage not in ("train", "valid", "test"):
+        raise ValueError(f"unknown stage {arm}:{kind}:{seed}:{stage} (arms {sorted(ARMS)}, kinds {KINDS}, "
+                         "stages train/valid/test)")
+    spec = ARMS[arm]
+    if spec.needs:
+        raise NotImplementedError(f"arm {arm!r} needs {spec.needs}, which this script does not build yet")
+    run_row_stage(root(work) / "data", run_dir(work, arm, kind, seed), stage, seed=seed, hybrid=kind == "hybrid",
+                  features_dir=root(work) / "hybrid_inputs", config=dict(spec.config))
+
+
+# ----------------------------------------------------------------------------- the report
+def stage_costs(row_dir: Path) -> Optional[dict]:
+    path = row_dir / "stages.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def valid_auc(row_dir: Path) -> Optional[float]:
+    path = row_dir / "valid.json"
+    return round(json.loads(path.read_text())["auc"], 4) if path.is_file() else None
+
+
+def test_scores(work: Path, arm: str, kind: str) -> Dict[int, pd.DataFrame]:
+    out = {}
+    for seed in TEST_SEEDS:
+        path = run_dir(work, arm, kind, seed) / "test.scores.parquet"
+        if path.is_file():
+            out[seed] = pd.read_parquet(path)[SCORE_COLUMNS]
+    return out
+
+
+def best_non_llm_scores(work: Path) -> tuple:
+    """The best non-LLM row of the timeline hybrid table and its cached test scores (one per seed)."""
+    summary = json.loads((HERE / "hybrid_summary.json").read_text())["protocols"][PROTOCOL]
+    key = summary["best_non_llm"]
+    cache = root(work) / "cache"
+    paths = sorted(cache.glob(f"{key}_test.parquet")) or sorted(cache.glob(f"{key}_test_s*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no cached test scores of {key} under {cache}: run "
+                                "`python -m benchmarks.quality.run_hybrid --protocols timeline` first")
+    return key, [pd.read_parquet(p)[SCORE_COLUMNS] for p in paths], summary["rows"][key]["auc"]
+
+
+def difference(a: Dict[int, pd.DataFrame], b: Dict[int, pd.DataFrame], resamples: int, what: str) -> Optional[dict]:
+    """AUC(a) - AUC(b) over the seeds both have (a single-seed side pairs with every seed)."""
+    if not a or not b:
+        return None
+    if len(a) > 1 and len(b) > 1:
+        seeds = sorted(set(a) & set(b))
+        a, b = {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
+    result = paired_difference(list(a.values()), list(b.values()), None, resamples, what)
+    return {"diff": result["diff"], "low": result["low"], "high": result["high"], "strata": result["strata"],
+            "seeds": sorted(a) if len(a) > 1 else sorted(b)}
+
+
+def report(work: Path, resamples: int) -> dict:
+    arms = {}
+    for name, spec in ARMS.items():
+        arms[name] = {"what": spec.what, "config": spec.config, "needs": spec.needs, "kinds": {}}
+        for kind in KINDS:
+            selection = run_dir(work, name, kind, SELECTION_SEED)
+            scored = test_scores(work, name, kind)
+            entry = {"valid_auc": valid_auc(selection), "costs_seed_42": stage_costs(selection),
+                     "test_seeds": sorted(scored)}
+            if scored:
+                per_seed = [{"seed": s, "all": metrics_of(frame)} for s, frame in scored.items()]
+                entry["test"] = summarise(per_seed, "all")
+                entry["test"]["auc_per_seed"] = [round(r["all"]["auc"], 4) for r in per_seed]
+            arms[name]["kinds"][kind] = entry
+    ranked = sorted((a for a in arms if a != "titles" and arms[a]["kinds"]["hybrid"]["valid_auc"] is not None),
+                    key=lambda a: -arms[a]["kinds"]["hybrid"]["valid_auc"])
+    chosen = ["titles"] + ranked[:ARMS_TO_TEST]
+    out = {"what": __doc__.split("\n\n")[0].replace("\n", " "), "protocol": PROTOCOL, "users": "all",
+           "selection": f"seed {SELECTION_SEED} on valid; the hybrid's valid AUC ranks the arms",
+           "test_seeds": list(TEST_SEEDS), "arms": arms, "valid_ranking": ranked, "chosen_for_test": chosen,
+           "pending": [f"{a}:{k}:{s}:{stage}" for a in chosen for k in KINDS for s in TEST_SEEDS
+                       for stage in ("train", "test") if not (run_dir(work, a, k, s) /
+                                                               ("test.json" if stage == "test" else "model")).exists()]}
+    out["pending"] += [f"{a}:{k}:{SELECTION_SEED}:valid" for a in ARMS for k in KINDS
+                       if arms[a]["kinds"][k]["valid_auc"] is None]
+    # The three differences, on test; each null until both sides have test scores.
+    titles = {kind: test_scores(work, "titles", kind) for kind in KINDS}
+    tested = [a for a in chosen if a != "titles" and len(test_scores(work, a, "hybrid")) >= len(TEST_SEEDS)]
+    best = max(tested, key=lambda a: arms[a]["kinds"]["hybrid"]["test"]["auc"], default=None)
+    summary_arm = max((a for a in SUMMARY_ARMS if test_scores(work, a, "hybrid")),
+                      key=lambda a: arms[a]["kinds"]["hybrid"]["test"]["auc"], default=None)
+    out["summary_minus_titles"] = summary_arm and {
+        "arm": summary_arm, **{kind: difference(test_scores(work, summary_arm, kind), titles[kind], resamples,
+                                                f"{summary_arm} {kind} - titles") for kind in KINDS}}
+    out["best_arm_minus_titles_only"] = best and {
+        "arm": best, **{kind: difference(test_scores(work, best, kind), titles[kind], resamples,
+                                         f"{best} {kind} - titles") for kind in KINDS}}
+    non_llm, non_llm_scores, non_llm_auc = best_non_llm_scores(work)
+    best_hybrid = max(["titles"] + tested, key=lambda a: arms[a]["kinds"]["hybrid"].get("test", {}).get("auc", 0))
+    out["best_non_llm"] = {"row": non_llm, "auc": non_llm_auc}
+    out["best_hybrid_minus_best_non_llm"] = {
+        "arm": best_hybrid, **(difference(test_scores(work, best_hybrid, "hybrid"), dict(enumerate(non_llm_scores)),
+                                          resamples, f"{best_hybrid} hybrid - {non_llm}") or {})}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["# What the LLM reads (timeline protocol, all users)", "",
+             f"Arms chosen on valid with seed {SELECTION_SEED} (the hybrid's valid AUC); the titles arm and the "
+             f"best {ARMS_TO_TEST} go to test with seeds {', '.join(map(str, TEST_SEEDS))}. "
+             "Written by `python -m benchmarks.quality.llm_inputs --report`.", ""]
+    header = ["arm", "what", "valid AUC LLM only", "valid AUC hybrid", "test AUC LLM only", "test AUC hybrid",
+              "train min (s42)", "test scoring min (s42)"]
+    rows = []
+    for name, arm in result["arms"].items():
+        kinds = arm["kinds"]
+        cells = [name, arm["what"] + (f" (needs {arm['needs']})" if arm["needs"] else "")]
+        cells += [kinds[k]["valid_auc"] if kinds[k]["valid_auc"] is not None else "pending" for k in KINDS]
+        for kind in KINDS:
+            test = kinds[kind].get("test")
+            cells.append(f"{test['auc']:.4f} ({', '.join(f'{a:.3f}' for a in test['auc_per_seed'])})" if test else "-")
+        costs = kinds["hybrid"]["costs_seed_42"] or {}
+        cells += [round(costs[s]["wall_s"] / 60, 1) if s in costs else "-" for s in ("train", "test")]
+        rows.append(cells)
+    lines += markdown_table(header, rows) + [""]
+    for key in ("summary_minus_titles", "best_arm_minus_titles_only", "best_hybrid_minus_best_non_llm"):
+        lines.append(f"- `{key}`: " + (json.dumps(result[key]) if result[key] else "pending"))
+    if result["pending"]:
+        lines += ["", "Pending stages: " + ", ".join(f"`{p}`" for p in result["pending"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--stages", nargs="*", default=[], help="arm:kind:seed:stage (stage: train, valid, test)")
+    parser.add_argument("--report", action="store_true", help="write llm_inputs.json and .md from the runs that exist")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    for spec in args.stages:
+        arm, kind, seed, stage = spec.split(":")
+        log(f"stage {spec}")
+        run_stage(args.work, arm, kind, int(seed), stage)
+    if args.report:
+        result = report(args.work, args.resamples)
+        write_json(args.out / "llm_inputs.json", result)
+        (args.out / "llm_inputs.md").write_text(markdown(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
