@@ -129,7 +129,10 @@ def test_amazon_items_text_and_images(amazon):
     assert report["image_root"] == str((AMAZON / "images").absolute())
     assert (Path(report["image_root"]) / items.loc["B000000001", "image_path"]).read_bytes()[:2] == b"\xff\xd8"
     schema = read_schema(out / "items")
-    assert set(schema.select_by_tag(Tags.TEXT).column_names) == {"title", "description"}
+    assert set(schema.select_by_tag(Tags.TEXT).column_names) == {"title", "description", "attributes"}
+    # The catalogue attributes: the fixture's meta records name a main category and no brand.
+    assert items.loc["B000000001", "attributes"] == "Category: Toys & Games."
+    assert items.loc["B000000009", "attributes"] == ""  # no metadata
 
 
 def test_amazon_input_forms(tmp_path):

@@ -73,7 +73,9 @@ Output folder::
     train/ valid/ test/   user_id, item_id, label, target_position, group_id, timestamp,
                           history_item_ids (list: the user's items before the target, in time order)
     events/               user_id, item_id, timestamp, position[, rating]
-    items/                item_id, item_key, title, description, image_path[, year, genres | image_url]
+    items/                item_id, item_key, title, description, attributes, image_path[, year, genres | image_url]
+                          (attributes: the catalogue facts beyond the title, "" for none;
+                          merlin_mllm.data.attributes)
     users/                user_id, user_key, split (paper: the user's split; else "all": any
                           user may have rows in any split)
     report.json           counts and settings; ``image_root``: the images folder
@@ -112,6 +114,7 @@ import pandas as pd
 
 from merlin_mllm.choices import NEGATIVE_SAMPLING, PROTOCOLS, TRAIN_TARGETS
 from merlin_mllm.data import processing
+from merlin_mllm.data.attributes import ATTRIBUTES_COLUMN
 from merlin_mllm.data.image_files import IMAGE_ROOT_KEY, image_index, record_image_root
 from merlin_mllm.data.registry import dataset_entry
 from merlin_mllm.data.sources import BadLines, read_source
@@ -124,7 +127,7 @@ PROTOCOL_ALIASES = {"temporal": "leave-last-out"}
 #: ``max_history`` when not given: 12 (four summary blocks of 3) for the per-user protocols; all
 #: events on the timeline, whose histories and counts need the whole past.
 DEFAULT_MAX_HISTORY = {"paper": 12, "leave-last-out": 12, "timeline": 0}
-_TEXT_COLUMNS = ("title", "description", "genres")
+_TEXT_COLUMNS = ("title", "description", ATTRIBUTES_COLUMN, "genres")
 #: The Merlin tags of the row tables' columns (train/ valid/ test/).
 ROW_TAGS = {
     "user_id": [Tags.USER_ID, Tags.CATEGORICAL],
@@ -216,6 +219,9 @@ def _items_table(source, item_ids: dict, images: Optional[Path]) -> tuple[pd.Dat
     items.insert(0, "item_id", np.arange(1, len(keys) + 1, dtype=np.int64))
     stats = {"items_without_metadata": int((~items["has_metadata"]).sum())}
     items = items.drop(columns=["has_metadata"])
+    if ATTRIBUTES_COLUMN not in items.columns:  # a reader with no attributes: every table has the column
+        items.insert(items.columns.get_loc("description") + 1, ATTRIBUTES_COLUMN, "")
+    stats["items_without_attributes"] = int((items[ATTRIBUTES_COLUMN].fillna("") == "").sum())
     if images is not None:
         # Paths relative to the images folder, the image root that report.json records: readers
         # confine every read to it. image_index names files inside the folder (symlinks kept).

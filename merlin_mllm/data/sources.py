@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from merlin_mllm.data.attributes import ATTRIBUTES_COLUMN, amazon_attributes, ml100k_attributes
 from merlin_mllm.data.registry import dataset_entry
 from merlin_mllm.models.embedded import package_dir
 
@@ -78,7 +79,8 @@ class Source:
     """What a reader hands to the pipeline.
 
     ``load_items(keys)`` returns one row per key, in the given order, with at least
-    ``item_key``, ``title``, ``description`` and ``has_metadata`` (bool).
+    ``item_key``, ``title``, ``description``, ``attributes`` (text, ``""`` for none: see
+    :mod:`merlin_mllm.data.attributes`) and ``has_metadata`` (bool).
     """
 
     interactions: pd.DataFrame
@@ -246,15 +248,6 @@ def read_ml100k(input: Optional[Path], bad: BadLines) -> Source:
     return Source(rows.frame(with_ratings=with_ratings), load_items, "s", files=files)
 
 
-def _ml100k_description(genres: list[str], year: int) -> str:
-    parts = []
-    if genres:
-        parts.append(f"Genres: {', '.join(genres)}.")
-    if year:
-        parts.append(f"Released {year}.")
-    return " ".join(parts)
-
-
 def _ml100k_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
     wanted = set(keys)
     rows: dict[str, dict] = {}
@@ -275,14 +268,17 @@ def _ml100k_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
         if title and year:
             title = f"{title} ({year})"
         genres = [genre for genre in get("class").split() if genre.lower() != "unknown"]
+        # The description is the attributes: ML-100k has no other text about a film.
+        attributes = ml100k_attributes(genres, year)
         rows[key] = {
             "title": title,
-            "description": _ml100k_description(genres, year),
+            "description": attributes,
+            ATTRIBUTES_COLUMN: attributes,
             "year": year,
             "genres": ", ".join(genres),
             "has_metadata": True,
         }
-    empty = {"title": "", "description": "", "year": 0, "genres": "", "has_metadata": False}
+    empty = {"title": "", "description": "", ATTRIBUTES_COLUMN: "", "year": 0, "genres": "", "has_metadata": False}
     return pd.DataFrame([{"item_key": key, **rows.get(key, empty)} for key in keys])
 
 
@@ -451,10 +447,11 @@ def _amazon_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
         rows[key] = {
             "title": title.strip() if isinstance(title, str) else "",
             "description": description,
+            ATTRIBUTES_COLUMN: amazon_attributes(record),
             "image_url": amazon_main_image_url(record.get("images")),
             "has_metadata": True,
         }
-    empty = {"title": "", "description": "", "image_url": None, "has_metadata": False}
+    empty = {"title": "", "description": "", ATTRIBUTES_COLUMN: "", "image_url": None, "has_metadata": False}
     return pd.DataFrame([{"item_key": key, **rows.get(key, empty)} for key in keys])
 
 
@@ -563,7 +560,9 @@ def _microlens_items(path: Path, keys: list, bad: BadLines) -> pd.DataFrame:
                 titles[key] = ",".join(row[1:]).strip()
     return pd.DataFrame(
         [
-            {"item_key": key, "title": titles.get(key, ""), "description": "", "has_metadata": key in titles}
+            # The titles file is all the item text MicroLens gives: no attributes.
+            {"item_key": key, "title": titles.get(key, ""), "description": "", ATTRIBUTES_COLUMN: "",
+             "has_metadata": key in titles}
             for key in keys
         ]
     )

@@ -59,6 +59,7 @@ from merlin_mllm.ranker.ranker_config import EMBEDDED, HEAD_FILE
 from merlin_mllm.ranker.hybrid_head import HybridHead, hybrid_probability, saved_head
 from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.saved import load_ranker, trained_max_length, trained_model_dir
+from merlin_mllm.summaries.candidates import CandidateText, ItemSummarySource, candidate_summaries
 from merlin_mllm.summaries.rows import SummarySource
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def _candidates(group: pd.DataFrame, ranker: RankerModel) -> List[Dict[str, Any]
     with_pixels = ranker.config.use_images and ranker.config.backend != EMBEDDED
     out = []
     for row in group.itertuples(index=False):
-        candidate: Dict[str, Any] = {"title": row.title, "item_id": int(row.item_id)}
+        candidate: Dict[str, Any] = {"title": row.candidate_text, "item_id": int(row.item_id)}
         if with_pixels:
             candidate["image"] = row.image_path
         out.append(candidate)
@@ -165,6 +166,7 @@ def evaluate_ranker(
     max_length: Optional[int] = None,
     features=None,
     precision: Optional[str] = None,
+    item_summaries: Optional[ItemSummarySource] = None,
     progress: bool = True,
 ) -> dict:
     """Score ``split`` with the ranker and write metrics, per-row scores and a plot.
@@ -207,6 +209,9 @@ def evaluate_ranker(
         Score in this precision (default: the one the ranker was saved with; zero-shot: float32).
         The result's ``run`` records the dtype that ran; partial scores of another dtype are not
         resumed.
+    item_summaries : store folder or item id -> text, optional
+        For a ranker whose ``candidate_text`` shows item summaries: where they are. Default:
+        ``summaries`` when it is a summary store folder.
     progress : bool
         Show a progress bar over groups.
 
@@ -233,7 +238,8 @@ def evaluate_ranker(
     ranker = load_ranker(model_dir, data, zero_shot=zero_shot, cache_dir=out_json.parent, progress=progress,
                          precision=precision)
     rows = load_rows(data, split, summaries, max_groups=max_groups, seed=seed,
-                     user_context=ranker.config.user_context, context_titles=ranker.config.context_titles)
+                     user_context=ranker.config.user_context, context_titles=ranker.config.context_titles,
+                     candidate_text=CandidateText.for_ranker(ranker, candidate_summaries(summaries, item_summaries)))
     head = saved_head(model_dir) if not zero_shot and model_dir is not None else None
     if head is not None:
         if features is None:
@@ -262,6 +268,7 @@ def evaluate_ranker(
             "base_model": ranker.config.base_model,
             "zero_shot": bool(zero_shot),
             "use_images": bool(ranker.config.use_images),
+            "candidate_text": ranker.config.candidate_text,
             "head_features": list(head.feature_names) if head is not None else None,
             "split": split,
             "data_dir": str(Path(data_dir).resolve()),

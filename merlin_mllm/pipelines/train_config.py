@@ -22,7 +22,7 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
-from merlin_mllm.choices import LOSSES, PROMPT_VERSIONS, USER_CONTEXTS
+from merlin_mllm.choices import CANDIDATE_TEXTS, LOSSES, PROMPT_VERSIONS, USER_CONTEXTS
 from merlin_mllm.models.precision import DEFAULT_PRECISION, PRECISIONS  # torch-free names
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS  # torch-free
 
@@ -110,6 +110,11 @@ class TrainConfig:
         "summary", "What the prompt's user part holds: summary (the user summary, the paper's), titles (the last "
         "context_titles titles of the history: no user summaries needed) or both", resume=True)
     context_titles: int = _setting(5, "Titles in the user part with user_context titles or both", resume=True)
+    candidate_text: str = _setting(
+        "title", "What the prompt shows of each candidate: title (the paper's), title+attributes (the catalogue "
+        "attributes of data prepare: genres and year, category and brand), summary (the item summary of `summarize "
+        "items`, read from the summary store), title+summary or title+attributes+summary. Saved with the ranker, "
+        "so evaluate and export show the same text", resume=True)
     head_features: Optional[Tuple[str, ...]] = _setting(
         None, "Train a hybrid: these tabular feature columns (e.g. merlin_mllm.data.collaborative.HEAD_FEATURES) "
         "feed a HybridHead whose logit is added to the LLM's yes-minus-no logit, trained jointly (loss binary "
@@ -180,6 +185,8 @@ class TrainConfig:
         if self.user_context not in USER_CONTEXTS:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         _check_int("context_titles", self.context_titles, low=1)
+        if self.candidate_text not in CANDIDATE_TEXTS:
+            raise ValueError(f"candidate_text must be one of {tuple(CANDIDATE_TEXTS)}, not {self.candidate_text!r}")
         if self.head_features is not None:
             if isinstance(self.head_features, str) or not len(self.head_features) \
                     or not all(isinstance(c, str) and c for c in self.head_features):

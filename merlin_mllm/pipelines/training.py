@@ -80,6 +80,7 @@ from merlin_mllm.ranker.model import RankerModel
 from merlin_mllm.ranker.prompt import DEFAULT_MAX_PROMPT_TOKENS
 from merlin_mllm.ranker.saved import (CHECKPOINT_DIR, LAST_CHECKPOINT, MODEL_DIR, TRAIN_CONFIG_FILE, TRAINING_LOG_FILE,
                                       item_image_table, read_train_config)
+from merlin_mllm.summaries.candidates import CandidateText, ItemSummarySource, candidate_summaries
 from merlin_mllm.summaries.rows import SummarySource, partial_block_rule, user_context_texts
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,9 @@ def load_rows(
     seed: int = 0,
     user_context: str = "summary",
     context_titles: int = 5,
+    candidate_text: Union[str, CandidateText] = "title",
 ) -> pd.DataFrame:
-    """One split's rows with the text the prompt needs: ``user_summary`` and ``title``.
+    """One split's rows with the text the prompt needs: ``user_summary`` and ``candidate_text``.
 
     Parameters
     ----------
@@ -145,11 +147,16 @@ def load_rows(
     user_context, context_titles :
         What ``user_summary`` holds (the ranker's ``user_context``): see
         :func:`merlin_mllm.summaries.rows.user_context_texts`. With "titles", ``summaries`` may be None.
+    candidate_text : str or CandidateText
+        What ``candidate_text`` holds (the ranker's ``candidate_text``; see
+        :class:`merlin_mllm.summaries.candidates.CandidateText`, whose ``for_ranker`` cuts each
+        part as the ranker does). Default: the title.
 
     Returns
     -------
     DataFrame
-        The split's columns plus ``title``, ``image_path`` and ``user_summary``, in file order.
+        The split's columns plus ``title``, ``candidate_text``, ``image_path`` and
+        ``user_summary``, in file order.
     """
     data = prepared_tables(data_dir)  # a PreparedTables passed in keeps its tables: each read once
     data_dir = data.folder
@@ -177,6 +184,10 @@ def load_rows(
     frame = frame.drop(columns="_merge")
     if "image_path" not in frame.columns:
         frame["image_path"] = None
+    maker = CandidateText(candidate_text) if isinstance(candidate_text, str) else candidate_text
+    shown = items[items["item_id"].isin(frame["item_id"].unique())]  # only the items the rows name
+    texts = maker.texts(shown, where=str(data_dir / "items"))
+    frame["candidate_text"] = frame["item_id"].map(pd.Series(texts.to_numpy(), index=shown["item_id"].to_numpy()))
     frame["user_summary"] = user_context_texts(summaries, data, frame, context=user_context, titles=context_titles,
                                                partial_block=partial_block_rule(data_dir, split))
     return frame
@@ -192,7 +203,7 @@ def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int =
     gets a text-only prompt). ``extra_columns`` (e.g. a hybrid's feature columns) pass through.
     """
     passthrough = list(PASSTHROUGH_COLUMNS) + [c for c in extra_columns if c not in PASSTHROUGH_COLUMNS]
-    data = frame[["user_summary", "title"] + passthrough].copy()
+    data = frame[["user_summary", "candidate_text"] + passthrough].copy()
     if ranker.config.use_images and ranker.prompt.image_mode == "placeholder" and item_features is not None:
         data["has_image"] = item_features.has_image_for(torch.as_tensor(data["item_id"].to_numpy())).numpy()
     else:
@@ -204,7 +215,8 @@ def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int =
         if name in ROW_TAGS:  # the tags of the prepared splits (group_id has none)
             schema[name] = schema[name].with_tags(ROW_TAGS[name])
     dataset.schema = schema
-    prompt = ["user_summary", "title", "has_image"] >> TokenizePrompt.for_ranker(ranker, max_length=max_length)
+    prompt = (["user_summary", "candidate_text", "has_image"]
+              >> TokenizePrompt.for_ranker(ranker, max_length=max_length, title_column="candidate_text"))
     workflow = nvt.Workflow(prompt + passthrough)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -452,6 +464,7 @@ def train_ranker(
     config: Optional[TrainConfig] = None,
     *,
     features=None,
+    item_summaries: Optional[ItemSummarySource] = None,
     progress: bool = True,
 ) -> Path:
     """Fine-tune the ranker with LoRA (answer-token loss) and save it under ``out_dir/model``.
@@ -479,6 +492,9 @@ def train_ranker(
         matched on (group_id, item_id), e.g. ``write_feature_table(data_dir, "train", path)``
         (:mod:`merlin_mllm.pipelines.hybrid`). The head is saved beside the ranker
         (``model/hybrid_head.safetensors``, with its columns and ``config.head_recent_days``).
+    item_summaries : store folder or item id -> text, optional
+        With a ``config.candidate_text`` that shows item summaries: where they are. Default:
+        ``summaries`` when it is a summary store folder (the item and user stages share one).
     progress : bool
         Progress bars.
 
@@ -503,7 +519,7 @@ def train_ranker(
         settings["base_model"], use_images=config.use_images, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
         prompt_version=config.prompt_version, user_context=config.user_context, context_titles=config.context_titles,
-        precision=config.precision,
+        candidate_text=config.candidate_text, precision=config.precision,
     )
     groups = config.batching == "groups"
     table = None
@@ -517,7 +533,8 @@ def train_ranker(
             "embedded model for images"
         )
 
-    context = dict(user_context=config.user_context, context_titles=config.context_titles)
+    context = dict(user_context=config.user_context, context_titles=config.context_titles,
+                   candidate_text=CandidateText.for_ranker(ranker, candidate_summaries(summaries, item_summaries)))
     train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed, **context)
     head, head_columns = None, list(config.head_features or ())
     if head_columns:

@@ -132,6 +132,7 @@ from merlin_mllm.ranker.lora import LoraMergeCache
 from merlin_mllm.ranker.packing import CandidateGroup
 from merlin_mllm.ranker.losses import binary_loss, check_labels, lm_loss
 from merlin_mllm.ranker.prompt import PROMPT_VERSION, Candidate, RankerPrompt
+from merlin_mllm.summaries.candidates import candidate_token_budget
 
 __all__ = [
     "RankerConfig",
@@ -236,10 +237,11 @@ class RankerModel(nn.Module):
         loss: str = "lm",
         seed: int = 0,
         max_summary_tokens: int = 384,
-        max_title_tokens: int = 64,
+        max_title_tokens: Optional[int] = None,
         prompt_version: str = PROMPT_VERSION,
         user_context: str = "summary",
         context_titles: int = 5,
+        candidate_text: str = "title",
         precision: str = DEFAULT_PRECISION,
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
@@ -259,8 +261,10 @@ class RankerModel(nn.Module):
             projector is then an untrained random map: use ``use_images=False`` for a fair
             zero-shot baseline.)
         lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens, prompt_version,
-        user_context, context_titles, precision :
-            See :class:`RankerConfig`.
+        user_context, context_titles, candidate_text, precision :
+            See :class:`RankerConfig`. ``max_title_tokens`` defaults to the budget of
+            ``candidate_text`` (:func:`merlin_mllm.summaries.candidates.candidate_token_budget`:
+            64 for the title alone).
         item_features : ItemImageFeatures, optional
             The embedded backend's item image table (can be set later).
         device : optional
@@ -277,8 +281,10 @@ class RankerModel(nn.Module):
             base_model=family.canonical_base_model(base_model), backend=family.name,
             use_images=use_images, zero_shot=zero_shot, lora_r=lora_r, lora_alpha=lora_alpha,
             lora_dropout=lora_dropout, lora_init=lora_init, loss=loss, seed=seed,
-            max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
+            max_summary_tokens=max_summary_tokens,
+            max_title_tokens=candidate_token_budget(candidate_text) if max_title_tokens is None else max_title_tokens,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
+            candidate_text=candidate_text,
             precision=precision,
         )
         return assemble(cls, config, device=device, dtype=dtype, item_features=item_features)

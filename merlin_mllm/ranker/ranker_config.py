@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from merlin_mllm.choices import USER_CONTEXTS
+from merlin_mllm.choices import CANDIDATE_TEXTS, USER_CONTEXTS
 from merlin_mllm.models.precision import DEFAULT_PRECISION, check_precision
 from merlin_mllm.models.vision import TOKEN_DIM
 from merlin_mllm.ranker.image_features import ItemImageFeatures
@@ -78,7 +78,7 @@ class RankerConfig:
     seed : int
         Seeds the projector and LoRA initialisation.
     max_summary_tokens, max_title_tokens : int
-        Prompt token budgets for the user summary and the title.
+        Prompt token budgets for the user summary and the candidate text (the title by default).
     prompt_version : str
         The prompt layout (:data:`merlin_mllm.choices.PROMPT_VERSIONS`): "1" (the default;
         configs saved before versions were selectable hold it) or "2" (question first, for
@@ -90,6 +90,12 @@ class RankerConfig:
         last ``context_titles`` titles of the history, or both.
     context_titles : int
         Titles in the user part with ``user_context`` "titles" or "both".
+    candidate_text : str
+        What the prompt's candidate part holds (:data:`merlin_mllm.choices.CANDIDATE_TEXTS`,
+        made by :class:`merlin_mllm.summaries.candidates.CandidateText` in training, evaluation
+        and the export): the title (configs saved before this setting hold it), or the title
+        with the catalogue attributes and/or the item summary. ``max_title_tokens`` is then the
+        budget of that whole text.
     precision : {"float32", "bfloat16", "auto"}
         The numeric precision the ranker runs in (:mod:`merlin_mllm.models.precision`): scoring
         casts the language model's weights to it; training keeps LoRA and the projector in
@@ -111,6 +117,7 @@ class RankerConfig:
     max_title_tokens: int = 64
     user_context: str = "summary"
     context_titles: int = 5
+    candidate_text: str = "title"
     precision: str = DEFAULT_PRECISION
     # Filled in when the model is built:
     prompt_version: str = PROMPT_VERSION
@@ -167,6 +174,8 @@ class RankerConfig:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         if isinstance(self.context_titles, bool) or not isinstance(self.context_titles, int) or self.context_titles < 1:
             raise ValueError(f"context_titles must be a positive integer, not {self.context_titles!r}")
+        if self.candidate_text not in CANDIDATE_TEXTS:
+            raise ValueError(f"candidate_text must be one of {tuple(CANDIDATE_TEXTS)}, not {self.candidate_text!r}")
         if not self.zero_shot and self.lora_r < 1:
             raise ValueError(f"lora_r must be at least 1, not {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -100,7 +100,8 @@ def load_ranker(model_dir, data_dir, *, zero_shot: bool = False, cache_dir: Opti
         config = RankerConfig.read(model_dir)
         base, use_images = config.base_model, config.use_images
         # The "without SFT" baseline of a trained ranker asks its question the same way.
-        options.update(prompt_version=config.prompt_version, precision=precision or config.precision)
+        options.update(prompt_version=config.prompt_version, candidate_text=config.candidate_text,
+                       precision=precision or config.precision)
     else:
         base, use_images = (model_dir or EMBEDDED), True
     if not backend_class_for_model(base).images_without_training:
