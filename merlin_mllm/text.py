@@ -220,3 +220,59 @@ class TokenBudgets:
     def from_dict(cls, data: Optional[dict]) -> "TokenBudgets":
         """Budgets from :meth:`to_dict` output; ``None`` or missing fields take the defaults."""
         return cls(**(data or {}))
+
+
+# ------------------------------------------------------------------------------- item slots
+# Collaborative tokens (LLaRA-style; ``RankerConfig.collab_tokens``): one soft token after a
+# title, whose embedding is the projected item embedding of that title's item. In text the slot
+# is ITEM_SLOT_OPEN + the item id's digits + ITEM_SLOT_CLOSE (two private-use characters that no
+# catalogue or tokenizer uses); the ranker's prompt turns each slot into one token id,
+# ITEM_TOKEN_BASE + 1 + item id (ITEM_TOKEN_BASE itself for an empty slot: no item id), far
+# above any vocabulary, whose embedding the ranker replaces (``merlin_mllm.ranker.collab_tokens``).
+# So a prompt's token ids say which item each soft token stands for, and everything that
+# carries token ids (the NVTabular tokenizer, the dataloader, prefix caches, packed groups,
+# serving) carries the collaborative tokens unchanged. Untrusted text never holds a slot:
+# :func:`strip_item_slots` removes the two characters from titles and summaries.
+ITEM_SLOT_OPEN = "\ue000"
+ITEM_SLOT_CLOSE = "\ue001"
+#: Token ids at or above this are collaborative tokens (2**30: int64 and int32 safe, no vocabulary near).
+ITEM_TOKEN_BASE = 1 << 30
+_ITEM_SLOT = re.compile(re.escape(ITEM_SLOT_OPEN) + r"(\d*)" + re.escape(ITEM_SLOT_CLOSE))
+_SLOT_CHARS = re.compile("[" + ITEM_SLOT_OPEN + ITEM_SLOT_CLOSE + "]")
+
+
+def item_slot(item_id: Optional[int]) -> str:
+    """The text slot of ``item_id``'s collaborative token (an empty slot for None: a cold token)."""
+    if item_id is None:
+        return ITEM_SLOT_OPEN + ITEM_SLOT_CLOSE
+    return ITEM_SLOT_OPEN + str(_slot_item(item_id)) + ITEM_SLOT_CLOSE
+
+
+def _slot_item(item_id) -> int:
+    if isinstance(item_id, bool) or not isinstance(item_id, numbers.Integral) or not 0 <= int(item_id) < ITEM_TOKEN_BASE - 1:
+        raise ValueError(f"item id {item_id!r} cannot have a collaborative token: ids must be integers in "
+                         f"[0, {ITEM_TOKEN_BASE - 2}]")
+    return int(item_id)
+
+
+def strip_item_slots(text: str) -> str:
+    """``text`` without any slot character: untrusted text cannot place a collaborative token."""
+    return _SLOT_CHARS.sub("", text)
+
+
+def split_item_slots(text: str):
+    """``(segments, item_ids)``: the text between slots (one more segment than slots) and each
+    slot's item id (None for an empty slot). Stray slot characters (a slot cut in half by a token
+    budget) are dropped from the segments."""
+    segments, items, start = [], [], 0
+    for match in _ITEM_SLOT.finditer(text):
+        segments.append(strip_item_slots(text[start:match.start()]))
+        items.append(int(match.group(1)) if match.group(1) else None)
+        start = match.end()
+    segments.append(strip_item_slots(text[start:]))
+    return segments, items
+
+
+def item_token_id(item_id: Optional[int]) -> int:
+    """The token id of ``item_id``'s collaborative token (:data:`ITEM_TOKEN_BASE` for None)."""
+    return ITEM_TOKEN_BASE if item_id is None else ITEM_TOKEN_BASE + 1 + _slot_item(item_id)

@@ -69,6 +69,8 @@ from merlin_mllm.ranker.prompt import (
     embedded_tokenizer,
 )
 
+from merlin_mllm.text import ITEM_TOKEN_BASE
+
 __all__ = ["TokenizePrompt"]
 
 
@@ -120,6 +122,12 @@ class TokenizePrompt(Operator):
         The system message; ``"default"`` keeps RankerPrompt's, ``None`` leaves it out.
     prompt_version : str, default "1"
         The ranker prompt's layout (``merlin_mllm.choices.PROMPT_VERSIONS``).
+    collab_tokens : bool, default False
+        Collaborative tokens (:mod:`merlin_mllm.ranker.collab_tokens`): the summary's item slots
+        and one after the candidate's title become collaborative token ids; the candidate's item
+        id is read from ``item_column``, which must then be in the selection.
+    item_column : str, default "item_id"
+        The candidate's item id (read with ``collab_tokens`` only).
     """
 
     def __init__(
@@ -138,6 +146,8 @@ class TokenizePrompt(Operator):
         image_token: str = "<image>",
         system: Any = "default",
         prompt_version: str = PROMPT_VERSION,
+        collab_tokens: bool = False,
+        item_column: str = "item_id",
     ):
         super().__init__()
         if image_mode not in ("placeholder", "none"):
@@ -160,6 +170,8 @@ class TokenizePrompt(Operator):
         self.image_token = image_token
         self.system = system
         self.prompt_version = check_prompt_version(prompt_version)
+        self.collab_tokens = bool(collab_tokens)
+        self.item_column = item_column
         base = output_column[: -len("_ids")] if output_column.endswith("_ids") else output_column
         self.prefix_column = f"{base}_prefix_length"
         self._prompts: Dict[int, Any] = {}
@@ -189,6 +201,7 @@ class TokenizePrompt(Operator):
             max_summary_tokens=prompt.max_summary_tokens,
             max_title_tokens=prompt.max_title_tokens,
             prompt_version=prompt.version,
+            collab_tokens=prompt.collab_tokens,
             **columns,
         )
         probe = ("A user who likes films.", "A film", prompt.image_mode == "placeholder")
@@ -208,6 +221,8 @@ class TokenizePrompt(Operator):
         renamed = {"output_name": "output_column", "prefix_name": "prefix_column"}
         self.__dict__.update({renamed.get(key, key): value for key, value in state.items()})
         self.__dict__.setdefault("prompt_version", PROMPT_VERSION)  # pickled before prompt versions
+        self.__dict__.setdefault("collab_tokens", False)  # pickled before collaborative tokens
+        self.__dict__.setdefault("item_column", "item_id")
 
     def _prompt(self, summary_budget: int):
         prompt = self._prompts.get(summary_budget)
@@ -221,6 +236,7 @@ class TokenizePrompt(Operator):
                 max_summary_tokens=summary_budget,
                 max_title_tokens=self.max_title_tokens,
                 version=self.prompt_version,
+                **({"collab_tokens": True} if self.collab_tokens else {}),
                 **extra,
             )
             self._prompts[summary_budget] = prompt
@@ -239,16 +255,18 @@ class TokenizePrompt(Operator):
         return self._loaded_tokenizer
 
     # -- encoding
-    def encode_row(self, summary, title, has_image: bool, row: Any = None):
-        """The :class:`~merlin_mllm.ranker.prompt.EncodedPrompt` of one row, within ``max_length``."""
+    def encode_row(self, summary, title, has_image: bool, row: Any = None, item_id: Any = None):
+        """The :class:`~merlin_mllm.ranker.prompt.EncodedPrompt` of one row, within ``max_length``
+        (``item_id``: the candidate's, for its collaborative token)."""
         prompt = self._prompt(self.max_summary_tokens)
-        encoded = prompt.encode(summary, title, has_image=has_image)
+        item_id = None if item_id is None or not self.collab_tokens else int(item_id)
+        encoded = prompt.encode(summary, title, has_image=has_image, item_id=item_id)
         excess = len(encoded.input_ids) - self.max_length
         if excess > 0:
             summary_tokens = len(prompt.tokenizer.encode(prompt.clean_summary(summary), add_special_tokens=False))
             budget = summary_tokens - excess - 2  # re-tokenizing the cut text may merge a token or two
             if budget >= 0:
-                encoded = self._prompt(budget).encode(summary, title, has_image=has_image)
+                encoded = self._prompt(budget).encode(summary, title, has_image=has_image, item_id=item_id)
             if budget < 0 or len(encoded.input_ids) > self.max_length:
                 raise ValueError(
                     f"row {row}: the prompt needs {len(encoded.input_ids)} tokens even with the summary cut "
@@ -268,15 +286,16 @@ class TokenizePrompt(Operator):
             images = frame[self.image_column].fillna(False).astype(bool).tolist()
         else:
             images = [False] * len(frame)
+        items = frame[self.item_column].tolist() if self.collab_tokens else [None] * len(frame)
         ids: List[np.ndarray] = []
         prefix = np.empty(len(frame), dtype=np.int64)
         # Rows of one user repeat its summary; several rows share a candidate: cache per triple.
         cache: Dict[tuple, Any] = {}
-        for position, (summary, title, shown) in enumerate(zip(summaries, titles, images)):
-            key = (summary, title, shown)
+        for position, (summary, title, shown, item) in enumerate(zip(summaries, titles, images, items)):
+            key = (summary, title, shown, item)
             encoded = cache.get(key)
             if encoded is None:
-                encoded = self.encode_row(summary, title, shown, row=frame.index[position])
+                encoded = self.encode_row(summary, title, shown, row=frame.index[position], item_id=item)
                 cache[key] = encoded
             ids.append(np.asarray(encoded.input_ids, dtype=np.int64))
             prefix[position] = encoded.prefix_len
@@ -289,7 +308,8 @@ class TokenizePrompt(Operator):
     transform.__doc__ = Operator.transform.__doc__
 
     def _check_columns(self, names):
-        missing = [name for name in (self.summary_column, self.title_column) if name not in names]
+        needed = (self.summary_column, self.title_column) + ((self.item_column,) if self.collab_tokens else ())
+        missing = [name for name in needed if name not in names]
         if missing:
             raise ValueError(
                 f"TokenizePrompt needs the columns {missing} in its selection (got {list(names)}); "
@@ -309,6 +329,8 @@ class TokenizePrompt(Operator):
     @property
     def output_properties(self):
         vocab_max = len(self._tokenizer()) - 1
+        if self.collab_tokens:  # collaborative token ids lie above ITEM_TOKEN_BASE (merlin_mllm.text)
+            vocab_max = 2 * ITEM_TOKEN_BASE - 1
         return {
             "domain": {"min": 0, "max": vocab_max, "name": "tokens"},
             "value_count": {"min": 1, "max": self.max_length},  # ragged, at most max_length tokens

@@ -239,6 +239,7 @@ def evaluate_ranker(
                          precision=precision)
     rows = load_rows(data, split, summaries, max_groups=max_groups, seed=seed,
                      user_context=ranker.config.user_context, context_titles=ranker.config.context_titles,
+                     item_slots=ranker.config.collab_tokens,
                      candidate_text=CandidateText.for_ranker(ranker, candidate_summaries(summaries, item_summaries)))
     head = saved_head(model_dir) if not zero_shot and model_dir is not None else None
     if head is not None:
@@ -385,7 +386,8 @@ def _score_group(ranker: RankerModel, cutter: Optional[Callable[[], TokenizeProm
         cut = sum(len(p.input_ids) > max_length for p in prompts)
         if cut:
             operator = cutter()
-            ids = [operator.encode_row(summary, c["title"], p.has_image, row=f"group {group_id}, item {c['item_id']}").input_ids
+            ids = [operator.encode_row(summary, c["title"], p.has_image, row=f"group {group_id}, item {c['item_id']}",
+                                       item_id=c["item_id"]).input_ids
                    for c, p in zip(candidates, prompts)]
             return ranker.score_token_ids(ids, [c["item_id"] for c in candidates], batch_size=batch_size), cut
     return ranker.score(summary, candidates, batch_size=batch_size), 0

@@ -115,6 +115,11 @@ class TrainConfig:
         "attributes of data prepare: genres and year, category and brand), summary (the item summary of `summarize "
         "items`, read from the summary store), title+summary or title+attributes+summary. Saved with the ranker, "
         "so evaluate and export show the same text", resume=True)
+    collab_tokens: bool = _setting(
+        False, "LLaRA-style collaborative tokens: SASRec item embeddings, trained on the events before the train "
+        "split's cut, go through a trained projector to one soft token after each history title and after the "
+        "candidate's title (embedded model; items with no event before the cut share a learned cold vector). The "
+        "item table is saved with the run (collab_embeddings.safetensors) and with the ranker", resume=True)
     head_features: Optional[Tuple[str, ...]] = _setting(
         None, "Train a hybrid: these tabular feature columns (e.g. merlin_mllm.data.collaborative.HEAD_FEATURES) "
         "feed a HybridHead whose logit is added to the LLM's yes-minus-no logit, trained jointly (loss binary "
@@ -185,6 +190,8 @@ class TrainConfig:
         if self.user_context not in USER_CONTEXTS:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         _check_int("context_titles", self.context_titles, low=1)
+        if not isinstance(self.collab_tokens, bool):
+            raise ValueError(f"collab_tokens must be True or False, not {self.collab_tokens!r}")
         if self.candidate_text not in CANDIDATE_TEXTS:
             raise ValueError(f"candidate_text must be one of {tuple(CANDIDATE_TEXTS)}, not {self.candidate_text!r}")
         if self.head_features is not None:

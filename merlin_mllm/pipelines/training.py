@@ -24,6 +24,7 @@ Outputs under ``out_dir`` (the names: :mod:`merlin_mllm.ranker.saved`)::
     model/                 the trained ranker (RankerModel.save_pretrained) + item_images.safetensors
     checkpoints/last.ckpt  trainable tensors + optimizer state; resumed from when present
     item_images.safetensors  item-keyed EfficientNet grids (embedded model with images)
+    collab_embeddings.safetensors  SASRec item embeddings of the collaborative tokens (collab_tokens)
     train_config.json      the settings; a resume with different ones is refused
     training.json          loss per optimizer step, per-epoch means, row counts, timings
     ranks/rank<r>.json     per-process record (rows seen, final trainable-weights digest)
@@ -71,9 +72,11 @@ from merlin_mllm.data.prepare import ROW_TAGS
 from merlin_mllm.data.splits import prepared_tables
 from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
 from merlin_mllm.pipelines.train_config import TrainConfig
+from merlin_mllm.pipelines.collab import train_collab_embeddings
 from merlin_mllm.pipelines.hybrid import HeadSettings, attach_features, train_head
+from merlin_mllm.ranker.collab_tokens import CollabEmbeddings
 from merlin_mllm.ranker.block import RankerMerlinModel
-from merlin_mllm.ranker.ranker_config import EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
+from merlin_mllm.ranker.ranker_config import COLLAB_EMBEDDINGS_FILE, EMBEDDED, HEAD_FILE, ITEM_IMAGES_FILE
 from merlin_mllm.ranker.image_features import ENCODER_NAME, ItemImageFeatures
 from merlin_mllm.ranker.hybrid_head import HybridHead
 from merlin_mllm.ranker.model import RankerModel
@@ -130,6 +133,7 @@ def load_rows(
     user_context: str = "summary",
     context_titles: int = 5,
     candidate_text: Union[str, CandidateText] = "title",
+    item_slots: bool = False,
 ) -> pd.DataFrame:
     """One split's rows with the text the prompt needs: ``user_summary`` and ``candidate_text``.
 
@@ -151,6 +155,8 @@ def load_rows(
         What ``candidate_text`` holds (the ranker's ``candidate_text``; see
         :class:`merlin_mllm.summaries.candidates.CandidateText`, whose ``for_ranker`` cuts each
         part as the ranker does). Default: the title.
+    item_slots : bool
+        A collaborative-token slot after each history title (a ranker with ``collab_tokens``).
 
     Returns
     -------
@@ -189,7 +195,7 @@ def load_rows(
     texts = maker.texts(shown, where=str(data_dir / "items"))
     frame["candidate_text"] = frame["item_id"].map(pd.Series(texts.to_numpy(), index=shown["item_id"].to_numpy()))
     frame["user_summary"] = user_context_texts(summaries, data, frame, context=user_context, titles=context_titles,
-                                               partial_block=partial_block_rule(data_dir, split))
+                                               partial_block=partial_block_rule(data_dir, split), item_slots=item_slots)
     return frame
 
 
@@ -215,7 +221,7 @@ def tokenize_rows(frame: pd.DataFrame, ranker: RankerModel, *, max_length: int =
         if name in ROW_TAGS:  # the tags of the prepared splits (group_id has none)
             schema[name] = schema[name].with_tags(ROW_TAGS[name])
     dataset.schema = schema
-    prompt = (["user_summary", "candidate_text", "has_image"]
+    prompt = (["user_summary", "candidate_text", "has_image"] + (["item_id"] if ranker.config.collab_tokens else [])
               >> TokenizePrompt.for_ranker(ranker, max_length=max_length, title_column="candidate_text"))
     workflow = nvt.Workflow(prompt + passthrough)
     with warnings.catch_warnings():
@@ -465,6 +471,7 @@ def train_ranker(
     *,
     features=None,
     item_summaries: Optional[ItemSummarySource] = None,
+    collab_embeddings: Optional[CollabEmbeddings] = None,
     progress: bool = True,
 ) -> Path:
     """Fine-tune the ranker with LoRA (answer-token loss) and save it under ``out_dir/model``.
@@ -495,6 +502,12 @@ def train_ranker(
     item_summaries : store folder or item id -> text, optional
         With a ``config.candidate_text`` that shows item summaries: where they are. Default:
         ``summaries`` when it is a summary store folder (the item and user stages share one).
+    collab_embeddings : CollabEmbeddings, optional
+        With ``config.collab_tokens``: the item table to use (default: the run's
+        ``collab_embeddings.safetensors`` when it has one, else SASRec trained here on the events
+        before the train split's cut, :func:`merlin_mllm.pipelines.collab.train_collab_embeddings`,
+        seeded with ``config.seed``). Saved as the run's ``collab_embeddings.safetensors`` and in
+        ``model/``.
     progress : bool
         Progress bars.
 
@@ -515,11 +528,15 @@ def train_ranker(
     pl.seed_everything(config.seed, workers=True, verbose=False)
 
     device = torch.device("cuda", _local_rank()) if accelerator == "gpu" else torch.device("cpu")
+    if collab_embeddings is not None and not config.collab_tokens:
+        raise ValueError("collab_embeddings were given but config.collab_tokens is False")
+    collab = dict(collab_tokens=True, collab_embeddings=_collab_table(config, data_dir, out_dir, collab_embeddings,
+                                                                      is_launcher)) if config.collab_tokens else {}
     ranker = RankerModel.build(
         settings["base_model"], use_images=config.use_images, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
         prompt_version=config.prompt_version, user_context=config.user_context, context_titles=config.context_titles,
-        candidate_text=config.candidate_text, precision=config.precision,
+        candidate_text=config.candidate_text, precision=config.precision, **collab,
     )
     groups = config.batching == "groups"
     table = None
@@ -533,7 +550,7 @@ def train_ranker(
             "embedded model for images"
         )
 
-    context = dict(user_context=config.user_context, context_titles=config.context_titles,
+    context = dict(user_context=config.user_context, context_titles=config.context_titles, item_slots=config.collab_tokens,
                    candidate_text=CandidateText.for_ranker(ranker, candidate_summaries(summaries, item_summaries)))
     train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed, **context)
     head, head_columns = None, list(config.head_features or ())
@@ -588,6 +605,23 @@ def train_ranker(
     if trainer.world_size > 1:
         trainer.strategy.barrier("ranker-saved")
     return model_dir
+
+
+def _collab_table(config: TrainConfig, data_dir: Path, out_dir: Path, given: Optional[CollabEmbeddings],
+                 is_launcher: bool) -> CollabEmbeddings:
+    """The run's collaborative item table: ``given``, the run's own file (a resume reuses the table
+    its checkpoint's projector learned on), or SASRec trained now; written to the run folder."""
+    path = out_dir / COLLAB_EMBEDDINGS_FILE
+    if given is not None:
+        table = given
+    elif path.is_file():
+        table = CollabEmbeddings.load(path)
+    else:
+        table = train_collab_embeddings(data_dir, seed=config.seed)
+    log.info("collaborative tokens: %s", table.summary())
+    if is_launcher and (given is not None or not path.is_file()):
+        table.save(path)
+    return table
 
 
 def initial_head(config: TrainConfig, train_rows: pd.DataFrame) -> HybridHead:

@@ -24,9 +24,11 @@ __all__ = ["assemble", "saved_parts"]
 
 
 def assemble(model_class, config: RankerConfig, *, device, dtype, item_features=None,
-             adapter_dir: Optional[Path] = None, projector_file: Optional[Path] = None, is_trainable: bool = True):
+             adapter_dir: Optional[Path] = None, projector_file: Optional[Path] = None, is_trainable: bool = True,
+             collab_projector_file: Optional[Path] = None, collab_embeddings=None):
     """A ``model_class`` (``RankerModel``) in eval mode for ``config``, which gets its answer ids
-    (and, when ``dtype`` is given, the precision that dtype is)."""
+    (and, when ``dtype`` is given, the precision that dtype is). With ``config.collab_tokens``
+    the collaborative tokens' projector weights and item table are loaded/attached when given."""
     family = backend_class(config.backend)
     config.validate()
     device = torch.device(device) if device is not None else default_device()
@@ -51,10 +53,17 @@ def assemble(model_class, config: RankerConfig, *, device, dtype, item_features=
         if projector_file is not None:
             projector.load_state_dict(load_file(str(projector_file), device=str(device)))
         projector.requires_grad_(not config.zero_shot and is_trainable)
+    collab = backend.collab_projector
+    if collab is not None:
+        if collab_projector_file is not None:
+            collab.load_state_dict(load_file(str(collab_projector_file), device=str(device)))
+        collab.requires_grad_(not config.zero_shot and is_trainable)
 
     if item_features is not None and backend.uses_item_images(config):
         config.check_item_features(item_features)
     model = model_class(backend, backbone, item_features)
+    if collab_embeddings is not None:
+        model.set_collab_embeddings(collab_embeddings)
     model.eval()
     return model
 

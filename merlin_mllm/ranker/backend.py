@@ -85,8 +85,13 @@ class RankerBackend:
             prompt_processor, image_mode=image_mode, num_image_tokens=config.num_image_tokens,
             image_token=config.image_token, max_summary_tokens=config.max_summary_tokens,
             max_title_tokens=config.max_title_tokens, version=config.prompt_version,
+            **({"collab_tokens": True} if config.collab_tokens else {}),
         )
         self.item_features: Optional[ItemImageFeatures] = None
+        #: The collaborative tokens' projector and item embedding table (``config.collab_tokens``;
+        #: families that take them set the projector in ``load``).
+        self.collab_projector: Optional[nn.Module] = None
+        self.collab_embeddings = None
         #: The model without its lm_head (LoRA layers, once attached, are injected inside it).
         self.inner = hf_model.base_model
         # The forward's keyword names: processor outputs it does not take are dropped.

@@ -20,6 +20,7 @@ from merlin_mllm.image_loading import is_missing
 from merlin_mllm.models.loading import load
 from merlin_mllm.models.vision import VisionEncoder
 from merlin_mllm.ranker.backend import RankerBackend
+from merlin_mllm.ranker.collab_tokens import CollabProjector, embed_tokens
 from merlin_mllm.ranker.ranker_config import EMBEDDED, RankerConfig
 from merlin_mllm.ranker.prompt import Candidate, add_image_token
 
@@ -101,8 +102,18 @@ class EmbeddedBackend(RankerBackend):
             # Kept in fp32 whatever the base dtype: it trains from scratch, and bf16 would
             # round away AdamW's small updates.
             projector = ImageProjector(config.vision_feature_dim, hidden, seed=config.seed).to(device)
-        return cls(config, hf_model, tokenizer, processor, image_mode=image_mode,
-                   prompt_processor=processor if loaded.kind == "mllm" else tokenizer, projector=projector)
+        backend = cls(config, hf_model, tokenizer, processor, image_mode=image_mode,
+                      prompt_processor=processor if loaded.kind == "mllm" else tokenizer, projector=projector)
+        if config.collab_tokens:
+            # fp32 and seeded apart from the image projector, like it (see above).
+            mlp = ImageProjector(config.collab_dim, hidden, seed=config.seed + 1)
+            backend.collab_projector = CollabProjector(mlp, config.collab_dim).to(device)
+        return backend
+
+    def token_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``input_ids``, collaborative tokens projected from the item table."""
+        return embed_tokens(self.hf_model.get_input_embeddings(), input_ids, self.collab_projector,
+                            self.collab_embeddings, self.tokenizer.pad_token_id)
 
     @classmethod
     def uses_item_images(cls, config: RankerConfig) -> bool:
@@ -141,7 +152,7 @@ class EmbeddedBackend(RankerBackend):
 
     def embed_images(self, input_ids: torch.Tensor, item_ids, image_features) -> torch.Tensor:
         """Token embeddings with projected image features at the placeholder positions."""
-        embeds = self.hf_model.get_input_embeddings()(input_ids)
+        embeds = self.token_embeds(input_ids)
         if self.projector is None:
             return embeds
         placeholder = input_ids == self.prompt.image_token_id
@@ -202,7 +213,7 @@ class EmbeddedBackend(RankerBackend):
 
     def packed_model_inputs(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None
                             ) -> Dict[str, Any]:
-        embeds = self.hf_model.get_input_embeddings()(input_ids)
+        embeds = self.token_embeds(input_ids)
         if self.projector is None:
             if image_features is not None and len(image_features):
                 raise ValueError("image grids given, but this ranker is text-only (use_images=False)")

@@ -124,7 +124,9 @@ from merlin_mllm.ranker.assembly import assemble, saved_parts
 from merlin_mllm.ranker.backend import RankerBackend
 from merlin_mllm.ranker.backend_registry import backend_class_for_model
 from merlin_mllm.ranker.batches import IGNORE_INDEX, answer_only_labels, answer_positions, batch_from_ragged, pad_right
-from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, EMBEDDED, PROJECTOR_FILE, RankerConfig
+from merlin_mllm.ranker.ranker_config import (ADAPTER_DIR, COLLAB_EMBEDDINGS_FILE, COLLAB_PROJECTOR_FILE, EMBEDDED,
+                                              PROJECTOR_FILE, RankerConfig)
+from merlin_mllm.ranker.collab_tokens import CollabEmbeddings
 from merlin_mllm.ranker.embedded_backend import ImageProjector
 from merlin_mllm.ranker.image_features import ItemImageFeatures
 from merlin_mllm.ranker.groups import GroupOutput
@@ -205,6 +207,8 @@ class RankerModel(nn.Module):
         self.config = backend.config
         self.backbone = backbone
         self.projector = backend.projector
+        #: The collaborative tokens' projector (``config.collab_tokens``), trained like ``projector``.
+        self.collab_projector = backend.collab_projector
         self.tokenizer = backend.tokenizer
         self.processor = backend.processor
         # A plain object: its HF model is registered through backbone, its projector above.
@@ -246,6 +250,8 @@ class RankerModel(nn.Module):
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
+        collab_tokens: bool = False,
+        collab_embeddings: Optional[CollabEmbeddings] = None,
     ) -> "RankerModel":
         """A new ranker around ``base_model``.
 
@@ -271,6 +277,12 @@ class RankerModel(nn.Module):
             Default: CUDA when available, else CPU.
         dtype : torch.dtype, optional
             The weights' dtype, overriding ``precision`` (benchmarks, tests).
+        collab_tokens : bool
+            LLaRA-style collaborative tokens (:mod:`merlin_mllm.ranker.collab_tokens`; embedded
+            backend). Needs ``collab_embeddings`` (here or later, :meth:`set_collab_embeddings`),
+            whose size sets ``config.collab_dim``.
+        collab_embeddings : CollabEmbeddings, optional
+            The item embedding table of the collaborative tokens.
 
         Examples
         --------
@@ -285,9 +297,14 @@ class RankerModel(nn.Module):
             max_title_tokens=candidate_token_budget(candidate_text) if max_title_tokens is None else max_title_tokens,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
             candidate_text=candidate_text,
-            precision=precision,
+            precision=precision, collab_tokens=bool(collab_tokens),
         )
-        return assemble(cls, config, device=device, dtype=dtype, item_features=item_features)
+        if collab_embeddings is not None and not collab_tokens:
+            raise ValueError("collab_embeddings were given but collab_tokens is False")
+        if collab_embeddings is not None:
+            config.collab_dim = collab_embeddings.dim
+        return assemble(cls, config, device=device, dtype=dtype, item_features=item_features,
+                        collab_embeddings=collab_embeddings)
 
     @classmethod
     def from_pretrained(
@@ -314,10 +331,22 @@ class RankerModel(nn.Module):
             The weights' dtype, overriding any precision (benchmarks, tests).
         is_trainable : bool
             True to continue training (LoRA and projector get gradients).
+
+        A ranker with collaborative tokens reads its projector (``collab_projector.safetensors``)
+        and its item table (``collab_embeddings.safetensors``) from ``path``.
         """
-        config, adapter_dir, projector_file = saved_parts(Path(path), precision)
+        path = Path(path)
+        config, adapter_dir, projector_file = saved_parts(path, precision)
+        collab_file = table = None
+        if config.collab_tokens:
+            collab_file, table_file = path / COLLAB_PROJECTOR_FILE, path / COLLAB_EMBEDDINGS_FILE
+            for needed in (collab_file, table_file):
+                if not needed.is_file():
+                    raise FileNotFoundError(f"{needed} not found (the ranker was saved with collab_tokens)")
+            table = CollabEmbeddings.load(table_file)
         return assemble(cls, config, device=device, dtype=dtype, item_features=item_features,
-                        adapter_dir=adapter_dir, projector_file=projector_file, is_trainable=is_trainable)
+                        adapter_dir=adapter_dir, projector_file=projector_file, is_trainable=is_trainable,
+                        collab_projector_file=collab_file, collab_embeddings=table)
 
     def save_pretrained(self, path: Union[str, os.PathLike]) -> Path:
         """Write the adapter, the projector and the config into ``path`` (base weights are not copied).
@@ -333,6 +362,13 @@ class RankerModel(nn.Module):
         if self.projector is not None:
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.projector.state_dict().items()}
             save_file(state, str(path / PROJECTOR_FILE))
+        if self.collab_projector is not None:
+            state = {k: v.detach().to("cpu", torch.float32).contiguous()
+                     for k, v in self.collab_projector.state_dict().items()}
+            save_file(state, str(path / COLLAB_PROJECTOR_FILE))
+            if self.collab_embeddings is None:
+                raise ValueError("a ranker with collab_tokens is saved with its item table: set_collab_embeddings first")
+            self.collab_embeddings.save(path / COLLAB_EMBEDDINGS_FILE)
         self.config.write(path)
         return path
 
@@ -385,6 +421,20 @@ class RankerModel(nn.Module):
     def image_token_id(self) -> Optional[int]:
         return self.prompt.image_token_id
 
+    @property
+    def collab_embeddings(self) -> Optional[CollabEmbeddings]:
+        """The collaborative tokens' item embedding table (``config.collab_tokens``)."""
+        return self.backend.collab_embeddings
+
+    def set_collab_embeddings(self, table: CollabEmbeddings) -> None:
+        """Attach the collaborative tokens' item table; its size must be the projector's input."""
+        if not self.config.collab_tokens:
+            raise ValueError("this ranker was built without collab_tokens")
+        if table.dim != self.config.collab_dim:
+            raise ValueError(f"the item embedding table has {table.dim} dimensions; this ranker's collaborative "
+                             f"projector takes {self.config.collab_dim}")
+        self.backend.collab_embeddings = table
+
     def set_item_features(self, item_features: Optional[ItemImageFeatures]) -> None:
         """Attach the item image table (embedded backend)."""
         if item_features is not None:
@@ -401,7 +451,8 @@ class RankerModel(nn.Module):
         The projector trains from scratch, so it usually wants a larger rate than LoRA
         (LLaVA trains its projector at 1e-3); default: ``lr``.
         """
-        projector_ids = {id(p) for p in self.projector.parameters()} if self.projector is not None else set()
+        projectors = [m for m in (self.projector, self.collab_projector) if m is not None]
+        projector_ids = {id(p) for m in projectors for p in m.parameters()}
         lora = [p for p in self.trainable_parameters() if id(p) not in projector_ids]
         groups = []
         if lora:

@@ -75,7 +75,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from merlin_mllm.choices import PROMPT_VERSIONS
 from merlin_mllm.image_loading import is_missing, load_image
 from merlin_mllm.models import embedded
-from merlin_mllm.text import escape_untrusted, truncate_tokens
+from merlin_mllm.text import escape_untrusted, item_slot, item_token_id, split_item_slots, strip_item_slots, truncate_tokens
 
 __all__ = [
     "PROMPT_VERSION",
@@ -268,6 +268,11 @@ class RankerPrompt:
     version : str
         The prompt version (a key of :data:`merlin_mllm.choices.PROMPT_VERSIONS`; default
         :data:`PROMPT_VERSION`).
+    collab_tokens : bool
+        Collaborative tokens (:mod:`merlin_mllm.ranker.collab_tokens`): the summary's item slots
+        (:func:`merlin_mllm.text.item_slot`, written after each history title) become one token id
+        each, and one follows the candidate's title (its ``item_id``; cold without one). Off: a
+        prompt is exactly what it was before the setting.
 
     Examples
     --------
@@ -288,6 +293,7 @@ class RankerPrompt:
         max_summary_tokens: int = 384,
         max_title_tokens: int = 64,
         version: str = PROMPT_VERSION,
+        collab_tokens: bool = False,
     ):
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, not {image_mode!r}")
@@ -303,6 +309,7 @@ class RankerPrompt:
         self.system = system
         self.max_summary_tokens = int(max_summary_tokens)
         self.max_title_tokens = int(max_title_tokens)
+        self.collab_tokens = bool(collab_tokens)
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise ValueError("the tokenizer/processor has no chat template; the ranker prompt needs one")
         if image_mode == "placeholder":
@@ -346,6 +353,7 @@ class RankerPrompt:
         max_title_tokens: int = 64,
         num_image_tokens: int = 49,
         version: str = PROMPT_VERSION,
+        collab_tokens: bool = False,
     ) -> "RankerPrompt":
         """The prompt of a ranker built on ``base_model``, without loading any weights.
 
@@ -367,6 +375,8 @@ class RankerPrompt:
 
         options = dict(max_summary_tokens=max_summary_tokens, max_title_tokens=max_title_tokens,
                        num_image_tokens=num_image_tokens, version=version)
+        if collab_tokens:
+            options["collab_tokens"] = True
         if base_model in EMBEDDED_LLM_ALIASES:
             return cls.create(embedded_tokenizer(), image_mode="placeholder" if use_images else "none", **options)
         from transformers import AutoConfig, AutoTokenizer
@@ -389,11 +399,19 @@ class RankerPrompt:
     def clean_summary(self, summary: Any) -> str:
         """The summary as it enters the prompt: cut to ``max_summary_tokens``, then escaped."""
         text = "" if is_missing(summary) else str(summary).strip()
+        if self.collab_tokens:
+            # The item slots survive (cut to the budget with the text; a slot cut in half is
+            # dropped); the text between them is escaped as any other.
+            segments, items = split_item_slots(self._truncate(text, self.max_summary_tokens))
+            escaped = [escape_untrusted(segment, self.tokenizer) for segment in segments]
+            return escaped[0] + "".join(item_slot(i) + e for i, e in zip(items, escaped[1:]))
         return escape_untrusted(self._truncate(text, self.max_summary_tokens), self.tokenizer)
 
     def clean_title(self, title: Any) -> str:
         """The title as it enters the prompt: cut to ``max_title_tokens``, then escaped."""
         text = "" if is_missing(title) else str(title).strip()
+        if self.collab_tokens:
+            text = strip_item_slots(text)  # a title never places a collaborative token
         return escape_untrusted(self._truncate(text, self.max_title_tokens), self.tokenizer)
 
     def _messages(self, summary: str, title: str, with_image: bool) -> List[dict]:
@@ -422,7 +440,8 @@ class RankerPrompt:
             messages.append({"role": "user", "content": user_part + candidate_part + question})
         return messages
 
-    def render(self, summary: Any, title: Any, has_image: bool = False) -> Tuple[str, str]:
+    def render(self, summary: Any, title: Any, has_image: bool = False, item_id: Optional[int] = None
+               ) -> Tuple[str, str]:
         """The full prompt text (up to where the answer goes) and its user-part prefix text.
 
         Parameters
@@ -431,6 +450,8 @@ class RankerPrompt:
             Raw (untrusted) user summary and candidate title.
         has_image : bool
             Whether the candidate's image is shown (ignored in ``"none"`` mode).
+        item_id : int, optional
+            With ``collab_tokens``: the candidate's item, whose slot follows its title.
 
         Returns
         -------
@@ -438,7 +459,8 @@ class RankerPrompt:
             ``full_text.startswith(user_text)``.
         """
         with_image = bool(has_image) and self.image_mode != "none"
-        messages = self._messages(self.clean_summary(summary), self.clean_title(title), with_image)
+        title = self.clean_title(title) + (item_slot(item_id) if self.collab_tokens else "")
+        messages = self._messages(self.clean_summary(summary), title, with_image)
         template_owner = self.processor if self._list_content else self.tokenizer
         text = template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         at = text.find(self._split_marker)
@@ -449,9 +471,18 @@ class RankerPrompt:
     # ------------------------------------------------------------------ tokens
     def _text_ids(self, text: str) -> List[int]:
         # The chat template already wrote BOS/role markers: add nothing.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not self.collab_tokens:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        segments, items = split_item_slots(text)
+        ids = list(self.tokenizer(segments[0], add_special_tokens=False)["input_ids"]) if segments[0] else []
+        for item, segment in zip(items, segments[1:]):
+            ids.append(item_token_id(item))
+            if segment:
+                ids.extend(self.tokenizer(segment, add_special_tokens=False)["input_ids"])
+        return ids
 
-    def encode(self, summary: Any, title: Any, has_image: bool = False) -> EncodedPrompt:
+    def encode(self, summary: Any, title: Any, has_image: bool = False, item_id: Optional[int] = None
+               ) -> EncodedPrompt:
         """Token ids of one prompt, split where the user part ends.
 
         In ``"processor"`` mode this works for text-only prompts; prompts with images need the
@@ -462,11 +493,13 @@ class RankerPrompt:
         summary, title : str
         has_image : bool
             In ``"placeholder"`` mode, whether to insert the image placeholder tokens.
+        item_id : int, optional
+            With ``collab_tokens``: the candidate's item (its collaborative token follows the title).
         """
         with_image = bool(has_image) and self.image_mode != "none"
         if with_image and self.image_mode == "processor":
             raise ValueError("prompts with images in processor mode need the image: use encode_batch")
-        full_text, user_text = self.render(summary, title, with_image)
+        full_text, user_text = self.render(summary, title, with_image, item_id)
         full_ids = self._text_ids(full_text)
         prefix_len = common_prefix_length(self._text_ids(user_text), full_ids)
         self._check_image_tokens(full_ids, prefix_len, with_image, 0)
@@ -509,7 +542,7 @@ class RankerPrompt:
         if len(has_image) != len(candidates):
             raise ValueError(f"{len(has_image)} has_image flags for {len(candidates)} candidates")
         return PromptBatch([
-            self.encode(s, c.title, has_image=bool(shown))
+            self.encode(s, c.title, has_image=bool(shown), item_id=c.item_id if self.collab_tokens else None)
             for s, c, shown in zip(summaries, candidates, has_image)
         ])
 

@@ -8,6 +8,8 @@ model)::
     projector.safetensors      the image projector                 (PROJECTOR_FILE; embedded with images)
     item_images.safetensors    the item image table, next to it    (ITEM_IMAGES_FILE; training and serving)
     hybrid_head.safetensors    the hybrid's tabular head           (HEAD_FILE; a hybrid: merlin_mllm.ranker.hybrid_head)
+    collab_projector.safetensors  the collaborative tokens' projector  (COLLAB_PROJECTOR_FILE; collab_tokens)
+    collab_embeddings.safetensors the item embedding table, next to it (COLLAB_EMBEDDINGS_FILE; collab_tokens)
 
 These names are defined here only; training, evaluation and serving import them.
 """
@@ -34,6 +36,8 @@ __all__ = [
     "PROJECTOR_FILE",
     "ITEM_IMAGES_FILE",
     "HEAD_FILE",
+    "COLLAB_PROJECTOR_FILE",
+    "COLLAB_EMBEDDINGS_FILE",
     "LEGACY_HEAD_FILE",
     "EMBEDDED",
     "is_saved_ranker",
@@ -45,6 +49,8 @@ ADAPTER_DIR = "adapter"
 PROJECTOR_FILE = "projector.safetensors"
 ITEM_IMAGES_FILE = "item_images.safetensors"
 HEAD_FILE = "hybrid_head.safetensors"
+COLLAB_PROJECTOR_FILE = "collab_projector.safetensors"
+COLLAB_EMBEDDINGS_FILE = "collab_embeddings.safetensors"
 #: What folders saved before the hybrid had one name call the head (still read).
 LEGACY_HEAD_FILE = "fusion_head.safetensors"
 #: The embedded model's name, as ``base_model`` and as ``backend`` (the backend names are those
@@ -101,6 +107,12 @@ class RankerConfig:
         casts the language model's weights to it; training keeps LoRA and the projector in
         float32 and runs under bf16 autocast. "auto" is decided on the machine that loads the
         ranker. Configs saved before the setting hold "float32".
+    collab_tokens : bool
+        LLaRA-style collaborative tokens (:mod:`merlin_mllm.ranker.collab_tokens`): one soft token
+        after each history title and after the candidate's title, the projected item embedding of
+        that item (embedded backend). Configs saved before the setting hold False.
+    collab_dim : int
+        The item embeddings' size (the projector's input), set from the table when trained.
     """
 
     base_model: str = EMBEDDED
@@ -119,6 +131,8 @@ class RankerConfig:
     context_titles: int = 5
     candidate_text: str = "title"
     precision: str = DEFAULT_PRECISION
+    collab_tokens: bool = False
+    collab_dim: int = 64
     # Filled in when the model is built:
     prompt_version: str = PROMPT_VERSION
     yes_token_id: Optional[int] = None
@@ -176,6 +190,9 @@ class RankerConfig:
             raise ValueError(f"context_titles must be a positive integer, not {self.context_titles!r}")
         if self.candidate_text not in CANDIDATE_TEXTS:
             raise ValueError(f"candidate_text must be one of {tuple(CANDIDATE_TEXTS)}, not {self.candidate_text!r}")
+        if self.collab_tokens and self.backend != EMBEDDED:
+            raise ValueError(f"collab_tokens needs the embedded backend (the {self.backend} backend feeds token ids "
+                             "to its model, which cannot hold collaborative tokens)")
         if not self.zero_shot and self.lora_r < 1:
             raise ValueError(f"lora_r must be at least 1, not {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -42,6 +42,7 @@ from merlin_mllm.data.tables import read_table
 from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR, open_store
 from merlin_mllm.summaries.user_history import history_lists
 from merlin_mllm.summaries.user_store import history_summary_keys, recorded_config, stored_summary_texts
+from merlin_mllm.text import item_slot, strip_item_slots
 
 __all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "RECENT_TITLES", "is_store",
            "row_histories", "row_summaries", "user_context_texts", "recent_titles_text", "partial_block_rule",
@@ -149,15 +150,22 @@ def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> Lis
     return merged["user_summary"].astype(str).tolist()
 
 
-def recent_titles_text(history: Sequence[int], titles, last: int = 5) -> str:
+def recent_titles_text(history: Sequence[int], titles, last: int = 5, *, item_slots: bool = False) -> str:
     """``"Recently watched: A; B; C."``: the titles of the last ``last`` items of ``history``
-    (most recent last; ``titles`` maps item id -> title). An empty history gives ``""``."""
-    chosen = [str(titles[int(i)]) for i in list(history)[-int(last):]] if last > 0 else []
+    (most recent last; ``titles`` maps item id -> title). An empty history gives ``""``.
+    ``item_slots``: each title is followed by its item's collaborative-token slot
+    (:func:`merlin_mllm.text.item_slot`; ``RankerConfig.collab_tokens``)."""
+    shown = list(history)[-int(last):] if last > 0 else []
+    if item_slots:
+        chosen = [strip_item_slots(str(titles[int(i)])) + item_slot(int(i)) for i in shown]
+    else:
+        chosen = [str(titles[int(i)]) for i in shown]
     return RECENT_TITLES + "; ".join(chosen) + "." if chosen else ""
 
 
 def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, os.PathLike], rows: pd.DataFrame, *,
-                       context: str = "summary", titles: int = 5, partial_block: str = "summary") -> List[str]:
+                       context: str = "summary", titles: int = 5, partial_block: str = "summary",
+                       item_slots: bool = False) -> List[str]:
     """The text of each row's user part of the prompt, for the ranker's ``user_context``.
 
     Parameters
@@ -176,16 +184,22 @@ def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, 
         Titles per row for ``titles`` and ``both``.
     partial_block : {"summary", "titles"}
         Passed to :func:`row_summaries`.
+    item_slots : bool
+        A collaborative-token slot after each title (:func:`recent_titles_text`), for a ranker
+        with ``collab_tokens``; a summary's own text never holds one (slot characters are removed).
     """
     if context not in USER_CONTEXTS:
         raise ValueError(f"user context must be one of {USER_CONTEXTS}, not {context!r}")
     if context != "titles" and summaries is None:
         raise ValueError(f"user context {context!r} reads user summaries: give a summary store or table")
     summary = row_summaries(summaries, data_dir, rows, partial_block=partial_block) if context != "titles" else None
+    if item_slots and summary is not None:
+        summary = [strip_item_slots(s) for s in summary]
     if context == "summary":
         return summary
     items = prepared_tables(data_dir).items.set_index("item_id")["title"]
-    recent = [recent_titles_text(history, items, titles) for history in row_histories(data_dir, rows)]
+    recent = [recent_titles_text(history, items, titles, item_slots=item_slots)
+              for history in row_histories(data_dir, rows)]
     if context == "titles":
         return recent
     return [f"{s}\n\n{t}" if t else s for s, t in zip(summary, recent)]
