@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 
-from merlin_mllm.choices import (LOSSES, NEGATIVE_SAMPLING, PROMPT_VERSIONS, PROTOCOLS, SERVER_PROTOCOLS, TRAIN_TARGETS,
-                                 UNKNOWN_USER_POLICIES, USER_CONTEXTS, USER_SUMMARY_SOURCES)
+from merlin_mllm.choices import (CANDIDATE_TEXTS, LOSSES, NEGATIVE_SAMPLING, PROMPT_VERSIONS, PROTOCOLS, SERVER_PROTOCOLS,
+                                 TRAIN_TARGETS, UNKNOWN_USER_POLICIES, USER_CONTEXTS, USER_SUMMARY_SOURCES)
 from merlin_mllm.data.registry import DATASETS, datasets_help
 from merlin_mllm.doctor import run_checks
 from merlin_mllm.models.embedded import AssetNotInstalled
@@ -316,6 +316,8 @@ def train(
     user_context: str = typer.Option(TrainConfig.user_context, metavar="|".join(USER_CONTEXTS),
                                      help=TrainConfig.__dataclass_fields__["user_context"].metadata["help"]),
     context_titles: int = _train_option("context_titles"),
+    candidate_text: str = typer.Option(TrainConfig.candidate_text, metavar="|".join(CANDIDATE_TEXTS),
+                                       help=TrainConfig.__dataclass_fields__["candidate_text"].metadata["help"]),
     hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
     head_features: Optional[str] = typer.Option(
         None, help="Comma-separated feature columns of the hybrid's head (default with --hybrid: item_log_count, "
@@ -342,11 +344,14 @@ def train(
             lora_dropout=lora_dropout, projector_lr=projector_lr, max_steps=max_steps, max_length=max_length,
             seed=seed, devices=devices, strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
-            head_features=columns, precision=precision,
+            candidate_text=candidate_text, head_features=columns, precision=precision,
             **chosen,
         )
         if summaries is None and config.user_context != "titles":
             raise ValueError(f"--summaries is needed with --user-context {config.user_context} (only 'titles' reads none)")
+        if summaries is None and "summary" in config.candidate_text.split("+"):
+            raise ValueError(f"--summaries (the store `summarize items` wrote) is needed with --candidate-text "
+                             f"{config.candidate_text}")
         rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
         if rank0:
             typer.echo(f"recipe {recipe}: lr {config.lr:g}, micro-batches of {config.batch_size}, "

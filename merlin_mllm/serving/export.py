@@ -120,6 +120,7 @@ from merlin_mllm.serving.steps import (
 )
 from merlin_mllm.serving.ranker_step import RankerStep
 from merlin_mllm.serving.triton_configs import INPUTS, OUTPUTS, config_text, ensemble_config, features_config, ranker_config
+from merlin_mllm.summaries.candidates import CandidateText, ItemSummarySource, candidate_summaries
 from merlin_mllm.summaries.rows import recent_titles_text, user_context_texts
 from merlin_mllm.summaries.store import open_store
 from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
@@ -321,15 +322,22 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
     return table
 
 
-def item_table(data_dir, ranker) -> pd.DataFrame:
-    """``item_id``, ``title``, ``has_image`` of the whole catalogue (image flags from the ranker's table)."""
+def item_table(data_dir, ranker, item_summaries: Optional[ItemSummarySource] = None) -> pd.DataFrame:
+    """``item_id``, ``title``, ``has_image`` of the whole catalogue (image flags from the ranker's table).
+
+    ``title`` holds each item's candidate text, as the ranker's ``candidate_text`` makes it
+    (:meth:`merlin_mllm.summaries.candidates.CandidateText.for_ranker`, as in training and
+    evaluation): the title itself by default. ``item_summaries``: where the item summaries are,
+    for a candidate text that shows them.
+    """
     data = prepared_tables(data_dir)
     items = data.items
     missing = [c for c in (ITEM_COLUMN, TITLE_COLUMN) if c not in items.columns]
     if missing:
         raise ValueError(f"{data.folder / 'items'} lacks column(s) {missing}")
+    texts = CandidateText.for_ranker(ranker, item_summaries).texts(items, where=str(data.folder / "items"))
     frame = pd.DataFrame({ITEM_COLUMN: items[ITEM_COLUMN].astype(np.int64),
-                          TITLE_COLUMN: items[TITLE_COLUMN].fillna("").astype(str)})
+                          TITLE_COLUMN: texts.fillna("").astype(str)})
     table = ranker.item_features
     if ranker.config.use_images and ranker.prompt.image_mode == "placeholder" and table is not None:
         frame[IMAGE_COLUMN] = table.has_image_for(torch.as_tensor(frame[ITEM_COLUMN].to_numpy())).numpy()
@@ -496,6 +504,7 @@ def export(
     scoring_batch_size: Optional[int] = None,
     events: Union[None, str, os.PathLike, pd.DataFrame] = None,
     recent_days: Optional[float] = None,
+    item_summaries: Optional[ItemSummarySource] = None,
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Write the Triton ensemble repository that serves ``model_dir`` (see the module docstring).
@@ -576,6 +585,9 @@ def export(
     recent_days : float, optional
         Only for a hybrid: the collaborative features' recent window (default: the one the saved
         head records, its training features').
+    item_summaries : store folder or item id -> text, optional
+        For a ranker whose ``candidate_text`` shows item summaries: where they are (every
+        catalogue item needs one). Default: ``summaries`` when it is a summary store folder.
     progress : bool
         Show progress bars (item image encoding, when the model folder lacks the table).
 
@@ -625,7 +637,7 @@ def export(
         precision = check_precision(precision) if precision is not None else RankerConfig.read(model_dir).precision
         users = user_summary_table(summaries, data, user_summaries, context=ranker.config.user_context,
                                    titles=ranker.config.context_titles)
-        items = item_table(data, ranker)
+        items = item_table(data, ranker, candidate_summaries(summaries, item_summaries))
         workflow = fit_prompt_workflow(ranker, items, max_length)
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
         features_dir = _write_model(staging, FEATURES_MODEL, features_config(max_batch_size, cpu_instances, n_head),
@@ -654,7 +666,8 @@ def export(
                        "max_batch_size": int(max_batch_size)},
             "ranker": {"kind": "KIND_GPU" if gpu else "KIND_CPU", "instances": int(gpu_instances if gpu else cpu_instances),
                        "dynamic_batching": bool(dynamic_batching), "max_batch_delay_us": int(max_batch_delay_us),
-                       "precision": precision, "base_model": ranker.config.base_model, "use_images": bool(ranker.config.use_images)},
+                       "precision": precision, "base_model": ranker.config.base_model, "use_images": bool(ranker.config.use_images),
+                       "candidate_text": ranker.config.candidate_text},
             "features": {"instances": int(cpu_instances), "users": len(users), "items": len(items),
                          "items_with_image": int(items[IMAGE_COLUMN].sum()), "user_summaries": user_summaries,
                          "unknown_users": unknown_users, "max_prompt_tokens": max_length,

@@ -8,7 +8,8 @@ exactly this code, so Triton and in-process serving give the same scores.
 Feature step (``mllm_features``), folder layout::
 
     users.parquet     user_id int64, user_summary str   (one summary per known user)
-    items.parquet     item_id int64 (sorted), title str, has_image bool
+    items.parquet     item_id int64 (sorted), title str, has_image bool (``title``: the ranker's
+                      candidate text, made at export as training made it; the title by default)
     workflow/         the fitted NVTabular workflow (Workflow.save):
                       [user_summary, title, has_image] >> TokenizePrompt, plus item_id
     features.json     limits (max_candidates, top_k_default), the cold-start summary and the
@@ -103,7 +104,8 @@ RETRIEVAL_INPUT = "retrieval_scores"
 #: The tensor from the feature step to the ranker step of a hybrid: (candidates, head features).
 HEAD_FEATURES_INPUT = "head_features"
 
-#: Column names of the rows the workflow tokenizes.
+#: Column names of the rows the workflow tokenizes (TITLE_COLUMN holds each item's candidate text:
+#: the title unless the ranker's ``candidate_text`` adds attributes or a summary).
 SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN, ITEM_COLUMN = "user_summary", "title", "has_image", "item_id"
 PROMPT_COLUMN = "prompt_ids"
 

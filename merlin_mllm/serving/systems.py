@@ -93,6 +93,7 @@ from merlin_mllm.serving.export import (
     user_summary_table,
 )
 from merlin_mllm.serving.ranker_step import RankerStep
+from merlin_mllm.summaries.candidates import candidate_summaries
 from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
 
 __all__ = ["MLLMRerank", "PythonOnlyRuntime", "export_python_only"]
@@ -212,7 +213,7 @@ class MLLMRerank(BaseOperator):
         with tempfile.TemporaryDirectory() as cache:
             ranker = load_export_ranker(model_dir, data_dir, cache_dir=Path(cache), device=target,
                                         precision=precision)
-        items = item_table(data_dir, ranker)
+        items = item_table(data_dir, ranker, candidate_summaries(summaries))
         users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
                                    titles=ranker.config.context_titles)
         limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=self.top_k)
