@@ -2,9 +2,9 @@
 
 Pipeline (every step on the Merlin stack)::
 
-    data_dir/{train,valid}  + items/ (title, image_path) + user summaries (store)
-        -> pandas rows: user_summary, title, has_image, item_id, group_id, label
-        -> nvt.Workflow: [user_summary, title, has_image] >> TokenizePrompt  (+ item_id, group_id, label)
+    data_dir/{train,valid}  + items/ (title, attributes, image_path) + user summaries (store)
+        -> pandas rows: user_summary, candidate_text, has_image, item_id, group_id, label
+        -> nvt.Workflow: [user_summary, candidate_text, has_image] >> TokenizePrompt  (+ item_id, group_id, label)
         -> merlin.io.Dataset -> merlin.dataloader.torch.Loader (one shard per DDP rank)
         -> RankerMerlinModel = mm.Model(RankerBlock(ranker), YesNoOutput(label))
         -> pytorch_lightning.Trainer (checkpoints, resume, gradient accumulation, DDP)
