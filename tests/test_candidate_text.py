@@ -130,6 +130,27 @@ def test_unknown_option_and_missing_summaries_are_clear_errors(items, store, tmp
         CandidateText("summary", item_summaries=partial).texts(items, where="data/items")
 
 
+def test_train_cli_takes_the_candidate_text(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import merlin_mllm.pipelines.training as training
+    from merlin_mllm.cli import app
+
+    seen = []
+    monkeypatch.setattr(training, "train_ranker", lambda data, summaries, out, config, features, progress:
+                        seen.append(config) or out)
+    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--user-context", "titles"]
+    runner = CliRunner()
+    result = runner.invoke(app, base + ["--candidate-text", "title+attributes"])
+    assert result.exit_code == 0, result.output
+    assert seen.pop().candidate_text == "title+attributes"
+    assert runner.invoke(app, base).exit_code == 0 and seen.pop().candidate_text == "title"
+    result = runner.invoke(app, base + ["--candidate-text", "title+summary"])
+    assert result.exit_code == 2 and "--summaries (the store `summarize items` wrote) is needed" in result.output
+    result = runner.invoke(app, base + ["--candidate-text", "genres"])
+    assert result.exit_code == 2 and "candidate_text must be one of" in result.output
+
+
 @pytest.mark.slow
 def test_train_evaluate_export_show_the_same_candidate_text(prepared, store, tmp_path):
     """The candidate text training recorded reaches evaluation and the served ranker: the served
