@@ -13,6 +13,7 @@ import configparser
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -100,6 +102,39 @@ def test_constraints_pin_every_dependency_inside_its_range(stack):
             lower = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "~=")]
             assert lower == [pins[name]], (
                 f"pyproject's {requirement} should have the lower bound constraints/min.txt tests: {pins[name]}")
+
+
+README_SECTION = "## Add it to an existing Merlin environment"
+
+
+def readme_ranges() -> dict[str, str]:
+    """The README's table of supported ranges: package name -> the range it states."""
+    text = (REPO / "README.md").read_text()
+    assert README_SECTION in text, f"README.md lacks the section {README_SECTION!r}"
+    section = text.split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+    ranges = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].startswith("`"):
+            continue
+        packages = cells[0].split(" (extra", 1)[0]
+        for name in re.findall(r"`([^`]+)`", packages):
+            ranges[canonicalize_name(Requirement(name).name)] = cells[1].strip("`")
+    return ranges
+
+
+def test_readme_states_the_declared_ranges():
+    stated = readme_ranges()
+    declared = {canonicalize_name(r.name): r for group in declared_requirements().values() for r in group}
+    for name, spec in stated.items():
+        assert name in declared, f"README.md states a range for {name}, which pyproject.toml does not declare"
+        assert SpecifierSet(spec) == declared[name].specifier, (
+            f"README.md says {name} {spec}; pyproject.toml declares {declared[name]}")
+    # Every upper bound is a known break a user must hear about; torch and transformers are the
+    # ones a Merlin environment already has.
+    capped = {name for name, r in declared.items() if any(s.operator in ("<", "<=", "~=") for s in r.specifier)}
+    missing = sorted((capped | {"torch", "transformers"}) - set(stated))
+    assert not missing, f"README.md's table of ranges lacks {missing}"
 
 
 @pytest.fixture(scope="module")
