@@ -204,8 +204,9 @@ def test_schema_tags_and_dtypes_read_back(paper):
     assert set(rows.select_by_tag(Tags.TIME).column_names) == {"timestamp"}
     assert rows["item_id"].properties["domain"]["max"] == report["kept"]["items"] == len(tables["items"])
     items = read_schema(out / "items")
-    assert set(items.select_by_tag(Tags.TEXT).column_names) == {"title", "description", "genres"}
-    assert all(items[name].dtype.name == "str" for name in ("item_key", "title", "description", "genres", "image_path"))
+    assert set(items.select_by_tag(Tags.TEXT).column_names) == {"title", "description", "attributes", "genres"}
+    assert all(items[name].dtype.name == "str"
+               for name in ("item_key", "title", "description", "attributes", "genres", "image_path"))
     assert set(read_schema(out / "events").select_by_tag(Tags.TIME).column_names) == {"timestamp"}
     for name in ("train", "valid", "test", "events"):
         assert tables[name]["user_id"].dtype == np.int64 and tables[name]["item_id"].dtype == np.int64
@@ -224,6 +225,7 @@ def test_items_table_text(paper):
         year = raw_items.loc[key, "release_year"]
         assert items.loc[key, "title"] == f"{raw_items.loc[key, 'movie_title']} ({year})"  # as u.item writes it
         assert items.loc[key, "description"] == f"Genres: {genres}. Released {year}."
+        assert items.loc[key, "attributes"] == items.loc[key, "description"]  # ML-100k's only item text
         assert items.loc[key, "year"] == int(year)
     # Exactly the items the output refers to are listed: kept events and rows (negatives are
     # drawn from the whole k-core, so some come from outside the chosen users' events).
