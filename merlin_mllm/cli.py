@@ -318,6 +318,8 @@ def train(
     context_titles: int = _train_option("context_titles"),
     candidate_text: str = typer.Option(TrainConfig.candidate_text, metavar="|".join(CANDIDATE_TEXTS),
                                        help=TrainConfig.__dataclass_fields__["candidate_text"].metadata["help"]),
+    collab_tokens: bool = typer.Option(False, "--collab-tokens",
+                                       help=TrainConfig.__dataclass_fields__["collab_tokens"].metadata["help"]),
     hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
     head_features: Optional[str] = typer.Option(
         None, help="Comma-separated feature columns of the hybrid's head (default with --hybrid: item_log_count, "
@@ -344,7 +346,7 @@ def train(
             lora_dropout=lora_dropout, projector_lr=projector_lr, max_steps=max_steps, max_length=max_length,
             seed=seed, devices=devices, strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
-            candidate_text=candidate_text, head_features=columns, precision=precision,
+            candidate_text=candidate_text, collab_tokens=collab_tokens, head_features=columns, precision=precision,
             **chosen,
         )
         if summaries is None and config.user_context != "titles":
