@@ -37,15 +37,17 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import pandas as pd
 
 from merlin_mllm.choices import USER_CONTEXTS
+from merlin_mllm.data.attributes import item_attributes
 from merlin_mllm.data.splits import prepared_tables
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.summaries.store import MARKER_FILE, SEGMENT_DIR, open_store
-from merlin_mllm.summaries.user_history import history_lists
+from merlin_mllm.summaries.user_history import history_lists, history_rating_lists, rating_text
 from merlin_mllm.summaries.user_store import history_summary_keys, recorded_config, stored_summary_texts
 from merlin_mllm.text import item_slot, strip_item_slots
 
 __all__ = ["SummarySource", "PARTIAL_BLOCKS", "SINCE_BOUNDARY", "RECENT_TITLES", "is_store",
-           "row_histories", "row_summaries", "user_context_texts", "recent_titles_text", "partial_block_rule",
+           "row_histories", "row_history_ratings", "row_summaries", "user_context_texts", "recent_titles_text",
+           "context_details", "item_attribute_texts", "partial_block_rule",
            "recent_titles_summaries"]
 
 #: Where user summaries come from: a store folder, a summary table (path or DataFrame) or a callable.
@@ -73,6 +75,21 @@ def row_histories(data_dir: Union[str, os.PathLike], rows: pd.DataFrame) -> List
     return [tuple(h) for h in history_lists(events, rows["user_id"], rows["target_position"])]
 
 
+def row_history_ratings(data_dir: Union[str, os.PathLike], rows: pd.DataFrame,
+                        histories: Optional[Sequence[Sequence[int]]] = None) -> List[Tuple[Optional[float], ...]]:
+    """Each row's history ratings: the rating of each history item at its own event, read from
+    ``events/`` rows with ``position < target_position`` (strictly before the row's time).
+
+    ``histories`` (default :func:`row_histories`) are checked to be those same events' items.
+    Raises ``ValueError`` when the dataset has no ratings or a history does not match its events.
+    """
+    if "target_position" not in rows.columns:
+        raise ValueError("rows need target_position to read their history's ratings")
+    histories = row_histories(data_dir, rows) if histories is None else histories
+    events = prepared_tables(data_dir).events
+    return [tuple(r) for r in history_rating_lists(events, rows["user_id"], rows["target_position"], histories)]
+
+
 def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame, partial_block: str = "summary") -> List[str]:
     """Each row's user summary from the store: the chain over its own history (items before the
     target); with ``partial_block="titles"`` the chain up to its last block boundary plus titles."""
@@ -83,26 +100,32 @@ def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame, partial_blo
             f"{path}: the store holds no user summaries; run "
             f"`merlin-mllm summarize users --data {data_dir} --summaries {path}` first"
         )
-    histories = row_histories(data_dir, rows)
+    # A history is (item ids, their ratings): ratings-aware summaries are keyed by both, each
+    # rating read from the item's own event before the row (row_history_ratings).
+    items_of = row_histories(data_dir, rows)
+    rated = row_history_ratings(data_dir, rows, items_of) if config.ratings else [()] * len(items_of)
+    histories = [(h, tuple(r)) for h, r in zip(items_of, rated)]
     tails: dict = {}
     if partial_block == "titles":
         if config.mode != "recurrent":
             raise ValueError(f"{path}: partial_block='titles' reads the recurrent chain's block boundaries, but the "
                              f"store's user summaries are {config.mode!r} (one prompt per history)")
         k = int(config.block_size)
-        tails = {h: h[len(h) - len(h) % k:] for h in set(histories)}
-        lookup = {h: h[: len(h) - len(tails[h])] for h in tails}
+        tails = {h: h[0][len(h[0]) - len(h[0]) % k:] for h in set(histories)}
+        lookup = {h: (h[0][: len(h[0]) - len(tails[h])], h[1][: len(h[0]) - len(tails[h])] if h[1] else ())
+                  for h in tails}
     else:
         lookup = {h: h for h in set(histories)}
     unique = list(set(lookup.values()))
-    keys = dict(zip(unique, history_summary_keys(store, data_dir / "items", unique, config)))
+    keys = dict(zip(unique, history_summary_keys(store, data_dir / "items", [h for h, _ in unique], config,
+                                                 ratings=[r for _, r in unique] if config.ratings else None)))
     missing = [h for h, k in keys.items() if k is not None and k not in store]
     if missing:
         example = rows.loc[[lookup[h] == missing[0] for h in histories], "user_id"].iloc[0]
         what = "block-boundary summary" if partial_block == "titles" else "stored summary"
         raise ValueError(
             f"{path}: {len(missing)} row histories have no {what} (e.g. user {int(example)}, "
-            f"{len(missing[0])} history items); run `merlin-mllm summarize users --data {data_dir} --summaries {path}`"
+            f"{len(missing[0][0])} history items); run `merlin-mllm summarize users --data {data_dir} --summaries {path}`"
         )
     texts = dict(zip(keys, stored_summary_texts(store, list(keys.values()))))
     if not tails or not any(tails.values()):
@@ -115,7 +138,7 @@ def _store_summaries(path: Path, data_dir: Path, rows: pd.DataFrame, partial_blo
             continue
         since = SINCE_BOUNDARY + "; ".join(str(titles[int(i)]) for i in tails[h]) + "."
         # A history shorter than one block has no boundary summary: the titles alone.
-        out.append(f"{texts[lookup[h]]} {since}" if lookup[h] else since)
+        out.append(f"{texts[lookup[h]]} {since}" if lookup[h][0] else since)
     return out
 
 
@@ -150,22 +173,55 @@ def _table_summaries(table: pd.DataFrame, rows: pd.DataFrame, where: str) -> Lis
     return merged["user_summary"].astype(str).tolist()
 
 
-def recent_titles_text(history: Sequence[int], titles, last: int = 5, *, item_slots: bool = False) -> str:
+def recent_titles_text(history: Sequence[int], titles, last: int = 5, *, item_slots: bool = False,
+                       ratings: Optional[Sequence[Optional[float]]] = None, attributes=None) -> str:
     """``"Recently watched: A; B; C."``: the titles of the last ``last`` items of ``history``
     (most recent last; ``titles`` maps item id -> title). An empty history gives ``""``.
     ``item_slots``: each title is followed by its item's collaborative-token slot
-    (:func:`merlin_mllm.text.item_slot`; ``RankerConfig.collab_tokens``)."""
-    shown = list(history)[-int(last):] if last > 0 else []
-    if item_slots:
-        chosen = [strip_item_slots(str(titles[int(i)])) + item_slot(int(i)) for i in shown]
-    else:
-        chosen = [str(titles[int(i)]) for i in shown]
+    (:func:`merlin_mllm.text.item_slot`; ``RankerConfig.collab_tokens``).
+
+    ``ratings`` (one per history item, ``None`` where it has none) and ``attributes`` (item id ->
+    catalogue attributes text) add, in brackets after each title, its attributes and its rating:
+    ``"Toy Story (1995) (Genres: Animation, Comedy. Released 1995; rated 5/5)"``. Without them
+    the text is the titles alone, as it always was.
+    """
+    history = list(history)
+    if ratings is not None and len(ratings) != len(history):
+        raise ValueError(f"{len(ratings)} ratings for a history of {len(history)} items")
+    start = max(0, len(history) - int(last)) if last > 0 else len(history)
+    chosen = []
+    for position in range(start, len(history)):
+        item = int(history[position])
+        title = strip_item_slots(str(titles[item])) + item_slot(item) if item_slots else str(titles[item])
+        details = []
+        if attributes is not None and str(attributes[item]).strip():
+            details.append(str(attributes[item]).strip().rstrip("."))
+        if ratings is not None and ratings[position] is not None:
+            details.append(rating_text(ratings[position]))
+        chosen.append(f"{title} ({'; '.join(details)})" if details else title)
     return RECENT_TITLES + "; ".join(chosen) + "." if chosen else ""
+
+
+def context_details(data_dir: Union[str, os.PathLike], rows: pd.DataFrame, histories: Sequence[Sequence[int]], *,
+                    ratings: bool = False, attributes: bool = False) -> Tuple[Optional[list], Optional[pd.Series]]:
+    """What the titles context shows beside each title: each row's history ratings
+    (:func:`row_history_ratings`, from the row's own events before its time) and the items'
+    catalogue attributes (:func:`merlin_mllm.data.attributes.item_attributes`); ``None`` for
+    what is not asked."""
+    rated = row_history_ratings(data_dir, rows, histories) if ratings else None
+    return rated, (item_attribute_texts(data_dir) if attributes else None)
+
+
+def item_attribute_texts(data_dir: Union[str, os.PathLike]) -> pd.Series:
+    """Each item's catalogue attributes text, indexed by item id."""
+    items = prepared_tables(data_dir).items
+    return pd.Series(item_attributes(items, where=f"{Path(data_dir) / 'items'}").to_numpy(),
+                     index=items["item_id"].astype("int64").to_numpy())
 
 
 def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, os.PathLike], rows: pd.DataFrame, *,
                        context: str = "summary", titles: int = 5, partial_block: str = "summary",
-                       item_slots: bool = False) -> List[str]:
+                       item_slots: bool = False, ratings: bool = False, attributes: bool = False) -> List[str]:
     """The text of each row's user part of the prompt, for the ranker's ``user_context``.
 
     Parameters
@@ -187,6 +243,10 @@ def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, 
     item_slots : bool
         A collaborative-token slot after each title (:func:`recent_titles_text`), for a ranker
         with ``collab_tokens``; a summary's own text never holds one (slot characters are removed).
+    ratings, attributes : bool
+        With ``titles`` and ``both``: show each title's rating (from the row's own events before
+        its time; the dataset needs ratings) and its catalogue attributes
+        (:func:`recent_titles_text`). Off by default: the titles alone.
     """
     if context not in USER_CONTEXTS:
         raise ValueError(f"user context must be one of {USER_CONTEXTS}, not {context!r}")
@@ -198,8 +258,11 @@ def user_context_texts(summaries: Optional[SummarySource], data_dir: Union[str, 
     if context == "summary":
         return summary
     items = prepared_tables(data_dir).items.set_index("item_id")["title"]
-    recent = [recent_titles_text(history, items, titles, item_slots=item_slots)
-              for history in row_histories(data_dir, rows)]
+    histories = row_histories(data_dir, rows)
+    rated, facts = context_details(data_dir, rows, histories, ratings=ratings, attributes=attributes)
+    recent = [recent_titles_text(history, items, titles, item_slots=item_slots,
+                                 ratings=None if rated is None else rated[row], attributes=facts)
+              for row, history in enumerate(histories)]
     if context == "titles":
         return recent
     return [f"{s}\n\n{t}" if t else s for s, t in zip(summary, recent)]

@@ -76,7 +76,7 @@ from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.models.loading import model_id_of
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import SummaryStore
-from merlin_mllm.summaries.user_history import history_lists, read_items
+from merlin_mllm.summaries.user_history import RATING_COLUMN, history_lists, history_rating_lists, read_items
 from merlin_mllm.summaries.user_store import record_config, resolve_config
 from merlin_mllm.summaries.user_summarizer import DEFAULT_BLOCK_SIZE, UserSummarizer, UserSummaryConfig
 from merlin_mllm.text import TokenBudgets
@@ -96,6 +96,8 @@ def summarize_users(
     progress: bool = True,
     on_unknown_item: str = "error",
     budgets: TokenBudgets = TokenBudgets(),
+    ratings: bool = False,
+    max_history: int = 0,
 ) -> SummaryReport:
     """Summarise every row history of ``splits`` and every user's full history into the store.
 
@@ -123,6 +125,11 @@ def summarize_users(
         Greedy by default.
     budgets : TokenBudgets
         Token budgets of the prompt's texts (recorded in every key).
+    ratings : bool
+        Ratings-aware summaries (``UserSummaryConfig.ratings``): each history line shows the
+        user's rating from its own event before the row; needs a ``rating`` column in ``events/``.
+    max_history : int
+        History depth (``UserSummaryConfig.max_history``): 0 summarises whole histories.
 
     Returns
     -------
@@ -135,8 +142,9 @@ def summarize_users(
     >>> print(report)
     """
     run = UserSummaryRun(data_dir, summaries, splits=splits, model=model, block_size=block_size, mode=mode,
-                         settings=settings, progress=progress, on_unknown_item=on_unknown_item, budgets=budgets)
-    run.summarizer.summarize(run.histories, run.report, run.labels)
+                         settings=settings, progress=progress, on_unknown_item=on_unknown_item, budgets=budgets,
+                         ratings=ratings, max_history=max_history)
+    run.summarizer.summarize(run.histories, run.report, run.labels, ratings=run.ratings)
     return run.finish()
 
 
@@ -153,28 +161,33 @@ class UserSummaryRun:
     Example
     -------
     >>> run = UserSummaryRun("data/ml100k", "data/summaries")
-    >>> run.summarizer.summarize(run.histories, run.report, run.labels)
+    >>> run.summarizer.summarize(run.histories, run.report, run.labels, ratings=run.ratings)
     >>> report = run.finish()
     """
 
     def __init__(self, data_dir, summaries, *, splits: Sequence[str] = ("train", "valid", "test"), model=None,
                  block_size: int = DEFAULT_BLOCK_SIZE, mode: str = "recurrent",
                  settings: GenerationSettings = GenerationSettings(), progress: bool = True,
-                 on_unknown_item: str = "error", budgets: TokenBudgets = TokenBudgets()):
+                 on_unknown_item: str = "error", budgets: TokenBudgets = TokenBudgets(), ratings: bool = False,
+                 max_history: int = 0):
         self.data_dir = data_dir = Path(data_dir)
         self.store = store = SummaryStore(summaries)
-        self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings, budgets)
+        self.config = UserSummaryConfig(model_id_of(model), int(block_size), mode, settings, budgets, ratings,
+                                        int(max_history))
         # Lazy: merlin.io (under data.tables) is a heavy import, and only the readers need it.
         from merlin_mllm.data.tables import read_named_table
 
         items = read_items(data_dir / "items")
-        events = read_named_table(data_dir / "events", "events table", ["user_id", "item_id", "position"])
+        events = read_named_table(data_dir / "events", "events table",
+                                  ["user_id", "item_id", "position"] + ([RATING_COLUMN] if ratings else []))
         self.summarizer = UserSummarizer(store, items, self.config, model=model, progress=progress,
                                          on_unknown_item=on_unknown_item)
         self.report = report = SummaryReport()
         self.histories: List[Tuple[int, ...]] = []
         self.users: List[int] = []
         self.labels: List[str] = []
+        #: Per history, each item's rating at its own event (ratings-aware runs only, else None).
+        self.ratings: Optional[List[Tuple[Optional[float], ...]]] = [] if ratings else None
         for split in splits:
             path = data_dir / split
             rows = read_named_table(path, f"{split} rows", ["user_id"])
@@ -186,31 +199,53 @@ class UserSummaryRun:
                 raise ValueError(f"{path}: rows need history_item_ids or target_position")
             report.rows += len(rows)
             report.empty_histories += sum(1 for h in lists if len(h) == 0)
+            if ratings:
+                # Each item's rating at its own event, of the events strictly before the row's target.
+                if "target_position" not in rows.columns:
+                    raise ValueError(f"{path}: ratings-aware summaries need the rows' target_position")
+                rated = history_rating_lists(events, rows["user_id"], rows["target_position"], lists)
+            else:
+                rated = [()] * len(lists)
             # Rows of one group share a history: summarise each distinct (user, history) once.
-            for user, history in sorted({(int(u), tuple(int(i) for i in h)) for u, h in zip(rows["user_id"], lists)}):
-                self._add(user, history, f"{path} (user {user})")
+            distinct = {(int(u), tuple(int(i) for i in h), tuple(r)) for u, h, r in zip(rows["user_id"], lists, rated)}
+            for user, history, history_ratings in sorted(distinct, key=lambda t: t[:2]):
+                self._add(user, history, f"{path} (user {user})", history_ratings if ratings else None)
 
         self.full: Dict[int, Tuple[int, ...]] = {}
         if mode == "recurrent":
             ordered = events.sort_values(["user_id", "position"], kind="stable")
-            raw = {int(u): tuple(int(i) for i in g["item_id"]) for u, g in ordered.groupby("user_id", sort=True)}
-            cleaned = self.summarizer._clean_histories(list(raw.values()), report,
-                                                       [f"{data_dir / 'events'} (user {u})" for u in raw])
+            groups = list(ordered.groupby("user_id", sort=True))
+            raw = {int(u): tuple(int(i) for i in g["item_id"]) for u, g in groups}
+            labels = [f"{data_dir / 'events'} (user {u})" for u in raw]
+            self.full_ratings: Dict[int, Optional[Tuple[Optional[float], ...]]] = dict.fromkeys(raw)
+            if ratings:
+                raw_ratings = [tuple(None if pd.isna(r) else float(r) for r in g[RATING_COLUMN]) for _, g in groups]
+                cleaned, cleaned_ratings = self.summarizer._clean_histories(list(raw.values()), report, labels, raw_ratings)
+                self.full_ratings = dict(zip(raw, cleaned_ratings))
+            else:
+                cleaned = self.summarizer._clean_histories(list(raw.values()), report, labels)
             self.full = dict(zip(raw, cleaned))
             for user, history in self.full.items():
                 # Only full blocks: a user's recorded chain ends at the last block boundary.
-                self._add(user, history[: len(history) - len(history) % block_size], f"{data_dir / 'events'} (user {user})")
+                end = len(history) - len(history) % block_size
+                user_ratings = self.full_ratings[user]
+                self._add(user, history[:end], f"{data_dir / 'events'} (user {user})",
+                          user_ratings[:end] if user_ratings is not None else None)
 
-    def _add(self, user: int, history: Tuple[int, ...], label: str) -> None:
+    def _add(self, user: int, history: Tuple[int, ...], label: str,
+             ratings: Optional[Tuple[Optional[float], ...]] = None) -> None:
         self.users.append(user)
         self.histories.append(history)
         self.labels.append(label)
+        if self.ratings is not None:
+            self.ratings.append(ratings)
 
     def finish(self) -> SummaryReport:
         """Record the users' states and this run's configuration; close the store; the report."""
         if self.full:
             self.store.refresh()
-            self.store.put_user_states(self.summarizer.boundary_state(u, h) for u, h in self.full.items())
+            self.store.put_user_states(self.summarizer.boundary_state(u, h, ratings=self.full_ratings[u])
+                                       for u, h in self.full.items())
         # Both modes: readers of the store (train_ranker, evaluate_ranker, the Triton export) rebuild
         # each row's summary key from this config. update_users refuses a direct one.
         record_config(self.store, self.config, items_path=self.data_dir / "items")
@@ -262,6 +297,12 @@ def update_users(
             "whole history, MLLM-MSR_R), which keeps no chain to extend; update_users continues "
             "recurrent summaries only: re-run summarize_users(mode='direct') on the longer histories"
         )
+    if config.ratings or config.max_history:
+        # A user state keeps item ids only, not the ratings its pending items need; and a depth
+        # moves the chain's start as the history grows, which an append cannot follow.
+        raise ValueError(f"the store {store.path} holds user summaries with ratings={config.ratings}, max_history="
+                         f"{config.max_history}, which update_users does not extend yet: re-run summarize_users "
+                         "with the same settings on the longer events")
     events_path = Path(events_path)
     from merlin_mllm.data.tables import read_named_table  # lazy: see UserSummaryRun
 

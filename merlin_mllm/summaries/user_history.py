@@ -3,6 +3,8 @@
 - :func:`read_items` reads the item table (once per process and file version);
 - :func:`history_lists` / :func:`add_history_item_ids` build each row's history from the
   ``events`` table: the user's items strictly before the row's target, in time order;
+- :func:`history_rating_lists` gives each history item's rating at its own event (same rows,
+  same order), and :func:`rated_line` / :func:`rating_text` how a rating is shown;
 - :class:`ItemTexts` gives each history item's prompt line: its stored item summary after its
   title, else title + description, cut to the token budgets.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,10 @@ from merlin_mllm.summaries.store import ITEM_REF_NAMESPACE, SummaryStore
 from merlin_mllm.text import TokenBudgets, fits_by_bytes, truncate_tokens
 
 _ITEM_TABLES: Dict[Tuple[str, float], pd.DataFrame] = {}
+#: The rating scale's top: the datasets with ratings (ML-100k, the Amazon reviews) rate 1 to 5.
+RATING_SCALE = 5
+#: The events column that holds an explicit rating (optional in the data contract).
+RATING_COLUMN = "rating"
 
 
 def read_items(items: Union[str, os.PathLike, pd.DataFrame]) -> pd.DataFrame:
@@ -86,6 +92,63 @@ def history_lists(events: pd.DataFrame, user_ids: Sequence[int], target_position
         positions, items = by_user.get(int(user), empty)
         out.append(items[: np.searchsorted(positions, target, side="left")].astype("int64").tolist())
     return out
+
+
+def history_rating_lists(events: pd.DataFrame, user_ids: Sequence[int], target_positions: Sequence[int],
+                         histories: Optional[Sequence[Sequence[int]]] = None) -> List[List[Optional[float]]]:
+    """Each row's history ratings: the ``rating`` of each of the user's events with
+    ``position < target_position``, in order (``None`` where an event has none).
+
+    Each rating is read from the history item's own event (by position, so never from a later
+    event of the same item), and only from events strictly before the row's time.
+
+    Parameters
+    ----------
+    events : DataFrame
+        ``user_id``, ``item_id``, ``position`` and ``rating`` (the ``events/`` table).
+    user_ids, target_positions : sequences
+        One entry per row.
+    histories : sequences of item ids, optional
+        The rows' ``history_item_ids``: checked to be the same events' items, so each rating
+        belongs to the item shown beside it.
+
+    Raises
+    ------
+    ValueError
+        When ``events`` has no ``rating`` column, a rating lies outside 1..RATING_SCALE, or a
+        row's history is not its events before the target (naming the row's user).
+    """
+    if RATING_COLUMN not in events.columns:
+        raise ValueError(f"the events table has no {RATING_COLUMN!r} column: this dataset has no ratings to show")
+    rated = events[RATING_COLUMN].dropna()
+    bad = rated[(rated < 1) | (rated > RATING_SCALE)]
+    if len(bad):
+        row = events.loc[bad.index[0]]
+        raise ValueError(f"events: user {int(row['user_id'])}, item {int(row['item_id'])} has rating {row[RATING_COLUMN]!r}, "
+                         f"outside 1..{RATING_SCALE}")
+    ordered = events.sort_values(["user_id", "position"], kind="stable")
+    by_user = {int(u): (g["position"].to_numpy(), g["item_id"].to_numpy(), g[RATING_COLUMN].to_numpy(dtype="float64"))
+               for u, g in ordered.groupby("user_id", sort=False)}
+    empty = (np.empty(0, dtype="int64"), np.empty(0, dtype="int64"), np.empty(0, dtype="float64"))
+    out = []
+    for row, (user, target) in enumerate(zip(np.asarray(user_ids), np.asarray(target_positions))):
+        positions, items, ratings = by_user.get(int(user), empty)
+        end = int(np.searchsorted(positions, target, side="left"))
+        if histories is not None and [int(i) for i in histories[row]] != items[:end].astype("int64").tolist():
+            raise ValueError(f"row {row} (user {int(user)}, target_position {int(target)}): its history_item_ids are "
+                             "not the user's events before the target, so their ratings cannot be matched")
+        out.append([None if np.isnan(r) else float(r) for r in ratings[:end]])
+    return out
+
+
+def rating_text(rating: Optional[float]) -> str:
+    """``"rated 4/5"`` (``""`` for no rating)."""
+    return "" if rating is None else f"rated {float(rating):g}/{RATING_SCALE}"
+
+
+def rated_line(line: str, rating: Optional[float]) -> str:
+    """An item's line with its rating after it, ``"Toy Story (1995) (rated 5/5)"``; unchanged without one."""
+    return f"{line} ({rating_text(rating)})" if rating is not None else line
 
 
 def add_history_item_ids(rows: pd.DataFrame, events: pd.DataFrame, column: str = "history_item_ids") -> pd.DataFrame:

@@ -19,7 +19,7 @@ from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.models.loading import model_id_of
 from merlin_mllm.summaries.store import SummaryStore, canonical_json, open_store
 from merlin_mllm.summaries.user_history import read_items
-from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY, PROMPT_VERSION
+from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
 from merlin_mllm.summaries.user_summarizer import DEFAULT_BLOCK_SIZE, UserSummarizer, UserSummaryConfig
 from merlin_mllm.text import TokenBudgets
 
@@ -30,7 +30,7 @@ CONFIG_REF_NAMESPACE = "user_config"
 def record_config(store: SummaryStore, config: UserSummaryConfig, items_path: Optional[Path]) -> None:
     """Record ``config`` (and the items table it read) as the store's latest user-stage run."""
     record = dict(config.to_dict(), items_path=str(Path(items_path).resolve()) if items_path else None)
-    key = SummaryStore.key("user_config", config.model_id, PROMPT_VERSION, config.settings.key(), record)
+    key = SummaryStore.key("user_config", config.model_id, config.prompt_version, config.settings.key(), record)
     store.put(key, canonical_json(record), {"kind": "user_config"})
     store.put_refs(CONFIG_REF_NAMESPACE, {"latest": key})
 
@@ -52,7 +52,8 @@ def resolve_config(store: SummaryStore, model, block_size, settings, items, need
             raise ValueError(f"the store {store.path} records no items table: pass items=")
     if budgets is None:
         budgets = TokenBudgets.from_dict(recorded.get("budgets"))
-    return UserSummaryConfig(model_id, int(block_size), recorded.get("mode", "recurrent"), settings, budgets), items
+    return UserSummaryConfig(model_id, int(block_size), recorded.get("mode", "recurrent"), settings, budgets,
+                             bool(recorded.get("ratings", False)), int(recorded.get("max_history", 0))), items
 
 
 def latest_user_summary(summaries: Union[SummaryStore, str, os.PathLike], user_id: int, *,
@@ -89,12 +90,14 @@ def recorded_config(summaries: Union[SummaryStore, str, os.PathLike]) -> Optiona
 def history_summary_keys(summaries: Union[SummaryStore, str, os.PathLike],
                          items: Union[str, os.PathLike, pd.DataFrame],
                          histories: Sequence[Sequence[int]],
-                         config: Optional[UserSummaryConfig] = None) -> List[Optional[str]]:
+                         config: Optional[UserSummaryConfig] = None,
+                         ratings: Optional[Sequence[Sequence[Optional[float]]]] = None) -> List[Optional[str]]:
     """The key of the summary ``summarize_users`` stores for each history (item ids in time order).
 
     ``None`` for an empty history (its summary is :data:`EMPTY_HISTORY_SUMMARY`). Nothing is
     generated, so a key may be missing from the store (test ``key in store``). The keys are
-    those of ``config``, by default the store's :func:`recorded_config`.
+    those of ``config``, by default the store's :func:`recorded_config`. A ratings-aware
+    configuration needs ``ratings``, one per history item (``history_rating_lists``).
 
     Example
     -------
@@ -109,8 +112,10 @@ def history_summary_keys(summaries: Union[SummaryStore, str, os.PathLike],
     histories = [tuple(int(i) for i in history) for history in histories]
     summarizer.texts.prepare(i for history in histories for i in history)
     keys: List[Optional[str]] = []
-    for history in histories:
-        plan = summarizer.plan(history)
+    if config.ratings and ratings is None:
+        raise ValueError(f"{store.path}: the store's user summaries are ratings-aware: give each history's ratings")
+    for row, history in enumerate(histories):
+        plan = summarizer.plan(history, ratings=None if ratings is None else ratings[row])
         keys.append(plan[-1].key if plan else None)
     return keys
 

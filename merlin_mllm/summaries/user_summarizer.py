@@ -17,8 +17,8 @@ from merlin_mllm.generation import GenerationSettings, generate_chat
 from merlin_mllm.models.loading import shared_model
 from merlin_mllm.summaries.report import SummaryReport
 from merlin_mllm.summaries.store import SummaryStore, UserState
-from merlin_mllm.summaries.user_history import ItemTexts
-from merlin_mllm.summaries.user_prompts import ANSWER_LEAD_IN, PROMPT_VERSION, build_prompt
+from merlin_mllm.summaries.user_history import ItemTexts, rated_line
+from merlin_mllm.summaries.user_prompts import ANSWER_LEAD_IN, PROMPT_VERSION, RATINGS_PROMPT_VERSION, build_prompt
 from merlin_mllm.text import TokenBudgets
 
 MODES = ("recurrent", "direct")
@@ -46,6 +46,20 @@ class UserSummaryConfig:
         Greedy by default, so summaries are deterministic.
     budgets : TokenBudgets
         Token budgets of the prompt's texts (see the module docstring); part of every key.
+    ratings : bool
+        Ratings-aware summaries: each history line shows the user's rating of the item, read
+        from that item's own event before the row (``"Toy Story (1995) (rated 5/5)"``), and the
+        prompt asks what the user disliked too. Its own prompt version
+        (:data:`~merlin_mllm.summaries.user_prompts.RATINGS_PROMPT_VERSION`), so its keys, its
+        user states and the recorded configuration never mix with summaries written without.
+    max_history : int
+        History depth: 0 (default) summarises the whole history before the row. ``D > 0`` (a
+        multiple of ``block_size``) summarises the items from the last multiple of ``D`` that
+        leaves at least ``D`` items before the row (:func:`depth_start`): between ``D`` and
+        ``2D - 1`` of the most recent items. The window starts on a fixed grid, so the rows of
+        one user (and the user's own chain) whose histories end in the same stretch share
+        every step, and a user costs at most about ``2D / block_size`` steps however long the
+        history.
     """
 
     model_id: str
@@ -53,6 +67,8 @@ class UserSummaryConfig:
     mode: str = "recurrent"
     settings: GenerationSettings = GenerationSettings()
     budgets: TokenBudgets = TokenBudgets()
+    ratings: bool = False
+    max_history: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -61,6 +77,16 @@ class UserSummaryConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not isinstance(self.budgets, TokenBudgets):
             raise TypeError(f"budgets must be a TokenBudgets, not {type(self.budgets).__name__}")
+        if not isinstance(self.ratings, bool):
+            raise TypeError(f"ratings must be True or False, not {self.ratings!r}")
+        if int(self.max_history) < 0 or int(self.max_history) % int(self.block_size):
+            raise ValueError(f"max_history must be 0 (the whole history) or a positive multiple of block_size "
+                             f"({self.block_size}), not {self.max_history}")
+
+    @property
+    def prompt_version(self) -> str:
+        """The version of the prompt this configuration renders (part of every key)."""
+        return RATINGS_PROMPT_VERSION if self.ratings else PROMPT_VERSION
 
     @property
     def budget_key(self) -> dict:
@@ -70,19 +96,39 @@ class UserSummaryConfig:
     @property
     def scope(self) -> str:
         """Id of the user states kept under this configuration."""
-        return SummaryStore.key("user_scope", self.model_id, PROMPT_VERSION, self.settings.key(),
-                                {"block_size": int(self.block_size), "mode": self.mode, "budgets": self.budget_key})
+        depth = {"max_history": int(self.max_history)} if self.max_history else {}
+        return SummaryStore.key("user_scope", self.model_id, self.prompt_version, self.settings.key(),
+                                {"block_size": int(self.block_size), "mode": self.mode, "budgets": self.budget_key,
+                                 **depth})
 
     def to_dict(self) -> dict:
+        # "ratings" only when set: a configuration without ratings records what it always did.
         return {"model_id": self.model_id, "block_size": int(self.block_size), "mode": self.mode,
                 "settings": asdict(self.settings), "budgets": self.budgets.to_dict(),
-                "prompt_version": PROMPT_VERSION}
+                "prompt_version": self.prompt_version, **({"ratings": True} if self.ratings else {}),
+                **({"max_history": int(self.max_history)} if self.max_history else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "UserSummaryConfig":
-        return cls(data["model_id"], int(data["block_size"]), data["mode"], GenerationSettings(**data["settings"]),
-                   TokenBudgets.from_dict(data.get("budgets")))
+        config = cls(data["model_id"], int(data["block_size"]), data["mode"], GenerationSettings(**data["settings"]),
+                     TokenBudgets.from_dict(data.get("budgets")), bool(data.get("ratings", False)),
+                     int(data.get("max_history", 0)))
+        recorded = data.get("prompt_version", PROMPT_VERSION)
+        if recorded != config.prompt_version:
+            raise ValueError(f"the recorded user-summary configuration was written with prompt {recorded!r}, which "
+                             f"this code does not render (it renders {config.prompt_version!r} for ratings="
+                             f"{config.ratings}); re-run `merlin-mllm summarize users` into the store")
+        return config
 
+
+
+def depth_start(length: int, max_history: int) -> int:
+    """Where a history of ``length`` items starts being summarised under history depth
+    ``max_history`` (0: the whole history): the last multiple of ``max_history`` that leaves at
+    least ``max_history`` items, so the window holds ``max_history`` to ``2 * max_history - 1``."""
+    if not max_history or length < 2 * max_history:
+        return 0
+    return (length - max_history) // max_history * max_history
 
 
 # --------------------------------------------------------------------------- the engine
@@ -92,6 +138,9 @@ class _Step:
     level: int  # position of the step in its planned chain (1-based)
     previous: Optional[str]  # key of the summary this step continues
     items: Tuple[str, ...]  # the block's item lines
+    # What the block read, recorded with the stored step (an audit trail; not part of the key):
+    item_ids: Tuple[int, ...] = ()
+    ratings: Optional[Tuple[Optional[float], ...]] = None
 
 
 class UserSummarizer:
@@ -133,16 +182,37 @@ class UserSummarizer:
     # -- keys
     def step_key(self, previous: Optional[str], item_lines: Sequence[str]) -> str:
         c = self.config
-        return SummaryStore.key(_STEP_KIND[c.mode], c.model_id, PROMPT_VERSION, c.settings.key(),
+        return SummaryStore.key(_STEP_KIND[c.mode], c.model_id, c.prompt_version, c.settings.key(),
                                 {"previous": previous, "items": list(item_lines), "budgets": c.budget_key})
 
-    def plan(self, history: Sequence[int], previous: Optional[str] = None) -> List[_Step]:
+    def lines(self, history: Sequence[int], ratings: Optional[Sequence[Optional[float]]] = None) -> List[str]:
+        """The prompt line of each history item; with a ratings-aware configuration, its rating after it.
+
+        ``ratings`` (one per item, ``None`` where the event has none) is required exactly when
+        the configuration is ratings-aware.
+        """
+        if self.config.ratings != (ratings is not None):
+            raise ValueError("a ratings-aware configuration needs each history's ratings, and only it takes them"
+                             if self.config.ratings else "this configuration is not ratings-aware: pass no ratings")
+        if ratings is None:
+            return [self.texts[i] for i in history]
+        if len(ratings) != len(history):
+            raise ValueError(f"{len(ratings)} ratings for a history of {len(history)} items")
+        return [rated_line(self.texts[i], r) for i, r in zip(history, ratings)]
+
+    def plan(self, history: Sequence[int], previous: Optional[str] = None,
+             ratings: Optional[Sequence[Optional[float]]] = None) -> List[_Step]:
         """The steps whose last one summarises ``history`` (``[]`` for an empty history).
 
         Recurrent: one step per full block, plus one over a partial tail block; ``previous``
-        (a stored summary key) continues an existing chain. Direct: one step.
+        (a stored summary key) continues an existing chain. Direct: one step. ``ratings``: see
+        :meth:`lines`. With a history depth (``config.max_history``) and no ``previous``, only
+        the items from :func:`depth_start` on.
         """
-        lines = [self.texts[i] for i in history]
+        lines = self.lines(history, ratings)
+        first = depth_start(len(lines), int(self.config.max_history)) if previous is None else 0
+        lines, history = lines[first:], [int(i) for i in history][first:]
+        ratings = list(ratings)[first:] if ratings is not None else None
         if not lines:
             return []
         k = len(lines) if self.config.mode == "direct" else int(self.config.block_size)
@@ -150,14 +220,18 @@ class UserSummarizer:
         for level, start in enumerate(range(0, len(lines), k), 1):
             block = tuple(lines[start : start + k])
             key = self.step_key(previous, block)
-            steps.append(_Step(key, level, previous, block))
+            steps.append(_Step(key, level, previous, block, tuple(history[start : start + k]),
+                               tuple(ratings[start : start + k]) if ratings is not None else None))
             previous = key
         return steps
 
     def _clean_histories(self, histories: Sequence[Sequence[int]], report: SummaryReport,
-                         labels: Optional[Sequence[str]]) -> List[Tuple[int, ...]]:
+                         labels: Optional[Sequence[str]],
+                         ratings: Optional[Sequence[Sequence[Optional[float]]]] = None) -> List[Tuple[int, ...]]:
+        """The histories without unknown items (an error, or dropped and counted); with
+        ``ratings``, ``(histories, ratings)`` with the same items dropped from both."""
         self.texts.prepare(i for h in histories for i in h)
-        out = []
+        out, rated = [], []
         for row, history in enumerate(histories):
             unknown = [int(i) for i in history if not self.texts.has(i)]
             if unknown:
@@ -166,11 +240,14 @@ class UserSummarizer:
                     raise ValueError(f"{where}: item id(s) {unknown[:5]} are neither in the items table nor in the store")
                 report.skipped += len(unknown)
             out.append(tuple(int(i) for i in history if self.texts.has(i)))
-        return out
+            if ratings is not None:
+                rated.append(tuple(r for i, r in zip(history, ratings[row]) if self.texts.has(i)))
+        return (out, rated) if ratings is not None else out
 
     def summarize(self, histories: Sequence[Sequence[int]], report: SummaryReport,
                   labels: Optional[Sequence[str]] = None,
-                  previous: Optional[Sequence[Optional[str]]] = None) -> List[Optional[str]]:
+                  previous: Optional[Sequence[Optional[str]]] = None,
+                  ratings: Optional[Sequence[Sequence[Optional[float]]]] = None) -> List[Optional[str]]:
         """Summary key of each history (``None`` for an empty one), generating missing steps.
 
         Parameters
@@ -182,11 +259,18 @@ class UserSummarizer:
             Name each history in error messages (e.g. ``"data/test (user 7)"``).
         previous : sequence of str or None, optional
             Per history, the stored summary key its chain continues from (incremental updates).
+        ratings : sequence of rating sequences, optional
+            Per history, each item's rating (``None`` where it has none); required exactly when
+            the configuration is ratings-aware.
         """
-        histories = self._clean_histories(histories, report, labels)
+        if ratings is not None:
+            histories, ratings = self._clean_histories(histories, report, labels, ratings)
+        else:
+            histories = self._clean_histories(histories, report, labels)
         previous = list(previous) if previous is not None else [None] * len(histories)
-        tasks = list(zip(previous, histories))
-        plans = {t: self.plan(t[1], t[0]) for t in set(tasks)}
+        rated = ratings if ratings is not None else [None] * len(histories)
+        tasks = list(zip(previous, histories, rated))
+        plans = {t: self.plan(t[1], t[0], t[2]) for t in set(tasks)}
         steps = {s.key: s for plan in plans.values() for s in plan}
         self.run_steps(steps, report)
         report.items_without_summary += len(self.texts.without_summary)
@@ -227,7 +311,7 @@ class UserSummarizer:
                         if previous is None:  # the level before was generated or stored
                             raise RuntimeError(f"summary {s.previous} vanished from the store {self.store.path}")
                     prompts.append(build_prompt(s.items, previous, lm.tokenizer, whole_history=self.config.mode == "direct",
-                                                budgets=self.config.budgets, report=report))
+                                                budgets=self.config.budgets, report=report, ratings=self.config.ratings))
                 # Chunks by prompt length (generate_chat batches each chunk by length again);
                 # each is stored as soon as it is done, so a crash loses one chunk at most.
                 order = list(range(len(todo)))
@@ -243,7 +327,9 @@ class UserSummarizer:
                     report.add_generation(stats)
                     written = self.store.put_many(
                         (todo[i].key, text, {"kind": _STEP_KIND[self.config.mode], "block_items": len(todo[i].items), "previous": todo[i].previous,
-                                             "model_id": self.config.model_id, "prompt_version": PROMPT_VERSION})
+                                             "model_id": self.config.model_id, "prompt_version": self.config.prompt_version,
+                                             "item_ids": list(todo[i].item_ids),
+                                             **({"ratings": list(todo[i].ratings)} if todo[i].ratings is not None else {})})
                         for i, text in zip(idx, texts)
                     )
                     report.generated += written
@@ -253,13 +339,18 @@ class UserSummarizer:
         finally:
             bar.close()
 
-    def boundary_state(self, user_id: int, history: Sequence[int], base: Optional[UserState] = None) -> UserState:
-        """The state after ``history``: boundary keys over its full blocks (steps must be stored)."""
+    def boundary_state(self, user_id: int, history: Sequence[int], base: Optional[UserState] = None,
+                       ratings: Optional[Sequence[Optional[float]]] = None) -> UserState:
+        """The state after ``history``: boundary keys over its full blocks (steps must be stored).
+        ``ratings``: see :meth:`lines`."""
         k = int(self.config.block_size)
         boundaries = list(base.boundaries) if base is not None else []
-        start = base.summarised if base is not None else 0
+        # Without a base, the chain starts where plan() starts that of the full blocks (depth).
+        start = base.summarised if base is not None else depth_start(len(history) - len(history) % k,
+                                                                      int(self.config.max_history))
         previous = base.latest_key if base is not None else None
+        lines = self.lines(history, ratings)
         for end in range(start + k, len(history) + 1, k):
-            previous = self.step_key(previous, [self.texts[i] for i in history[end - k : end]])
+            previous = self.step_key(previous, lines[end - k : end])
             boundaries.append((end, previous))
         return UserState(self.config.scope, int(user_id), tuple(int(i) for i in history), tuple(boundaries))
