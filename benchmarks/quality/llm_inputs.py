@@ -51,6 +51,9 @@ TEST_SEEDS = (42, 43, 44)
 ARMS_TO_TEST = 2
 
 
+# The titles context is asked for by name where an input rides on it (ratings, history soft tokens);
+# the LLM-only rows otherwise read the same titles from recent_titles_summaries (no test or valid row
+# has an empty history, where the two texts would differ).
 @dataclass(frozen=True)
 class Arm:
     what: str
@@ -64,11 +67,11 @@ ARMS = {
     "titles": Arm("candidate title; the user's last 5 titles (the hybrid table's LLM rows)"),
     "attributes": Arm("candidate title + genres and year; the user's last 5 titles",
                       {"candidate_text": "title+attributes"}),
-    "ratings": Arm("candidate title; the user's last 5 titles, each with its rating", {"context_ratings": True}),
+    "ratings": Arm("candidate title; the user's last 5 titles, each with its rating", {"user_context": "titles", "context_ratings": True}),
     "attributes_ratings": Arm("candidate title + genres and year; the last 5 titles with their ratings",
-                              {"candidate_text": "title+attributes", "context_ratings": True}),
+                              {"candidate_text": "title+attributes", "user_context": "titles", "context_ratings": True}),
     "collab": Arm("candidate title; the last 5 titles; one SASRec soft token after every title (LLaRA-style)",
-                  {"collab_tokens": True}),
+                  {"user_context": "titles", "collab_tokens": True}),
     "user_summary": Arm("candidate title; the ratings-aware recurrent summary of the whole history before the row",
                         {"user_context": "summary"}, needs="the timeline folder's user-summary store"),
     "user_summary_and_titles": Arm("candidate title; the recurrent summary, then the last 5 titles",
