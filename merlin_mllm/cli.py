@@ -199,6 +199,11 @@ def summarize_users_cmd(
     history_item_tokens: int = _budget_option("history_item", "Each history line (title + item summary) is cut to this"),
     previous_summary_tokens: int = _budget_option("previous_summary", "The summary a recurrent step continues is cut to this"),
     history_tokens: int = _budget_option("history", "A prompt's block of history lines is cut to this, keeping the most recent"),
+    ratings: bool = typer.Option(False, "--ratings", help="Ratings-aware summaries: each history line shows the user's "
+                                 "rating from its own event before the row, and the prompt asks what the user disliked "
+                                 "(needs a rating column in events/; its own prompt version and keys)"),
+    max_history: int = typer.Option(0, help="History depth: 0 summarises the whole history before each row; D (a "
+                                    "multiple of --block-size) the last D to 2D-1 items, on a fixed grid"),
     workers: int = typer.Option(0, help=_WORKERS_HELP),
     scheduler: Optional[str] = typer.Option(None, help=_SCHEDULER_HELP),
 ):
@@ -206,7 +211,11 @@ def summarize_users_cmd(
     from merlin_mllm.summaries.user import summarize_users
 
     with user_errors():
-        options = dict(model=model, block_size=block_size, mode=mode,
+        if workers and (ratings or max_history):
+            raise ValueError("--ratings and --max-history run in this process only for now: drop --workers")
+        # Only when set, so a run without them calls the cluster job with the arguments it takes.
+        extra = {name: value for name, value in (("ratings", ratings), ("max_history", max_history)) if value}
+        options = dict(model=model, block_size=block_size, mode=mode, **extra,
                        settings=_generation_settings(max_new_tokens, batch_size, sample, seed),
                        budgets=TokenBudgets(title=title_tokens, history_item=history_item_tokens,
                                             previous_summary=previous_summary_tokens, history=history_tokens))
@@ -316,6 +325,10 @@ def train(
     user_context: str = typer.Option(TrainConfig.user_context, metavar="|".join(USER_CONTEXTS),
                                      help=TrainConfig.__dataclass_fields__["user_context"].metadata["help"]),
     context_titles: int = _train_option("context_titles"),
+    context_ratings: bool = typer.Option(False, "--context-ratings",
+                                         help=TrainConfig.__dataclass_fields__["context_ratings"].metadata["help"]),
+    context_attributes: bool = typer.Option(
+        False, "--context-attributes", help=TrainConfig.__dataclass_fields__["context_attributes"].metadata["help"]),
     candidate_text: str = typer.Option(TrainConfig.candidate_text, metavar="|".join(CANDIDATE_TEXTS),
                                        help=TrainConfig.__dataclass_fields__["candidate_text"].metadata["help"]),
     collab_tokens: bool = typer.Option(False, "--collab-tokens",
@@ -346,6 +359,7 @@ def train(
             lora_dropout=lora_dropout, projector_lr=projector_lr, max_steps=max_steps, max_length=max_length,
             seed=seed, devices=devices, strategy="ddp" if devices > 1 else "auto", batching=batching, loss=loss,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
+            context_ratings=context_ratings, context_attributes=context_attributes,
             candidate_text=candidate_text, collab_tokens=collab_tokens, head_features=columns, precision=precision,
             **chosen,
         )

@@ -33,12 +33,14 @@ def test_small_budget():
 def test_resume_and_saved_fields():
     assert TrainConfig.resume_fields() == ("base_model", "use_images", "lora_r", "lora_alpha", "lora_dropout", "max_length",
                                            "seed", "loss", "batching", "prompt_version", "user_context",
-                                           "context_titles", "candidate_text", "collab_tokens", "head_features",
-                                           "head_hidden", "head_recent_days", "head_warm_start")
+                                           "context_titles", "context_ratings", "context_attributes", "candidate_text",
+                                           "collab_tokens", "head_features", "head_hidden", "head_recent_days",
+                                           "head_warm_start")
     saved = TrainConfig().saved_fields()
     assert list(saved) == ["base_model", "use_images", "lora_r", "lora_alpha", "lora_dropout", "lr", "projector_lr", "epochs",
                            "max_steps", "grad_accum", "max_length", "batch_size", "seed", "loss", "batching",
-                           "prompt_version", "user_context", "context_titles", "candidate_text", "collab_tokens", "head_features",
+                           "prompt_version", "user_context", "context_titles", "context_ratings", "context_attributes",
+                           "candidate_text", "collab_tokens", "head_features",
                            "head_hidden",
                            "head_lr", "head_recent_days",
                            "head_warm_start",

@@ -239,7 +239,8 @@ def evaluate_ranker(
                          precision=precision)
     rows = load_rows(data, split, summaries, max_groups=max_groups, seed=seed,
                      user_context=ranker.config.user_context, context_titles=ranker.config.context_titles,
-                     item_slots=ranker.config.collab_tokens,
+                     item_slots=ranker.config.collab_tokens, context_ratings=ranker.config.context_ratings,
+                     context_attributes=ranker.config.context_attributes,
                      candidate_text=CandidateText.for_ranker(ranker, candidate_summaries(summaries, item_summaries)))
     head = saved_head(model_dir) if not zero_shot and model_dir is not None else None
     if head is not None:

@@ -110,6 +110,14 @@ class TrainConfig:
         "summary", "What the prompt's user part holds: summary (the user summary, the paper's), titles (the last "
         "context_titles titles of the history: no user summaries needed) or both", resume=True)
     context_titles: int = _setting(5, "Titles in the user part with user_context titles or both", resume=True)
+    context_ratings: bool = _setting(
+        False, "With user_context titles or both: each title followed by the user's rating of it, read from the "
+        "row's own events before its time ('Toy Story (1995) (rated 5/5)'; the dataset needs ratings, as ML-100k "
+        "has). Saved with the ranker, so evaluate and export show the same text", resume=True)
+    context_attributes: bool = _setting(
+        False, "With user_context titles or both: each title followed by the item's catalogue attributes (genres "
+        "and year; category and brand). Saved with the ranker, so evaluate and export show the same text",
+        resume=True)
     candidate_text: str = _setting(
         "title", "What the prompt shows of each candidate: title (the paper's), title+attributes (the catalogue "
         "attributes of data prepare: genres and year, category and brand), summary (the item summary of `summarize "
@@ -190,6 +198,9 @@ class TrainConfig:
         if self.user_context not in USER_CONTEXTS:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         _check_int("context_titles", self.context_titles, low=1)
+        for name in ("context_ratings", "context_attributes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if not isinstance(self.collab_tokens, bool):
             raise ValueError(f"collab_tokens must be True or False, not {self.collab_tokens!r}")
         if self.candidate_text not in CANDIDATE_TEXTS:

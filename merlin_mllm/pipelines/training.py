@@ -134,6 +134,8 @@ def load_rows(
     context_titles: int = 5,
     candidate_text: Union[str, CandidateText] = "title",
     item_slots: bool = False,
+    context_ratings: bool = False,
+    context_attributes: bool = False,
 ) -> pd.DataFrame:
     """One split's rows with the text the prompt needs: ``user_summary`` and ``candidate_text``.
 
@@ -157,6 +159,9 @@ def load_rows(
         part as the ranker does). Default: the title.
     item_slots : bool
         A collaborative-token slot after each history title (a ranker with ``collab_tokens``).
+    context_ratings, context_attributes : bool
+        Each history title's rating and catalogue attributes (the ranker's settings of the same
+        names; :func:`merlin_mllm.summaries.rows.user_context_texts` ``ratings``/``attributes``).
 
     Returns
     -------
@@ -195,7 +200,8 @@ def load_rows(
     texts = maker.texts(shown, where=str(data_dir / "items"))
     frame["candidate_text"] = frame["item_id"].map(pd.Series(texts.to_numpy(), index=shown["item_id"].to_numpy()))
     frame["user_summary"] = user_context_texts(summaries, data, frame, context=user_context, titles=context_titles,
-                                               partial_block=partial_block_rule(data_dir, split), item_slots=item_slots)
+                                               partial_block=partial_block_rule(data_dir, split), item_slots=item_slots,
+                                               ratings=context_ratings, attributes=context_attributes)
     return frame
 
 
@@ -536,7 +542,8 @@ def train_ranker(
         settings["base_model"], use_images=config.use_images, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
         prompt_version=config.prompt_version, user_context=config.user_context, context_titles=config.context_titles,
-        candidate_text=config.candidate_text, precision=config.precision, **collab,
+        candidate_text=config.candidate_text, precision=config.precision, context_ratings=config.context_ratings,
+        context_attributes=config.context_attributes, **collab,
     )
     groups = config.batching == "groups"
     table = None
@@ -551,6 +558,7 @@ def train_ranker(
         )
 
     context = dict(user_context=config.user_context, context_titles=config.context_titles, item_slots=config.collab_tokens,
+                   context_ratings=config.context_ratings, context_attributes=config.context_attributes,
                    candidate_text=CandidateText.for_ranker(ranker, candidate_summaries(summaries, item_summaries)))
     train_rows = load_rows(data_dir, "train", summaries, max_groups=config.max_groups, seed=config.seed, **context)
     head, head_columns = None, list(config.head_features or ())

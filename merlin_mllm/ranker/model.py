@@ -247,6 +247,8 @@ class RankerModel(nn.Module):
         context_titles: int = 5,
         candidate_text: str = "title",
         precision: str = DEFAULT_PRECISION,
+        context_ratings: bool = False,
+        context_attributes: bool = False,
         item_features: Optional[ItemImageFeatures] = None,
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
@@ -267,7 +269,7 @@ class RankerModel(nn.Module):
             projector is then an untrained random map: use ``use_images=False`` for a fair
             zero-shot baseline.)
         lora_r, lora_alpha, lora_dropout, lora_init, loss, seed, max_summary_tokens, max_title_tokens, prompt_version,
-        user_context, context_titles, candidate_text, precision :
+        user_context, context_titles, candidate_text, precision, context_ratings, context_attributes :
             See :class:`RankerConfig`. ``max_title_tokens`` defaults to the budget of
             ``candidate_text`` (:func:`merlin_mllm.summaries.candidates.candidate_token_budget`:
             64 for the title alone).
@@ -296,7 +298,7 @@ class RankerModel(nn.Module):
             max_summary_tokens=max_summary_tokens,
             max_title_tokens=candidate_token_budget(candidate_text) if max_title_tokens is None else max_title_tokens,
             prompt_version=prompt_version, user_context=user_context, context_titles=context_titles,
-            candidate_text=candidate_text,
+            candidate_text=candidate_text, context_ratings=context_ratings, context_attributes=context_attributes,
             precision=precision, collab_tokens=bool(collab_tokens),
         )
         if collab_embeddings is not None and not collab_tokens:

@@ -96,6 +96,11 @@ class RankerConfig:
         last ``context_titles`` titles of the history, or both.
     context_titles : int
         Titles in the user part with ``user_context`` "titles" or "both".
+    context_ratings, context_attributes : bool
+        With "titles" or "both", each title followed by the user's rating of it (from the
+        row's own events before its time) and/or the item's catalogue attributes
+        (:func:`merlin_mllm.summaries.rows.recent_titles_text`). Configs saved before these
+        settings hold False (the titles alone).
     candidate_text : str
         What the prompt's candidate part holds (:data:`merlin_mllm.choices.CANDIDATE_TEXTS`,
         made by :class:`merlin_mllm.summaries.candidates.CandidateText` in training, evaluation
@@ -129,6 +134,8 @@ class RankerConfig:
     max_title_tokens: int = 64
     user_context: str = "summary"
     context_titles: int = 5
+    context_ratings: bool = False
+    context_attributes: bool = False
     candidate_text: str = "title"
     precision: str = DEFAULT_PRECISION
     collab_tokens: bool = False
@@ -188,6 +195,9 @@ class RankerConfig:
             raise ValueError(f"user_context must be one of {USER_CONTEXTS}, not {self.user_context!r}")
         if isinstance(self.context_titles, bool) or not isinstance(self.context_titles, int) or self.context_titles < 1:
             raise ValueError(f"context_titles must be a positive integer, not {self.context_titles!r}")
+        for name in ("context_ratings", "context_attributes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.candidate_text not in CANDIDATE_TEXTS:
             raise ValueError(f"candidate_text must be one of {tuple(CANDIDATE_TEXTS)}, not {self.candidate_text!r}")
         if self.collab_tokens and self.backend != EMBEDDED:
