@@ -168,17 +168,27 @@ def test_the_soft_tokens_change_the_score_and_the_projector_learns(prepared, ran
         ranker.eval()
 
 
-def test_trained_run_saves_its_table_and_evaluation_scores_what_the_ranker_scores(prepared, table, tmp_path):
+@pytest.fixture(scope="module")
+def trained(prepared, table, tmp_path_factory):
+    """A run trained with collaborative tokens (one step), and evaluate_ranker's test scores of it."""
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
+    from merlin_mllm.pipelines.training import train_ranker
+
+    run = tmp_path_factory.mktemp("collab_run") / "run"
+    config = TrainConfig.small_budget(max_steps=1, use_images=False, validate=False, batch_size=6,
+                                      user_context="titles", context_titles=TITLES, collab_tokens=True, seed=5)
+    train_ranker(prepared, None, run, config, collab_embeddings=table, progress=False)
+    result = evaluate_ranker(prepared, None, run, run.parent / "eval" / "test.json", progress=False)
+    return run, pd.read_parquet(result["run"]["scores"])
+
+
+def test_trained_run_saves_its_table_and_evaluation_scores_what_the_ranker_scores(prepared, table, trained):
     from merlin_mllm.pipelines.training import load_rows, train_ranker
     from merlin_mllm.ranker.collab_tokens import CollabEmbeddings
     from merlin_mllm.ranker.model import RankerModel
     from merlin_mllm.ranker.ranker_config import COLLAB_EMBEDDINGS_FILE, COLLAB_PROJECTOR_FILE, RankerConfig
 
-    run = tmp_path / "run"
-    config = TrainConfig.small_budget(max_steps=1, use_images=False, validate=False, batch_size=6,
-                                      user_context="titles", context_titles=TITLES, collab_tokens=True, seed=5)
-    train_ranker(prepared, None, run, config, collab_embeddings=table, progress=False)
+    run, scores = trained
     assert json.loads((run / "train_config.json").read_text())["collab_tokens"] is True
     assert RankerConfig.read(run / "model").collab_tokens and RankerConfig.read(run / "model").collab_dim == table.dim
     for path in (run / COLLAB_EMBEDDINGS_FILE, run / "model" / COLLAB_EMBEDDINGS_FILE):
@@ -191,11 +201,10 @@ def test_trained_run_saves_its_table_and_evaluation_scores_what_the_ranker_score
     # One optimizer step moved the collaborative projector off its seeded start.
     assert not torch.equal(ranker.collab_projector.mlp.linear_2.weight, fresh.collab_projector.mlp.linear_2.weight)
 
-    result = evaluate_ranker(prepared, None, run, tmp_path / "eval" / "test.json", max_groups=2, progress=False)
-    scores = pd.read_parquet(result["run"]["scores"])
-    rows = load_rows(prepared, "test", None, max_groups=2, user_context="titles", context_titles=TITLES,
-                     item_slots=True)
-    for group_id, group in rows.groupby("group_id", sort=False):
+    rows = load_rows(prepared, "test", None, user_context="titles", context_titles=TITLES, item_slots=True)
+    assert rows["user_summary"].str.contains(item_slot(int(rows["history_item_ids"].iloc[0][-1])), regex=False).any()
+    for group_id in rows["group_id"].unique()[:2]:
+        group = rows[rows["group_id"] == group_id]
         candidates = [{"title": t, "item_id": int(i)} for t, i in zip(group["title"], group["item_id"])]
         expected = ranker.score(group["user_summary"].iloc[0], candidates)
         got = scores[scores["group_id"] == group_id].set_index("item_id").loc[group["item_id"], "score"].to_numpy()
@@ -205,3 +214,81 @@ def test_trained_run_saves_its_table_and_evaluation_scores_what_the_ranker_score
         train_ranker(prepared, None, run, TrainConfig.small_budget(
             max_steps=2, use_images=False, validate=False, batch_size=6, user_context="titles", context_titles=TITLES,
             seed=5), progress=False)
+
+
+def _last_groups(prepared, scores):
+    """The evaluated test groups that are their user's latest labelled row: the served user text."""
+    from merlin_mllm.data.tables import read_table
+
+    rows = pd.concat([read_table(prepared / s)[["user_id", "group_id", "target_position"]]
+                      for s in ("train", "valid", "test")])
+    latest = rows.groupby("user_id")["target_position"].transform("max") == rows["target_position"]
+    groups = set(rows.loc[latest, "group_id"]) & set(scores["group_id"])
+    return [g for _, g in scores[scores["group_id"].isin(groups)].groupby("group_id")]
+
+
+@pytest.fixture(scope="module")
+def exported(prepared, trained):
+    from merlin_mllm.serving.export import export
+
+    run, _ = trained
+    repo = run.parent / "repo"
+    manifest = export(run, None, prepared, repo, max_candidates=12, top_k_default=3)
+    return repo, manifest
+
+
+def test_the_export_serves_the_collaborative_tokens_evaluation_scored(prepared, trained, exported):
+    from merlin_mllm.serving.ranker_step import RankerStep
+    from merlin_mllm.serving.steps import ARTIFACTS_DIR, FEATURES_MODEL, RANKER_MODEL, FeatureStep
+
+    _, scores = trained
+    repo, manifest = exported
+    assert manifest["ranker"]["collab_tokens"] is True
+    features = FeatureStep.load(repo / FEATURES_MODEL / "1" / ARTIFACTS_DIR)
+    step = RankerStep.load(repo / RANKER_MODEL / "1" / ARTIFACTS_DIR, device="cpu")
+    groups = _last_groups(prepared, scores)
+    assert len(groups) >= 2
+    for group in groups:
+        user, items = int(group["user_id"].iloc[0]), group["item_id"].to_numpy(np.int64)
+        batch = features.prepare(np.array([[user]]), items[None, :])
+        assert (batch["prompt_ids"] >= ITEM_TOKEN_BASE).sum() >= len(items)  # a soft token per candidate at least
+        served = step.score_rows(batch["prompt_ids"], batch["prompt_lengths"], items[None, :])[0]
+        np.testing.assert_allclose(served, group["score"].to_numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_triton_serves_the_collaborative_tokens_evaluation_scored(prepared, trained, exported):
+    from merlin_mllm.serving.client import RerankClient
+    from merlin_mllm.serving.tritonserver import TritonServer
+
+    _, scores = trained
+    repo, _ = exported
+    triton = TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=repo.parent / "triton.log")
+    triton.start(timeout=600)
+    try:
+        with RerankClient(triton.grpc_url) as client:
+            for group in _last_groups(prepared, scores)[:3]:
+                items = group["item_id"].tolist()
+                result = client.rank(int(group["user_id"].iloc[0]), items, top_k=len(items))
+                np.testing.assert_allclose(result.scores, group["score"].to_numpy(), rtol=0, atol=1e-5)
+    finally:
+        triton.stop(timeout=180)
+
+
+def test_train_cli_collab_tokens_trains_the_table_before_the_cut(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from merlin_mllm.cli import app
+    from merlin_mllm.data.splits import training_events
+    from merlin_mllm.ranker.collab_tokens import CollabEmbeddings
+    from merlin_mllm.ranker.ranker_config import COLLAB_EMBEDDINGS_FILE, RankerConfig
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--data", str(prepared), "--out", str(run), "--user-context", "titles",
+                                      "--no-images", "--max-steps", "1", "--batch-size", "6", "--collab-tokens"])
+    assert result.exit_code == 0, result.output
+    assert RankerConfig.read(run / "model").collab_tokens
+    assert json.loads((run / "train_config.json").read_text())["collab_tokens"] is True
+    table = CollabEmbeddings.load(run / COLLAB_EMBEDDINGS_FILE)  # SASRec trained by the run itself
+    assert table.metadata["seed"] == TrainConfig.seed and table.dim == 64
+    assert table.metadata["trained_before"]["events"] == len(training_events(prepared, "train"))

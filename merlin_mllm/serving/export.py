@@ -122,6 +122,7 @@ from merlin_mllm.serving.ranker_step import RankerStep
 from merlin_mllm.serving.triton_configs import INPUTS, OUTPUTS, config_text, ensemble_config, features_config, ranker_config
 from merlin_mllm.summaries.candidates import CandidateText, ItemSummarySource, candidate_summaries
 from merlin_mllm.summaries.rows import recent_titles_text, user_context_texts
+from merlin_mllm.text import strip_item_slots
 from merlin_mllm.summaries.store import open_store
 from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
 from merlin_mllm.summaries.user_store import latest_user_summary
@@ -269,7 +270,7 @@ def _latest_rows(data) -> pd.DataFrame:
 
 
 def user_summary_table(summaries, data_dir, source: str = "last_row", *, context: str = "summary",
-                       titles: int = 5) -> pd.DataFrame:
+                       titles: int = 5, item_slots: bool = False) -> pd.DataFrame:
     """One served summary per user: ``user_id``, ``user_summary`` (the prompt's user part).
 
     Parameters
@@ -289,18 +290,21 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
         The ranker's ``user_context`` and ``context_titles`` (its ``RankerConfig``): with
         "titles" or "both" the text holds the last ``titles`` titles of the same history
         (:func:`merlin_mllm.summaries.rows.user_context_texts`), as in training.
+    item_slots : bool
+        A collaborative-token slot after each title, for a ranker with ``collab_tokens`` (as in
+        training); a stored summary's own text never holds one.
     """
     data = prepared_tables(data_dir)
     if source not in USER_SUMMARY_SOURCES:
         raise ValueError(f"user summary source must be one of {USER_SUMMARY_SOURCES}, not {source!r}")
     if source == "last_row":
         rows = _latest_rows(data)
-        texts = user_context_texts(summaries, data, rows, context=context, titles=titles)
+        texts = user_context_texts(summaries, data, rows, context=context, titles=titles, item_slots=item_slots)
         return pd.DataFrame({"user_id": rows["user_id"].astype(np.int64), SUMMARY_COLUMN: texts})
     if context == "titles":  # the titles of each user's whole known history; no store needed
         events = data.events.sort_values(["user_id", "position"], kind="stable")
         names = data.items.set_index("item_id")["title"]
-        found = [(int(u), recent_titles_text(g["item_id"].tolist(), names, titles))
+        found = [(int(u), recent_titles_text(g["item_id"].tolist(), names, titles, item_slots=item_slots))
                  for u, g in events.groupby("user_id", sort=True)]
         return pd.DataFrame({"user_id": np.array([u for u, _ in found], dtype=np.int64),
                              SUMMARY_COLUMN: [t for _, t in found]})
@@ -313,8 +317,10 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
     found = [(user, latest_user_summary(store, user)) for user in user_ids]
     table = pd.DataFrame({"user_id": np.array([u for u, t in found if t is not None], dtype=np.int64),
                           SUMMARY_COLUMN: [t for _, t in found if t is not None]})
+    if item_slots:
+        table[SUMMARY_COLUMN] = table[SUMMARY_COLUMN].map(strip_item_slots)
     if context == "both":
-        recent = user_summary_table(None, data, "store_latest", context="titles", titles=titles)
+        recent = user_summary_table(None, data, "store_latest", context="titles", titles=titles, item_slots=item_slots)
         table = table.merge(recent.rename(columns={SUMMARY_COLUMN: "recent"}), on="user_id", how="left")
         table[SUMMARY_COLUMN] = [f"{s}\n\n{r}" if isinstance(r, str) and r else s
                                  for s, r in zip(table[SUMMARY_COLUMN], table["recent"])]
@@ -361,7 +367,9 @@ def fit_prompt_workflow(ranker, sample_items: pd.DataFrame, max_length: int = DE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         operator = TokenizePrompt.for_ranker(ranker, max_length=int(max_length))
-        prompt = [SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN] >> operator
+        # With collaborative tokens the candidate's item id places its soft token.
+        inputs = [SUMMARY_COLUMN, TITLE_COLUMN, IMAGE_COLUMN] + ([ITEM_COLUMN] if ranker.config.collab_tokens else [])
+        prompt = inputs >> operator
         workflow = nvt.Workflow(prompt + [ITEM_COLUMN])
         sample = sample_items.head(8)
         frame = pd.DataFrame({SUMMARY_COLUMN: ["A user."] * len(sample), TITLE_COLUMN: sample[TITLE_COLUMN].tolist(),
@@ -636,7 +644,7 @@ def export(
                                     precision="float32")
         precision = check_precision(precision) if precision is not None else RankerConfig.read(model_dir).precision
         users = user_summary_table(summaries, data, user_summaries, context=ranker.config.user_context,
-                                   titles=ranker.config.context_titles)
+                                   titles=ranker.config.context_titles, item_slots=ranker.config.collab_tokens)
         items = item_table(data, ranker, candidate_summaries(summaries, item_summaries))
         workflow = fit_prompt_workflow(ranker, items, max_length)
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
@@ -666,14 +674,17 @@ def export(
                        "max_batch_size": int(max_batch_size)},
             "ranker": {"kind": "KIND_GPU" if gpu else "KIND_CPU", "instances": int(gpu_instances if gpu else cpu_instances),
                        "dynamic_batching": bool(dynamic_batching), "max_batch_delay_us": int(max_batch_delay_us),
-                       "precision": precision, "base_model": ranker.config.base_model, "use_images": bool(ranker.config.use_images),
+                       "precision": precision, "base_model": ranker.config.base_model,
+                       "collab_tokens": bool(ranker.config.collab_tokens), "use_images": bool(ranker.config.use_images),
                        "candidate_text": ranker.config.candidate_text},
             "features": {"instances": int(cpu_instances), "users": len(users), "items": len(items),
                          "items_with_image": int(items[IMAGE_COLUMN].sum()), "user_summaries": user_summaries,
                          "unknown_users": unknown_users, "max_prompt_tokens": max_length,
                          "max_prompt_tokens_source": max_length_source},
             "sources": {"model": str(model_dir.resolve()), "data": str(data_dir.resolve()),
-                        "summaries": "DataFrame" if isinstance(summaries, pd.DataFrame) else str(Path(summaries).resolve())},
+                        "summaries": (None if summaries is None  # a titles-only ranker reads none
+                                      else "DataFrame" if isinstance(summaries, pd.DataFrame)
+                                      else str(Path(summaries).resolve()))},
             "hybrid": _hybrid_manifest(head_features, events),
             "carried_over": carried,
             "seconds": round(time.time() - started, 1),

@@ -63,13 +63,15 @@ class RankerStep:
     @staticmethod
     def write(folder: Union[str, os.PathLike], model_dir: Union[str, os.PathLike], item_features=None,
               batch_size: int = 32, precision: Optional[str] = None) -> Path:
-        """Copy a saved ranker (its hybrid head too, and its item image table) into a step folder.
+        """Copy a saved ranker (its hybrid head, its collaborative tokens' files, and its item image
+        table too) into a step folder.
 
         ``precision`` (:data:`~merlin_mllm.models.precision.PRECISIONS`): what the step runs in,
         resolved where it loads ("auto" detects there); default: the saved ranker's.
         """
         from merlin_mllm.models.precision import check_precision
-        from merlin_mllm.ranker.ranker_config import ADAPTER_DIR, CONFIG_FILE, HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE
+        from merlin_mllm.ranker.ranker_config import (ADAPTER_DIR, COLLAB_EMBEDDINGS_FILE, COLLAB_PROJECTOR_FILE,
+                                                      CONFIG_FILE, HEAD_FILE, ITEM_IMAGES_FILE, PROJECTOR_FILE)
         from merlin_mllm.ranker.hybrid_head import saved_head_path
 
         folder, model_dir = Path(folder), Path(model_dir)
@@ -77,7 +79,8 @@ class RankerStep:
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
-        for name in (CONFIG_FILE, ADAPTER_DIR, PROJECTOR_FILE):
+        # A ranker with collaborative tokens brings their projector and item table (loaded by from_pretrained).
+        for name in (CONFIG_FILE, ADAPTER_DIR, PROJECTOR_FILE, COLLAB_PROJECTOR_FILE, COLLAB_EMBEDDINGS_FILE):
             source = model_dir / name
             if source.is_dir():
                 shutil.copytree(source, target / name)
