@@ -194,3 +194,24 @@ def test_depth_window_starts_on_a_fixed_grid():
     assert depth_start(500, 0) == 0
     with pytest.raises(ValueError, match="multiple of block_size"):
         UserSummaryConfig("m", block_size=3, max_history=8)
+
+
+# --------------------------------------------------------------------------- served = in-process
+def test_served_user_context_with_ratings_and_attributes_equals_the_in_process_text(timeline):
+    from merlin_mllm.serving.export import user_summary_table
+
+    options = dict(context="titles", titles=4, ratings=True, attributes=True)
+    served = user_summary_table(None, timeline, "last_row", **options).set_index("user_id")["user_summary"]
+    rows = _rows(timeline)
+    last = rows.sort_values("target_position").groupby("user_id").tail(1).reset_index(drop=True)
+    expected = user_context_texts(None, timeline, last, **{k: v for k, v in options.items()})
+    assert served.loc[last["user_id"]].tolist() == expected
+    # The live table (every known event): the last titles with their own events' ratings.
+    live = user_summary_table(None, timeline, "store_latest", **options).set_index("user_id")["user_summary"]
+    events = _events(timeline).sort_values(["user_id", "position"])
+    titles = prepared_tables(timeline).items.set_index("item_id")["title"]
+    for user, group in events.groupby("user_id"):
+        tail = group.tail(4)
+        assert live[user].count("rated ") == len(tail)
+        assert all(f"{titles[i]} (" in live[user] for i in tail["item_id"])
+        assert [f"rated {r:g}/5" in live[user] for r in tail["rating"]] == [True] * len(tail)

@@ -121,7 +121,8 @@ from merlin_mllm.serving.steps import (
 from merlin_mllm.serving.ranker_step import RankerStep
 from merlin_mllm.serving.triton_configs import INPUTS, OUTPUTS, config_text, ensemble_config, features_config, ranker_config
 from merlin_mllm.summaries.candidates import CandidateText, ItemSummarySource, candidate_summaries
-from merlin_mllm.summaries.rows import recent_titles_text, user_context_texts
+from merlin_mllm.summaries.rows import item_attribute_texts, recent_titles_text, user_context_texts
+from merlin_mllm.summaries.user_history import history_rating_lists
 from merlin_mllm.text import strip_item_slots
 from merlin_mllm.summaries.store import open_store
 from merlin_mllm.summaries.user_prompts import EMPTY_HISTORY_SUMMARY
@@ -270,7 +271,8 @@ def _latest_rows(data) -> pd.DataFrame:
 
 
 def user_summary_table(summaries, data_dir, source: str = "last_row", *, context: str = "summary",
-                       titles: int = 5, item_slots: bool = False) -> pd.DataFrame:
+                       titles: int = 5, item_slots: bool = False, ratings: bool = False,
+                       attributes: bool = False) -> pd.DataFrame:
     """One served summary per user: ``user_id``, ``user_summary`` (the prompt's user part).
 
     Parameters
@@ -293,19 +295,28 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
     item_slots : bool
         A collaborative-token slot after each title, for a ranker with ``collab_tokens`` (as in
         training); a stored summary's own text never holds one.
+    ratings, attributes : bool
+        The ranker's ``context_ratings`` and ``context_attributes``: each title's rating (from
+        the same history's events) and catalogue attributes, as in training.
     """
     data = prepared_tables(data_dir)
     if source not in USER_SUMMARY_SOURCES:
         raise ValueError(f"user summary source must be one of {USER_SUMMARY_SOURCES}, not {source!r}")
     if source == "last_row":
         rows = _latest_rows(data)
-        texts = user_context_texts(summaries, data, rows, context=context, titles=titles, item_slots=item_slots)
+        texts = user_context_texts(summaries, data, rows, context=context, titles=titles, item_slots=item_slots,
+                                   ratings=ratings, attributes=attributes)
         return pd.DataFrame({"user_id": rows["user_id"].astype(np.int64), SUMMARY_COLUMN: texts})
     if context == "titles":  # the titles of each user's whole known history; no store needed
         events = data.events.sort_values(["user_id", "position"], kind="stable")
         names = data.items.set_index("item_id")["title"]
-        found = [(int(u), recent_titles_text(g["item_id"].tolist(), names, titles, item_slots=item_slots))
-                 for u, g in events.groupby("user_id", sort=True)]
+        facts = item_attribute_texts(data) if attributes else None
+        groups = list(events.groupby("user_id", sort=True))
+        # Every known event is in this history: each rating is its own event's, the last included.
+        rated = history_rating_lists(events, [u for u, _ in groups], [int(g["position"].max()) + 1 for _, g in groups]) \
+            if ratings else [None] * len(groups)
+        found = [(int(u), recent_titles_text(g["item_id"].tolist(), names, titles, item_slots=item_slots,
+                                             ratings=r, attributes=facts)) for (u, g), r in zip(groups, rated)]
         return pd.DataFrame({"user_id": np.array([u for u, _ in found], dtype=np.int64),
                              SUMMARY_COLUMN: [t for _, t in found]})
     if isinstance(summaries, pd.DataFrame) or not Path(summaries).is_dir():
@@ -320,7 +331,8 @@ def user_summary_table(summaries, data_dir, source: str = "last_row", *, context
     if item_slots:
         table[SUMMARY_COLUMN] = table[SUMMARY_COLUMN].map(strip_item_slots)
     if context == "both":
-        recent = user_summary_table(None, data, "store_latest", context="titles", titles=titles, item_slots=item_slots)
+        recent = user_summary_table(None, data, "store_latest", context="titles", titles=titles, item_slots=item_slots,
+                                    ratings=ratings, attributes=attributes)
         table = table.merge(recent.rename(columns={SUMMARY_COLUMN: "recent"}), on="user_id", how="left")
         table[SUMMARY_COLUMN] = [f"{s}\n\n{r}" if isinstance(r, str) and r else s
                                  for s, r in zip(table[SUMMARY_COLUMN], table["recent"])]
@@ -644,7 +656,8 @@ def export(
                                     precision="float32")
         precision = check_precision(precision) if precision is not None else RankerConfig.read(model_dir).precision
         users = user_summary_table(summaries, data, user_summaries, context=ranker.config.user_context,
-                                   titles=ranker.config.context_titles, item_slots=ranker.config.collab_tokens)
+                                   titles=ranker.config.context_titles, item_slots=ranker.config.collab_tokens,
+                                   ratings=ranker.config.context_ratings, attributes=ranker.config.context_attributes)
         items = item_table(data, ranker, candidate_summaries(summaries, item_summaries))
         workflow = fit_prompt_workflow(ranker, items, max_length)
         features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)

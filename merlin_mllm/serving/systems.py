@@ -215,7 +215,8 @@ class MLLMRerank(BaseOperator):
                                         precision=precision)
         items = item_table(data_dir, ranker, candidate_summaries(summaries))
         users = user_summary_table(summaries, data_dir, user_summaries, context=ranker.config.user_context,
-                                   titles=ranker.config.context_titles, item_slots=ranker.config.collab_tokens)
+                                   titles=ranker.config.context_titles, item_slots=ranker.config.collab_tokens,
+                                   ratings=ranker.config.context_ratings, attributes=ranker.config.context_attributes)
         limits = ServingLimits(max_candidates=int(max_candidates), top_k_default=self.top_k)
         workflow = fit_prompt_workflow(ranker, items, prompt_token_limit(model_dir, max_prompt_tokens)[0])
         self._features = FeatureStep(users, items, workflow, limits, EMPTY_HISTORY_SUMMARY, unknown_users, head_features)
