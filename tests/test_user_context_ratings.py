@@ -215,3 +215,22 @@ def test_served_user_context_with_ratings_and_attributes_equals_the_in_process_t
         assert live[user].count("rated ") == len(tail)
         assert all(f"{titles[i]} (" in live[user] for i in tail["item_id"])
         assert [f"rated {r:g}/5" in live[user] for r in tail["rating"]] == [True] * len(tail)
+
+
+def test_depth_chain_recorded_for_a_user_is_the_one_its_full_blocks_plan(timeline, tmp_path):
+    """With a depth, the user's recorded state (latest_user_summary, serving's store_latest) ends
+    at the key of the planned chain over the full blocks, the one summarize_users generates."""
+    from merlin_mllm.summaries.user_history import read_items
+    from merlin_mllm.summaries.user_summarizer import UserSummarizer
+
+    config = UserSummaryConfig("smollm2-135m-instruct", block_size=2, ratings=True, max_history=4)
+    summarizer = UserSummarizer(SummaryStore(tmp_path / "s"), read_items(timeline / "items"), config, progress=False)
+    events = _events(timeline).sort_values(["user_id", "position"])
+    for user, group in events.groupby("user_id"):
+        history, ratings = tuple(group["item_id"]), tuple(group["rating"])
+        end = len(history) - len(history) % 2
+        plan = summarizer.plan(history[:end], None, ratings[:end])
+        state = summarizer.boundary_state(user, history, ratings=ratings)
+        assert state.latest_key == plan[-1].key
+        assert plan[0].item_ids == history[depth_start(end, 4):][:2]  # the window starts on the grid
+        assert 4 <= sum(len(s.item_ids) for s in plan) < 8
