@@ -536,8 +536,9 @@ def train_ranker(
     device = torch.device("cuda", _local_rank()) if accelerator == "gpu" else torch.device("cpu")
     if collab_embeddings is not None and not config.collab_tokens:
         raise ValueError("collab_embeddings were given but config.collab_tokens is False")
-    collab = dict(collab_tokens=True, collab_embeddings=_collab_table(config, data_dir, out_dir, collab_embeddings,
-                                                                      is_launcher)) if config.collab_tokens else {}
+    collab = dict(collab_tokens=True, collab_embeddings=_collab_table(
+        config, data_dir, out_dir, collab_embeddings, is_launcher, resumed=checkpoint is not None)
+    ) if config.collab_tokens else {}
     ranker = RankerModel.build(
         settings["base_model"], use_images=config.use_images, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, loss=config.loss, seed=config.seed, device=device,
@@ -616,18 +617,19 @@ def train_ranker(
 
 
 def _collab_table(config: TrainConfig, data_dir: Path, out_dir: Path, given: Optional[CollabEmbeddings],
-                 is_launcher: bool) -> CollabEmbeddings:
-    """The run's collaborative item table: ``given``, the run's own file (a resume reuses the table
-    its checkpoint's projector learned on), or SASRec trained now; written to the run folder."""
+                 is_launcher: bool, resumed: bool) -> CollabEmbeddings:
+    """The run's collaborative item table: ``given``; when a checkpoint is resumed, the run's own
+    file (the table its projector learned on); else SASRec trained now. Written to the run folder."""
     path = out_dir / COLLAB_EMBEDDINGS_FILE
+    reuse = given is None and resumed and path.is_file()
     if given is not None:
         table = given
-    elif path.is_file():
+    elif reuse:
         table = CollabEmbeddings.load(path)
     else:
         table = train_collab_embeddings(data_dir, seed=config.seed)
     log.info("collaborative tokens: %s", table.summary())
-    if is_launcher and (given is not None or not path.is_file()):
+    if is_launcher and not reuse:
         table.save(path)
     return table
 
