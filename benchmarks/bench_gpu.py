@@ -220,7 +220,7 @@ def random_llm(config_dir: Path, seed: int) -> Path:
     root = Path(tempfile.mkdtemp(prefix="bench-gpu-random-llm-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)  # 0.5 GB of random weights
     os.environ["MERLIN_MLLM_CACHE"] = str(root)
-    target = embedded.cache_dir() / f"{embedded.SMOLLM2_NAME}-v{embedded._CONVERSION_VERSION}"
+    target = embedded.smollm2_folder()
     config = AutoConfig.from_pretrained(str(config_dir))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

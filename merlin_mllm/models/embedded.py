@@ -64,6 +64,23 @@ def efficientnet_lite0_weights_path() -> Path:
     return path
 
 
+def saved_format() -> str:
+    """Names the format of the folders that ``save_pretrained`` writes with the installed transformers.
+
+    Cache folders written by this process carry it in their name: a folder saved by transformers 5
+    names tokenizer classes (``TokenizersBackend``) that 4.x cannot load, so a folder converted or
+    built under one major version is never reused under another.
+    """
+    import transformers
+
+    return "transformers" + transformers.__version__.split(".")[0]
+
+
+def smollm2_folder() -> Path:
+    """Where :func:`smollm2_path` keeps the converted SmolLM2 folder (which may not exist yet)."""
+    return cache_dir() / f"{SMOLLM2_NAME}-v{_CONVERSION_VERSION}-{saved_format()}"
+
+
 def smollm2_path() -> Path:
     """A Hugging Face folder of SmolLM2-135M-Instruct (fp32), converted from the GGUF on first use.
 
@@ -71,7 +88,7 @@ def smollm2_path() -> Path:
     folder. It is written to a temporary folder and renamed into place, so a crash or two
     processes converting at once never leave a half-written model behind.
     """
-    target = cache_dir() / f"{SMOLLM2_NAME}-v{_CONVERSION_VERSION}"
+    target = smollm2_folder()
     if (target / "config.json").is_file():
         return target
     gguf = smollm2_gguf_path()

@@ -68,6 +68,25 @@ def model_kind(config) -> str:
     return "mllm" if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else "llm"
 
 
+def causal_lm_class(config):
+    """The auto class that loads ``config``'s model to be prompted with text only.
+
+    ``AutoModelForCausalLM``, except for an image-text-to-text architecture that has no causal-LM
+    class (LLaVA-NeXT, for one, in transformers 4.x and 5.x): it loads through
+    ``AutoModelForImageTextToText`` and is prompted with text alone (e.g. a text-only item summarizer).
+    """
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load(
     model_id_or_path: Optional[str] = None,
     *,
@@ -92,13 +111,7 @@ def load(
     trust_remote_code : bool
         Off by default: loading a model must not run code from its folder unless the user asks.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     path = resolve_model_path(model_id_or_path)
     device = torch.device(device) if device is not None else default_device()
@@ -116,7 +129,7 @@ def load(
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         processor = tokenizer
-        auto_cls = AutoModelForCausalLM
+        auto_cls = causal_lm_class(config)
     model = auto_cls.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs
     ).to(device)
@@ -219,11 +232,18 @@ def load_processor(path: Union[str, Path], *, trust_remote_code: bool = False):
     if importlib.util.find_spec("torchvision") is None:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         processor_cls = PROCESSOR_MAPPING.get(type(config), None)
-        if processor_cls is not None and "video_processor" in processor_cls.get_attributes():
+        if processor_cls is not None and "video_processor" in processor_attributes(processor_cls):
             return processor_without_video(processor_cls).from_pretrained(
                 str(path), trust_remote_code=trust_remote_code
             )
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def processor_attributes(processor_cls) -> list:
+    """The names of a processor class's parts (``get_attributes()`` in transformers 5, ``attributes`` in 4.x)."""
+    if hasattr(processor_cls, "get_attributes"):
+        return list(processor_cls.get_attributes())
+    return list(processor_cls.attributes)
 
 
 def processor_without_video(processor_cls):
@@ -236,6 +256,9 @@ def processor_without_video(processor_cls):
     """
 
     class ProcessorWithoutVideo(processor_cls):
+        # transformers 4.x reads the class attribute, 5.x the classmethod.
+        attributes = [name for name in processor_attributes(processor_cls) if name != "video_processor"]
+
         @classmethod
         def get_attributes(cls):
             return [name for name in super().get_attributes() if name != "video_processor"]

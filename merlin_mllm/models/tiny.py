@@ -103,6 +103,22 @@ def _smollm2_tokenizer(extra_special_tokens):
     return tokenizer
 
 
+def _pil_image_processor(arch: str, name: str):
+    """The PIL (no torchvision) image processor class of ``transformers.models.<arch>``.
+
+    transformers 5 calls it ``<name>ImageProcessorPil`` (its plain name is the torchvision one);
+    4.x calls it ``<name>ImageProcessor`` (its torchvision one is ``...Fast``).
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{arch}.image_processing_pil_{arch}")
+        return getattr(module, f"{name}ImageProcessorPil")
+    except ModuleNotFoundError:
+        module = importlib.import_module(f"transformers.models.{arch}.image_processing_{arch}")
+        return getattr(module, f"{name}ImageProcessor")
+
+
 def _build_llava_next():
     from transformers import (
         CLIPVisionConfig,
@@ -111,9 +127,8 @@ def _build_llava_next():
         LlavaNextForConditionalGeneration,
         LlavaNextProcessor,
     )
-    from transformers.models.llava_next.image_processing_pil_llava_next import (
-        LlavaNextImageProcessorPil,
-    )
+
+    LlavaNextImageProcessorPil = _pil_image_processor("llava_next", "LlavaNext")
 
     tokenizer = _smollm2_tokenizer(["<image>"])
     image_size, patch_size = 32, 8
@@ -152,8 +167,10 @@ def _build_llava_next():
 
 
 def _build_qwen2_vl():
+    import transformers
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil = _pil_image_processor("qwen2_vl", "Qwen2VL")
 
     from merlin_mllm.models.loading import processor_without_video
 
@@ -172,6 +189,11 @@ def _build_qwen2_vl():
         "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
     }
     assert sum(text_kwargs["rope_parameters"]["mrope_section"]) == head_dim // 2
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4.x names the same settings rope_scaling (the "mrope" type) and rope_theta.
+        rope = text_kwargs.pop("rope_parameters")
+        text_kwargs["rope_theta"] = rope["rope_theta"]
+        text_kwargs["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     config = Qwen2VLConfig(
         text_config=text_kwargs,
         vision_config=dict(
@@ -213,7 +235,8 @@ def _build_qwen2_vl():
 
 def _build_idefics3():
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    Idefics3ImageProcessorPil = _pil_image_processor("idefics3", "Idefics3")
 
     # Every token the processor looks up must exist before it is built, else it caches the
     # unknown-token id for them.
@@ -349,5 +372,5 @@ def tiny_mllm_path(arch: str, seed: int = 0) -> Path:
     >>> loaded = merlin_mllm.models.load(tiny_mllm_path("qwen2_vl"))
     """
     return build_tiny_mllm(
-        arch, embedded.cache_dir() / f"tiny-{arch}-s{seed}-v{_BUILD_VERSION}", seed=seed
+        arch, embedded.cache_dir() / f"tiny-{arch}-s{seed}-v{_BUILD_VERSION}-{embedded.saved_format()}", seed=seed
     )

@@ -42,6 +42,18 @@ from merlin_mllm.ranker.prompt import Candidate, EncodedPrompt, RankerPrompt
 __all__ = ["RankerBackend"]
 
 
+def without_lm_head(hf_model: nn.Module) -> nn.Module:
+    """The model under its lm_head: ``base_model``, or ``.model`` where that is empty.
+
+    transformers 4.x gives the LLaVA-style ``...ForConditionalGeneration`` classes an empty
+    ``base_model_prefix``, so their ``base_model`` is the whole model (5.x: its ``.model``).
+    """
+    inner = hf_model.base_model
+    if inner is hf_model and isinstance(getattr(hf_model, "model", None), nn.Module):
+        return hf_model.model
+    return inner
+
+
 class RankerBackend:
     """One model family behind the ranker: a loaded model and how its inputs are made.
 
@@ -93,7 +105,7 @@ class RankerBackend:
         self.collab_projector: Optional[nn.Module] = None
         self.collab_embeddings = None
         #: The model without its lm_head (LoRA layers, once attached, are injected inside it).
-        self.inner = hf_model.base_model
+        self.inner = without_lm_head(hf_model)
         # The forward's keyword names: processor outputs it does not take are dropped.
         self.inner_params = set(inspect.signature(self.inner.forward).parameters)
 
