@@ -7,14 +7,14 @@ For each configuration (block size k, history depth D; ``UserSummaryConfig``):
    train/valid/test and each user's chain, without generating) and group them into the waves
    and batches the summarizer would generate (one wave per chain level, batches of
    ``GenerationSettings.batch_size``);
-2. **measure** (``--measure``): run ``summarize_users`` on a sample of users (copied into a small
-   folder under ``benchmarks/results/``; the source folder is only read), in a fresh store, with
-   torch on one thread (the CPU is shared), and time it per generated batch. The sample's users
-   have at least ``2 D`` events, so every wave of their pass holds a full batch, as the full
-   pass's early waves do;
-3. **extrapolate**: the full pass's steps x the sample's CPU seconds per step on one thread
-   (the sample's waves hold at most ``--users`` steps, fewer than the full pass's batches of 16,
-   and batching pays, so this leans long), for one thread and for the CPU's two cores.
+2. **measure** (``--measure``): on a sample of ``--users`` users (copied into a small folder
+   under ``benchmarks/results/``; the source folder is only read) with at least ``2 D`` events,
+   generate the first two waves of their pass (one full batch each: first steps, then second
+   steps, which also show the previous summary) in a fresh store, torch on one thread (the CPU is
+   shared), and take the CPU seconds per step of the dearer wave;
+3. **extrapolate**: the full pass's steps x those CPU seconds per step on one thread (the full
+   pass's last waves hold fewer steps than a batch, whose steps cost more; its tail steps over
+   partial blocks cost less), for one thread and for the CPU's two cores.
 
 Usage (from the repository root; never the full pass)::
 
@@ -40,7 +40,8 @@ import torch
 from merlin_mllm.data.tables import read_table
 from merlin_mllm.generation import GenerationSettings
 from merlin_mllm.models.loading import model_id_of
-from merlin_mllm.summaries.user import UserSummaryRun, summarize_users
+from merlin_mllm.summaries.report import SummaryReport
+from merlin_mllm.summaries.user import UserSummaryRun
 
 from benchmarks.common import SPEED_RESULTS, WORK, log, markdown_table, write_json
 
@@ -90,22 +91,34 @@ def sample_folder(data: Path, users: int, min_events: int, seed: int) -> tuple:
 
 
 def measure(data: Path, block_size: int, depth: int, users: int, seed: int, settings: GenerationSettings) -> dict:
-    """Time ``summarize_users`` on a sample, in a fresh store."""
-    sample, chosen, events = sample_folder(data, users, 2 * depth, seed)
-    counted = count_pass(sample, block_size, depth, settings.batch_size)
+    """Time the first two waves of the pass over ``users`` sampled users, in a fresh store: one
+    full batch of first steps (no previous summary), then one of second steps (each continuing
+    the first: the typical step, whose prompt also holds the previous summary)."""
+    sample, chosen, events = sample_folder(data, users, max(2 * depth, 2 * block_size), seed)
     store = FOLDER / f"store_k{block_size}_d{depth}"
     shutil.rmtree(store, ignore_errors=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    report = summarize_users(sample, store, block_size=block_size, ratings=True, max_history=depth,
-                             settings=settings, progress=False)
-    # CPU seconds of this one-thread process: what the pass costs a core, whatever else shares the
-    # machine (wall seconds are kept too; on a shared CPU they run longer).
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    steps = max(1, report.generated)
-    return {"users": chosen, "events": events, "steps_generated": report.generated, "llm_calls": report.llm_calls,
-            "new_tokens": report.new_tokens, "truncated": report.truncated, "batches": counted["batches"],
-            "wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-            "cpu_seconds_per_step": round(cpu / steps, 3), "wall_seconds_per_step": round(seconds / steps, 3)}
+    run = UserSummaryRun(sample, store, block_size=block_size, ratings=True, max_history=depth, settings=settings,
+                         progress=False)
+    chains = [run.summarizer.plan(h, None, r) for u, h, r in zip(run.users, run.histories, run.ratings)
+              if len(h) >= 2 * block_size and u in run.full and h == run.full[u][: len(h)]]
+    waves = {}
+    for level in (1, 2):
+        steps = {c[level - 1].key: c[level - 1] for c in chains if len(c) >= level}
+        report = SummaryReport()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run.summarizer.run_steps(steps, report)
+        # CPU seconds of this one-thread process: what a step costs a core, whatever else shares
+        # the machine (wall seconds are kept too; on a shared CPU they run longer).
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        generated = max(1, report.generated)
+        waves[f"wave_{level}"] = {"steps_generated": report.generated, "new_tokens": report.new_tokens,
+                                  "truncated": report.truncated, "wall_seconds": round(seconds, 1),
+                                  "cpu_seconds": round(cpu, 1), "cpu_seconds_per_step": round(cpu / generated, 3),
+                                  "wall_seconds_per_step": round(seconds / generated, 3)}
+        log(f"wave {level}: {waves[f'wave_{level}']}")
+    run.store.close()
+    return {"users": chosen, "events": events, **waves,
+            "cpu_seconds_per_step": max(w["cpu_seconds_per_step"] for w in waves.values())}
 
 
 def main() -> None:

@@ -91,6 +91,7 @@ def test_history_ratings_come_from_each_item_event_before_the_row_not_a_later_on
 
 
 # --------------------------------------------------------------------------- ratings-aware summaries
+@pytest.mark.slow
 def test_ratings_aware_store_records_its_own_prompt_version_and_refuses_a_mismatch(summarized, timeline):
     config = recorded_config(summarized)
     assert config.ratings and config.prompt_version == RATINGS_PROMPT_VERSION
@@ -105,6 +106,7 @@ def test_ratings_aware_store_records_its_own_prompt_version_and_refuses_a_mismat
         update_users(timeline / "events", summarized, progress=False)
 
 
+@pytest.mark.slow
 def test_a_store_without_ratings_is_not_read_as_ratings_aware(timeline, summarized, smollm2, tmp_path):
     rows = _rows(timeline)
     rated = row_summaries(summarized, timeline, rows)
@@ -115,6 +117,7 @@ def test_a_store_without_ratings_is_not_read_as_ratings_aware(timeline, summariz
     assert all(a != b for a, b, keep in zip(rated, plain, long_enough) if keep)
 
 
+@pytest.mark.slow
 def test_each_timeline_row_summary_reads_only_events_strictly_before_the_row(timeline, summarized):
     """Brute force: follow every row's chain of stored steps and check each event it read."""
     rows, events = _rows(timeline), _events(timeline)
@@ -140,6 +143,7 @@ def test_each_timeline_row_summary_reads_only_events_strictly_before_the_row(tim
     assert checked > 50 and rows["split"].nunique() == 3
 
 
+@pytest.mark.slow
 def test_changing_events_at_or_after_a_row_keeps_its_summary_and_a_rating_before_changes_it(
         timeline, summarized, smollm2, tmp_path):
     rows = _rows(timeline)

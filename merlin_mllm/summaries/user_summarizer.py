@@ -23,6 +23,17 @@ from merlin_mllm.text import TokenBudgets
 
 MODES = ("recurrent", "direct")
 DEFAULT_BLOCK_SIZE = 3
+#: Block size and history depth for summarising every user's long history on a timeline folder
+#: (ratings-aware, SmolLM2-135M, greedy, 96 new tokens), measured by
+#: ``python -m benchmarks.bench_user_summary_pass`` (``benchmarks/speed/user_summary_pass.json``):
+#: on ML-100k's all-user timeline folder k=24 with depth 24 (each row's summary covers its last
+#: 24 to 47 items) needs 2,045 steps, at 7.2 to 8.4 CPU-seconds a step on one thread of this CPU:
+#: 4.75 h on one thread, about 2.4 h on both cores. Whole histories need 33,545 steps at k=3 (the
+#: default, the paper's, kept for the short-history protocols) and 4,757 at k=24; k=48 with depth
+#: 48 needs 1,747, but each of its prompts shows up to 48 items (not timed). Nearly every distinct
+#: row history (2,026) ends in a step of its own, which bounds any per-row pass from below.
+TIMELINE_BLOCK_SIZE = 24
+TIMELINE_MAX_HISTORY = 24
 #: The budgets a user step's key records (the others belong to the item stage).
 USER_BUDGETS = ("title", "history_item", "previous_summary", "history")
 _STEP_KIND = {"recurrent": "user_step", "direct": "user_direct"}
