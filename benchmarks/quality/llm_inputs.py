@@ -67,7 +67,8 @@ ARMS = {
     "titles": Arm("candidate title; the user's last 5 titles (the hybrid table's LLM rows)"),
     "attributes": Arm("candidate title + genres and year; the user's last 5 titles",
                       {"candidate_text": "title+attributes"}),
-    "ratings": Arm("candidate title; the user's last 5 titles, each with its rating", {"user_context": "titles", "context_ratings": True}),
+    "ratings": Arm("candidate title; the user's last 5 titles, each with its rating",
+                   {"user_context": "titles", "context_ratings": True}),
     "attributes_ratings": Arm("candidate title + genres and year; the last 5 titles with their ratings",
                               {"candidate_text": "title+attributes", "user_context": "titles", "context_ratings": True}),
     "collab": Arm("candidate title; the last 5 titles; one SASRec soft token after every title (LLaRA-style)",
@@ -165,10 +166,13 @@ def report(work: Path, resamples: int) -> dict:
             arms[name]["kinds"][kind] = entry
     ranked = sorted((a for a in arms if a != "titles" and arms[a]["kinds"]["hybrid"]["valid_auc"] is not None),
                     key=lambda a: -arms[a]["kinds"]["hybrid"]["valid_auc"])
-    chosen = ["titles"] + ranked[:ARMS_TO_TEST]
+    waiting = [a for a in ARMS if arms[a]["kinds"]["hybrid"]["valid_auc"] is None]
+    # No arm goes to test before every arm has its valid number: a partial ranking is not a choice.
+    chosen = ["titles"] + (ranked[:ARMS_TO_TEST] if not waiting else [])
     out = {"what": __doc__.split("\n\n")[0].replace("\n", " "), "protocol": PROTOCOL, "users": "all",
            "selection": f"seed {SELECTION_SEED} on valid; the hybrid's valid AUC ranks the arms",
-           "test_seeds": list(TEST_SEEDS), "arms": arms, "valid_ranking": ranked, "chosen_for_test": chosen,
+           "test_seeds": list(TEST_SEEDS), "arms": arms, "valid_ranking": ranked,
+           "chosen_for_test": None if waiting else chosen, "selection_waits_for": waiting,
            "pending": [f"{a}:{k}:{s}:{stage}" for a in chosen for k in KINDS for s in TEST_SEEDS
                        for stage in ("train", "test") if not (run_dir(work, a, k, s) /
                                                                ("test.json" if stage == "test" else "model")).exists()]}
@@ -214,6 +218,11 @@ def markdown(result: dict) -> str:
         cells += [round(costs[s]["wall_s"] / 60, 1) if s in costs else "-" for s in ("train", "test")]
         rows.append(cells)
     lines += markdown_table(header, rows) + [""]
+    if result["selection_waits_for"]:
+        lines.append("No arm is chosen for test yet: the selection waits for the valid runs of "
+                     + ", ".join(f"`{a}`" for a in result["selection_waits_for"]) + ".")
+    else:
+        lines.append("Chosen for test: " + ", ".join(f"`{a}`" for a in result["chosen_for_test"]) + ".")
     for key in ("summary_minus_titles", "best_arm_minus_titles_only", "best_hybrid_minus_best_non_llm"):
         lines.append(f"- `{key}`: " + (json.dumps(result[key]) if result[key] else "pending"))
     if result["pending"]:
