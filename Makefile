@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	@touch $@
 	@echo "environment ready: $(VENV)"
 
+# --durations: the slowest tests, so the CI log shows where its 30-minute budget goes.
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 quickstart: env
 	$(BIN)/merlin-mllm quickstart
