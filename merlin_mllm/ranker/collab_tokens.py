@@ -33,10 +33,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from merlin_mllm.ranker.item_table_file import read_tables_file, write_tables_file
 from merlin_mllm.text import ITEM_TOKEN_BASE
 
 __all__ = ["CollabEmbeddings", "CollabProjector", "COLLAB_FORMAT", "collab_token_mask", "token_items",
@@ -101,33 +100,16 @@ class CollabEmbeddings:
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the table as one safetensors file (see the module docstring)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": COLLAB_FORMAT, "dim": str(self.dim), "items": str(len(self)),
                     "details": json.dumps(self.metadata, sort_keys=True)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"item_ids": self.item_ids.contiguous(), "vectors": self.vectors.contiguous(),
-                   "known": self.known.to(torch.uint8).contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        return write_tables_file(path, {"item_ids": self.item_ids, "vectors": self.vectors,
+                                        "known": self.known.to(torch.uint8)}, metadata)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "CollabEmbeddings":
         """Read a table written by :meth:`save`; another kind of file is refused by name."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"collaborative item embeddings file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if metadata.get("format") != COLLAB_FORMAT:
-            raise ValueError(f"{path} is not a collaborative item embeddings file (format={metadata.get('format')!r})")
-        missing = {"item_ids", "vectors", "known"} - set(tensors)
-        if missing:
-            raise ValueError(f"{path} lacks tensors {sorted(missing)}")
+        tensors, metadata = read_tables_file(path, "collaborative item embeddings", COLLAB_FORMAT,
+                                             {"item_ids", "vectors", "known"})
         return cls(tensors["item_ids"].numpy(), tensors["vectors"].numpy(), tensors["known"].bool().numpy(),
                    json.loads(metadata.get("details") or "{}"))
 

@@ -35,12 +35,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from merlin_mllm.image_loading import ImageLoadError, is_missing, load_image, resolve_image_path
 from merlin_mllm.models.vision import VisionEncoder
+from merlin_mllm.ranker.item_table_file import read_tables_file, write_tables_file
 
 __all__ = ["ItemImageFeatures", "FEATURES_FORMAT"]
 
@@ -260,44 +259,24 @@ class ItemImageFeatures:
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the table as one safetensors file (see the module docstring)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Store features in sorted-id order, so the file's rows follow item_ids.
         order = self.rows[self.has_image]
-        tensors = {
-            "item_ids": self.item_ids.contiguous(),
-            "has_image": self.has_image.to(torch.uint8).contiguous(),
-            "features": self.features[order].contiguous(),
-        }
+        tensors = {"item_ids": self.item_ids, "has_image": self.has_image.to(torch.uint8),
+                   "features": self.features[order]}
         metadata = {
             "format": FEATURES_FORMAT,
             "version": FEATURES_VERSION,
             "encoder": ENCODER_NAME,
             "skipped": json.dumps({str(k): v for k, v in self.skipped.items()}),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        return write_tables_file(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "ItemImageFeatures":
         """Read a table written by :meth:`save`; a file of another kind is refused by name."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"item image features file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if metadata.get("format") != FEATURES_FORMAT:
-            raise ValueError(f"{path} is not an item image features file (format={metadata.get('format')!r})")
+        tensors, metadata = read_tables_file(path, "item image features", FEATURES_FORMAT,
+                                             {"item_ids", "has_image", "features"})
         if metadata.get("encoder") != ENCODER_NAME:
             raise ValueError(f"{path} was made by encoder {metadata.get('encoder')!r}, not {ENCODER_NAME!r}")
-        missing = {"item_ids", "has_image", "features"} - set(tensors)
-        if missing:
-            raise ValueError(f"{path} lacks tensors {sorted(missing)}")
         skipped = {int(k): v for k, v in json.loads(metadata.get("skipped") or "{}").items()}
         return cls(tensors["item_ids"].numpy(), tensors["has_image"].bool().numpy(), tensors["features"], skipped)
