@@ -18,17 +18,18 @@ say() { echo "[min-stack $((SECONDS - START))s] $*"; }
 PIP="$WORK/venv/bin/pip"
 # pip 26.3+ refuses the Merlin sdists (their dev extras name git URLs).
 "$PIP" install -q "pip<26.3"
-# The wheel is built by the dev venv's `build` (constraints/dev.txt) when there is one, without a
-# second isolated build environment; else by pip in its own isolated one.
-if "$ROOT/.venv/bin/python" -c "import build.__main__" 2>/dev/null; then
-    "$ROOT/.venv/bin/python" -m build -q --wheel --no-isolation --outdir "$WORK/dist" "$ROOT" >/dev/null
-else
-    "$PIP" wheel -q --no-deps "$ROOT" -w "$WORK/dist"
-fi
+# The wheel is built by pip in its own isolated build environment, from a copy of the working
+# tree (tracked and untracked files, not ignored ones): .ci/run runs `make env` beside this job,
+# and its editable install writes build files into the checkout.
+mkdir "$WORK/src"
+git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
+    | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK/src"
+"$PIP" wheel -q --no-deps "$WORK/src" -w "$WORK/dist"
 WHEEL=$(ls "$WORK"/dist/merlin_mllm-*.whl)
 say "built $(basename "$WHEEL")"
-"$PIP" install -q "$WHEEL" -c "$ROOT/constraints/min.txt"
-"$PIP" install -q --no-deps $ASSETS
+# --no-compile: the smoke run byte-compiles only the modules it imports, not all of torch's.
+"$PIP" install -q --no-compile "$WHEEL" -c "$ROOT/constraints/min.txt"
+"$PIP" install -q --no-compile --no-deps $ASSETS
 say "installed the wheel on the minimum stack"
 
 cd "$WORK"
