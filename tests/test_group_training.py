@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from merlin_mllm.models.tiny import tiny_mllm_path
 from merlin_mllm.pipelines.train_config import BATCHINGS, TrainConfig
 from merlin_mllm.pipelines.training import RankerDataModule, group_size, shuffle_groups
 from tests.ranker_support import own_prompt_margins
@@ -180,8 +181,12 @@ def test_group_training_with_the_row_losses_runs_and_validates(prepared, tmp_pat
     from merlin_mllm.pipelines.training import train_ranker
 
     data, summaries = prepared
+    # The tiny random LLaVA-NeXT (text only): this checks the batches, steps and validation, not the
+    # numbers (the listwise test above checks those on the embedded model).
+    tiny = str(tiny_mllm_path("llava_next"))
     train_ranker(data, summaries, tmp_path / "run", TrainConfig.small_budget(
-        batching="groups", loss=loss, prompt_version="2", use_images=False, batch_size=8, epochs=1), progress=False)
+        batching="groups", loss=loss, prompt_version="2", use_images=False, batch_size=8, epochs=1, base_model=tiny),
+        progress=False)
     summary = json.loads((tmp_path / "run" / "training.json").read_text())
     # 6 users x 1 training group of 4 rows, 2 groups per micro-batch; validation ran on valid groups.
     assert summary["rows_seen"] == 24 and summary["global_step"] == 3 and summary["val_loss"] is not None

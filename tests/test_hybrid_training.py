@@ -1,5 +1,8 @@
 """The hybrid ranker trained jointly (issue 16): the LLM's yes-minus-no logit plus a tabular head
-over NVTabular collaborative features, on a real prepared ML-100k folder with the embedded model.
+over NVTabular collaborative features, on a real prepared ML-100k folder. The LLM is the tiny
+random LLaVA-NeXT (text only, SmolLM2's tokenizer): what is checked is arithmetic and plumbing,
+which a 135M model would make 20x slower without checking more (the quickstart's test trains the
+embedded hybrid end to end).
 
 The first step's recorded listwise loss equals the one computed by hand from each candidate's own
 full-prompt LLM logit plus the warm-started head's logit; the head is saved beside the ranker
@@ -15,13 +18,15 @@ import pytest
 import torch
 
 from merlin_mllm.data.collaborative import FEATURE_COLUMNS
+from merlin_mllm.models.tiny import tiny_mllm_path
 from merlin_mllm.pipelines.train_config import TrainConfig
 from tests.ranker_support import own_prompt_margins
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
+TINY = str(tiny_mllm_path("llava_next"))
 CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", use_images=False, lora_dropout=0.0,
-              batch_size=4, validate=False, head_features=FEATURE_COLUMNS, head_hidden=(4,))
+              batch_size=4, validate=False, head_features=FEATURE_COLUMNS, head_hidden=(4,), base_model=TINY)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def test_hybrid_training_loss_saved_head_and_scores(prepared, tmp_path):
     rows = attach_features(load_rows(data, "train", summaries), features["train"], FEATURE_COLUMNS)
     head = initial_head(config, rows)
     group = rows[rows["group_id"] == step["group_ids"][0]]
-    base = RankerModel.build("embedded", use_images=False, lora_dropout=0.0, seed=42, prompt_version="2").eval()
+    base = RankerModel.build(TINY, use_images=False, lora_dropout=0.0, seed=42, prompt_version="2").eval()
     with torch.no_grad():
         head_logit = head(torch.as_tensor(group[list(FEATURE_COLUMNS)].to_numpy(np.float32))).double().numpy()
     assert np.ptp(head_logit) > 1e-3  # the head tells this group's candidates apart
@@ -153,7 +158,7 @@ def test_cli_trains_and_evaluates_a_hybrid(prepared, tmp_path):
         return proc.stdout
 
     out = cli("train", "--data", data, "--summaries", table, "--out", run, "--no-image", "--max-steps", "1",
-              "--batch-size", "4", "--hybrid", "--head-features", columns)
+              "--batch-size", "4", "--hybrid", "--head-features", columns, "--base-model", TINY)
     assert f"hybrid over {', '.join(FEATURE_COLUMNS)}" in out and "listwise loss, prompt v2" in out
     written = pd.read_parquet(run / "features_train.parquet")
     pd.testing.assert_frame_equal(written[["group_id", "item_id", *FEATURE_COLUMNS]].reset_index(drop=True),
