@@ -17,9 +17,12 @@ The protocol, nothing tuned on test groups:
    (``run_hybrid.paired_difference``).
 
 Each stage is skipped when its output exists; training and scoring resume from their own
-checkpoints. Runs land in ``<work>/timeline_all/inputs/<arm>_<kind>_s<seed>/`` (git-ignored);
-``--report`` writes ``llm_inputs.json`` and ``llm_inputs.md`` here from whatever exists, with
-every missing stage listed as pending.
+checkpoints. Runs land in ``<work>/timeline_all/inputs/<arm>_<kind>_s<seed>/`` (git-ignored,
+machine-local). Each finished stage's small outputs (``valid.json``/``test.json``, the stage
+costs, the score columns of ``<split>.scores.parquet``) are also kept in ``llm_inputs_runs/``
+here, committed, so a fresh machine continues the ablation instead of losing it: the report reads
+a run's folder where it exists, else its kept record. ``--report`` writes ``llm_inputs.json`` and
+``llm_inputs.md`` here from whatever exists, with every missing stage listed as pending.
 
 Usage::
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +53,10 @@ SELECTION_SEED = 42
 TEST_SEEDS = (42, 43, 44)
 #: Arms sent to test besides the titles arm, chosen by valid AUC.
 ARMS_TO_TEST = 2
+#: Each run's kept record (committed): the outputs the report reads, without the model.
+RECORDS = HERE / "llm_inputs_runs"
+RECORDED_JSON = ("stages.json", "valid.json", "test.json")
+RECORDED_SCORES = ("valid.scores.parquet", "test.scores.parquet")
 
 
 # The titles context is asked for by name where an input rides on it (ratings, history soft tokens);
@@ -104,24 +112,51 @@ def run_stage(work: Path, arm: str, kind: str, seed: int, stage: str) -> None:
         raise NotImplementedError(f"arm {arm!r} needs {spec.needs}, which this script does not build yet")
     run_row_stage(root(work) / "data", run_dir(work, arm, kind, seed), stage, seed=seed, hybrid=kind == "hybrid",
                   features_dir=root(work) / "hybrid_inputs", config=dict(spec.config))
+    keep_record(work, arm, kind, seed)
+
+
+# ----------------------------------------------------------------------------- kept records
+def record_dir(arm: str, kind: str, seed: int) -> Path:
+    return RECORDS / f"{arm}_{kind}_s{seed}"
+
+
+def keep_record(work: Path, arm: str, kind: str, seed: int) -> None:
+    """Copy a run's small outputs into its committed record (score files: the score columns only)."""
+    source, kept = run_dir(work, arm, kind, seed), record_dir(arm, kind, seed)
+    for name in RECORDED_JSON + RECORDED_SCORES:
+        if not (source / name).is_file():
+            continue
+        kept.mkdir(parents=True, exist_ok=True)
+        if name in RECORDED_SCORES:
+            pd.read_parquet(source / name)[SCORE_COLUMNS].to_parquet(kept / name, index=False)
+        else:
+            shutil.copyfile(source / name, kept / name)
+
+
+def run_output(work: Path, arm: str, kind: str, seed: int, name: str) -> Optional[Path]:
+    """A run's output file: in its folder on this machine, else in its kept record, else None."""
+    for folder in (run_dir(work, arm, kind, seed), record_dir(arm, kind, seed)):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 # ----------------------------------------------------------------------------- the report
-def stage_costs(row_dir: Path) -> Optional[dict]:
-    path = row_dir / "stages.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def stage_costs(work: Path, arm: str, kind: str, seed: int) -> Optional[dict]:
+    path = run_output(work, arm, kind, seed, "stages.json")
+    return json.loads(path.read_text()) if path else None
 
 
-def valid_auc(row_dir: Path) -> Optional[float]:
-    path = row_dir / "valid.json"
-    return round(json.loads(path.read_text())["auc"], 4) if path.is_file() else None
+def valid_auc(work: Path, arm: str, kind: str, seed: int) -> Optional[float]:
+    path = run_output(work, arm, kind, seed, "valid.json")
+    return round(json.loads(path.read_text())["auc"], 4) if path else None
 
 
 def test_scores(work: Path, arm: str, kind: str) -> Dict[int, pd.DataFrame]:
     out = {}
     for seed in TEST_SEEDS:
-        path = run_dir(work, arm, kind, seed) / "test.scores.parquet"
-        if path.is_file():
+        path = run_output(work, arm, kind, seed, "test.scores.parquet")
+        if path:
             out[seed] = pd.read_parquet(path)[SCORE_COLUMNS]
     return out
 
@@ -155,10 +190,9 @@ def report(work: Path, resamples: int) -> dict:
     for name, spec in ARMS.items():
         arms[name] = {"what": spec.what, "config": spec.config, "needs": spec.needs, "kinds": {}}
         for kind in KINDS:
-            selection = run_dir(work, name, kind, SELECTION_SEED)
             scored = test_scores(work, name, kind)
-            entry = {"valid_auc": valid_auc(selection), "costs_seed_42": stage_costs(selection),
-                     "test_seeds": sorted(scored)}
+            entry = {"valid_auc": valid_auc(work, name, kind, SELECTION_SEED),
+                     "costs_seed_42": stage_costs(work, name, kind, SELECTION_SEED), "test_seeds": sorted(scored)}
             if scored:
                 per_seed = [{"seed": s, "all": metrics_of(frame)} for s, frame in scored.items()]
                 entry["test"] = summarise(per_seed, "all")
@@ -174,8 +208,8 @@ def report(work: Path, resamples: int) -> dict:
            "test_seeds": list(TEST_SEEDS), "arms": arms, "valid_ranking": ranked,
            "chosen_for_test": None if waiting else chosen, "selection_waits_for": waiting,
            "pending": [f"{a}:{k}:{s}:{stage}" for a in chosen for k in KINDS for s in TEST_SEEDS
-                       for stage in ("train", "test") if not (run_dir(work, a, k, s) /
-                                                               ("test.json" if stage == "test" else "model")).exists()]}
+                       for stage in ("train", "test") if run_output(work, a, k, s, "test.json") is None
+                       and (stage == "test" or not (run_dir(work, a, k, s) / "model").exists())]}
     out["pending"] += [f"{a}:{k}:{SELECTION_SEED}:valid" for a in ARMS for k in KINDS
                        if arms[a]["kinds"][k]["valid_auc"] is None]
     # The three differences, on test; each null until both sides have test scores.
@@ -243,6 +277,11 @@ def main(argv=None) -> int:
         log(f"stage {spec}")
         run_stage(args.work, arm, kind, int(seed), stage)
     if args.report:
+        # Whatever this machine ran is kept before the report reads it.
+        for arm in ARMS:
+            for kind in KINDS:
+                for seed in sorted({SELECTION_SEED, *TEST_SEEDS}):
+                    keep_record(args.work, arm, kind, seed)
         result = report(args.work, args.resamples)
         write_json(args.out / "llm_inputs.json", result)
         (args.out / "llm_inputs.md").write_text(markdown(result), encoding="utf-8")
