@@ -155,6 +155,7 @@ def test_train_cli_takes_the_candidate_text(monkeypatch, tmp_path):
 def test_train_evaluate_export_show_the_same_candidate_text(prepared, store, tmp_path):
     """The candidate text training recorded reaches evaluation and the served ranker: the served
     prompts are the ones evaluation scored, and so are the served scores."""
+    from merlin_mllm.models.tiny import tiny_mllm_path
     from merlin_mllm.operators.tokenize_prompt import TokenizePrompt
     from merlin_mllm.pipelines.evaluation import evaluate_ranker
     from merlin_mllm.pipelines.training import load_rows, train_ranker
@@ -166,9 +167,11 @@ def test_train_evaluate_export_show_the_same_candidate_text(prepared, store, tmp
 
     name = "title+attributes+summary"
     run = tmp_path / "run"
+    # The tiny random LLaVA-NeXT (text only): the texts and their parity are what is checked.
+    tiny = str(tiny_mllm_path("llava_next"))
     train_ranker(prepared, None, run, TrainConfig.small_budget(
-        max_steps=1, use_images=False, validate=False, batch_size=4, user_context="titles", candidate_text=name),
-        item_summaries=store, progress=False)
+        max_steps=1, use_images=False, validate=False, batch_size=4, user_context="titles", candidate_text=name,
+        base_model=tiny), item_summaries=store, progress=False)
     config = RankerConfig.read(run / "model")
     assert config.candidate_text == name and config.max_title_tokens == candidate_token_budget(name)
     assert json.loads((run / "train_config.json").read_text())["candidate_text"] == name

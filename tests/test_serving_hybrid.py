@@ -18,6 +18,10 @@ with. For a test row from before that moment the two counts differ, and so do th
 design. So the reference is ``evaluate_ranker`` on the test rows with their counts as of the
 serving time (same events, same moment, same retrieval scores): any difference left is a serving
 bug, and the tolerance stays 1e-5.
+
+The LLM is the tiny random LLaVA-NeXT (text only, SmolLM2's tokenizer): what is checked is the
+head, the features and their parity, the same code for any base model. The embedded model is
+served in tests/test_serving.py and the quickstart's test.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from merlin_mllm.data.collaborative import (
     RETRIEVAL_COLUMN,
     CollaborativeFeatures,
 )
+from merlin_mllm.models.tiny import tiny_mllm_path
 from merlin_mllm.pipelines.train_config import TrainConfig
 from merlin_mllm.serving.ranker_step import RankerStep
 from merlin_mllm.serving.steps import ARTIFACTS_DIR, FeatureStep, RequestError
@@ -47,7 +52,8 @@ from merlin_mllm.serving.tritonserver import TritonServer
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CONFIG = dict(batching="groups", loss="listwise", prompt_version="2", use_images=False, lora_dropout=0.0,
-              batch_size=4, validate=False, head_features=HEAD_FEATURES, head_hidden=(4,))
+              batch_size=4, validate=False, head_features=HEAD_FEATURES, head_hidden=(4,),
+              base_model=str(tiny_mllm_path("llava_next")))
 UNKNOWN_USER = 10**9
 
 
