@@ -225,23 +225,39 @@ def test_client_errors_name_the_problem(server, client):
 
 
 # ---------------------------------------------------------------------------- batching, systems, CLI
-def test_concurrent_requests_are_dynamically_batched(built, client, tmp_path_factory):
+def test_concurrent_requests_are_dynamically_batched(built, tmp_path_factory):
     """A burst of concurrent requests runs as one ranker execution, by Triton's own statistics.
 
-    No timing is assumed: a second export of the same model holds requests in the dynamic
-    batcher for up to 30 s, or until ``max_batch_size`` users wait. A burst of exactly that many
-    one-user requests therefore forms one batch however slowly the threads run (within 30 s).
+    No timing is assumed: an export held in the dynamic batcher for up to 30 s, or until
+    ``max_batch_size`` users wait. A burst of exactly that many one-user requests therefore forms
+    one batch however slowly the threads run (within 30 s). Its ranker is the tiny random
+    LLaVA-NeXT (text only): batching is Triton's and the ranker step's, whatever the model.
     """
     import tritonclient.grpc as grpcclient
 
+    from merlin_mllm.models.tiny import tiny_mllm_path
+    from merlin_mllm.ranker import RankerModel
+    from merlin_mllm.serving.ranker_step import RankerStep
+    from merlin_mllm.serving.steps import ARTIFACTS_DIR, FEATURES_MODEL, RANKER_MODEL, FeatureStep
+
     burst = 4
-    repo = tmp_path_factory.mktemp("batching") / "repo"
-    export(built.model, built.store, built.data, repo, max_candidates=MAX_CANDIDATES,
+    root = tmp_path_factory.mktemp("batching")
+    RankerModel.build(str(tiny_mllm_path("llava_next")), use_images=False, lora_init="gaussian", seed=1,
+                      device="cpu").save_pretrained(root / "model")
+    repo = root / "repo"
+    export(root / "model", built.store, built.data, repo, max_candidates=MAX_CANDIDATES,
            max_batch_size=burst, max_batch_delay_us=30_000_000)
     requests = [(UNKNOWN_USER, [1, 2]), (UNKNOWN_USER + 1, [4, 5, 6]), (UNKNOWN_USER + 2, [7, 8]), (UNKNOWN_USER + 3, [9])]
     assert len(requests) == burst
-    # References from the module's server: on this one a lone request would wait the full 30 s.
-    sequential = [client.rank(u, items).scores for u, items in requests]
+    # References in this process, through the exported steps: on the server a lone request would
+    # wait the full 30 s.
+    features = FeatureStep.load(repo / FEATURES_MODEL / "1" / ARTIFACTS_DIR)
+    step = RankerStep.load(repo / RANKER_MODEL / "1" / ARTIFACTS_DIR, device="cpu")
+    sequential = []
+    for user, items in requests:
+        batch = features.prepare(np.array([[user]]), np.array([items], dtype=np.int64))
+        sequential.append(step.score_rows(batch["prompt_ids"], batch["prompt_lengths"],
+                                          np.array([items], dtype=np.int64))[0])
     results, errors = [None] * burst, []
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=repo.parent / "triton.log") as batching:
         start = threading.Barrier(burst)
@@ -263,7 +279,7 @@ def test_concurrent_requests_are_dynamically_batched(built, client, tmp_path_fac
         stats = stats_client.get_inference_statistics("mllm_ranker", as_json=True)["model_stats"][0]
         stats_client.close()
     assert not errors, errors
-    # Two server processes: CPU GEMM rounding may differ slightly (see the executor test below).
+    # Batched and alone, in two processes: CPU GEMM rounding may differ slightly (see the executor test below).
     for got, want in zip(results, sequential):
         np.testing.assert_allclose(got, want, atol=2e-4)
     # Triton's own counts: 4 inferences (users), one execution, and that execution a batch of 4.
