@@ -161,9 +161,14 @@ def test_scores(work: Path, arm: str, kind: str) -> Dict[int, pd.DataFrame]:
     return out
 
 
+def hybrid_table_summary() -> dict:
+    """The timeline hybrid table's committed summary (run_hybrid's hybrid_summary.json)."""
+    return json.loads((HERE / "hybrid_summary.json").read_text())["protocols"][PROTOCOL]
+
+
 def best_non_llm_scores(work: Path) -> tuple:
     """The best non-LLM row of the timeline hybrid table and its cached test scores (one per seed)."""
-    summary = json.loads((HERE / "hybrid_summary.json").read_text())["protocols"][PROTOCOL]
+    summary = hybrid_table_summary()
     key = summary["best_non_llm"]
     cache = root(work) / "cache"
     paths = sorted(cache.glob(f"{key}_test.parquet")) or sorted(cache.glob(f"{key}_test_s*.parquet"))
@@ -234,8 +239,7 @@ def report(work: Path, resamples: int) -> dict:
     if measured is None and best_hybrid == "titles":
         # The titles hybrid's score files are gone with the machine that ran them; the hybrid
         # table measured this very difference from them.
-        kept = json.loads((HERE / "hybrid_summary.json").read_text())["protocols"][PROTOCOL]
-        measured = {**kept["best_hybrid_minus_best_non_llm"], "from": "hybrid_summary.json"}
+        measured = {**hybrid_table_summary()["best_hybrid_minus_best_non_llm"], "from": "hybrid_summary.json"}
     out["best_hybrid_minus_best_non_llm"] = {"arm": best_hybrid, **(measured or {})}
     return out
 
@@ -243,8 +247,7 @@ def report(work: Path, resamples: int) -> dict:
 def hybrid_table_titles(kind: str) -> dict:
     """The titles arm's test numbers as the hybrid table recorded them (hybrid_summary.json), for
     when its score files are not on this machine: the same runs, seeds and test groups."""
-    row = json.loads((HERE / "hybrid_summary.json").read_text())["protocols"][PROTOCOL]["rows"][
-        "llm_only" if kind == "llm_only" else "hybrid_tabular"]
+    row = hybrid_table_summary()["rows"]["llm_only" if kind == "llm_only" else "hybrid_tabular"]
     test = {key: row[key] for key in ("n_groups", "auc", "hr@1", "hr@5", "ndcg@5")}
     test["auc_per_seed"] = [round(a, 4) for a in row["auc_per_seed"]]
     return {"test_seeds": row["seeds"], "test": test,
