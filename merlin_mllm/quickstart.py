@@ -426,7 +426,9 @@ class Quickstart:
         typer.echo(f"[report] {path}")
         return path
 
-    def run(self) -> List[StageResult]:
+    def run(self, serve: bool = True) -> List[StageResult]:
+        """Every stage, then ``report.md``; ``serve=False`` stops at the export (no Triton server
+        is started, and the report, which shows the live server's answer, is left as it is)."""
         self.settings.out.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
         self.summarize_items()
@@ -435,6 +437,8 @@ class Quickstart:
         self.train()
         self.evaluate()
         self.export()
+        if not serve:
+            return self.stages
         self.serve_and_query()
         self.write_report()
         return self.stages
