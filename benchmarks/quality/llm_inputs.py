@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +59,13 @@ ARMS_TO_TEST = 2
 RECORDS = HERE / "llm_inputs_runs"
 RECORDED_JSON = ("stages.json", "valid.json", "test.json")
 RECORDED_SCORES = ("valid.scores.parquet", "test.scores.parquet")
+#: The summary arms' user-summary store: ratings-aware recurrent summaries of every row's history
+#: on the timeline folder, k = TIMELINE_BLOCK_SIZE, depth TIMELINE_MAX_HISTORY. Committed: its JSONL
+#: segments are small, and a pass that a session's end cuts short goes on from them on the next
+#: machine instead of starting over (stage ``user_summaries``).
+USER_SUMMARIES = RECORDS / "user_summaries"
+#: The pass's cost, one entry per session that ran part of it (summed by the report).
+USER_SUMMARY_PASS = RECORDS / "user_summary_pass.json"
 
 
 # The titles context is asked for by name where an input rides on it (ratings, history soft tokens);
@@ -71,6 +80,9 @@ class Arm:
     needs: Optional[str] = None
 
 
+#: What the summary arms need: the pass of stage ``user_summaries`` into :data:`USER_SUMMARIES`.
+USER_STORE_NEED = "the timeline folder's user-summary store (stage user_summaries)"
+
 ARMS = {
     "titles": Arm("candidate title; the user's last 5 titles (the hybrid table's LLM rows)"),
     "attributes": Arm("candidate title + genres and year; the user's last 5 titles",
@@ -82,9 +94,9 @@ ARMS = {
     "collab": Arm("candidate title; the last 5 titles; one SASRec soft token after every title (LLaRA-style)",
                   {"user_context": "titles", "collab_tokens": True}),
     "user_summary": Arm("candidate title; the ratings-aware recurrent summary of the whole history before the row",
-                        {"user_context": "summary"}, needs="the timeline folder's user-summary store"),
+                        {"user_context": "summary"}, needs=USER_STORE_NEED),
     "user_summary_and_titles": Arm("candidate title; the recurrent summary, then the last 5 titles",
-                                   {"user_context": "both"}, needs="the timeline folder's user-summary store"),
+                                   {"user_context": "both"}, needs=USER_STORE_NEED),
     "item_summary": Arm("candidate title + its stage-1 item summary; the last 5 titles",
                         {"candidate_text": "title+summary"}, needs="the catalogue's item summaries"),
 }
@@ -108,11 +120,61 @@ def run_stage(work: Path, arm: str, kind: str, seed: int, stage: str) -> None:
         raise ValueError(f"unknown stage {arm}:{kind}:{seed}:{stage} (arms {sorted(ARMS)}, kinds {KINDS}, "
                          "stages train/valid/test)")
     spec = ARMS[arm]
-    if spec.needs:
+    summaries = None
+    if spec.needs == USER_STORE_NEED:
+        # The rows' summaries are read from the store (row_summaries): a row without one is an error
+        # naming it, so an unfinished pass cannot train or score an arm on partial summaries.
+        summaries = USER_SUMMARIES
+    elif spec.needs:
         raise NotImplementedError(f"arm {arm!r} needs {spec.needs}, which this script does not build yet")
     run_row_stage(root(work) / "data", run_dir(work, arm, kind, seed), stage, seed=seed, hybrid=kind == "hybrid",
-                  features_dir=root(work) / "hybrid_inputs", config=dict(spec.config))
+                  features_dir=root(work) / "hybrid_inputs", config=dict(spec.config), summaries=summaries)
     keep_record(work, arm, kind, seed)
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (its hosts differ: AVX2-only AMD, AVX-512/AMX Intel)."""
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.is_file() else []
+    return names[0] if names else platform.machine()
+
+
+def summarize_timeline_users(work: Path) -> dict:
+    """The summary arms' pass: ratings-aware recurrent summaries of every train, valid and test
+    row's history on the timeline folder (prepared here if missing, with run_hybrid's settings),
+    into the committed :data:`USER_SUMMARIES`. Steps already stored are not generated again; the
+    pass's wall and CPU time are appended to :data:`USER_SUMMARY_PASS` whether it finishes or is
+    interrupted."""
+    import time
+
+    from merlin_mllm.generation import GenerationSettings
+    from merlin_mllm.summaries.user import summarize_users
+    from merlin_mllm.summaries.user_summarizer import TIMELINE_BLOCK_SIZE, TIMELINE_MAX_HISTORY
+
+    data = root(work) / "data"
+    if not (data / "report.json").is_file():
+        from merlin_mllm.data.prepare import prepare_dataset
+        from benchmarks.quality.run_hybrid import DATA_SEED, N_NEGATIVES_TEST
+
+        prepare_dataset("ml-100k", PROTOCOL, data, seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_model(), "cores": os.cpu_count(),
+             "block_size": TIMELINE_BLOCK_SIZE, "max_history": TIMELINE_MAX_HISTORY, "finished": False}
+    started, cpu = time.time(), time.process_time()
+    try:
+        # The train and valid rows first (1,747 of the 2,045 steps): the arms are chosen on valid,
+        # so they can train and be scored before the test rows' summaries exist.
+        for splits in (("train", "valid"), ("train", "valid", "test")):
+            report = summarize_users(data, USER_SUMMARIES, splits=splits, ratings=True,
+                                     block_size=TIMELINE_BLOCK_SIZE, max_history=TIMELINE_MAX_HISTORY,
+                                     settings=GenerationSettings(max_new_tokens=96))
+            log(f"user summaries of the {', '.join(splits)} rows are stored: {report}")
+        entry.update(finished=True, report=report.to_dict())
+    finally:
+        entry.update(wall_seconds=round(time.time() - started, 1), cpu_seconds=round(time.process_time() - cpu, 1))
+        runs = json.loads(USER_SUMMARY_PASS.read_text()) if USER_SUMMARY_PASS.is_file() else []
+        write_json(USER_SUMMARY_PASS, runs + [entry])
+    return entry
 
 
 # ----------------------------------------------------------------------------- kept records
@@ -219,6 +281,8 @@ def report(work: Path, resamples: int) -> dict:
                        and (stage == "test" or not (run_dir(work, a, k, s) / "model").exists())]}
     out["pending"] += [f"{a}:{k}:{SELECTION_SEED}:valid" for a in ARMS for k in KINDS
                        if arms[a]["kinds"][k]["valid_auc"] is None]
+    if not (user_summary_pass_cost() or {}).get("finished"):
+        out["pending"].insert(0, "user_summaries")
     # The three differences, on test; each null until both sides have test scores.
     titles = {kind: test_scores(work, "titles", kind) for kind in KINDS}
     tested = [a for a in chosen if a != "titles" and len(test_scores(work, a, "hybrid")) >= len(TEST_SEEDS)]
@@ -231,17 +295,33 @@ def report(work: Path, resamples: int) -> dict:
     out["best_arm_minus_titles_only"] = best and {
         "arm": best, **{kind: difference(test_scores(work, best, kind), titles[kind], resamples,
                                          f"{best} {kind} - titles") for kind in KINDS}}
-    non_llm, non_llm_scores, non_llm_auc = best_non_llm_scores(work)
     best_hybrid = max(["titles"] + tested, key=lambda a: arms[a]["kinds"]["hybrid"].get("test", {}).get("auc", 0))
-    out["best_non_llm"] = {"row": non_llm, "auc": non_llm_auc}
-    measured = difference(test_scores(work, best_hybrid, "hybrid"), dict(enumerate(non_llm_scores)), resamples,
-                          f"{best_hybrid} hybrid - {non_llm}")
-    if measured is None and best_hybrid == "titles":
+    table = hybrid_table_summary()
+    out["best_non_llm"] = {"row": table["best_non_llm"], "auc": table["rows"][table["best_non_llm"]]["auc"]}
+    measured = None
+    if test_scores(work, best_hybrid, "hybrid"):
+        non_llm, non_llm_scores, _ = best_non_llm_scores(work)
+        measured = difference(test_scores(work, best_hybrid, "hybrid"), dict(enumerate(non_llm_scores)), resamples,
+                              f"{best_hybrid} hybrid - {non_llm}")
+    elif best_hybrid == "titles":
         # The titles hybrid's score files are gone with the machine that ran them; the hybrid
         # table measured this very difference from them.
-        measured = {**hybrid_table_summary()["best_hybrid_minus_best_non_llm"], "from": "hybrid_summary.json"}
+        measured = {**table["best_hybrid_minus_best_non_llm"], "from": "hybrid_summary.json"}
     out["best_hybrid_minus_best_non_llm"] = {"arm": best_hybrid, **(measured or {})}
+    out["user_summary_pass"] = user_summary_pass_cost()
     return out
+
+
+def user_summary_pass_cost() -> Optional[dict]:
+    """The summary arms' pass so far: its sessions' summed wall and CPU time, and whether it finished."""
+    if not USER_SUMMARY_PASS.is_file():
+        return None
+    runs = json.loads(USER_SUMMARY_PASS.read_text())
+    finished = next((r for r in runs if r["finished"]), None)
+    return {"block_size": runs[-1]["block_size"], "max_history": runs[-1]["max_history"], "sessions": len(runs),
+            "wall_hours": round(sum(r["wall_seconds"] for r in runs) / 3600, 2),
+            "cpu_hours": round(sum(r["cpu_seconds"] for r in runs) / 3600, 2), "finished": finished is not None,
+            "steps": finished["report"] if finished else None}
 
 
 def hybrid_table_titles(kind: str) -> dict:
@@ -280,6 +360,11 @@ def markdown(result: dict) -> str:
         lines.append("Chosen for test: " + ", ".join(f"`{a}`" for a in result["chosen_for_test"]) + ".")
     for key in ("summary_minus_titles", "best_arm_minus_titles_only", "best_hybrid_minus_best_non_llm"):
         lines.append(f"- `{key}`: " + (json.dumps(result[key]) if result[key] else "pending"))
+    cost = result["user_summary_pass"]
+    if cost:
+        lines += ["", f"The summary arms' pass (ratings-aware, k = {cost['block_size']}, depth {cost['max_history']}, "
+                  f"stage `user_summaries`): {cost['wall_hours']} h wall, {cost['cpu_hours']} CPU-hours over "
+                  f"{cost['sessions']} session(s), " + ("finished." if cost["finished"] else "not finished yet.")]
     if result["pending"]:
         lines += ["", "Pending stages: " + ", ".join(f"`{p}`" for p in result["pending"])]
     return "\n".join(lines) + "\n"
@@ -288,14 +373,18 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=WORK)
-    parser.add_argument("--stages", nargs="*", default=[], help="arm:kind:seed:stage (stage: train, valid, test)")
+    parser.add_argument("--stages", nargs="*", default=[],
+                        help="arm:kind:seed:stage (stage: train, valid, test), or user_summaries (the summary arms' pass)")
     parser.add_argument("--report", action="store_true", help="write llm_inputs.json and .md from the runs that exist")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     for spec in args.stages:
-        arm, kind, seed, stage = spec.split(":")
         log(f"stage {spec}")
+        if spec == "user_summaries":
+            summarize_timeline_users(args.work)
+            continue
+        arm, kind, seed, stage = spec.split(":")
         run_stage(args.work, arm, kind, int(seed), stage)
     if args.report:
         # Whatever this machine ran is kept before the report reads it.
