@@ -24,9 +24,14 @@ here, committed, so a fresh machine continues the ablation instead of losing it:
 a run's folder where it exists, else its kept record. ``--report`` writes ``llm_inputs.json`` and
 ``llm_inputs.md`` here from whatever exists, with every missing stage listed as pending.
 
+The summary arms read a summary pass first (:data:`PASSES`, stages ``user_summaries`` and
+``item_summaries``), whose stores are committed here too, so a pass resumes where the last
+machine left it.
+
 Usage::
 
     python -m benchmarks.quality.llm_inputs --stages attributes:hybrid:42:train attributes:hybrid:42:valid
+    python -m benchmarks.quality.llm_inputs --stages user_summaries user_summary:llm_only:42:train
     python -m benchmarks.quality.llm_inputs --report
 """
 from __future__ import annotations
@@ -59,13 +64,32 @@ ARMS_TO_TEST = 2
 RECORDS = HERE / "llm_inputs_runs"
 RECORDED_JSON = ("stages.json", "valid.json", "test.json")
 RECORDED_SCORES = ("valid.scores.parquet", "test.scores.parquet")
-#: The summary arms' user-summary store: ratings-aware recurrent summaries of every row's history
-#: on the timeline folder, k = TIMELINE_BLOCK_SIZE, depth TIMELINE_MAX_HISTORY. Committed: its JSONL
-#: segments are small, and a pass that a session's end cuts short goes on from them on the next
-#: machine instead of starting over (stage ``user_summaries``).
-USER_SUMMARIES = RECORDS / "user_summaries"
-#: The pass's cost, one entry per session that ran part of it (summed by the report).
-USER_SUMMARY_PASS = RECORDS / "user_summary_pass.json"
+
+
+@dataclass(frozen=True)
+class SummaryPass:
+    """A summary pass that some arms read: its store and its cost record, both committed (JSONL
+    segments are small, so a pass that a session's end cuts short goes on from them on the next
+    machine instead of starting over). Each pass has a store of its own: a user step's key
+    covers the item summaries its history lines show, so item summaries written into the user
+    store would change which user summaries it holds."""
+
+    what: str
+    #: The summary store (``SummaryStore``) the pass writes.
+    store: Path
+    #: One entry per session that ran part of the pass (summed by the report).
+    costs: Path
+
+
+#: Stage name -> pass. ``user_summaries``: ratings-aware recurrent summaries of every row's history
+#: on the timeline folder (k = TIMELINE_BLOCK_SIZE, depth TIMELINE_MAX_HISTORY); ``item_summaries``:
+#: the first stage's summary of every catalogue item (the textualizer backend, SmolLM2-135M).
+PASSES = {
+    "user_summaries": SummaryPass("the timeline folder's ratings-aware user summaries",
+                                  RECORDS / "user_summaries", RECORDS / "user_summary_pass.json"),
+    "item_summaries": SummaryPass("the catalogue's item summaries", RECORDS / "item_summaries",
+                                  RECORDS / "item_summary_pass.json"),
+}
 
 
 # The titles context is asked for by name where an input rides on it (ratings, history soft tokens);
@@ -76,12 +100,8 @@ class Arm:
     what: str
     #: TrainConfig settings that make this arm (recorded in the run's train_config.json).
     config: Dict[str, object] = field(default_factory=dict)
-    #: What must exist before it can run, when it needs more than the prepared folder.
+    #: The summary pass (a key of :data:`PASSES`) it reads, when it needs more than the prepared folder.
     needs: Optional[str] = None
-
-
-#: What the summary arms need: the pass of stage ``user_summaries`` into :data:`USER_SUMMARIES`.
-USER_STORE_NEED = "the timeline folder's user-summary store (stage user_summaries)"
 
 ARMS = {
     "titles": Arm("candidate title; the user's last 5 titles (the hybrid table's LLM rows)"),
@@ -94,11 +114,11 @@ ARMS = {
     "collab": Arm("candidate title; the last 5 titles; one SASRec soft token after every title (LLaRA-style)",
                   {"user_context": "titles", "collab_tokens": True}),
     "user_summary": Arm("candidate title; the ratings-aware recurrent summary of the whole history before the row",
-                        {"user_context": "summary"}, needs=USER_STORE_NEED),
+                        {"user_context": "summary"}, needs="user_summaries"),
     "user_summary_and_titles": Arm("candidate title; the recurrent summary, then the last 5 titles",
-                                   {"user_context": "both"}, needs=USER_STORE_NEED),
+                                   {"user_context": "both"}, needs="user_summaries"),
     "item_summary": Arm("candidate title + its stage-1 item summary; the last 5 titles",
-                        {"candidate_text": "title+summary"}, needs="the catalogue's item summaries"),
+                        {"candidate_text": "title+summary"}, needs="item_summaries"),
 }
 #: The arms that read the recurrent user summaries (the paper's claim is summary versus titles).
 SUMMARY_ARMS = ("user_summary", "user_summary_and_titles")
@@ -120,15 +140,12 @@ def run_stage(work: Path, arm: str, kind: str, seed: int, stage: str) -> None:
         raise ValueError(f"unknown stage {arm}:{kind}:{seed}:{stage} (arms {sorted(ARMS)}, kinds {KINDS}, "
                          "stages train/valid/test)")
     spec = ARMS[arm]
-    summaries = None
-    if spec.needs == USER_STORE_NEED:
-        # The rows' summaries are read from the store (row_summaries): a row without one is an error
-        # naming it, so an unfinished pass cannot train or score an arm on partial summaries.
-        summaries = USER_SUMMARIES
-    elif spec.needs:
-        raise NotImplementedError(f"arm {arm!r} needs {spec.needs}, which this script does not build yet")
+    # The rows' summaries are read from the pass's store (row_summaries, CandidateText): a row or
+    # candidate without one is an error naming it, so an unfinished pass cannot train or score an arm.
+    store = {spec.needs: PASSES[spec.needs].store} if spec.needs else {}
     run_row_stage(root(work) / "data", run_dir(work, arm, kind, seed), stage, seed=seed, hybrid=kind == "hybrid",
-                  features_dir=root(work) / "hybrid_inputs", config=dict(spec.config), summaries=summaries)
+                  features_dir=root(work) / "hybrid_inputs", config=dict(spec.config),
+                  summaries=store.get("user_summaries"), item_summaries=store.get("item_summaries"))
     keep_record(work, arm, kind, seed)
 
 
@@ -140,40 +157,49 @@ def cpu_model() -> str:
     return names[0] if names else platform.machine()
 
 
-def summarize_timeline_users(work: Path) -> dict:
-    """The summary arms' pass: ratings-aware recurrent summaries of every train, valid and test
-    row's history on the timeline folder (prepared here if missing, with run_hybrid's settings),
-    into the committed :data:`USER_SUMMARIES`. Steps already stored are not generated again; the
-    pass's wall and CPU time are appended to :data:`USER_SUMMARY_PASS` whether it finishes or is
-    interrupted."""
-    import time
-
-    from merlin_mllm.generation import GenerationSettings
-    from merlin_mllm.summaries.user import summarize_users
-    from merlin_mllm.summaries.user_summarizer import TIMELINE_BLOCK_SIZE, TIMELINE_MAX_HISTORY
-
+def prepared_folder(work: Path) -> Path:
+    """The timeline folder (prepared here when missing, with run_hybrid's settings)."""
     data = root(work) / "data"
     if not (data / "report.json").is_file():
         from merlin_mllm.data.prepare import prepare_dataset
         from benchmarks.quality.run_hybrid import DATA_SEED, N_NEGATIVES_TEST
 
         prepare_dataset("ml-100k", PROTOCOL, data, seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
-    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_model(), "cores": os.cpu_count(),
-             "block_size": TIMELINE_BLOCK_SIZE, "max_history": TIMELINE_MAX_HISTORY, "finished": False}
+    return data
+
+
+def run_pass(work: Path, name: str) -> dict:
+    """Run the summary pass ``name`` (:data:`PASSES`) into its store. Summaries already stored are
+    not generated again; the pass's wall and CPU time are appended to its cost record whether it
+    finishes or is interrupted."""
+    import time
+
+    from merlin_mllm.generation import GenerationSettings
+    from merlin_mllm.summaries.item import summarize_items
+    from merlin_mllm.summaries.user import summarize_users
+    from merlin_mllm.summaries.user_summarizer import TIMELINE_BLOCK_SIZE, TIMELINE_MAX_HISTORY
+
+    data, summary_pass = prepared_folder(work), PASSES[name]
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_model(), "cores": os.cpu_count()}
+    if name == "user_summaries":
+        entry.update(block_size=TIMELINE_BLOCK_SIZE, max_history=TIMELINE_MAX_HISTORY)
+    entry["finished"] = False
     started, cpu = time.time(), time.process_time()
     try:
+        if name == "item_summaries":
+            report = summarize_items(data, summary_pass.store, settings=GenerationSettings(max_new_tokens=96))
         # The train and valid rows first (1,747 of the 2,045 steps): the arms are chosen on valid,
         # so they can train and be scored before the test rows' summaries exist.
-        for splits in (("train", "valid"), ("train", "valid", "test")):
-            report = summarize_users(data, USER_SUMMARIES, splits=splits, ratings=True,
+        for splits in (("train", "valid"), ("train", "valid", "test")) if name == "user_summaries" else ():
+            report = summarize_users(data, summary_pass.store, splits=splits, ratings=True,
                                      block_size=TIMELINE_BLOCK_SIZE, max_history=TIMELINE_MAX_HISTORY,
                                      settings=GenerationSettings(max_new_tokens=96))
             log(f"user summaries of the {', '.join(splits)} rows are stored: {report}")
         entry.update(finished=True, report=report.to_dict())
     finally:
         entry.update(wall_seconds=round(time.time() - started, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-        runs = json.loads(USER_SUMMARY_PASS.read_text()) if USER_SUMMARY_PASS.is_file() else []
-        write_json(USER_SUMMARY_PASS, runs + [entry])
+        runs = json.loads(summary_pass.costs.read_text()) if summary_pass.costs.is_file() else []
+        write_json(summary_pass.costs, runs + [entry])
     return entry
 
 
@@ -281,8 +307,7 @@ def report(work: Path, resamples: int) -> dict:
                        and (stage == "test" or not (run_dir(work, a, k, s) / "model").exists())]}
     out["pending"] += [f"{a}:{k}:{SELECTION_SEED}:valid" for a in ARMS for k in KINDS
                        if arms[a]["kinds"][k]["valid_auc"] is None]
-    if not (user_summary_pass_cost() or {}).get("finished"):
-        out["pending"].insert(0, "user_summaries")
+    out["pending"][:0] = [name for name in PASSES if not (pass_cost(name) or {}).get("finished")]
     # The three differences, on test; each null until both sides have test scores.
     titles = {kind: test_scores(work, "titles", kind) for kind in KINDS}
     tested = [a for a in chosen if a != "titles" and len(test_scores(work, a, "hybrid")) >= len(TEST_SEEDS)]
@@ -308,20 +333,22 @@ def report(work: Path, resamples: int) -> dict:
         # table measured this very difference from them.
         measured = {**table["best_hybrid_minus_best_non_llm"], "from": "hybrid_summary.json"}
     out["best_hybrid_minus_best_non_llm"] = {"arm": best_hybrid, **(measured or {})}
-    out["user_summary_pass"] = user_summary_pass_cost()
+    out["summary_passes"] = {name: pass_cost(name) for name in PASSES}
     return out
 
 
-def user_summary_pass_cost() -> Optional[dict]:
-    """The summary arms' pass so far: its sessions' summed wall and CPU time, and whether it finished."""
-    if not USER_SUMMARY_PASS.is_file():
+def pass_cost(name: str) -> Optional[dict]:
+    """Summary pass ``name`` so far: its sessions' summed wall and CPU time, and whether it finished."""
+    costs = PASSES[name].costs
+    if not costs.is_file():
         return None
-    runs = json.loads(USER_SUMMARY_PASS.read_text())
+    runs = json.loads(costs.read_text())
     finished = next((r for r in runs if r["finished"]), None)
-    return {"block_size": runs[-1]["block_size"], "max_history": runs[-1]["max_history"], "sessions": len(runs),
+    settings = {key: runs[-1][key] for key in ("block_size", "max_history") if key in runs[-1]}
+    return {"what": PASSES[name].what, **settings, "sessions": len(runs),
             "wall_hours": round(sum(r["wall_seconds"] for r in runs) / 3600, 2),
             "cpu_hours": round(sum(r["cpu_seconds"] for r in runs) / 3600, 2), "finished": finished is not None,
-            "steps": finished["report"] if finished else None}
+            "report": finished["report"] if finished else None}
 
 
 def hybrid_table_titles(kind: str) -> dict:
@@ -344,7 +371,7 @@ def markdown(result: dict) -> str:
     rows = []
     for name, arm in result["arms"].items():
         kinds = arm["kinds"]
-        cells = [name, arm["what"] + (f" (needs {arm['needs']})" if arm["needs"] else "")]
+        cells = [name, arm["what"] + (f" (reads pass `{arm['needs']}`)" if arm["needs"] else "")]
         cells += [kinds[k]["valid_auc"] if kinds[k]["valid_auc"] is not None else "pending" for k in KINDS]
         for kind in KINDS:
             test = kinds[kind].get("test")
@@ -360,11 +387,11 @@ def markdown(result: dict) -> str:
         lines.append("Chosen for test: " + ", ".join(f"`{a}`" for a in result["chosen_for_test"]) + ".")
     for key in ("summary_minus_titles", "best_arm_minus_titles_only", "best_hybrid_minus_best_non_llm"):
         lines.append(f"- `{key}`: " + (json.dumps(result[key]) if result[key] else "pending"))
-    cost = result["user_summary_pass"]
-    if cost:
-        lines += ["", f"The summary arms' pass (ratings-aware, k = {cost['block_size']}, depth {cost['max_history']}, "
-                  f"stage `user_summaries`): {cost['wall_hours']} h wall, {cost['cpu_hours']} CPU-hours over "
-                  f"{cost['sessions']} session(s), " + ("finished." if cost["finished"] else "not finished yet.")]
+    for name, cost in result["summary_passes"].items():
+        if cost:
+            settings = f" (k = {cost['block_size']}, depth {cost['max_history']})" if "block_size" in cost else ""
+            lines += ["", f"Pass `{name}`, {cost['what']}{settings}: {cost['wall_hours']} h wall, {cost['cpu_hours']} "
+                      f"CPU-hours over {cost['sessions']} session(s), " + ("finished." if cost["finished"] else "not finished yet.")]
     if result["pending"]:
         lines += ["", "Pending stages: " + ", ".join(f"`{p}`" for p in result["pending"])]
     return "\n".join(lines) + "\n"
@@ -374,15 +401,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--stages", nargs="*", default=[],
-                        help="arm:kind:seed:stage (stage: train, valid, test), or user_summaries (the summary arms' pass)")
+                        help="arm:kind:seed:stage (stage: train, valid, test), or a summary pass: " + ", ".join(PASSES))
     parser.add_argument("--report", action="store_true", help="write llm_inputs.json and .md from the runs that exist")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     for spec in args.stages:
         log(f"stage {spec}")
-        if spec == "user_summaries":
-            summarize_timeline_users(args.work)
+        if spec in PASSES:
+            run_pass(args.work, spec)
             continue
         arm, kind, seed, stage = spec.split(":")
         run_stage(args.work, arm, kind, int(seed), stage)

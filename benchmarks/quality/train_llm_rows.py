@@ -73,13 +73,15 @@ def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
 
 
 def run_row_stage(data_dir: Path, row_dir: Path, stage: str, *, seed: int, hybrid: bool, features_dir: Path,
-                  train_features_dir: Optional[Path] = None, config: Optional[dict] = None, summaries=None) -> None:
+                  train_features_dir: Optional[Path] = None, config: Optional[dict] = None, summaries=None,
+                  item_summaries=None) -> None:
     """Train (``stage="train"``) or score (``"valid"``/``"test"``) one LLM row in ``row_dir``.
 
     The recipe of every LLM row: ``TrainConfig.small_budget(epochs=1, use_images=False)`` with the
     recent-titles user context, one seed; a hybrid also trains the head over ``HEAD_FEATURES``
     (``<features_dir>/<split>_s0.parquet``). ``config`` adds TrainConfig settings (an input arm of
-    ``llm_inputs.py``); ``summaries`` replaces the recent-titles summary table.
+    ``llm_inputs.py``); ``summaries`` replaces the recent-titles summary table; ``item_summaries``
+    is where a ``candidate_text`` with a summary part reads them.
     """
     from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
     from merlin_mllm.data.collaborative import HEAD_FEATURES
@@ -98,14 +100,16 @@ def run_row_stage(data_dir: Path, row_dir: Path, stage: str, *, seed: int, hybri
         train_config = TrainConfig.small_budget(epochs=1, use_images=False, validate=False, seed=seed,
                                                 head_features=HEAD_FEATURES if hybrid else None, **settings)
         features = (train_features_dir or features_dir) / "train_s0.parquet"
-        train_ranker(data_dir, summaries, row_dir, train_config, features=features if hybrid else None)
+        train_ranker(data_dir, summaries, row_dir, train_config, features=features if hybrid else None,
+                     item_summaries=item_summaries)
     else:
         out = row_dir / f"{stage}.json"
         if out.exists():
             log(f"{row_dir.name}: {stage} scored already")
             return
         features = features_dir / f"{stage}_s0.parquet" if hybrid else None
-        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, features=features)
+        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, features=features,
+                                 item_summaries=item_summaries)
         log(f"{row_dir.name}: {stage} AUC {result['auc']:.4f}")
     record_stage(row_dir, stage, time.time() - started, time.process_time() - cpu)
 
