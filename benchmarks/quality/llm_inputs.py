@@ -77,7 +77,7 @@ class SummaryPass:
     what: str
     #: The summary store (``SummaryStore``) the pass writes.
     store: Path
-    #: One entry per session that ran part of the pass (summed by the report).
+    #: One entry per run of the pass, finished or cut short (summed by the report).
     costs: Path
 
 
@@ -338,14 +338,14 @@ def report(work: Path, resamples: int) -> dict:
 
 
 def pass_cost(name: str) -> Optional[dict]:
-    """Summary pass ``name`` so far: its sessions' summed wall and CPU time, and whether it finished."""
+    """Summary pass ``name`` so far: its runs' summed wall and CPU time, and whether it finished."""
     costs = PASSES[name].costs
     if not costs.is_file():
         return None
     runs = json.loads(costs.read_text())
     finished = next((r for r in runs if r["finished"]), None)
     settings = {key: runs[-1][key] for key in ("block_size", "max_history") if key in runs[-1]}
-    return {"what": PASSES[name].what, **settings, "sessions": len(runs),
+    return {"what": PASSES[name].what, **settings, "runs": len(runs),
             "wall_hours": round(sum(r["wall_seconds"] for r in runs) / 3600, 2),
             "cpu_hours": round(sum(r["cpu_seconds"] for r in runs) / 3600, 2), "finished": finished is not None,
             "report": finished["report"] if finished else None}
@@ -391,7 +391,7 @@ def markdown(result: dict) -> str:
         if cost:
             settings = f" (k = {cost['block_size']}, depth {cost['max_history']})" if "block_size" in cost else ""
             lines += ["", f"Pass `{name}`, {cost['what']}{settings}: {cost['wall_hours']} h wall, {cost['cpu_hours']} "
-                      f"CPU-hours over {cost['sessions']} session(s), " + ("finished." if cost["finished"] else "not finished yet.")]
+                      f"CPU-hours over {cost['runs']} run(s), " + ("finished." if cost["finished"] else "not finished yet.")]
     if result["pending"]:
         lines += ["", "Pending stages: " + ", ".join(f"`{p}`" for p in result["pending"])]
     return "\n".join(lines) + "\n"
