@@ -157,17 +157,6 @@ def cpu_model() -> str:
     return names[0] if names else platform.machine()
 
 
-def prepared_folder(work: Path) -> Path:
-    """The timeline folder (prepared here when missing, with run_hybrid's settings)."""
-    data = root(work) / "data"
-    if not (data / "report.json").is_file():
-        from merlin_mllm.data.prepare import prepare_dataset
-        from benchmarks.quality.run_hybrid import DATA_SEED, N_NEGATIVES_TEST
-
-        prepare_dataset("ml-100k", PROTOCOL, data, seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
-    return data
-
-
 def run_pass(work: Path, name: str) -> dict:
     """Run the summary pass ``name`` (:data:`PASSES`) into its store. Summaries already stored are
     not generated again; the pass's wall and CPU time are appended to its cost record whether it
@@ -179,22 +168,27 @@ def run_pass(work: Path, name: str) -> dict:
     from merlin_mllm.summaries.user import summarize_users
     from merlin_mllm.summaries.user_summarizer import TIMELINE_BLOCK_SIZE, TIMELINE_MAX_HISTORY
 
-    data, summary_pass = prepared_folder(work), PASSES[name]
+    from benchmarks.quality.run_hybrid import prepare_folder
+
+    data, summary_pass = root(work) / "data", PASSES[name]
+    prepare_folder(data, PROTOCOL)
     entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_model(), "cores": os.cpu_count()}
     if name == "user_summaries":
         entry.update(block_size=TIMELINE_BLOCK_SIZE, max_history=TIMELINE_MAX_HISTORY)
     entry["finished"] = False
     started, cpu = time.time(), time.process_time()
     try:
+        settings = GenerationSettings(max_new_tokens=96)
         if name == "item_summaries":
-            report = summarize_items(data, summary_pass.store, settings=GenerationSettings(max_new_tokens=96))
-        # The train and valid rows first (1,747 of the 2,045 steps): the arms are chosen on valid,
-        # so they can train and be scored before the test rows' summaries exist.
-        for splits in (("train", "valid"), ("train", "valid", "test")) if name == "user_summaries" else ():
-            report = summarize_users(data, summary_pass.store, splits=splits, ratings=True,
-                                     block_size=TIMELINE_BLOCK_SIZE, max_history=TIMELINE_MAX_HISTORY,
-                                     settings=GenerationSettings(max_new_tokens=96))
-            log(f"user summaries of the {', '.join(splits)} rows are stored: {report}")
+            report = summarize_items(data, summary_pass.store, settings=settings)
+        else:
+            # The train and valid rows first (1,747 of the 2,045 steps): the arms are chosen on
+            # valid, so they can train and be scored before the test rows' summaries exist.
+            for splits in (("train", "valid"), ("train", "valid", "test")):
+                report = summarize_users(data, summary_pass.store, splits=splits, ratings=True,
+                                         block_size=TIMELINE_BLOCK_SIZE, max_history=TIMELINE_MAX_HISTORY,
+                                         settings=settings)
+                log(f"user summaries of the {', '.join(splits)} rows are stored: {report}")
         entry.update(finished=True, report=report.to_dict())
     finally:
         entry.update(wall_seconds=round(time.time() - started, 1), cpu_seconds=round(time.process_time() - cpu, 1))

@@ -111,6 +111,14 @@ def logit_of_probability(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def prepare_folder(data: Path, protocol: str, users: int = 0) -> dict:
+    """The protocol's prepared ML-100k folder at ``data`` (made when missing), and its report."""
+    if not (data / "report.json").is_file():
+        log(f"prepare ml-100k {protocol}, max_users={users or 'all'}")
+        prepare_dataset("ml-100k", protocol, data, max_users=users, seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
+    return json.loads((data / "report.json").read_text())
+
+
 # ----------------------------------------------------------------------------- cached stages
 class ProtocolStages:
     """The cached stages of one protocol's folder (see the module docstring)."""
@@ -151,11 +159,7 @@ class ProtocolStages:
 
     # -- data
     def prepare(self) -> dict:
-        if not (self.data / "report.json").is_file():
-            log(f"prepare ml-100k {self.protocol}, max_users={self.users or 'all'}")
-            prepare_dataset("ml-100k", self.protocol, self.data, max_users=self.users,
-                            seed=DATA_SEED, n_negatives_test=N_NEGATIVES_TEST)
-        return json.loads((self.data / "report.json").read_text())
+        return prepare_folder(self.data, self.protocol, self.users)
 
     def rows(self, split: str) -> pd.DataFrame:
         return split_rows(self.data, split).drop(columns=["history_item_ids"])
