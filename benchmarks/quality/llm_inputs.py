@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,7 +409,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stop_cleanly(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main(argv=None) -> int:
+    # A pass or a run is stopped at a session's end: TERM (and INT, which a shell ignores in the
+    # background jobs it starts) unwind like Ctrl-C, so the pass's cost entry is still written.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_cleanly)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--stages", nargs="*", default=[],
