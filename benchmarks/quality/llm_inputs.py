@@ -376,10 +376,12 @@ def hybrid_table_titles(kind: str) -> dict:
 def markdown(result: dict) -> str:
     lines = ["# What the LLM reads (timeline protocol, all users)", "",
              f"Arms chosen on valid with seed {SELECTION_SEED} (the hybrid's valid AUC); the titles arm and the "
-             f"best {ARMS_TO_TEST} go to test with seeds {', '.join(map(str, TEST_SEEDS))}. "
+             f"best {ARMS_TO_TEST} go to test with seeds {', '.join(map(str, TEST_SEEDS))}, and so does the better "
+             "summary arm when neither summary arm is among them. Costs are the hybrid's seed-42 run, wall (CPU) "
+             "minutes: wall alone grows when another job shares the 2 cores. "
              "Written by `python -m benchmarks.quality.llm_inputs --report`.", ""]
     header = ["arm", "what", "valid AUC LLM only", "valid AUC hybrid", "test AUC LLM only", "test AUC hybrid",
-              "train min (s42)", "test scoring min (s42)"]
+              "train min", "test scoring min"]
     rows = []
     for name, arm in result["arms"].items():
         kinds = arm["kinds"]
@@ -389,7 +391,8 @@ def markdown(result: dict) -> str:
             test = kinds[kind].get("test")
             cells.append(f"{test['auc']:.4f} ({', '.join(f'{a:.3f}' for a in test['auc_per_seed'])})" if test else "-")
         costs = kinds["hybrid"]["costs_seed_42"] or {}
-        cells += [round(costs[s]["wall_s"] / 60, 1) if s in costs else "-" for s in ("train", "test")]
+        cells += [f"{costs[s]['wall_s'] / 60:.1f} ({costs[s]['cpu_s'] / 60:.1f})" if s in costs else "-"
+                  for s in ("train", "test")]
         rows.append(cells)
     lines += markdown_table(header, rows) + [""]
     if result["selection_waits_for"]:
