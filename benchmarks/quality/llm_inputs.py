@@ -6,7 +6,9 @@ use_images=False)``, groups / listwise / prompt v2) on ``run_hybrid.py``'s timel
 one input changed (:data:`ARMS`), trained twice: as the **LLM only** and as the **hybrid** (the
 same ranker trained jointly with the ``HybridHead`` over ``HEAD_FEATURES``). The titles arm is the
 hybrid table's own LLM rows (``timeline_all/llm_only_s<S>``, ``hybrid_tabular_s<S>``): same
-recipe, same folder, same seeds, so its runs are reused, not repeated.
+recipe, same folder, same seeds, so its runs are reused where they exist on the machine; where
+they don't, the arm is run again into those folders (the paired differences need its score
+files), and until then the report shows the hybrid table's recorded numbers.
 
 The protocol, nothing tuned on test groups:
 
@@ -214,6 +216,9 @@ def keep_record(work: Path, arm: str, kind: str, seed: int) -> None:
         kept.mkdir(parents=True, exist_ok=True)
         if name in RECORDED_SCORES:
             pd.read_parquet(source / name)[SCORE_COLUMNS].to_parquet(kept / name, index=False)
+        elif name == "stages.json":
+            # Merged: a run folder on a new machine holds only the stages it ran there.
+            (kept / name).write_text(json.dumps(merged_stages(kept / name, source / name), indent=2) + "\n")
         else:
             shutil.copyfile(source / name, kept / name)
 
@@ -227,9 +232,18 @@ def run_output(work: Path, arm: str, kind: str, seed: int, name: str) -> Optiona
 
 
 # ----------------------------------------------------------------------------- the report
+def merged_stages(*paths: Path) -> dict:
+    """The stage costs of ``stages.json`` files, a later file's entry replacing an earlier one's."""
+    merged = {}
+    for path in paths:
+        if path.is_file():
+            merged.update(json.loads(path.read_text()))
+    return merged
+
+
 def stage_costs(work: Path, arm: str, kind: str, seed: int) -> Optional[dict]:
-    path = run_output(work, arm, kind, seed, "stages.json")
-    return json.loads(path.read_text()) if path else None
+    return merged_stages(record_dir(arm, kind, seed) / "stages.json",
+                         run_dir(work, arm, kind, seed) / "stages.json") or None
 
 
 def valid_auc(work: Path, arm: str, kind: str, seed: int) -> Optional[float]:

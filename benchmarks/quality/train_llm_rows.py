@@ -16,7 +16,8 @@ Rows (per protocol, one seed, the same recipe):
   that ``run_hybrid.py`` takes as bootstrap strata.
 
 Scores land in ``<work>/<protocol>_all/<row>/{valid,test}.scores.parquet`` for
-``run_hybrid.py --llm-scores``; each stage's wall time goes to ``<row>/stages.json``.
+``run_hybrid.py --llm-scores``; each stage's wall and CPU time (summed over resumed invocations) goes to
+``<row>/stages.json``.
 
 Usage::
 
@@ -29,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -42,11 +44,28 @@ WORK = BENCHMARK_WORK / "hybrid"
 SEED = 42
 
 
-def record_stage(row_dir: Path, stage: str, seconds: float, cpu_seconds: float) -> None:
-    path = row_dir / "stages.json"
-    stages = json.loads(path.read_text()) if path.exists() else {}
-    stages[stage] = {"wall_s": round(seconds, 1), "cpu_s": round(cpu_seconds, 1), "torch_threads": torch.get_num_threads()}
-    path.write_text(json.dumps(stages, indent=2) + "\n")
+@contextmanager
+def timed_stage(row_dir: Path, stage: str):
+    """Add this invocation's wall and CPU time to ``stage``'s entry in ``<row_dir>/stages.json``,
+    also when it is stopped: a stage resumed from its checkpoints costs the sum of its
+    invocations (``runs``), and ``finished`` says whether the last one completed. An entry
+    without ``finished`` was written only on success."""
+    started, cpu, finished = time.time(), time.process_time(), False
+    try:
+        yield
+        finished = True
+    finally:
+        path = row_dir / "stages.json"
+        stages = json.loads(path.read_text()) if path.exists() else {}
+        before = stages.get(stage, {})
+        if before.get("finished", True):
+            before = {}  # a finished stage run again is a new run, not a resumed one
+        stages[stage] = {"wall_s": round(before.get("wall_s", 0) + time.time() - started, 1),
+                         "cpu_s": round(before.get("cpu_s", 0) + time.process_time() - cpu, 1),
+                         "torch_threads": torch.get_num_threads(), "runs": before.get("runs", 0) + 1,
+                         "finished": finished}
+        row_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stages, indent=2) + "\n")
 
 
 def prepare_variant(work: Path, protocol: str, negatives: int) -> Path:
@@ -83,17 +102,28 @@ def run_row_stage(data_dir: Path, row_dir: Path, stage: str, *, seed: int, hybri
     ``llm_inputs.py``); ``summaries`` replaces the recent-titles summary table; ``item_summaries``
     is where a ``candidate_text`` with a summary part reads them.
     """
-    from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
-    from merlin_mllm.data.collaborative import HEAD_FEATURES
     from merlin_mllm.ranker.saved import MODEL_DIR
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
     summaries = recent_titles_summaries(data_dir) if summaries is None else summaries
-    started, cpu = time.time(), time.process_time()
+    if stage == "train" and (row_dir / MODEL_DIR).exists():
+        log(f"{row_dir.name}: trained already")
+        return
+    if stage != "train" and (row_dir / f"{stage}.json").exists():
+        log(f"{row_dir.name}: {stage} scored already")
+        return
+    with timed_stage(row_dir, stage):
+        run_stage_now(data_dir, row_dir, stage, summaries, seed=seed, hybrid=hybrid, features_dir=features_dir,
+                      train_features_dir=train_features_dir, config=config, item_summaries=item_summaries)
+
+
+def run_stage_now(data_dir: Path, row_dir: Path, stage: str, summaries, *, seed: int, hybrid: bool,
+                  features_dir: Path, train_features_dir: Optional[Path], config: Optional[dict],
+                  item_summaries) -> None:
+    from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
+    from merlin_mllm.data.collaborative import HEAD_FEATURES
+
     if stage == "train":
-        if (row_dir / MODEL_DIR).exists():
-            log(f"{row_dir.name}: trained already")
-            return
         # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
         settings = {"user_context": "titles"} if hybrid else {}
         settings.update(config or {})
@@ -103,15 +133,10 @@ def run_row_stage(data_dir: Path, row_dir: Path, stage: str, *, seed: int, hybri
         train_ranker(data_dir, summaries, row_dir, train_config, features=features if hybrid else None,
                      item_summaries=item_summaries)
     else:
-        out = row_dir / f"{stage}.json"
-        if out.exists():
-            log(f"{row_dir.name}: {stage} scored already")
-            return
         features = features_dir / f"{stage}_s0.parquet" if hybrid else None
-        result = evaluate_ranker(data_dir, summaries, row_dir, out, split=stage, features=features,
-                                 item_summaries=item_summaries)
+        result = evaluate_ranker(data_dir, summaries, row_dir, row_dir / f"{stage}.json", split=stage,
+                                 features=features, item_summaries=item_summaries)
         log(f"{row_dir.name}: {stage} AUC {result['auc']:.4f}")
-    record_stage(row_dir, stage, time.time() - started, time.process_time() - cpu)
 
 
 def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:

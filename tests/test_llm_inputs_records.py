@@ -1,0 +1,48 @@
+"""The ablation's cost bookkeeping: a stage stopped and resumed costs the sum of its invocations,
+and a run folder on a new machine does not erase the stages its committed record already holds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.quality import llm_inputs
+from benchmarks.quality.train_llm_rows import timed_stage
+
+
+def test_a_stopped_stage_resumed_costs_the_sum_of_its_runs(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with timed_stage(tmp_path, "train"):
+            raise KeyboardInterrupt
+    stopped = json.loads((tmp_path / "stages.json").read_text())["train"]
+    assert stopped["runs"] == 1 and stopped["finished"] is False
+
+    with timed_stage(tmp_path, "train"):
+        sum(range(200_000))
+    resumed = json.loads((tmp_path / "stages.json").read_text())["train"]
+    assert resumed["runs"] == 2 and resumed["finished"] is True
+    assert resumed["wall_s"] >= stopped["wall_s"] and resumed["cpu_s"] >= stopped["cpu_s"]
+
+    # Run again after it finished (a retrain from scratch): a new entry, not a third resumption.
+    with timed_stage(tmp_path, "train"):
+        pass
+    assert json.loads((tmp_path / "stages.json").read_text())["train"]["runs"] == 1
+
+
+def test_keeping_a_record_merges_stage_costs(tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_inputs, "RECORDS", tmp_path / "records")
+    work = tmp_path / "work"
+    kept = llm_inputs.record_dir("ratings", "hybrid", 43)
+    kept.mkdir(parents=True)
+    (kept / "stages.json").write_text(json.dumps({"train": {"wall_s": 900.0, "cpu_s": 1800.0},
+                                                  "valid": {"wall_s": 120.0, "cpu_s": 230.0}}))
+    # This machine retrained and scored test; it never ran valid.
+    run = llm_inputs.run_dir(work, "ratings", "hybrid", 43)
+    run.mkdir(parents=True)
+    (run / "stages.json").write_text(json.dumps({"train": {"wall_s": 950.0, "cpu_s": 1900.0},
+                                                 "test": {"wall_s": 480.0, "cpu_s": 930.0}}))
+    llm_inputs.keep_record(work, "ratings", "hybrid", 43)
+    merged = json.loads((kept / "stages.json").read_text())
+    assert merged == {"train": {"wall_s": 950.0, "cpu_s": 1900.0}, "valid": {"wall_s": 120.0, "cpu_s": 230.0},
+                      "test": {"wall_s": 480.0, "cpu_s": 930.0}}
+    assert llm_inputs.stage_costs(work, "ratings", "hybrid", 43) == merged
