@@ -102,41 +102,33 @@ def run_row_stage(data_dir: Path, row_dir: Path, stage: str, *, seed: int, hybri
     ``llm_inputs.py``); ``summaries`` replaces the recent-titles summary table; ``item_summaries``
     is where a ``candidate_text`` with a summary part reads them.
     """
+    from merlin_mllm.data.collaborative import HEAD_FEATURES
+    from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
     from merlin_mllm.ranker.saved import MODEL_DIR
     from merlin_mllm.summaries.rows import recent_titles_summaries
 
-    summaries = recent_titles_summaries(data_dir) if summaries is None else summaries
     if stage == "train" and (row_dir / MODEL_DIR).exists():
         log(f"{row_dir.name}: trained already")
         return
     if stage != "train" and (row_dir / f"{stage}.json").exists():
         log(f"{row_dir.name}: {stage} scored already")
         return
+    summaries = recent_titles_summaries(data_dir) if summaries is None else summaries
     with timed_stage(row_dir, stage):
-        run_stage_now(data_dir, row_dir, stage, summaries, seed=seed, hybrid=hybrid, features_dir=features_dir,
-                      train_features_dir=train_features_dir, config=config, item_summaries=item_summaries)
-
-
-def run_stage_now(data_dir: Path, row_dir: Path, stage: str, summaries, *, seed: int, hybrid: bool,
-                  features_dir: Path, train_features_dir: Optional[Path], config: Optional[dict],
-                  item_summaries) -> None:
-    from merlin_mllm.pipelines import TrainConfig, evaluate_ranker, train_ranker
-    from merlin_mllm.data.collaborative import HEAD_FEATURES
-
-    if stage == "train":
-        # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
-        settings = {"user_context": "titles"} if hybrid else {}
-        settings.update(config or {})
-        train_config = TrainConfig.small_budget(epochs=1, use_images=False, validate=False, seed=seed,
-                                                head_features=HEAD_FEATURES if hybrid else None, **settings)
-        features = (train_features_dir or features_dir) / "train_s0.parquet"
-        train_ranker(data_dir, summaries, row_dir, train_config, features=features if hybrid else None,
-                     item_summaries=item_summaries)
-    else:
-        features = features_dir / f"{stage}_s0.parquet" if hybrid else None
-        result = evaluate_ranker(data_dir, summaries, row_dir, row_dir / f"{stage}.json", split=stage,
-                                 features=features, item_summaries=item_summaries)
-        log(f"{row_dir.name}: {stage} AUC {result['auc']:.4f}")
+        if stage == "train":
+            # The recent-titles user context: the same prompts as the llm_only row's recent_titles_summaries table.
+            settings = {"user_context": "titles"} if hybrid else {}
+            settings.update(config or {})
+            train_config = TrainConfig.small_budget(epochs=1, use_images=False, validate=False, seed=seed,
+                                                    head_features=HEAD_FEATURES if hybrid else None, **settings)
+            features = (train_features_dir or features_dir) / "train_s0.parquet"
+            train_ranker(data_dir, summaries, row_dir, train_config, features=features if hybrid else None,
+                         item_summaries=item_summaries)
+        else:
+            features = features_dir / f"{stage}_s0.parquet" if hybrid else None
+            result = evaluate_ranker(data_dir, summaries, row_dir, row_dir / f"{stage}.json", split=stage,
+                                     features=features, item_summaries=item_summaries)
+            log(f"{row_dir.name}: {stage} AUC {result['auc']:.4f}")
 
 
 def run_stage(work: Path, protocol: str, row: str, stage: str) -> None:
