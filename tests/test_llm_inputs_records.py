@@ -46,3 +46,22 @@ def test_keeping_a_record_merges_stage_costs(tmp_path, monkeypatch):
     assert merged == {"train": {"wall_s": 950.0, "cpu_s": 1900.0}, "valid": {"wall_s": 120.0, "cpu_s": 230.0},
                       "test": {"wall_s": 480.0, "cpu_s": 930.0}}
     assert llm_inputs.stage_costs(work, "ratings", "hybrid", 43) == merged
+
+
+def _arm_with_valid(per_seed: dict) -> dict:
+    return {"kinds": {"hybrid": {"valid_auc_per_seed": per_seed}}}
+
+
+def test_the_best_arm_is_chosen_on_valid_over_every_test_seed():
+    seeds = llm_inputs.TEST_SEEDS
+    assert llm_inputs.valid_mean(_arm_with_valid({s: 0.7 + 0.01 * i for i, s in enumerate(seeds)})) == 0.71
+    # One seed's valid is missing: no mean, so no arm is chosen from a partial view.
+    assert llm_inputs.valid_mean(_arm_with_valid({seeds[0]: 0.9})) is None
+
+
+def test_the_default_changes_only_when_the_test_interval_is_above_zero():
+    assert llm_inputs.default_arm("ratings", {"diff": -0.0007, "low": -0.0056, "high": 0.0046}) == "titles"
+    assert llm_inputs.default_arm("ratings", {"diff": 0.008, "low": 0.0016, "high": 0.015}) == "ratings"
+    assert llm_inputs.default_arm("ratings", {"diff": 0.004, "low": 0.0, "high": 0.008}) == "titles"
+    assert llm_inputs.default_arm(None, None) == "titles"
+    assert llm_inputs.default_arm("ratings", None) == "titles"  # no test scores yet

@@ -287,6 +287,12 @@ def valid_mean(arm: dict) -> Optional[float]:
     return round(sum(per_seed.values()) / len(per_seed), 4) if len(per_seed) == len(TEST_SEEDS) else None
 
 
+def default_arm(best: Optional[str], best_minus_titles: Optional[dict]) -> str:
+    """The arm the product trains by default: the valid-chosen arm only where its paired test
+    interval against titles lies above 0; titles otherwise."""
+    return best if best and best_minus_titles and best_minus_titles["low"] > 0 else "titles"
+
+
 def difference(a: Dict[int, pd.DataFrame], b: Dict[int, pd.DataFrame], resamples: int, what: str) -> Optional[dict]:
     """AUC(a) - AUC(b) over the seeds both have (a single-seed side pairs with every seed)."""
     if not a or not b:
@@ -368,9 +374,9 @@ def report(work: Path, resamples: int) -> dict:
     # Every tested arm against titles, the arms not chosen too: read as a table, not a selection.
     out["each_arm_minus_titles"] = {a: {kind: difference(test_scores(work, a, kind), titles[kind], resamples,
                                                          f"{a} {kind} - titles") for kind in KINDS} for a in tested}
-    wins = bool(best) and (out["best_arm_minus_titles_only"]["hybrid"] or {}).get("low", 0) > 0
-    out["default_arm"] = {"arm": best if wins else "titles", "rule": "the arm best on valid (hybrid, mean over "
-                          "the test seeds) replaces titles when its test interval against titles is above 0"}
+    out["default_arm"] = {"arm": default_arm(best, (out["best_arm_minus_titles_only"] or {}).get("hybrid")),
+                          "rule": "the arm best on valid (hybrid, mean over the test seeds) replaces titles when "
+                                  "its test interval against titles is above 0"}
     best_hybrid = max(["titles"] + tested, key=valid_means.get) if chosen_on_valid else "titles"
     table = hybrid_table_summary()
     out["best_non_llm"] = {"row": table["best_non_llm"], "auc": table["rows"][table["best_non_llm"]]["auc"]}
