@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from merlin_mllm.serving.tritonserver import SHM_GLOB, SHM_PREFIX, TritonInstall, TritonServer, free_port
+from merlin_mllm.serving.tritonserver import (
+    SHM_GLOB, SHM_PREFIX, TritonInstall, TritonServer, free_port, process_shm_prefix,
+)
 
 MODEL_PY = textwrap.dedent(
     '''
@@ -158,7 +160,7 @@ def test_serve_cli_forwards_sigint_and_leaves_no_shm(repo, tmp_path):
         assert client.is_model_ready("double")
         client.close()  # an open keep-alive connection would hold the shutdown for its timeout
         # Only the CLI's own regions count: servers of tests on other xdist workers come and go meanwhile.
-        own_prefix = f"{SHM_PREFIX}merlin-{proc.pid}-"
+        own_prefix = process_shm_prefix(proc.pid)
         assert any(p.name.startswith(own_prefix) for p in shm_regions())  # the model is loaded: it has regions
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

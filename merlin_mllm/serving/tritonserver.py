@@ -121,8 +121,14 @@ class TritonInstall:
 #: backend still matches SHM_GLOB.
 SHM_PREFIX = "triton_python_backend_shm_region_"
 SHM_GLOB = SHM_PREFIX + "*"
+
 SHM_DIR = Path("/dev/shm")
 _PREFIX_OPTION = "shm-region-prefix-name="
+
+
+def process_shm_prefix(pid: int) -> str:
+    """Start of the region names of every server that process ``pid`` starts with the default prefix."""
+    return f"{SHM_PREFIX}merlin-{pid}-"
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -206,7 +212,7 @@ class TritonServer:
         self.install = install or TritonInstall.find()
         self.process: subprocess.Popen | None = None
         #: Start of the name of every /dev/shm region this server's python backend creates.
-        self.shm_prefix = _prefix_in(self.extra_args) or f"{SHM_PREFIX}merlin-{os.getpid()}-{uuid.uuid4().hex[:12]}_"
+        self.shm_prefix = _prefix_in(self.extra_args) or f"{process_shm_prefix(os.getpid())}{uuid.uuid4().hex[:12]}_"
         self._log_handle = None
 
     @property
