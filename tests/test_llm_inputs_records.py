@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
+
 import pytest
 
 from benchmarks.quality import llm_inputs
@@ -65,3 +68,27 @@ def test_the_default_changes_only_when_the_test_interval_is_above_zero():
     assert llm_inputs.default_arm("ratings", {"diff": 0.004, "low": 0.0, "high": 0.008}) == "titles"
     assert llm_inputs.default_arm(None, None) == "titles"
     assert llm_inputs.default_arm("ratings", None) == "titles"  # no test scores yet
+
+
+def _scores(seed: int, users: int = 40) -> pd.DataFrame:
+    """Two candidates per user; the seed decides how well the score ranks the positive."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(users):
+        for label in (1, 0):
+            rows.append({"group_id": user, "user_id": user, "item_id": label, "label": label,
+                         "score": rng.normal() + (seed - 40) * 0.3 * label})
+    return pd.DataFrame(rows)
+
+
+def test_a_seed_pending_on_one_side_is_not_paired_across_seeds():
+    titles = {s: _scores(s) for s in (42, 43, 44)}
+    arm_one_seed = {42: _scores(142)}
+    pending = llm_inputs.difference(arm_one_seed, titles, 200, "arm - titles")
+    alone = llm_inputs.difference(arm_one_seed, {42: titles[42]}, 200, "arm - titles")
+    assert pending["seeds"] == [42] and pending["strata"] == 1
+    assert pending == alone
+    # The seed-free non-LLM row pairs with every seed of the arm.
+    against_non_llm = llm_inputs.difference(titles, [_scores(7)], 200, "titles - non-LLM")
+    assert against_non_llm["seeds"] == [42, 43, 44] and against_non_llm["strata"] == 3
+    assert llm_inputs.difference({43: _scores(1)}, {42: titles[42]}, 200, "no shared seed") is None

@@ -293,16 +293,18 @@ def default_arm(best: Optional[str], best_minus_titles: Optional[dict]) -> str:
     return best if best and best_minus_titles and best_minus_titles["low"] > 0 else "titles"
 
 
-def difference(a: Dict[int, pd.DataFrame], b: Dict[int, pd.DataFrame], resamples: int, what: str) -> Optional[dict]:
-    """AUC(a) - AUC(b) over the seeds both have (a single-seed side pairs with every seed)."""
+def difference(a: Dict[int, pd.DataFrame], b, resamples: int, what: str) -> Optional[dict]:
+    """AUC(a) - AUC(b), with a's test scores by seed. A seeded ``b`` (a dict by seed) pairs on the
+    seeds both sides have, so a run still pending on one side never pairs across seeds; a
+    seed-free ``b`` (a list holding one scoring, the non-LLM row) pairs with each of a's seeds."""
+    if isinstance(b, dict):
+        seeds = sorted(set(a) & set(b))
+        a, b = {s: a[s] for s in seeds}, [b[s] for s in seeds]
     if not a or not b:
         return None
-    if len(a) > 1 and len(b) > 1:
-        seeds = sorted(set(a) & set(b))
-        a, b = {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
-    result = paired_difference(list(a.values()), list(b.values()), None, resamples, what)
+    result = paired_difference(list(a.values()), list(b), None, resamples, what)
     return {"diff": result["diff"], "low": result["low"], "high": result["high"], "strata": result["strata"],
-            "seeds": sorted(a) if len(a) > 1 else sorted(b)}
+            "seeds": sorted(a)}
 
 
 def choose_for_test(hybrid_valid_auc: Dict[str, Optional[float]]) -> tuple:
@@ -381,7 +383,7 @@ def report(work: Path, resamples: int) -> dict:
     measured = None
     if test_scores(work, best_hybrid, "hybrid"):
         non_llm, non_llm_scores, _ = best_non_llm_scores(work)
-        measured = difference(test_scores(work, best_hybrid, "hybrid"), dict(enumerate(non_llm_scores)), resamples,
+        measured = difference(test_scores(work, best_hybrid, "hybrid"), non_llm_scores, resamples,
                               f"{best_hybrid} hybrid - {non_llm}")
     elif best_hybrid == "titles":
         # The titles hybrid's score files are gone with the machine that ran them; the hybrid
