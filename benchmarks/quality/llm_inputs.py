@@ -293,7 +293,7 @@ def default_arm(best: Optional[str], best_minus_titles: Optional[dict]) -> str:
     return best if best and best_minus_titles and best_minus_titles["low"] > 0 else "titles"
 
 
-def difference(a: Dict[int, pd.DataFrame], b, resamples: int, what: str) -> Optional[dict]:
+def difference(a: Dict[int, pd.DataFrame], b: Dict[int, pd.DataFrame] | List[pd.DataFrame], resamples: int, what: str) -> Optional[dict]:
     """AUC(a) - AUC(b), with a's test scores by seed. A seeded ``b`` (a dict by seed) pairs on the
     seeds both sides have, so a run still pending on one side never pairs across seeds; a
     seed-free ``b`` (a list holding one scoring, the non-LLM row) pairs with each of a's seeds."""

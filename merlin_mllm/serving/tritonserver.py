@@ -121,7 +121,6 @@ class TritonInstall:
 #: backend still matches SHM_GLOB.
 SHM_PREFIX = "triton_python_backend_shm_region_"
 SHM_GLOB = SHM_PREFIX + "*"
-
 SHM_DIR = Path("/dev/shm")
 _PREFIX_OPTION = "shm-region-prefix-name="
 
