@@ -52,6 +52,8 @@ KNOWN_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",
     # peft calls transformers' old name for gradient checkpointing.
     r"`is_gradient_checkpointing` is deprecated",
+    # A mid-epoch resume: training's RestOfEpoch rebuilds the epoch and skips what was trained.
+    r"You're resuming from a checkpoint that ended before the epoch ended",
     # Lightning's per-batch metrics on a batch of one class; evaluation computes its own.
     r"No (positive|negative) samples in targets",
     r"Trying to infer the `batch_size` from an ambiguous collection",

@@ -73,8 +73,11 @@ def test_shuffle_groups_moves_whole_groups_and_is_seeded():
 
 
 def _batches(module, epoch=0):
+    class _FitLoop:
+        restarting = False  # not resuming a checkpoint
+
     class _Trainer:  # what the data module reads of Lightning's trainer
-        world_size, global_rank, current_epoch = 1, 0, epoch
+        world_size, global_rank, current_epoch, fit_loop = 1, 0, epoch, _FitLoop()
 
     module.trainer = _Trainer()
     out = []
@@ -107,7 +110,10 @@ def test_row_batches_are_unchanged():
     frame = _frame([4] * 7)
     module = RankerDataModule(merlin.io.Dataset(frame, cpu=True), batch_size=5, seed=3)
     assert module.rows_per_batch("train") == 5
-    assert sorted(g for ids, _ in _batches(module) for g in ids) == sorted(frame["group_id"].tolist())
+    batches = _batches(module)
+    assert sorted(g for ids, _ in batches for g in ids) == sorted(frame["group_id"].tolist())
+    # Seeded by the epoch, like the groups, so a resumed epoch can be rebuilt in its order.
+    assert batches == _batches(module, epoch=0) and batches != _batches(module, epoch=1)
 
 
 # --------------------------------------------------------------------------- end to end, embedded model
@@ -205,3 +211,39 @@ def test_the_defaults_are_what_the_committed_measurement_chose():
     # Every run saw the same candidate rows; groups reached the rows' valid AUC.
     assert len({r["rows_seen"] for r in runs.values()}) == 1 and decision["groups_reach_rows_valid_auc"]
     assert max(r["valid"]["auc"] for r in runs.values() if r["batching"] == "groups") >= runs["rows-lm"]["valid"]["auc"]
+
+
+@pytest.mark.parametrize("batching, stop_at", [("groups", 2), ("groups", 3), ("rows", 4)])
+def test_a_run_resumed_mid_epoch_or_at_its_end_trains_the_batches_an_unbroken_run_trains(
+        prepared, tmp_path, batching, stop_at):
+    """Lightning restarts a loader from its first batch on a resume; the epoch must go on where it stopped.
+
+    6 training groups of 4 rows, 2 groups (or 8 rows) per micro-batch: 3 batches an epoch, 5 steps
+    over 2 epochs. Stopped after step 2 (mid-epoch), 3 (the epoch's end) or 4 (mid-epoch 2), as
+    by a crash; the resumed run's record keeps the steps before the stop.
+    """
+    from merlin_mllm.pipelines.training import train_ranker
+
+    data, summaries = prepared
+    config = dict(batching=batching, use_images=False, lora_dropout=0.0, batch_size=8, epochs=2, validate=False,
+                  checkpoint_every_n_steps=1, base_model=str(tiny_mllm_path("llava_next")))
+    train_ranker(data, summaries, tmp_path / "unbroken", TrainConfig.small_budget(max_steps=5, **config),
+                 progress=False)
+    unbroken = json.loads((tmp_path / "unbroken" / "training.json").read_text())["micro_batch_losses"]
+
+    run = tmp_path / "resumed"
+    train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=stop_at, **config), progress=False)
+    # What a crash leaves: the checkpoint, not the records written at the end.
+    (run / "training.json").unlink()
+    (run / "ranks" / "rank0.json").unlink()
+    train_ranker(data, summaries, run, TrainConfig.small_budget(max_steps=5, **config), progress=False)
+    resumed = json.loads((run / "training.json").read_text())
+    assert resumed["resumed_from"] and resumed["global_step"] == 5 and resumed["rows_seen"] == 5 * 8
+
+    assert [s["group_ids"] for s in resumed["micro_batch_losses"]] == [s["group_ids"] for s in unbroken]
+    assert [s["epoch"] for s in unbroken] == [0, 0, 0, 1, 1]
+    if batching == "groups":  # the first epoch trains each of the 6 groups once
+        first_epoch = sum((s["group_ids"] for s in unbroken[:3]), [])
+        assert len(first_epoch) == len(set(first_epoch)) == 6
+    # The same weights before every step: the same losses (no dropout).
+    assert [s["loss"] for s in resumed["micro_batch_losses"]] == pytest.approx([s["loss"] for s in unbroken], abs=1e-5)

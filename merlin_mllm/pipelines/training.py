@@ -42,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -257,7 +258,7 @@ class RankerDataModule(pl.LightningDataModule):
     batch_size : int
         Rows per micro-batch.
     seed : int
-        Seeds the assignment of rows to ranks (and with ``groups``, the order of the groups).
+        Seeds the assignment of rows to ranks and, with the epoch, the order of the rows or groups.
     groups : bool
         Micro-batches of whole groups (see above).
     """
@@ -318,22 +319,55 @@ class RankerDataModule(pl.LightningDataModule):
 
     def _loader(self, frame: pd.DataFrame, shuffle: bool, split: str = "train") -> Loader:
         frame = self.shard(frame)
-        if self.groups:
-            if shuffle:
-                frame = shuffle_groups(frame, self.seed + 1 + self._epoch())
-            shuffle = False  # rows stay with their group; the groups were shuffled above
+        if shuffle:
+            # Seeded by epoch here rather than by the loader's own shuffle, so that a resumed
+            # epoch can be rebuilt in the order it started in (see train_dataloader).
+            seed = self.seed + 1 + self._epoch()
+            frame = (shuffle_groups(frame, seed) if self.groups
+                     else frame.iloc[np.random.default_rng(seed).permutation(len(frame))].reset_index(drop=True))
         dataset = merlin.io.Dataset(frame, schema=self.schema, cpu=True)
-        return Loader(dataset, batch_size=self.rows_per_batch(split), shuffle=shuffle)
+        return Loader(dataset, batch_size=self.rows_per_batch(split), shuffle=False)
 
     def _epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else 0
 
-    def train_dataloader(self) -> Loader:
-        return self._loader(self.train_frame, shuffle=True)
+    def _batches_already_trained(self) -> int:
+        """On a resume from a checkpoint saved mid-epoch: how many of this epoch's batches it had trained."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def train_dataloader(self):
+        loader = self._loader(self.train_frame, shuffle=True)
+        trained = self._batches_already_trained()
+        return RestOfEpoch(loader, trained) if 0 < trained < len(loader) else loader
 
     def val_dataloader(self) -> Loader:  # noqa: F811 - replaced by None when there is no valid set
         return self._loader(self.valid_frame, shuffle=False, split="valid")
+
+
+class RestOfEpoch:
+    """The batches of ``loader`` after its first ``skip``, reporting the whole epoch's length.
+
+    Lightning restarts a loader from its first batch when it resumes a checkpoint saved
+    mid-epoch (it warns that the loader is "not resumable"), while it counts the epoch on from
+    the checkpoint: the resumed run trained the epoch's first batches twice and never its last.
+    The epoch's order is a function of the seed and the epoch (:class:`RankerDataModule`), so
+    rebuilding it and skipping the batches already trained continues it exactly. The length
+    stays the epoch's, which Lightning compares with the batches it has counted.
+    """
+
+    def __init__(self, loader: Loader, skip: int):
+        self.loader = loader
+        self.skip = int(skip)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.skip, None)
 
 
 def group_size(frame: pd.DataFrame, what: str = "rows") -> int:
@@ -396,6 +430,25 @@ class TrainingRecord(pl.Callback):
         self.rows_seen = 0
         self.groups_seen: set = set()
         self._step = 0
+        self._rank = 0
+        self._restored: Optional[dict] = None
+
+    # Kept in the checkpoint, so a run resumed after a crash records the steps before it too.
+    # Only rank 0 writes the checkpoint: the other ranks of a DDP run start their records again.
+    def state_dict(self) -> dict:
+        return {"rank": self._rank, "steps": self.steps, "rows_seen": self.rows_seen,
+                "groups_seen": sorted(self.groups_seen)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict
+
+    def on_train_start(self, trainer, pl_module):
+        self._rank = int(trainer.global_rank)
+        restored, self._restored = self._restored, None
+        if restored is not None and restored["rank"] == self._rank:
+            self.steps = list(restored["steps"])
+            self.rows_seen = int(restored["rows_seen"])
+            self.groups_seen = set(restored["groups_seen"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # The optimizer step this micro-batch contributes to (before it is taken).
@@ -597,8 +650,8 @@ def train_ranker(
         callbacks=[checkpointing, record], logger=CSVLogger(str(out_dir), name="logs"),
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, deterministic=False,
-        # Groups are reshuffled (as units) when the loader is made: make it again every epoch.
-        reload_dataloaders_every_n_epochs=1 if groups else 0,
+        # Rows or groups are reshuffled when the loader is made: make it again every epoch.
+        reload_dataloaders_every_n_epochs=1,
     )
     with merlin_compat.quiet_known_warnings():
         trainer.fit(merlin_model, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
