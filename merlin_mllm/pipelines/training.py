@@ -309,13 +309,8 @@ class RankerDataModule(pl.LightningDataModule):
             per_rank -= per_rank % size
         if per_rank == 0:
             raise ValueError(f"{len(frame)} rows cannot be shared by {world} processes")
-        groups = frame["group_id"].to_numpy()
-        unique = np.unique(groups)
-        # place[i]: where group unique[i] falls in a seeded random order of the groups.
-        place = np.argsort(np.random.default_rng(self.seed).permutation(unique.size))
-        order = np.lexsort((np.arange(len(frame)), place[np.searchsorted(unique, groups)]))
-        mine = order[rank * per_rank:(rank + 1) * per_rank]
-        return frame.iloc[mine].reset_index(drop=True)
+        mine = shuffle_groups(frame, self.seed).iloc[rank * per_rank:(rank + 1) * per_rank]
+        return mine.reset_index(drop=True)
 
     def _loader(self, frame: pd.DataFrame, shuffle: bool, split: str = "train") -> Loader:
         frame = self.shard(frame)
@@ -710,13 +705,8 @@ def _write_training_summary(out_dir, trainer, settings, train_rows, valid_rows, 
     # Read back what rank 0 recorded: with ddp_spawn it trained in a child process, and this
     # process's callbacks saw nothing.
     rank0 = json.loads((out_dir / "ranks" / "rank0.json").read_text())
+    # A resumed run's record holds the steps before the checkpoint too (TrainingRecord.state_dict).
     steps = list(rank0["micro_batch_losses"])
-    previous_file = out_dir / TRAINING_LOG_FILE
-    if checkpoint is not None and previous_file.exists():
-        # A resumed run: keep the losses of the steps before the checkpoint.
-        first = min((s["optimizer_step"] for s in steps), default=int(rank0["global_step"]))
-        earlier = json.loads(previous_file.read_text()).get("micro_batch_losses", [])
-        steps = [s for s in earlier if s["optimizer_step"] < first] + steps
     per_epoch: Dict[int, List[float]] = {}
     for step in steps:
         per_epoch.setdefault(step["epoch"], []).append(step["loss"])
